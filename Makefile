@@ -1,0 +1,48 @@
+# Two set-up commands: `make demo` and `make test`. Both create .venv and install on first use.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= outputs/demo
+export HF_HUB_OFFLINE := 1
+export YOLO_OFFLINE := true
+export YOLO_AUTOINSTALL := false
+
+.PHONY: install test demo lint bench clean-demo
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(PY) -m ruff check convert ai annotation tests bench
+	$(PY) -m ruff format --check convert ai annotation tests bench
+
+# The whole pipeline on the embedded default: a generated mini-BDD100K and tiny models, on CPU.
+demo: $(STAMP)
+	@echo "== stage 1: mini-BDD100K -> captions -> CSVs ($(DEMO_DIR)) =="
+	$(PY) -m convert.make_mini_bdd --out $(DEMO_DIR)/bdd100k --frames 24 --seed 0
+	$(PY) -m convert.generate_bdd_captions --bdd_data_dir $(DEMO_DIR)/bdd100k \
+	    --caption_txt_output_folder $(DEMO_DIR)/captions/train --split train
+	$(PY) -m convert.generate_bdd_captions --bdd_data_dir $(DEMO_DIR)/bdd100k \
+	    --caption_txt_output_folder $(DEMO_DIR)/captions/val --split val
+	$(PY) -m convert.lora_bdd_to_huggingface_csv --images_path $(DEMO_DIR)/bdd100k/images/100k/train \
+	    --captions_path $(DEMO_DIR)/captions/train --output_folder $(DEMO_DIR)/csv --split train
+	$(PY) -m convert.controlnet_bdd_to_huggingface_csv --images_path $(DEMO_DIR)/bdd100k/images/10k/train \
+	    --captions_path $(DEMO_DIR)/captions/train --conditions_path $(DEMO_DIR)/bdd100k/labels/sem_seg/masks/train \
+	    --output_folder $(DEMO_DIR)/csv --type train
+	@echo "demo: stage 1 outputs are in $(DEMO_DIR)/ (bdd100k/, captions/, csv/)"
+
+bench: $(STAMP)
+	$(PY) bench/bench_captions.py
+
+clean-demo:
+	rm -rf $(DEMO_DIR)

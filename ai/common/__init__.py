@@ -1,0 +1,1 @@
+"""Shared SDXL plumbing: config, models, data, numerics, checkpoints, logging (torch imported lazily)."""

@@ -1,0 +1,1 @@
+"""Stage 1: BDD100K labels -> captions -> Hugging Face-style CSVs. BDD logic lives once in convert/bdd.py."""

@@ -1,0 +1,47 @@
+"""Test setup: offline by construction, shared fixtures built once per session.
+
+Every test runs with HF_HUB_OFFLINE=1 and YOLO_OFFLINE=true (set before any library import), and with
+caches inside the session's temp folder, so nothing reaches for the network or the user's home.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+_TMP_HOME = Path(tempfile.mkdtemp(prefix="bdd-sdxl-tests-"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["YOLO_OFFLINE"] = "true"
+os.environ["YOLO_AUTOINSTALL"] = "false"
+os.environ["YOLO_VERBOSE"] = "false"
+os.environ["WANDB_MODE"] = "disabled"
+os.environ.setdefault("HF_HOME", str(_TMP_HOME / "hf_home"))
+os.environ.setdefault("HF_DATASETS_CACHE", str(_TMP_HOME / "hf_datasets"))
+os.environ.setdefault("YOLO_CONFIG_DIR", str(_TMP_HOME / "yolo_config"))
+os.environ.setdefault("XDG_CACHE_HOME", str(_TMP_HOME / "xdg_cache"))
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import pytest  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def mini_bdd(tmp_path_factory) -> Path:
+    """A small BDD100K in the real layout (train and val, 100k and 10k images, det_20, legacy, sem_seg).
+
+    Small frames (320x180) keep it fast; labels and masks are in that frame's pixels.
+    """
+    from convert.make_mini_bdd import make_mini_bdd
+
+    out = tmp_path_factory.mktemp("mini_bdd") / "bdd100k"
+    make_mini_bdd(out, frames=12, size=(320, 180), seed=0)
+    return out
