@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Shared by the stage launchers (ai/*/run_*.sh): choose the config, check it in milliseconds, then hand over to
+# `accelerate launch`. Bash never parses YAML; the Python module's --check does, and prints every error at once.
+#
+#   launch_stage MODULE DEFAULT_CONFIG [CONFIG.yaml] [key=value ...]
+#
+# Environment: ACCELERATE_CONFIG (default config/accelerate_config_a100_single.yaml), PYTHON (default: the repo's
+# .venv if present, else python). A .env file at the repo root is loaded first (see .env.example).
+set -euo pipefail
+
+launch_stage() {
+  local module="$1" default_config="$2"
+  shift 2
+  local repo_root
+  repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+  if [[ -f "$repo_root/.env" ]]; then
+    set -a
+    # shellcheck disable=SC1091
+    source "$repo_root/.env"
+    set +a
+  fi
+  local config="$default_config"
+  if [[ $# -gt 0 && "$1" != *=* ]]; then
+    config="$1"
+    shift
+  fi
+  if [[ ! -f "$config" && -f "$repo_root/$config" ]]; then config="$repo_root/$config"; fi
+  [[ -f "$config" ]] || { echo "error: config not found: $config" >&2; exit 2; }
+  local py="${PYTHON:-}"
+  if [[ -z "$py" ]]; then
+    if [[ -x "$repo_root/.venv/bin/python" ]]; then py="$repo_root/.venv/bin/python"; else py="python"; fi
+  fi
+  local accel_cfg="${ACCELERATE_CONFIG:-$repo_root/config/accelerate_config_a100_single.yaml}"
+  [[ -f "$accel_cfg" ]] || { echo "error: accelerate config not found: $accel_cfg (set ACCELERATE_CONFIG)" >&2; exit 2; }
+  "$py" -m "$module" --config "$config" --check "$@"
+  exec "$py" -m accelerate.commands.launch --config_file "$accel_cfg" -m "$module" --config "$config" "$@"
+}
