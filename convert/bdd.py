@@ -194,7 +194,12 @@ class Label(msgspec.Struct, frozen=True):
     id: str | int | None = None
     attributes: LabelAttributes | None = None
     box2d: Box2D | None = None
-    poly2d: msgspec.Raw | None = None  # legacy lanes/drivable areas: kept undecoded (never needed, costly)
+    # legacy lanes/drivable areas: kept undecoded (never needed, costly); UNSET when the key is absent
+    poly2d: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+
+    @property
+    def has_polygon(self) -> bool:
+        return self.poly2d is not msgspec.UNSET
 
 
 class FrameAttributes(msgspec.Struct, frozen=True):
@@ -291,7 +296,7 @@ def detect_format(frames: Sequence[Frame], sample: int = 2000) -> str:
     seen = 0
     for frame in frames:
         for label in frame.label_list():
-            if isinstance(label.id, int) or label.poly2d is not None:
+            if isinstance(label.id, int) or label.has_polygon:
                 return "legacy"
             if label.category in LEGACY_NAME_MAP or label.category in LEGACY_POLY_CATEGORIES:
                 return "legacy"

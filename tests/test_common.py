@@ -1,0 +1,119 @@
+"""ai/common plumbing without torch: config loading and errors, atomic writes, the CLIP tokenizer, the CLI."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import pytest
+from pydantic import Field
+
+from ai.common import io
+from ai.common.cli import UserError, run_main
+from ai.common.config import Section, apply_overrides, config_diff, load_config, parse_override
+
+
+class Optim(Section):
+    learning_rate: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class Train(Section):
+    mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
+    max_steps: int = Field(100, gt=0)
+
+
+class Cfg(Section):
+    optim: Optim = Optim()
+    train: Train = Train()
+
+
+def test_all_errors_at_once_with_paths_and_did_you_mean(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  learnin_rate: 1e-4\ntrain:\n  mixed_precision: fp32\n  max_steps: 0\nfoo: 1\n")
+    with pytest.raises(UserError) as err:
+        load_config(Cfg, path)
+    lines = str(err.value).splitlines()
+    assert lines[0] == f"{path}: invalid config"
+    assert "  optim.learnin_rate: unknown key (did you mean 'learning_rate'?)" in lines
+    assert "  train.mixed_precision: Input should be 'no', 'fp16' or 'bf16' (got 'fp32')" in lines
+    assert "  train.max_steps: Input should be greater than 0 (got 0)" in lines
+    assert "  foo: unknown key (valid keys here: optim, train)" in lines
+
+
+def test_overrides_are_dotted_and_typed():
+    cfg = load_config(Cfg, None, ["optim.learning_rate=1e-5", "train.max_steps=5", "optim.betas=[0.8, 0.9]"])
+    assert cfg.optim.learning_rate == 1e-5 and cfg.train.max_steps == 5 and cfg.optim.betas == (0.8, 0.9)
+    assert parse_override("a.b=1e-4") == (["a", "b"], 1e-4)
+    assert apply_overrides({"a": {"x": 1}}, ["a.y=2"]) == {"a": {"x": 1, "y": 2}}
+    with pytest.raises(UserError, match="not key=value.*did you mean train.max_steps=5"):
+        parse_override("--train.max_steps 5")
+    with pytest.raises(UserError, match="a is a value, not a section"):
+        apply_overrides({"a": 1}, ["a.b=2"])
+
+
+def test_bad_yaml_and_missing_config(tmp_path):
+    with pytest.raises(UserError, match="config not found"):
+        load_config(Cfg, tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(UserError, match="bad.yaml: not valid YAML"):
+        load_config(Cfg, bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n")
+    with pytest.raises(UserError, match="top level must be a mapping"):
+        load_config(Cfg, listy)
+
+
+def test_config_diff_names_changed_dotted_keys():
+    assert config_diff({"a": {"x": 1, "y": 2}, "b": 3}, {"a": {"x": 1, "y": 5}, "c": 3}) == ["a.y", "b", "c"]
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path):
+    target = tmp_path / "out.txt"
+    io.atomic_write_text(target, "hello")
+    assert target.read_text() == "hello"
+
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom), io.atomic_open(target) as fh:
+        fh.write("half")
+        raise Boom
+    assert target.read_text() == "hello"
+    assert sorted(os.listdir(tmp_path)) == ["out.txt"]
+
+
+def test_atomic_dir_replaces_only_when_complete(tmp_path):
+    final = tmp_path / "checkpoint-10"
+    with io.atomic_dir(final) as tmp:
+        (tmp / "a.bin").write_bytes(b"1")
+    assert (final / "a.bin").read_bytes() == b"1"
+    with pytest.raises(RuntimeError), io.atomic_dir(final) as tmp:
+        (tmp / "a.bin").write_bytes(b"2")
+        raise RuntimeError("killed mid-save")
+    assert (final / "a.bin").read_bytes() == b"1"
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-10"]
+    assert io.sha256_file(final / "a.bin") == io.sha256_bytes(b"1")
+
+
+def test_run_main_maps_user_error_to_exit_2(capsys):
+    def main(argv):
+        raise UserError("labels file not found: x.json")
+
+    assert run_main(main, []) == 2
+    assert capsys.readouterr().err == "error: labels file not found: x.json\n"
+    assert run_main(lambda argv: None, []) == 0
+
+
+def test_clip_tokenizer_is_openai_clip(tmp_path):
+    from convert.clip_tokenizer import build_clip_tokenizer
+
+    tok = build_clip_tokenizer(tmp_path / "tok")
+    # ids of openai/clip-vit-large-patch14 for this sentence
+    assert tok("a photo of a cat")["input_ids"] == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert len(tok) == 49408
+    tok2 = build_clip_tokenizer(tmp_path / "tok", pad_token="!")
+    assert tok2("a cat", padding="max_length", max_length=6)["input_ids"] == [49406, 320, 2368, 49407, 0, 0]
+    long = tok("car " * 100, truncation=True, max_length=77)["input_ids"]
+    assert len(long) == 77 and long[-1] == 49407
