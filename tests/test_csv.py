@@ -1,0 +1,490 @@
+"""Stage 1 CSV scripts on small hand-built folders: rows, paths, matching report, palette, bad input, reruns."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from ai.common.cli import run_main
+from convert import controlnet_bdd_to_huggingface_csv as controlnet_csv
+from convert import hf_csv
+from convert import lora_bdd_to_huggingface_csv as lora_csv
+
+SIZE = (32, 18)  # (width, height)
+CAPTIONS = {
+    "a": 'Traffic scene, clear daytime, city street. 3 cars, a "bus", 1 pedestrian.',
+    "b": "Night, rainy highway: 2 trucks; café lights, Straße",
+    "c": "Residential street, overcast.",
+}
+
+
+def write_image(path: Path, size=SIZE, color=(90, 120, 150)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def write_mask(path: Path, ids: np.ndarray | None = None, size=SIZE, mode="L") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if ids is None:
+        ids = np.full((size[1], size[0]), 13, dtype=np.uint8)
+    Image.fromarray(ids.astype(np.uint8)).convert(mode).save(path)
+    return path
+
+
+def write_caption(path: Path, text: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text if isinstance(text, bytes) else (text + "\n").encode("utf-8"))
+    return path
+
+
+@pytest.fixture
+def folders(tmp_path: Path) -> dict[str, Path]:
+    """a.jpg, b.png, c.webp with captions and L masks; paths of the three input folders and an output folder."""
+    root = tmp_path / "data"
+    out = {
+        "images": root / "images",
+        "captions": root / "captions",
+        "masks": root / "masks",
+        "out": tmp_path / "csv",
+    }
+    for name, ext in (("a", ".jpg"), ("b", ".png"), ("c", ".webp")):
+        write_image(out["images"] / f"{name}{ext}")
+        write_caption(out["captions"] / f"{name}.txt", CAPTIONS[name])
+        write_mask(out["masks"] / f"{name}.png")
+    return out
+
+
+def lora_args(f: dict[str, Path], *extra: str) -> list[str]:
+    return [
+        "--images_path",
+        str(f["images"]),
+        "--captions_path",
+        str(f["captions"]),
+        "--output_folder",
+        str(f["out"]),
+        "--split",
+        "train",
+        *extra,
+    ]
+
+
+def controlnet_args(f: dict[str, Path], *extra: str) -> list[str]:
+    return [
+        "--images_path",
+        str(f["images"]),
+        "--captions_path",
+        str(f["captions"]),
+        "--conditions_path",
+        str(f["masks"]),
+        "--output_folder",
+        str(f["out"]),
+        "--type",
+        "train",
+        *extra,
+    ]
+
+
+def run_error(main, argv: list[str], capsys) -> str:
+    """Run a script's main as the CLI does; assert exit code 2 and return the one error line."""
+    capsys.readouterr()
+    assert run_main(main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ")
+    return err[-1]
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def load_hf(path: Path):
+    from datasets import load_dataset
+
+    return load_dataset("csv", data_files=str(path), split="train")
+
+
+def is_string_columns(ds, names: list[str]) -> bool:
+    """datasets 5 reads CSV text columns as large_string (older versions: string)."""
+    return ds.column_names == names and all(ds.features[n].dtype in ("string", "large_string") for n in names)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rows, columns and paths
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_lora_csv_rows_exact_and_loads_in_pandas_and_datasets(folders, capsys):
+    assert lora_csv.main(lora_args(folders)) == 0
+    csv_path = folders["out"] / "bdd_hf_dataset_lora_train.csv"
+    images = folders["images"]
+    expected = [
+        {"image": str(images / "a.jpg"), "text": CAPTIONS["a"]},
+        {"image": str(images / "b.png"), "text": CAPTIONS["b"]},
+        {"image": str(images / "c.webp"), "text": CAPTIONS["c"]},
+    ]
+    assert read_rows(csv_path) == expected
+    assert csv_path.read_text(encoding="utf-8").splitlines()[0] == "image,text"
+
+    frame = pd.read_csv(csv_path)
+    assert list(frame.columns) == ["image", "text"]
+    assert frame.to_dict("records") == expected
+
+    ds = load_hf(csv_path)
+    assert ds.column_names == ["image", "text"]
+    assert is_string_columns(ds, ["image", "text"])
+    assert ds.to_list() == expected
+
+    out = capsys.readouterr().out
+    assert "found 3 images, 3 captions; matched 3 rows" in out
+    assert f"wrote: {csv_path} (3 rows)" in out
+    assert (folders["out"] / "unmatched_lora_train.txt").read_text() == ""
+
+
+def test_controlnet_csv_points_at_masks_as_they_are(folders):
+    mask_bytes = (folders["masks"] / "a.png").read_bytes()
+    assert controlnet_csv.main(controlnet_args(folders)) == 0
+    csv_path = folders["out"] / "bdd_hf_dataset_controlnet_train.csv"
+    expected = [
+        {
+            "image": str(folders["images"] / f"{n}{ext}"),
+            "conditioning_image": str(folders["masks"] / f"{n}.png"),
+            "text": CAPTIONS[n],
+        }
+        for n, ext in (("a", ".jpg"), ("b", ".png"), ("c", ".webp"))
+    ]
+    assert read_rows(csv_path) == expected
+    ds = load_hf(csv_path)
+    assert ds.column_names == ["image", "conditioning_image", "text"]
+    assert is_string_columns(ds, ["image", "conditioning_image", "text"])
+    assert ds.to_list() == expected
+    assert pd.read_csv(csv_path).to_dict("records") == expected
+    assert (folders["masks"] / "a.png").read_bytes() == mask_bytes  # untouched
+    assert not (folders["out"] / "conditioning_rgb").exists()
+
+
+def test_relative_paths_resolve_from_the_csv_folder(folders):
+    folders["out"] = folders["out"] / "deep" / "er"
+    assert lora_csv.main(lora_args(folders, "--relative_paths")) == 0
+    assert controlnet_csv.main(controlnet_args(folders, "--relative_paths")) == 0
+    lora_rows = read_rows(folders["out"] / "bdd_hf_dataset_lora_train.csv")
+    cn_rows = read_rows(folders["out"] / "bdd_hf_dataset_controlnet_train.csv")
+    assert [r["image"] for r in lora_rows] == [
+        "../../../data/images/a.jpg",
+        "../../../data/images/b.png",
+        "../../../data/images/c.webp",
+    ]
+    for row in lora_rows + cn_rows:
+        for column in ("image", "conditioning_image"):
+            if column in row:
+                assert not os.path.isabs(row[column])
+                assert (folders["out"] / row[column]).resolve().is_file()
+    assert [(folders["out"] / r["conditioning_image"]).resolve() for r in cn_rows] == [
+        (folders["masks"] / f"{n}.png").resolve() for n in "abc"
+    ]
+
+
+def test_absolute_paths_are_absolute_even_for_relative_arguments(folders, monkeypatch):
+    monkeypatch.chdir(folders["images"].parent)
+    argv = [
+        "--images_path",
+        "images",
+        "--captions_path",
+        "captions",
+        "--output_folder",
+        "out",
+        "--split",
+        "val",
+    ]
+    assert lora_csv.main(argv) == 0
+    rows = read_rows(folders["images"].parent / "out" / "bdd_hf_dataset_lora_val.csv")
+    assert [r["image"] for r in rows] == [str(folders["images"] / n) for n in ("a.jpg", "b.png", "c.webp")]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Matching and the unmatched report
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_controlnet_matching_lists_every_unmatched_file_with_its_reason(folders, capsys):
+    write_image(folders["images"] / "d.jpg")  # caption and mask missing
+    write_image(folders["images"] / "e.jpg")
+    write_caption(folders["captions"] / "e.txt", "only a caption for e")  # mask missing
+    write_image(folders["images"] / "f.jpg")
+    write_mask(folders["masks"] / "f.png")  # caption missing
+    write_caption(folders["captions"] / "zz.txt", "caption without image")
+    write_mask(folders["masks"] / "yy.png")
+    (folders["masks"] / "c.png").rename(folders["masks"] / "c_train_id.png")  # legacy suffix still matches
+    write_image(folders["images"] / "a.png")  # same base name as a.jpg: duplicate
+    (folders["masks"] / "notes.md").write_text("not a mask")  # ignored: masks are PNGs
+
+    assert controlnet_csv.main(controlnet_args(folders)) == 0
+    rows = read_rows(folders["out"] / "bdd_hf_dataset_controlnet_train.csv")
+    assert [(Path(r["image"]).name, Path(r["conditioning_image"]).name) for r in rows] == [
+        ("a.jpg", "a.png"),
+        ("b.png", "b.png"),
+        ("c.webp", "c_train_id.png"),
+    ]
+    unmatched = (folders["out"] / "unmatched_controlnet_train.txt").read_text(encoding="utf-8")
+    assert unmatched.splitlines() == [
+        f"caption without image\t{folders['captions'] / 'zz.txt'}",
+        f"duplicate image name\t{folders['images'] / 'a.png'}",
+        f"image without caption\t{folders['images'] / 'f.jpg'}",
+        f"image without caption and mask\t{folders['images'] / 'd.jpg'}",
+        f"image without mask\t{folders['images'] / 'e.jpg'}",
+        f"mask without image\t{folders['masks'] / 'yy.png'}",
+    ]
+    out = capsys.readouterr().out
+    assert "found 7 images, 5 captions, 5 masks; matched 3 rows" in out
+    assert "unmatched: 6 files" in out
+    assert "  image without mask: 1 (e.jpg)" in out
+
+
+def test_lora_report_shows_first_names_and_counts(folders, capsys):
+    for i in range(8):
+        write_caption(folders["captions"] / f"x{i}.txt", f"orphan {i}")
+    write_image(folders["images"] / "no_caption.jpg")
+    assert lora_csv.main(lora_args(folders)) == 0
+    out = capsys.readouterr().out
+    assert "  caption without image: 8 (x0.txt, x1.txt, x2.txt, x3.txt, x4.txt ... and 3 more)" in out
+    assert "  image without caption: 1 (no_caption.jpg)" in out
+    lines = (folders["out"] / "unmatched_lora_train.txt").read_text().splitlines()
+    assert len(lines) == 9
+    assert lines[-1] == f"image without caption\t{folders['images'] / 'no_caption.jpg'}"
+
+
+def test_empty_caption_is_listed_and_its_row_skipped(folders, capsys):
+    write_caption(folders["captions"] / "b.txt", "  \n\n")
+    assert lora_csv.main(lora_args(folders)) == 0
+    rows = read_rows(folders["out"] / "bdd_hf_dataset_lora_train.csv")
+    assert [Path(r["image"]).name for r in rows] == ["a.jpg", "c.webp"]
+    assert (folders["out"] / "unmatched_lora_train.txt").read_text().splitlines() == [
+        f"empty caption\t{folders['captions'] / 'b.txt'}"
+    ]
+    assert "  empty caption: 1 (b.txt)" in capsys.readouterr().out
+
+
+def test_zero_matched_rows_is_an_error_that_says_why(folders, capsys):
+    for p in folders["captions"].iterdir():
+        p.rename(p.with_name("other_" + p.name))
+    msg = run_error(lora_csv.main, lora_args(folders), capsys)
+    assert msg.startswith("error: no rows: no image has a matching caption by base name (3 images in ")
+    assert "image without caption: a.jpg, b.png, c.webp" in msg
+    assert "caption without image: other_a.txt, other_b.txt, other_c.txt" in msg
+    assert not folders["out"].exists()
+
+    for p in folders["captions"].iterdir():
+        p.rename(p.with_name(p.name.removeprefix("other_")))
+    for p in folders["masks"].iterdir():
+        p.unlink()
+    msg = run_error(controlnet_csv.main, controlnet_args(folders), capsys)
+    assert "no image has a matching caption and mask" in msg and "0 masks in" in msg
+
+
+def test_all_captions_empty_is_an_error(folders, capsys):
+    for name in "abc":
+        write_caption(folders["captions"] / f"{name}.txt", "")
+    msg = run_error(lora_csv.main, lora_args(folders), capsys)
+    assert msg.startswith("error: no rows: all 3 matched captions are empty")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Palette renderings
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_palette_rgb_writes_official_colours(folders):
+    ids = np.full((SIZE[1], SIZE[0]), 255, dtype=np.uint8)
+    ids[0:4, :] = 0  # road
+    ids[4:8, 0:10] = 13  # car
+    ids[8:12, :] = 18  # bicycle
+    ids[12:14, :] = 10  # sky
+    write_mask(folders["masks"] / "a.png", ids)
+    assert controlnet_csv.main(controlnet_args(folders, "--palette_rgb", "--relative_paths")) == 0
+
+    rows = read_rows(folders["out"] / "bdd_hf_dataset_controlnet_train.csv")
+    assert [r["conditioning_image"] for r in rows] == [f"conditioning_rgb/train/{n}.png" for n in "abc"]
+    with Image.open(folders["out"] / rows[0]["conditioning_image"]) as im:
+        assert im.mode == "RGB" and im.size == SIZE
+        rgb = np.asarray(im)
+    # Official BDD100K/Cityscapes palette (bdd100k/label/label.py); 255 (ignore) is black.
+    assert rgb[0, 0].tolist() == [128, 64, 128]
+    assert rgb[5, 3].tolist() == [0, 0, 142]
+    assert rgb[5, 20].tolist() == [0, 0, 0]
+    assert rgb[9, 31].tolist() == [119, 11, 32]
+    assert rgb[13, 0].tolist() == [70, 130, 180]
+    assert rgb[17, 17].tolist() == [0, 0, 0]
+    assert (rgb[0:4] == [128, 64, 128]).all() and (rgb[8:12] == [119, 11, 32]).all()
+
+
+def test_palette_rgb_rerun_skips_up_to_date_renderings(folders):
+    assert controlnet_csv.main(controlnet_args(folders, "--palette_rgb")) == 0
+    rendering = folders["out"] / "conditioning_rgb" / "train" / "a.png"
+    before = rendering.stat().st_mtime_ns
+    assert controlnet_csv.main(controlnet_args(folders, "--palette_rgb")) == 0
+    assert rendering.stat().st_mtime_ns == before
+
+    ids = np.zeros((SIZE[1], SIZE[0]), dtype=np.uint8)  # mask edited later: rendering redone
+    write_mask(folders["masks"] / "a.png", ids)
+    os.utime(folders["masks"] / "a.png", ns=(before + 10**9, before + 10**9))
+    assert controlnet_csv.main(controlnet_args(folders, "--palette_rgb")) == 0
+    with Image.open(rendering) as im:
+        assert np.asarray(im)[0, 0].tolist() == [128, 64, 128]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: one clear line, exit 2, nothing written
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        ("images", "image folder not found"),
+        ("captions", "caption folder not found"),
+        ("masks", "mask folder not found"),
+    ],
+)
+def test_missing_input_folder(folders, capsys, key, expected):
+    folders[key] = folders[key].parent / "nope"
+    msg = run_error(controlnet_csv.main, controlnet_args(folders), capsys)
+    assert msg == f"error: {expected}: {folders[key]}"
+    assert not folders["out"].exists()
+
+
+def test_caption_not_utf8_names_file_and_byte(folders, capsys):
+    write_caption(folders["captions"] / "b.txt", "Stra\xdfe".encode("latin-1"))
+    msg = run_error(lora_csv.main, lora_args(folders), capsys)
+    path = folders["captions"] / "b.txt"
+    assert msg.startswith(f"error: caption {path} is not valid UTF-8: byte 0xdf at position 4 ")
+    assert "re-save the file as UTF-8" in msg
+    assert not folders["out"].exists()
+
+
+def test_read_caption_strips_whitespace_and_bom(tmp_path):
+    path = write_caption(tmp_path / "x.txt", "\ufeff  hello, world \r\n".encode())
+    assert hf_csv.read_caption(path) == "hello, world"
+
+
+def test_rgb_mask_is_refused_with_the_hint(folders, capsys):
+    write_mask(folders["masks"] / "b.png", mode="RGB")
+    write_mask(
+        folders["masks"] / "c.png", mode="RGB"
+    )  # masks run in parallel: the first in row order is named
+    msg = run_error(controlnet_csv.main, controlnet_args(folders), capsys)
+    assert f"mask {folders['masks'] / 'b.png'} is mode RGB" in msg
+    assert "use labels/sem_seg/masks, not colormaps" in msg
+    assert not (folders["out"] / "bdd_hf_dataset_controlnet_train.csv").exists()
+
+
+def test_mask_size_mismatch_names_both_files(folders, capsys):
+    write_mask(folders["masks"] / "c.png", size=(16, 9))
+    msg = run_error(controlnet_csv.main, controlnet_args(folders, "--skip_mask_check"), capsys)
+    assert msg == (
+        f"error: mask {folders['masks'] / 'c.png'} is 16x9 but its image {folders['images'] / 'c.webp'} "
+        "is 32x18; a mask must have its image's size"
+    )
+    assert not (folders["out"] / "bdd_hf_dataset_controlnet_train.csv").exists()
+
+
+def test_mask_values_out_of_range_unless_skipped(folders, capsys):
+    ids = np.full((SIZE[1], SIZE[0]), 13, dtype=np.uint8)
+    ids[0, 0], ids[1, 1] = 19, 200
+    write_mask(folders["masks"] / "a.png", ids)
+    msg = run_error(controlnet_csv.main, controlnet_args(folders), capsys)
+    assert msg.startswith(
+        f"error: mask {folders['masks'] / 'a.png'} has values [19, 200] outside the BDD100K trainIds"
+    )
+    assert not (folders["out"] / "bdd_hf_dataset_controlnet_train.csv").exists()
+    # --skip_mask_check reads headers only: the same folder now passes.
+    assert controlnet_csv.main(controlnet_args(folders, "--skip_mask_check")) == 0
+    assert len(read_rows(folders["out"] / "bdd_hf_dataset_controlnet_train.csv")) == 3
+
+
+def test_unreadable_image_is_named(folders, capsys):
+    (folders["images"] / "b.png").write_bytes(b"not a png")
+    msg = run_error(controlnet_csv.main, controlnet_args(folders), capsys)
+    assert msg.startswith(f"error: cannot read image {folders['images'] / 'b.png'}")
+
+
+def test_bad_output_name(folders, capsys):
+    argv = lora_args(folders)
+    argv[argv.index("--split") + 1] = "../train"
+    msg = run_error(lora_csv.main, argv, capsys)
+    assert msg == "error: --split '../train': use letters, digits, '.', '_' or '-' only (e.g. train, val)"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reruns: identical is a no-op, different content is not clobbered
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_identical_rerun_leaves_files_untouched(folders, capsys):
+    assert controlnet_csv.main(controlnet_args(folders)) == 0
+    csv_path = folders["out"] / "bdd_hf_dataset_controlnet_train.csv"
+    unmatched = folders["out"] / "unmatched_controlnet_train.txt"
+    stamps = (csv_path.stat().st_mtime_ns, unmatched.stat().st_mtime_ns)
+    capsys.readouterr()
+    assert controlnet_csv.main(controlnet_args(folders)) == 0
+    assert (csv_path.stat().st_mtime_ns, unmatched.stat().st_mtime_ns) == stamps
+    assert f"unchanged (identical to the existing file): {csv_path} (3 rows)" in capsys.readouterr().out
+    assert sorted(p.name for p in folders["out"].iterdir()) == [
+        csv_path.name,
+        unmatched.name,
+    ]  # no temp files
+
+
+def test_different_content_is_refused_unless_overwrite(folders, capsys):
+    assert lora_csv.main(lora_args(folders)) == 0
+    csv_path = folders["out"] / "bdd_hf_dataset_lora_train.csv"
+    before = csv_path.read_bytes()
+    write_caption(folders["captions"] / "a.txt", "a new caption")
+
+    msg = run_error(lora_csv.main, lora_args(folders), capsys)
+    assert msg == (
+        f"error: {csv_path} already exists with different content; pass --overwrite to replace it "
+        "or choose another --output_folder"
+    )
+    assert csv_path.read_bytes() == before
+
+    assert lora_csv.main(lora_args(folders, "--overwrite")) == 0
+    assert read_rows(csv_path)[0]["text"] == "a new caption"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Both ways of running the scripts
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [sys.executable, "convert/lora_bdd_to_huggingface_csv.py"],
+        [
+            sys.executable,
+            "-m",
+            "convert.controlnet_bdd_to_huggingface_csv",
+            "--conditions_path",
+            "x",
+            "--type",
+            "t",
+        ],
+    ],
+)
+def test_scripts_run_from_the_command_line(folders, repo_root, command):
+    missing = str(folders["images"].parent / "missing")
+    argv = ["--images_path", missing, "--captions_path", missing, "--output_folder", str(folders["out"])]
+    if "--type" not in command:
+        argv += ["--split", "train"]
+    proc = subprocess.run(command + argv, cwd=repo_root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == f"error: image folder not found: {missing}"
