@@ -1,0 +1,632 @@
+"""Shared plumbing of the generation scripts (LoRA and ControlNet inference): config keys, work list, outputs.
+
+What every ``infer_*.py`` does the same way lives here once:
+
+* config sections: prompts (``prompt``, ``prompts``, ``prompts_file``, ``captions_csv``), sampling (steps, guidance,
+  scheduler, seed), ``resolution`` (multiple of 8), ``speed`` switches, dtype and device;
+* the work list: one :class:`WorkItem` per image, named ``{prompt_index:05d}_{image_index:02d}.png`` and seeded
+  ``seed + prompt_index * images_per_prompt + image_index``, so an image's pixels depend on its own seed only
+  (one CPU generator per image), never on the batch it ran in or the process that ran it;
+* the run loop (:func:`run_generation`): resume (an image counts as done when its PNG and its metadata record both
+  exist and the record's settings match), split across ``accelerate launch`` processes with
+  ``PartialState.split_between_processes``, atomic PNG writes, one metadata part file per process merged into
+  ``generations/metadata.jsonl`` by the main process (no two processes ever write the same file);
+* pipeline set-up: scheduler by name, dtype/device, attention backend, channels_last, torch.compile, VAE
+  slicing/tiling, resolution checks, and fingerprints of the base model and adapter files.
+
+A script adds only what is specific to it (loading its adapter, extra pipeline arguments, per-item inputs).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from ai.common.cli import UserError
+from ai.common.config import Section
+from ai.common.io import atomic_write_bytes, atomic_write_text, sha256_bytes, sha256_file
+
+logger = logging.getLogger(__name__)
+
+GENERATIONS_DIR = "generations"
+METADATA_FILE = "metadata.jsonl"
+PART_GLOB = "metadata.part-*.jsonl"
+#: Columns of the stage 1 CSVs copied into each record (CSV column -> record field); stage 4 reads them.
+CSV_SOURCE_FIELDS = {"image": "source_frame", "conditioning_image": "mask_path"}
+#: Name -> (diffusers scheduler class, extra config). Built with ``from_config`` of the model's own scheduler.
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "default": ("", {}),  # whatever the model folder ships (SDXL base: Euler)
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "dpm++_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpm++_2m_karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True},
+    ),
+    "dpm++_2m_sde_karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+    ),
+}
+SchedulerName = Literal[tuple(SCHEDULERS)]  # the config accepts exactly these names
+DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+#: Resolution warning band: pixel count outside [1/4, 4] x the model's native size squared.
+RESOLUTION_BAND = (0.25, 4.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config sections shared by every generation config
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class GenerationPaths(Section):
+    base_model_path: str = "stabilityai/stable-diffusion-xl-base-1.0"
+    vae_path: str | None = None
+    variant: str | None = None
+    infer_path: str = "inference_outputs"
+
+
+class Resolution(Section):
+    width: int = 1024
+    height: int = 1024
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value <= 0 or value % 8:
+            raise ValueError(
+                f"must be a positive multiple of 8 (the VAE works on 8x8 pixel blocks), got {value}"
+            )
+        return value
+
+
+class Speed(Section):
+    attention: Literal["sdpa", "xformers"] = "sdpa"
+    channels_last: bool = False
+    torch_compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = (
+        "default"
+    )
+    vae_slicing: bool = False
+    vae_tiling: bool = False
+
+
+class GenerationConfig(Section):
+    """Keys every generation config has; scripts subclass it and narrow ``paths``."""
+
+    paths: GenerationPaths = GenerationPaths()
+    prompt: str | None = None
+    prompts: list[str] = []
+    prompts_file: str | None = None
+    captions_csv: str | None = None
+    captions_column: str = "text"
+    max_prompts: int | None = Field(None, ge=1)
+    negative_prompt: str | None = None
+    images_per_prompt: int = Field(1, ge=1)
+    num_inference_steps: int = Field(30, ge=1)
+    guidance_scale: float = Field(7.5, ge=0)
+    scheduler: SchedulerName = "euler"
+    seed: int = Field(0, ge=0)
+    batch_size: int = Field(1, ge=1)
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp16"
+    device: str = "auto"
+    on_error: Literal["stop", "skip"] = "stop"
+    overwrite: bool = False
+    resolution: Resolution = Resolution()
+    speed: Speed = Speed()
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        base = value.split(":")[0]
+        if base not in ("auto", "cpu", "cuda", "mps", "xpu"):
+            raise ValueError(f"use auto, cpu, cuda, cuda:N, mps or xpu, got {value!r}")
+        return value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompts and the work list
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PromptEntry:
+    text: str
+    source: dict[str, Any] = field(
+        default_factory=dict
+    )  # where it came from (record fields such as source_frame)
+
+
+def read_prompts(cfg: GenerationConfig) -> list[PromptEntry]:
+    """All prompts, in a fixed order: ``prompt``, ``prompts``, ``prompts_file`` lines, ``captions_csv`` rows.
+
+    Raises UserError for a missing/unreadable file, a CSV without the named column, an empty caption (unless
+    ``on_error: skip``), or no prompts at all.
+    """
+    entries: list[PromptEntry] = []
+    if cfg.prompt:
+        entries.append(PromptEntry(cfg.prompt, {"prompt_source": "prompt"}))
+    for i, text in enumerate(cfg.prompts):
+        if not text.strip():
+            raise UserError(f"prompts[{i}] is empty; remove it or write a prompt")
+        entries.append(PromptEntry(text, {"prompt_source": f"prompts[{i}]"}))
+    if cfg.prompts_file:
+        entries += _read_prompts_file(Path(cfg.prompts_file))
+    if cfg.captions_csv:
+        entries += _read_captions_csv(Path(cfg.captions_csv), cfg.captions_column, cfg.on_error)
+    if cfg.max_prompts is not None:
+        entries = entries[: cfg.max_prompts]
+    if not entries:
+        raise UserError(
+            "no prompts: set prompt, prompts (a list), prompts_file (one prompt per line) or captions_csv "
+            "(e.g. the stage 1 CSV) in the config or as key=value"
+        )
+    return entries
+
+
+def _read_text(path: Path, what: str) -> str:
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
+        ) from None
+
+
+def _read_prompts_file(path: Path) -> list[PromptEntry]:
+    """One prompt per line; blank lines and lines starting with '#' are skipped."""
+    out = []
+    for line_no, line in enumerate(_read_text(path, "prompts_file").splitlines(), 1):
+        text = line.strip()
+        if text and not text.startswith("#"):
+            out.append(PromptEntry(text, {"prompt_source": f"{path}:{line_no}"}))
+    return out
+
+
+def _read_captions_csv(path: Path, column: str, on_error: str) -> list[PromptEntry]:
+    """Rows of a CSV (e.g. the stage 1 ``image,text`` CSV); relative paths in it are relative to the CSV's folder."""
+    reader = csv.DictReader(io.StringIO(_read_text(path, "captions_csv"), newline=""))
+    columns = reader.fieldnames or []
+    if column not in columns:
+        raise UserError(
+            f"{path} has no column {column!r}; its columns are: {', '.join(columns) or '(none: empty file)'}. "
+            "Set captions_column to the one holding the prompts"
+        )
+    out = []
+    for row_no, row in enumerate(reader, 2):  # row 1 is the header
+        text = (row.get(column) or "").strip()
+        if not text:
+            message = f"{path} line {row_no}: empty {column!r}"
+            if on_error == "stop":
+                raise UserError(f"{message}; fix the row or set on_error=skip")
+            logger.warning("%s; skipped (on_error=skip)", message)
+            continue
+        source: dict[str, Any] = {"prompt_source": f"{path}:{row_no}"}
+        for csv_column, record_field in CSV_SOURCE_FIELDS.items():
+            value = (row.get(csv_column) or "").strip()
+            if value:
+                source[record_field] = value if os.path.isabs(value) else str(path.parent / value)
+        out.append(PromptEntry(text, source))
+    return out
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One image to make; its name and seed depend only on its position in the work list."""
+
+    prompt_index: int
+    image_index: int
+    prompt: str
+    seed: int
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def file(self) -> str:
+        return f"{self.prompt_index:05d}_{self.image_index:02d}.png"
+
+
+def build_work_items(prompts: Sequence[PromptEntry], images_per_prompt: int, seed: int) -> list[WorkItem]:
+    return [
+        WorkItem(p, i, entry.text, seed + p * images_per_prompt + i, entry.source)
+        for p, entry in enumerate(prompts)
+        for i in range(images_per_prompt)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Outputs: PNGs + metadata.jsonl (resume, lock-free across processes)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Records of a JSONL file; a torn last line (a process killed mid-write) is ignored."""
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "file" in record:
+            out.append(record)
+    return out
+
+
+def merge_metadata(out_dir: Path) -> dict[str, dict[str, Any]]:
+    """Fold the part files into ``metadata.jsonl`` (one line per file, the newest record wins); main process only."""
+    records = (
+        {r["file"]: r for r in read_jsonl(out_dir / METADATA_FILE)}
+        if (out_dir / METADATA_FILE).is_file()
+        else {}
+    )
+    parts = sorted(out_dir.glob(PART_GLOB))
+    for part in parts:
+        for record in read_jsonl(part):
+            records[record["file"]] = record
+    if parts or not (out_dir / METADATA_FILE).is_file():
+        lines = [json.dumps(records[name], ensure_ascii=False) + "\n" for name in sorted(records)]
+        atomic_write_text(out_dir / METADATA_FILE, "".join(lines))
+        for part in parts:
+            part.unlink()
+    return records
+
+
+def png_bytes(image, text: dict[str, str] | None = None) -> bytes:
+    """PNG of a PIL image, with optional text chunks (prompt, seed) that image viewers show."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in (text or {}).items():
+        info.add_itxt(key, value)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+@dataclass
+class GenerationSummary:
+    total: int = 0
+    skipped: int = 0
+    generated: int = 0
+    failed: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    out_dir: str = ""
+
+    def lines(self) -> list[str]:
+        per_image = f" ({self.seconds / self.generated:.2f} s/image)" if self.generated else ""
+        out = [
+            f"{self.generated} generated, {self.skipped} already done, {len(self.failed)} failed, "
+            f"{self.total} in the work list; {self.seconds:.1f} s{per_image}",
+            f"images and metadata.jsonl in {self.out_dir}",
+        ]
+        out += [f"  failed: {reason}" for reason in self.failed[:10]]
+        if len(self.failed) > 10:
+            out.append(f"  ... and {len(self.failed) - 10} more failures")
+        return out
+
+
+def _mismatch(record: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    return [f"{k}: {record.get(k)!r} -> {v!r}" for k, v in expected.items() if record.get(k) != v]
+
+
+@dataclass
+class GenerationPlan:
+    """What a run will do: the images still to make (``todo``) out of ``total``; the same on every process."""
+
+    out_dir: Path
+    settings: dict[str, Any]
+    todo: list[WorkItem]
+    total: int
+
+
+def plan_generation(
+    items: Sequence[WorkItem],
+    out_dir: str | os.PathLike,
+    settings: dict[str, Any],
+    *,
+    overwrite: bool = False,
+    state=None,
+) -> GenerationPlan:
+    """Compare the work list with what ``out_dir`` holds; call before loading the model (a finished rerun skips it).
+
+    An image is done when its PNG and its record exist and the record's prompt, seed and ``settings`` (what
+    decides the pixels besides those: steps, scheduler, model and adapter hashes, ...) match. Images made with
+    other settings are an error unless ``overwrite`` (then they are made again).
+    """
+    from accelerate import PartialState
+
+    state = state or PartialState()
+    out_dir = Path(out_dir)
+    if state.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        merge_metadata(out_dir)  # parts left by an interrupted run
+    state.wait_for_everyone()
+
+    records = {r["file"]: r for r in read_jsonl(out_dir / METADATA_FILE)}
+    todo, stale = [], []
+    for item in items:
+        record = records.get(item.file)
+        if record is None or not (out_dir / item.file).is_file():
+            todo.append(item)
+        elif diff := _mismatch(record, {"prompt": item.prompt, "seed": item.seed, **settings}):
+            stale.append((item, diff))
+    if stale and not overwrite:
+        item, diff = stale[0]
+        raise UserError(
+            f"{out_dir} already holds {len(stale)} image(s) made with other settings (e.g. {item.file}: "
+            f"{'; '.join(diff[:3])}); use another paths.infer_path, or set overwrite=true to regenerate them"
+        )
+    todo += [item for item, _ in stale]
+    todo.sort(key=lambda it: (it.prompt_index, it.image_index))
+    return GenerationPlan(out_dir, settings, todo, len(items))
+
+
+def run_generation(
+    plan: GenerationPlan,
+    generate: Callable[[list[WorkItem], list[Any]], list[Any]],
+    *,
+    info: dict[str, Any] | None = None,
+    batch_size: int = 1,
+    on_error: str = "stop",
+    load_inputs: Callable[[WorkItem], Any] | None = None,
+    state=None,
+) -> GenerationSummary:
+    """Make the images of ``plan.todo``, split across the accelerate processes; merge the metadata at the end.
+
+    Args:
+        plan: from :func:`plan_generation`.
+        generate: ``generate(batch, inputs) -> PIL images``, one per item, in order.
+        info: extra record fields not compared on resume (config path, adapter path).
+        batch_size: items per ``generate`` call.
+        on_error: ``stop`` or ``skip`` for a UserError from ``load_inputs``.
+        load_inputs: per-item input loading (e.g. a control image); with ``on_error: skip`` a UserError from it
+            fails only that item.
+        state: accelerate ``PartialState`` (one is made if None).
+    """
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
+    state = state or PartialState()
+    out_dir, settings = plan.out_dir, plan.settings
+    summary = GenerationSummary(total=plan.total, skipped=plan.total - len(plan.todo), out_dir=str(out_dir))
+    start = time.perf_counter()
+    failed: list[str] = []
+    generated = 0
+    part_path = out_dir / f"metadata.part-{state.process_index:05d}.jsonl"
+    with state.split_between_processes(plan.todo) as mine, open(part_path, "a", encoding="utf-8") as part:
+        bar = tqdm(total=len(mine), desc="generating", unit="img", disable=not state.is_main_process)
+        for begin in range(0, len(mine), batch_size):
+            batch, inputs = [], []
+            for item in mine[begin : begin + batch_size]:
+                try:
+                    inputs.append(load_inputs(item) if load_inputs else None)
+                    batch.append(item)
+                except UserError as exc:
+                    if on_error == "stop":
+                        raise
+                    failed.append(f"{item.file}: {exc}")
+                    logger.warning("%s: %s; skipped (on_error=skip)", item.file, exc)
+            if not batch:
+                continue
+            t0 = time.perf_counter()
+            images = generate(batch, inputs)
+            seconds = (time.perf_counter() - t0) / len(batch)
+            for item, image in zip(batch, images, strict=True):
+                atomic_write_bytes(
+                    out_dir / item.file, png_bytes(image, {"prompt": item.prompt, "seed": str(item.seed)})
+                )
+                record = {
+                    "file": item.file,
+                    "prompt": item.prompt,
+                    "seed": item.seed,
+                    **settings,
+                    "prompt_index": item.prompt_index,
+                    "image_index": item.image_index,
+                    **dict.fromkeys(
+                        CSV_SOURCE_FIELDS.values()
+                    ),  # same keys in every record (None: not from a CSV)
+                    **item.source,
+                    **(info or {}),
+                    "time": datetime.now(UTC).isoformat(timespec="seconds"),
+                    "seconds": round(seconds, 4),
+                }
+                part.write(json.dumps(record, ensure_ascii=False) + "\n")
+                part.flush()  # the record follows its PNG: a crash loses at most this image, redone on rerun
+                generated += 1
+            bar.update(len(batch))
+        bar.close()
+    state.wait_for_everyone()
+    per_process = gather_object([(generated, failed)]) if state.num_processes > 1 else [(generated, failed)]
+    if state.is_main_process:
+        merge_metadata(out_dir)
+    state.wait_for_everyone()
+    summary.generated = sum(g for g, _ in per_process)
+    summary.failed = [reason for _, f in per_process for reason in f]
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pipeline set-up
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def make_state(device: str = "auto"):
+    """accelerate's ``PartialState`` for this process, on the CPU when asked for or when there is no GPU.
+
+    ``PartialState`` sets up a CPU process group (gloo) only when told it runs on the CPU, so without this a
+    multi-process CPU launch would run N independent copies that all make every image.
+    """
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    cpu = device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+    return PartialState(cpu=cpu)
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, DTYPE_NAMES[name])
+
+
+def resolve_device(name: str, state) -> Any:
+    """``auto`` -> the accelerate process's device (its GPU under ``accelerate launch``, else CPU)."""
+    import torch
+
+    return state.device if name == "auto" else torch.device(name)
+
+
+def check_dtype_device(dtype: str, device) -> None:
+    if dtype == "fp16" and device.type == "cpu":
+        raise UserError("dtype fp16 needs a GPU (the device is cpu); set dtype=fp32 (or bf16) for CPU runs")
+
+
+def make_scheduler(name: str, model_scheduler):
+    """A scheduler by name, configured from the model's own scheduler (betas, timestep spacing, prediction type)."""
+    import diffusers
+
+    cls_name, extra = SCHEDULERS[name]
+    if not cls_name:
+        return model_scheduler
+    return getattr(diffusers, cls_name).from_config(model_scheduler.config, **extra)
+
+
+def native_size(unet, vae) -> int:
+    """The model's native image side in pixels (1024 for SDXL, 128 for the tiny test model)."""
+    return int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def check_resolution(width: int, height: int, native: int) -> str | None:
+    """A warning (also logged) when the pixel count is far from the model's native size squared, else None."""
+    ratio = width * height / native**2
+    if RESOLUTION_BAND[0] <= ratio <= RESOLUTION_BAND[1]:
+        return None
+    message = (
+        f"resolution {width}x{height} is {ratio:.2g}x the pixel count the model was trained at ({native}x{native}); "
+        "expect duplicated or mushy content. SDXL works best near 1024x1024 total pixels (e.g. 1344x768, 1216x832)"
+    )
+    logger.warning(message)
+    return message
+
+
+def apply_speed_switches(pipe, speed: Speed, device) -> None:
+    """Attention backend, memory format, compile and VAE memory savers, as the config asks."""
+    import torch
+
+    if speed.attention == "xformers":
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            raise UserError(
+                "speed.attention=xformers but xformers is not installed; use sdpa (the default)"
+            ) from None
+        pipe.enable_xformers_memory_efficient_attention()
+    if speed.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if speed.vae_slicing:
+        pipe.vae.enable_slicing()
+    if speed.vae_tiling:
+        pipe.vae.enable_tiling()
+    if speed.torch_compile:
+        if device.type == "cpu":
+            logger.warning("speed.torch_compile on CPU: compiling takes minutes and rarely pays off")
+        pipe.unet = torch.compile(pipe.unet, mode=speed.compile_mode)
+
+
+def build_sdxl_pipeline(paths: GenerationPaths, dtype: str, pipeline_cls=None, **extra_components):
+    """A text-to-image pipeline from :func:`ai.common.models.load_components` (local folder, hub id or tiny model).
+
+    Left on the CPU: load adapters first, then move it with ``pipe.to(device)``. ``pipeline_cls`` and
+    ``extra_components`` let the ControlNet script build its pipeline from the same parts.
+    """
+    from diffusers import StableDiffusionXLPipeline
+
+    from ai.common.models import load_components
+
+    parts = load_components(
+        paths.base_model_path, vae=paths.vae_path, dtype=torch_dtype(dtype), variant=paths.variant
+    )
+    pipeline_cls = pipeline_cls or StableDiffusionXLPipeline
+    pipe = pipeline_cls(
+        vae=parts.vae,
+        text_encoder=parts.text_encoder,
+        text_encoder_2=parts.text_encoder_2,
+        tokenizer=parts.tokenizer,
+        tokenizer_2=parts.tokenizer_2,
+        unet=parts.unet,
+        scheduler=parts.scheduler,
+        **extra_components,
+    )
+    pipe.set_progress_bar_config(disable=True)  # one bar over images instead of one per call
+    return pipe
+
+
+def call_pipeline(pipe, batch: list[WorkItem], cfg: GenerationConfig, **extra) -> list[Any]:
+    """Run ``pipe`` on a batch; each image has its own CPU generator, so its pixels do not depend on the batch."""
+    import torch
+
+    generators = [torch.Generator("cpu").manual_seed(item.seed) for item in batch]
+    with torch.inference_mode():
+        result = pipe(
+            prompt=[item.prompt for item in batch],
+            negative_prompt=[cfg.negative_prompt] * len(batch) if cfg.negative_prompt else None,
+            num_inference_steps=cfg.num_inference_steps,
+            guidance_scale=cfg.guidance_scale,
+            width=cfg.resolution.width,
+            height=cfg.resolution.height,
+            generator=generators,
+            output_type="pil",
+            **extra,
+        )
+    return result.images
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fingerprints recorded with each image
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _weights_files(folder: Path, variant: str | None) -> list[Path]:
+    stem = "diffusion_pytorch_model" + (f".{variant}" if variant else "")
+    index = folder / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        return [index, *(folder / s for s in shards)]
+    for name in (f"{stem}.safetensors", f"{stem}.bin"):
+        if (folder / name).is_file():
+            return [folder / name]
+    return sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
+
+
+def model_fingerprint(
+    path_or_id: str, variant: str | None = None, config_name: str = "model_index.json"
+) -> str:
+    """sha256 over the model's config file and its UNet (or, for a VAE folder, its own) weights; ``hub:<id>`` for a hub id."""
+    from ai.common.models import is_local
+
+    if not is_local(path_or_id):
+        return f"hub:{path_or_id}"
+    folder = Path(path_or_id)
+    weights_dir = folder / "unet" if (folder / "unet").is_dir() else folder
+    config = folder / config_name if (folder / config_name).is_file() else folder / "config.json"
+    digests = [sha256_file(config)] + [sha256_file(p) for p in _weights_files(weights_dir, variant)]
+    return sha256_bytes("\n".join(digests).encode())

@@ -1,0 +1,269 @@
+"""ai/common/generation.py: prompts, work list, resume bookkeeping, metadata merging, checks (no diffusion model).
+
+The run loop is driven here by a small image-making function so that its bookkeeping (records, skips, errors,
+merging) is checked in milliseconds; tests/test_lora_infer.py runs it with the real pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ai.common.cli import UserError
+from ai.common.config import load_config
+from ai.common.generation import (
+    METADATA_FILE,
+    SCHEDULERS,
+    GenerationConfig,
+    PromptEntry,
+    build_work_items,
+    check_resolution,
+    make_scheduler,
+    merge_metadata,
+    model_fingerprint,
+    plan_generation,
+    read_jsonl,
+    read_prompts,
+    run_generation,
+)
+
+
+def make_config(tmp_path, *overrides: str) -> GenerationConfig:
+    return load_config(GenerationConfig, None, list(overrides))
+
+
+# --- prompts and work list ------------------------------------------------------------------------------------
+
+
+def test_prompts_from_every_source_in_fixed_order(tmp_path):
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("# comment\nfrom file one\n\n  from file two  \n", encoding="utf-8")
+    csv_path = tmp_path / "train.csv"
+    csv_path.write_text(
+        '\ufeffimage,conditioning_image,text\nimgs/a.jpg,/masks/a.png,"rainy, night"\n/abs/b.jpg,,clear day\n',
+        encoding="utf-8",
+    )
+    cfg = make_config(
+        tmp_path,
+        "prompt=single",
+        "prompts=[listed]",
+        f"prompts_file={prompts_file}",
+        f"captions_csv={csv_path}",
+    )
+    entries = read_prompts(cfg)
+    assert [e.text for e in entries] == [
+        "single",
+        "listed",
+        "from file one",
+        "from file two",
+        "rainy, night",
+        "clear day",
+    ]
+    assert entries[2].source == {"prompt_source": f"{prompts_file}:2"}
+    assert entries[4].source == {
+        "prompt_source": f"{csv_path}:2",
+        "source_frame": str(tmp_path / "imgs/a.jpg"),  # relative paths are relative to the CSV's folder
+        "mask_path": "/masks/a.png",
+    }
+    assert entries[5].source == {"prompt_source": f"{csv_path}:3", "source_frame": "/abs/b.jpg"}
+    assert [e.text for e in read_prompts(cfg.model_copy(update={"max_prompts": 2}))] == ["single", "listed"]
+
+
+def test_csv_errors_name_the_file_column_and_row(tmp_path):
+    csv_path = tmp_path / "c.csv"
+    csv_path.write_text("image,caption\na.jpg,x\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"c\.csv has no column 'text'; its columns are: image, caption"):
+        read_prompts(make_config(tmp_path, f"captions_csv={csv_path}"))
+    csv_path.write_text("image,text\na.jpg,ok\nb.jpg,\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"c\.csv line 3: empty 'text'; fix the row or set on_error=skip"):
+        read_prompts(make_config(tmp_path, f"captions_csv={csv_path}"))
+    skipped = read_prompts(make_config(tmp_path, f"captions_csv={csv_path}", "on_error=skip"))
+    assert [e.text for e in skipped] == ["ok"]
+
+
+def test_no_prompts_and_missing_files_are_errors(tmp_path):
+    with pytest.raises(UserError, match="no prompts: set prompt, prompts"):
+        read_prompts(make_config(tmp_path, "prompts=[]"))
+    with pytest.raises(UserError, match=r"prompts\[1\] is empty"):
+        read_prompts(make_config(tmp_path, "prompts=[a, '  ']"))
+    with pytest.raises(UserError, match="prompts_file not found: .*nope.txt"):
+        read_prompts(make_config(tmp_path, f"prompts_file={tmp_path / 'nope.txt'}"))
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(b"caf\xe9\n")
+    with pytest.raises(UserError, match="not UTF-8 text"):
+        read_prompts(make_config(tmp_path, f"prompts_file={bad}"))
+
+
+def test_work_items_names_and_seeds_depend_only_on_position():
+    items = build_work_items([PromptEntry("a"), PromptEntry("b")], images_per_prompt=3, seed=10)
+    assert [(it.file, it.seed) for it in items] == [
+        ("00000_00.png", 10),
+        ("00000_01.png", 11),
+        ("00000_02.png", 12),
+        ("00001_00.png", 13),
+        ("00001_01.png", 14),
+        ("00001_02.png", 15),
+    ]
+    assert [it.prompt for it in items] == ["a"] * 3 + ["b"] * 3
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "resolution.width=130",
+            r"resolution\.width: Value error, must be a positive multiple of 8 .*got 130",
+        ),
+        ("resolution.height=0", r"resolution\.height: Value error, must be a positive multiple of 8"),
+        ("schedular=euler", r"schedular: unknown key \(did you mean 'scheduler'\?\)"),
+        ("scheduler=dpm", r"scheduler: Input should be 'default', 'euler'"),
+        ("num_inference_steps=many", r"num_inference_steps: Input should be a valid integer"),
+        ("device=gpu", r"device: Value error, use auto, cpu, cuda"),
+        ("speed.attention=flash", r"speed\.attention: Input should be 'sdpa' or 'xformers'"),
+    ],
+)
+def test_config_errors_name_key_and_value(tmp_path, override, message):
+    with pytest.raises(UserError, match=message):
+        make_config(tmp_path, override)
+
+
+# --- checks ---------------------------------------------------------------------------------------------------
+
+
+def test_resolution_warning_scales_with_the_model():
+    assert check_resolution(1280, 720, native=1024) is None
+    assert check_resolution(1024, 1024, native=1024) is None
+    assert "is 0.062x the pixel count" in check_resolution(256, 256, native=1024)
+    assert check_resolution(3072, 3072, native=1024) is not None
+    assert check_resolution(128, 128, native=128) is None  # the tiny model at its own size: no warning
+    assert check_resolution(64, 64, native=128) is None
+    assert check_resolution(1024, 1024, native=128) is not None
+
+
+def test_every_scheduler_name_builds_from_the_model_scheduler():
+    from diffusers import EulerDiscreteScheduler
+
+    base = EulerDiscreteScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1
+    )
+    for name, (cls_name, extra) in SCHEDULERS.items():
+        scheduler = make_scheduler(name, base)
+        assert type(scheduler).__name__ == (cls_name or "EulerDiscreteScheduler"), name
+        assert scheduler.config.beta_schedule == "scaled_linear"
+        for key, value in extra.items():
+            assert scheduler.config[key] == value, (name, key)
+
+
+def test_model_fingerprint_follows_config_and_unet_weights(tmp_path):
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "model_index.json").write_text("{}")
+    weights = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"weights-1")
+    first = model_fingerprint(str(tmp_path))
+    assert first == model_fingerprint(str(tmp_path)) and len(first) == 64
+    weights.write_bytes(b"weights-2")
+    second = model_fingerprint(str(tmp_path))
+    assert second != first
+    (tmp_path / "model_index.json").write_text('{"a": 1}')
+    assert model_fingerprint(str(tmp_path)) not in (first, second)
+    assert (
+        model_fingerprint("stabilityai/stable-diffusion-xl-base-1.0")
+        == "hub:stabilityai/stable-diffusion-xl-base-1.0"
+    )
+
+
+# --- outputs: metadata merging, resume, the run loop ----------------------------------------------------------
+
+
+def test_merge_keeps_one_line_per_file_newest_wins_and_ignores_torn_lines(tmp_path):
+    (tmp_path / METADATA_FILE).write_text(json.dumps({"file": "a.png", "v": 1}) + "\n", encoding="utf-8")
+    (tmp_path / "metadata.part-00000.jsonl").write_text(
+        json.dumps({"file": "a.png", "v": 2}) + "\n" + json.dumps({"file": "c.png", "v": 1}) + "\n"
+    )
+    (tmp_path / "metadata.part-00001.jsonl").write_text(
+        json.dumps({"file": "b.png", "v": 1}) + '\n{"file": "d.pn'
+    )
+    records = merge_metadata(tmp_path)
+    assert sorted(records) == ["a.png", "b.png", "c.png"]
+    lines = (tmp_path / METADATA_FILE).read_text().splitlines()
+    assert [json.loads(line)["file"] for line in lines] == ["a.png", "b.png", "c.png"]
+    assert json.loads(lines[0])["v"] == 2
+    assert not list(tmp_path.glob("metadata.part-*"))
+
+
+def solid_images(batch, inputs):
+    from PIL import Image
+
+    return [Image.new("RGB", (8, 8), (item.seed % 256, 0, 0)) for item in batch]
+
+
+def test_run_loop_records_skips_and_resumes(tmp_path):
+    items = build_work_items([PromptEntry("a"), PromptEntry("b", {"source_frame": "/f/b.jpg"})], 2, seed=3)
+    settings = {"num_inference_steps": 2}
+    plan = plan_generation(items, tmp_path, settings)
+    assert len(plan.todo) == 4
+    summary = run_generation(plan, solid_images, info={"config": "x.yaml"}, batch_size=3)
+    assert (summary.generated, summary.skipped, summary.failed) == (4, 0, [])
+    records = read_jsonl(tmp_path / METADATA_FILE)
+    assert [(r["file"], r["seed"], r["prompt"]) for r in records] == [
+        ("00000_00.png", 3, "a"),
+        ("00000_01.png", 4, "a"),
+        ("00001_00.png", 5, "b"),
+        ("00001_01.png", 6, "b"),
+    ]
+    assert records[2]["source_frame"] == "/f/b.jpg" and records[0]["source_frame"] is None
+    assert records[0]["config"] == "x.yaml" and records[0]["num_inference_steps"] == 2
+    from PIL import Image
+
+    with Image.open(tmp_path / "00001_01.png") as im:
+        assert im.getpixel((0, 0)) == (6, 0, 0) and im.text["prompt"] == "b" and im.text["seed"] == "6"
+
+    assert plan_generation(items, tmp_path, settings).todo == []
+    (tmp_path / "00000_01.png").unlink()  # PNG gone: redo it
+    lines = (tmp_path / METADATA_FILE).read_text().splitlines()  # record gone (PNG kept): redo it too
+    (tmp_path / METADATA_FILE).write_text("\n".join(line for line in lines if "00001_00" not in line) + "\n")
+    plan = plan_generation(items, tmp_path, settings)
+    assert [it.file for it in plan.todo] == ["00000_01.png", "00001_00.png"]
+    assert run_generation(plan, solid_images).generated == 2
+    assert len((tmp_path / METADATA_FILE).read_text().splitlines()) == 4
+
+
+def test_changed_settings_refuse_then_overwrite(tmp_path):
+    items = build_work_items([PromptEntry("a")], 2, seed=0)
+    run_generation(plan_generation(items, tmp_path, {"steps": 2}), solid_images)
+    with pytest.raises(
+        UserError,
+        match=r"holds 2 image\(s\) made with other settings \(e\.g\. 00000_00\.png: steps: 2 -> 3\)",
+    ):
+        plan_generation(items, tmp_path, {"steps": 3})
+    plan = plan_generation(items, tmp_path, {"steps": 3}, overwrite=True)
+    assert len(plan.todo) == 2
+    run_generation(plan, solid_images)
+    assert [r["steps"] for r in read_jsonl(tmp_path / METADATA_FILE)] == [3, 3]
+
+
+def test_unreadable_input_stops_or_is_skipped(tmp_path):
+    items = build_work_items([PromptEntry("a"), PromptEntry("b"), PromptEntry("c")], 1, seed=0)
+
+    def load_inputs(item):
+        if item.prompt == "b":
+            raise UserError("control image b.png is not an image")
+        return item.prompt
+
+    with pytest.raises(UserError, match="b.png is not an image"):
+        run_generation(plan_generation(items, tmp_path / "stop", {}), solid_images, load_inputs=load_inputs)
+    summary = run_generation(
+        plan_generation(items, tmp_path / "skip", {}), solid_images, load_inputs=load_inputs, on_error="skip"
+    )
+    assert summary.generated == 2
+    assert summary.failed == ["00001_00.png: control image b.png is not an image"]
+    assert [r["file"] for r in read_jsonl(tmp_path / "skip" / METADATA_FILE)] == [
+        "00000_00.png",
+        "00002_00.png",
+    ]
+    # the stopped run kept what it finished: its records are merged by the next run's plan
+    assert [it.file for it in plan_generation(items, tmp_path / "stop", {}).todo] == [
+        "00001_00.png",
+        "00002_00.png",
+    ]
