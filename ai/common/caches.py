@@ -1,0 +1,198 @@
+"""Disk caches of VAE latents and text-encoder outputs, keyed by content (safetensors, one file per entry).
+
+Keys say exactly what an entry depends on, so a cache folder can be shared by many runs:
+
+* latents: sha256 of the image bytes + the crop plan (bucket, resize, crop offset, flip) + the VAE's identity
+  (a hash of its weights) + the encode dtype. Change one image and only that entry is rebuilt; change the
+  learning rate and everything is reused. Random crops draw a new crop every epoch, so they cannot be cached:
+  the trainers refuse ``crop: random`` with latent caching instead of pairing stale latents with new crops.
+  With ``random_flip`` both the plain and the mirrored latent are cached.
+* text: sha256 of the caption + both text encoders' identity; stored once per unique caption (BDD captions
+  repeat a lot), plus the empty caption used for caption dropout.
+
+Entries store the VAE posterior's mean and std (a fresh latent is sampled every step, as without the cache).
+Files are written atomically, so concurrent writers and killed runs never leave a half entry. Under accelerate
+the local main process builds first and the others then find every entry present (``local_main_process_first``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save
+
+from ai.common.data import CropPlan, Geometry, Row, apply_plan, open_image, to_tensor
+from ai.common.io import atomic_write_bytes, sha256_bytes
+
+logger = logging.getLogger(__name__)
+
+
+class FeatureCache:
+    """A folder of ``<kind>/<key[:2]>/<key>.safetensors`` entries."""
+
+    def __init__(self, root: str | Path, kind: str):
+        self.root = Path(root) / kind
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.safetensors"
+
+    def has(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def load(self, key: str) -> dict[str, torch.Tensor]:
+        return load_file(self.path(key))
+
+    def save(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))
+
+    def keys(self) -> set[str]:
+        return {p.stem for p in self.root.glob("*/*.safetensors")}
+
+
+def module_fingerprint(*modules: torch.nn.Module) -> str:
+    """sha256 over the modules' parameters and buffers (names, dtypes, shapes, bytes): the model's identity."""
+    h = hashlib.sha256()
+    for module in modules:
+        for name, tensor in sorted(module.state_dict().items()):
+            t = tensor.detach().contiguous().cpu()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def latent_key(image_sha: str, plan: CropPlan, vae_id: str, encode_dtype: str) -> str:
+    spec = {"image": image_sha, **plan.key(), "vae": vae_id, "dtype": encode_dtype, "resample": "bicubic"}
+    return sha256_bytes(json.dumps(spec, sort_keys=True).encode())
+
+
+def text_key(caption: str, text_encoder_id: str) -> str:
+    return sha256_bytes(json.dumps({"text": caption, "te": text_encoder_id}).encode())
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    built: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.hits} reused, {self.built} built"
+
+
+class LatentLookup:
+    """Dataset hook: (row position, plan) -> cached ``latent_mean``/``latent_std`` (picklable for workers)."""
+
+    def __init__(self, cache: FeatureCache, image_hashes: Sequence[str], vae_id: str, encode_dtype: str):
+        self.cache, self.image_hashes, self.vae_id, self.encode_dtype = (
+            cache,
+            list(image_hashes),
+            vae_id,
+            encode_dtype,
+        )
+
+    def __call__(self, pos: int, plan: CropPlan) -> dict[str, torch.Tensor]:
+        key = latent_key(self.image_hashes[pos], plan, self.vae_id, self.encode_dtype)
+        entry = self.cache.load(key)
+        return {"latent_mean": entry["mean"].float(), "latent_std": entry["std"].float()}
+
+
+class TextLookup:
+    """Dataset hook: caption -> cached ``prompt_embeds``/``pooled_prompt_embeds``."""
+
+    def __init__(self, cache: FeatureCache, text_encoder_id: str):
+        self.cache, self.text_encoder_id = cache, text_encoder_id
+
+    def __call__(self, caption: str) -> dict[str, torch.Tensor]:
+        entry = self.cache.load(text_key(caption, self.text_encoder_id))
+        return {
+            "prompt_embeds": entry["prompt_embeds"].float(),
+            "pooled_prompt_embeds": entry["pooled"].float(),
+        }
+
+
+@torch.no_grad()
+def build_latent_cache(
+    rows: Sequence[Row],
+    geometry: Geometry,
+    cache: FeatureCache,
+    vae,
+    vae_id: str,
+    batch_size: int = 4,
+    store_dtype: torch.dtype = torch.float16,
+    progress: bool = True,
+) -> tuple[list[str], CacheStats]:
+    """Encode every (row, possible crop plan) whose entry is missing.
+
+    Returns:
+        The sha256 of every row's image bytes (the dataset's lookup keys) and hit/build counts.
+    """
+    from tqdm import tqdm
+
+    encode_dtype = str(vae.dtype).replace("torch.", "")
+    hashes: list[str] = []
+    todo: dict[tuple, list[tuple[str, int, CropPlan]]] = defaultdict(list)
+    stats = CacheStats()
+    for pos, row in enumerate(tqdm(rows, desc="hash images", disable=not progress, leave=False)):
+        digest = sha256_bytes(row.image_bytes())
+        hashes.append(digest)
+        for plan in geometry.possible_plans(row):
+            key = latent_key(digest, plan, vae_id, encode_dtype)
+            if cache.has(key):
+                stats.hits += 1
+            else:
+                todo[plan.bucket].append((key, pos, plan))
+    jobs = [
+        (bucket, items[i : i + batch_size])
+        for bucket, items in todo.items()
+        for i in range(0, len(items), batch_size)
+    ]
+    for _bucket, chunk in tqdm(jobs, desc="cache latents", disable=not progress or not jobs):
+        pixels = torch.stack(
+            [to_tensor(apply_plan(open_image(rows[pos].image), plan)) for _, pos, plan in chunk]
+        )
+        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+        for (key, _, _), mean, std in zip(chunk, dist.mean, dist.std, strict=True):
+            cache.save(key, {"mean": mean.to(store_dtype), "std": std.to(store_dtype)})
+            stats.built += 1
+    return hashes, stats
+
+
+@torch.no_grad()
+def build_text_cache(
+    captions: Sequence[str],
+    cache: FeatureCache,
+    encode: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]],
+    text_encoder_id: str,
+    batch_size: int = 16,
+    store_dtype: torch.dtype = torch.float16,
+    progress: bool = True,
+) -> CacheStats:
+    """Encode each unique caption (plus "" for caption dropout) whose entry is missing."""
+    from tqdm import tqdm
+
+    unique = sorted(set(captions) | {""})
+    stats = CacheStats()
+    missing = []
+    for caption in unique:
+        if cache.has(text_key(caption, text_encoder_id)):
+            stats.hits += 1
+        else:
+            missing.append(caption)
+    batches = [missing[i : i + batch_size] for i in range(0, len(missing), batch_size)]
+    for batch in tqdm(batches, desc="cache text", disable=not progress or not batches):
+        embeds, pooled = encode(batch)
+        for caption, e, p in zip(batch, embeds, pooled, strict=True):
+            cache.save(
+                text_key(caption, text_encoder_id),
+                {"prompt_embeds": e.to(store_dtype), "pooled": p.to(store_dtype)},
+            )
+            stats.built += 1
+    return stats

@@ -1,0 +1,131 @@
+"""Training logs shared by the trainers: trackers, start banner, metrics file, loss curve, NaN guard, images.
+
+* Trackers: TensorBoard by default (``runs/<name>/logs``), Weights & Biases when ``report_to: wandb``. The W&B
+  key is read by wandb itself from the environment (``WANDB_API_KEY``, e.g. from ``.env``); it is never read,
+  logged or stored here.
+* ``metrics.jsonl`` in the run folder: one JSON object per logged step (loss, lr, val_loss, ...), plus
+  ``loss_curve.png`` redrawn at each checkpoint and at the end.
+* :func:`check_finite` stops the run on a NaN/inf loss with a message that names the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from ai.common.cli import UserError
+from ai.common.io import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+def trackers_for(report_to: str) -> list[str]:
+    """accelerate ``log_with`` list for ``report_to`` (tensorboard | wandb | none); checks wandb's setup early."""
+    if report_to == "none":
+        return []
+    if report_to == "wandb":
+        mode = os.environ.get("WANDB_MODE", "")
+        if mode not in ("offline", "disabled") and not os.environ.get("WANDB_API_KEY"):
+            raise UserError(
+                "log.report_to=wandb needs WANDB_API_KEY in the environment (put it in .env, see .env.example), "
+                "or WANDB_MODE=offline; or set log.report_to=tensorboard"
+            )
+    return [report_to]
+
+
+def banner(log: logging.Logger, title: str, items: dict[str, Any]) -> None:
+    width = max(len(k) for k in items)
+    log.info("***** %s *****", title)
+    for key, value in items.items():
+        log.info("  %s = %s", key.ljust(width), value)
+
+
+def check_finite(loss: float, step: int, last_checkpoint: Path | None) -> None:
+    if math.isfinite(loss):
+        return
+    keep = (
+        f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was saved yet"
+    )
+    raise TrainingDiverged(
+        f"loss is {loss} at step {step}; training stopped ({keep}). Try a lower optim.learning_rate, "
+        "train.mixed_precision=bf16 instead of fp16, an fp16-safe VAE (model.vae), or optim.max_grad_norm"
+    )
+
+
+class MetricsLog:
+    """Appends metrics to ``metrics.jsonl`` and draws ``loss_curve.png`` (main process only)."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True, resume_step: int = 0):
+        self.path = run_dir / "metrics.jsonl"
+        self.png = run_dir / "loss_curve.png"
+        self.enabled = enabled
+        if enabled and resume_step and self.path.is_file():  # drop entries the resumed run will redo
+            kept = [
+                ln
+                for ln in self.path.read_text().splitlines()
+                if ln and json.loads(ln)["step"] <= resume_step
+            ]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+        elif enabled and not resume_step and self.path.exists():
+            self.path.unlink()
+
+    def log(self, step: int, **values: float) -> None:
+        if self.enabled:
+            with self.path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"step": step, **values}) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln]
+
+    def plot(self) -> None:
+        if not self.enabled:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import io
+
+        import matplotlib.pyplot as plt
+
+        rows = self.read()
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for key, style in (("loss", "-"), ("loss_avg", "-"), ("val_loss", "o-")):
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), style, label=key, alpha=0.4 if key == "loss" else 1.0)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        atomic_write_bytes(self.png, buf.getvalue())
+
+
+def log_images(accelerator, images: list, prompts: list[str], step: int) -> None:
+    """Send validation images to the active trackers."""
+    import numpy as np
+
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(
+                "validation", np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC"
+            )
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log(
+                {"validation": [wandb.Image(i, caption=p) for i, p in zip(images, prompts, strict=True)]},
+                step=step,
+            )

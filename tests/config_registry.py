@@ -1,0 +1,12 @@
+"""Which YAML in config/ is checked against which schema (tests/test_configs.py reads this).
+
+Add a line per config file: path relative to the repo root -> "module:SchemaClass". Accelerate configs
+(config/accelerate_config_*.yaml) are found by name and checked with accelerate's own loader.
+"""
+
+SCHEMAS: dict[str, str] = {
+    "config/lora_train.yaml": "ai.lora.train_lora_sdxl:Config",
+    "config/demo/lora_train.yaml": "ai.lora.train_lora_sdxl:Config",
+    "config/lora_infer.yaml": "ai.lora.infer_lora_sdxl:LoraInferConfig",
+    "config/demo/lora_infer.yaml": "ai.lora.infer_lora_sdxl:LoraInferConfig",
+}

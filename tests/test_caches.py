@@ -1,0 +1,88 @@
+"""ai/common/caches.py: content-keyed latent and text caches: hits, misses, invalidation of exactly one entry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sdxl_fixtures import make_image_csv, tiny_sdxl, write_image  # noqa: F401
+
+from ai.common import caches, data, diffusion
+
+
+@pytest.fixture(scope="module")
+def components(tiny_sdxl):  # noqa: F811
+    from ai.common.models import load_components
+
+    return load_components(tiny_sdxl)
+
+
+def _setup(comps, tmp_path, flip=False):
+    rows = data.load_rows(make_image_csv(tmp_path / "imgs", n=4)).rows
+    geo = data.Geometry(tuple(data.sdxl_buckets(128, 16)), "center", flip, seed=0)
+    return comps, rows, geo
+
+
+def test_latent_cache_hits_misses_and_rebuilds_only_the_changed_image(components, tmp_path):
+    comps, rows, geo = _setup(components, tmp_path)
+    cache = caches.FeatureCache(tmp_path / "cache", "latents")
+    vae_id = caches.module_fingerprint(comps.vae)
+    hashes, stats = caches.build_latent_cache(rows, geo, cache, comps.vae, vae_id, progress=False)
+    assert (stats.hits, stats.built) == (0, 4) and len(cache.keys()) == 4
+    before = cache.keys()
+    _, stats = caches.build_latent_cache(rows, geo, cache, comps.vae, vae_id, progress=False)
+    assert (stats.hits, stats.built) == (4, 0)  # a second run (any other settings) reuses everything
+    write_image(tmp_path / "imgs" / "img02.jpg", (320, 180), seed=99)  # change one image
+    rows = data.load_rows(tmp_path / "imgs" / "train.csv").rows
+    new_hashes, stats = caches.build_latent_cache(rows, geo, cache, comps.vae, vae_id, progress=False)
+    assert (stats.hits, stats.built) == (3, 1)
+    assert len(cache.keys() - before) == 1
+    assert [a == b for a, b in zip(hashes, new_hashes, strict=True)] == [True, True, False, True]
+    # the dataset serves the cached posterior of exactly its own crop
+    ds = data.SDXLDataset(rows, geo, latent_lookup=caches.LatentLookup(cache, new_hashes, vae_id, "float32"))
+    item = ds[(2, 0)]
+    plan = geo.plan(rows[2], 0)
+    px = data.to_tensor(data.apply_plan(data.open_image(rows[2].image), plan))[None]
+    with torch.no_grad():
+        mean = comps.vae.encode(px).latent_dist.mean[0]
+    torch.testing.assert_close(item["latent_mean"], mean, atol=2e-3, rtol=1e-3)  # stored as float16
+    assert item["latent_mean"].shape == (4, 96 // 8, 160 // 8) and "pixel_values" not in item
+
+
+def test_other_vae_or_flip_variants_get_their_own_entries(components, tmp_path):
+    comps, rows, geo = _setup(components, tmp_path, flip=True)
+    cache = caches.FeatureCache(tmp_path / "cache", "latents")
+    _, stats = caches.build_latent_cache(rows, geo, cache, comps.vae, "vae-a", progress=False)
+    assert stats.built == 8  # plain + mirrored per image
+    _, stats = caches.build_latent_cache(rows, geo, cache, comps.vae, "vae-b", progress=False)
+    assert (stats.hits, stats.built) == (0, 8)
+
+
+def test_text_cache_stores_each_caption_once_plus_the_empty_prompt(components, tmp_path):
+    comps, rows, _ = _setup(components, tmp_path)
+    cache = caches.FeatureCache(tmp_path / "cache", "text")
+    tes, toks = [comps.text_encoder, comps.text_encoder_2], [comps.tokenizer, comps.tokenizer_2]
+    te_id = caches.module_fingerprint(*tes)
+
+    def encode(prompts):
+        return diffusion.encode_prompts(tes, toks, prompts)
+
+    captions = [r.text for r in rows]  # 4 rows, 3 distinct captions
+    stats = caches.build_text_cache(captions, cache, encode, te_id, progress=False)
+    assert (stats.hits, stats.built) == (0, 4) and len(cache.keys()) == 4
+    stats = caches.build_text_cache(captions + ["a new caption"], cache, encode, te_id, progress=False)
+    assert (stats.hits, stats.built) == (4, 1)
+    got = caches.TextLookup(cache, te_id)(captions[0])
+    want_e, want_p = encode([captions[0]])
+    torch.testing.assert_close(got["prompt_embeds"], want_e[0].detach(), atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(got["pooled_prompt_embeds"], want_p[0].detach(), atol=2e-3, rtol=1e-3)
+
+
+def test_module_fingerprint_follows_the_weights(tiny_sdxl):  # noqa: F811
+    from ai.common.models import load_components
+
+    vae = load_components(tiny_sdxl).vae
+    a = caches.module_fingerprint(vae)
+    assert a == caches.module_fingerprint(vae)
+    with torch.no_grad():
+        next(vae.parameters()).add_(1e-3)
+    assert caches.module_fingerprint(vae) != a

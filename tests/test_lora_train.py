@@ -1,0 +1,249 @@
+"""SDXL LoRA training end to end on the tiny model (CPU): launcher, checkpoints, resume, DDP, exports, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from sdxl_fixtures import make_image_csv, tiny_sdxl  # noqa: F401
+
+from ai.common.cli import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_config(path: Path, model: Path, csv: Path, runs: Path, name: str, **sections) -> Path:
+    cfg = {
+        "model": {"pretrained_model": str(model)},
+        "data": {"train_csv": str(csv), "resolution": 128, "bucket_step": 16, "num_workers": 0},
+        "cache": {"dir": str(runs / "cache"), "dtype": "float32"},
+        "lora": {"rank": 4, "alpha": 4},
+        "optim": {"learning_rate": 1.0e-3, "lr_warmup_steps": 0},
+        "train": {"max_train_steps": 4, "batch_size": 1, "mixed_precision": "no"},
+        "checkpoint": {"every_n_steps": 2, "total_limit": None},
+        "validation": {"every_n_steps": 0},
+        "log": {"report_to": "none"},
+        "output": {"runs_dir": str(runs), "name": name},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def launch(
+    config: Path, accelerate_config: str, *overrides: str, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    env = dict(os.environ, ACCELERATE_CONFIG=str(REPO / accelerate_config), PYTHON=sys.executable)
+    return subprocess.run(
+        ["bash", str(REPO / "ai/lora/run_lora_train.sh"), str(config), *overrides],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def run_inprocess(config: Path, *overrides: str) -> int:
+    from ai.lora.train_lora_sdxl import main
+
+    return main(["--config", str(config), *overrides])
+
+
+def lora_tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+@pytest.mark.slow
+def test_launcher_trains_learns_checkpoints_and_exports(tiny_sdxl, tmp_path):  # noqa: F811
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    csv = make_image_csv(tmp_path / "data", n=4)
+    cfg = write_config(
+        tmp_path / "train.yaml", tiny_sdxl, csv, tmp_path / "runs", "e2e",
+        lora={"rank": 8, "alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out",
+                                                       "ff.net.0.proj", "ff.net.2"]},
+        loss={"snr_gamma": None, "timestep_min": 500},
+        train={"max_train_steps": 12, "batch_size": 2},
+        checkpoint={"every_n_steps": 4, "total_limit": 2},
+        validation={"every_n_steps": 12, "loss_csv": str(csv), "prompts": ["a street"], "seeds": [3],
+                    "num_inference_steps": 2, "width": 128, "height": 128},
+        log={"report_to": "tensorboard"},
+    )  # fmt: skip
+    proc = launch(cfg, "config/accelerate_config_cpu.yaml", "optim.learning_rate=1e-2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "e2e"
+    assert "config OK" in proc.stdout and "effective batch" in proc.stderr
+    # checkpoints: total_limit keeps the newest two, no temporary folders left
+    assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name) == [
+        "checkpoint-12",
+        "checkpoint-8",
+    ]
+    state = json.loads((run / "checkpoint-8" / "train_state.json").read_text())
+    assert state == {"epoch": 2, "batch": 2, "step": 8, "world_size": 1}  # 2 buckets x 1 batch of 2 per epoch
+    assert (
+        yaml.safe_load((run / "checkpoint-8" / "config.resolved.yaml").read_text())["optim"]["learning_rate"]
+        == 0.01
+    )
+    for name in (
+        "pytorch_lora_weights.safetensors",
+        "pytorch_lora_weights_kohya.safetensors",
+        "loss_curve.png",
+    ):
+        assert (run / name).stat().st_size > 0
+    assert (run / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert (run / "validation" / "step-000012" / "prompt00_seed3.png").is_file()
+    assert list((run / "logs").rglob("events.out.tfevents*"))
+    # learning: the deterministic loss (fixed noise and timesteps) on the training images drops clearly
+    val = [m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_loss" in m]
+    assert [m["step"] for m in val] == [0, 12]
+    assert val[1]["val_loss"] < 0.95 * val[0]["val_loss"], val
+    # the LoRA changes the images, and the kohya copy gives the same image as the diffusers file
+    kohya = lora_tensors(run / "pytorch_lora_weights_kohya.safetensors")
+    assert any(k.startswith("lora_unet_") and k.endswith(".lora_down.weight") for k in kohya)
+    assert {float(v) for k, v in kohya.items() if k.endswith(".alpha")} == {8.0}
+
+    def image(weight_name):
+        pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, local_files_only=True)
+        if weight_name:
+            pipe.load_lora_weights(run, weight_name=weight_name)
+        gen = torch.Generator().manual_seed(0)
+        return pipe(
+            "a street", num_inference_steps=2, width=64, height=64, generator=gen, output_type="np"
+        ).images[0]
+
+    base, diffusers_img, kohya_img = (
+        image(None),
+        image("pytorch_lora_weights.safetensors"),
+        image("pytorch_lora_weights_kohya.safetensors"),
+    )
+    assert np.abs(diffusers_img - base).max() > 1e-3
+    np.testing.assert_allclose(kohya_img, diffusers_img, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_resume_mid_epoch_gives_the_same_weights(tiny_sdxl, tmp_path):  # noqa: F811
+    import torch
+
+    csv = make_image_csv(tmp_path / "data", n=6)  # 6 rows, batch 1: an epoch is 6 steps
+    runs = tmp_path / "runs"
+    cfg = write_config(tmp_path / "a.yaml", tiny_sdxl, csv, runs, "full", train={"max_train_steps": 8},
+                       checkpoint={"every_n_steps": 3})  # fmt: skip
+    assert run_inprocess(cfg) == 0
+    state = json.loads((runs / "full" / "checkpoint-3" / "train_state.json").read_text())
+    assert (state["epoch"], state["batch"]) == (0, 3)  # mid-epoch
+    assert (
+        run_inprocess(cfg, "output.name=resumed", f"checkpoint.resume_from={runs / 'full' / 'checkpoint-3'}")
+        == 0
+    )
+    full = lora_tensors(runs / "full" / "pytorch_lora_weights.safetensors")
+    resumed = lora_tensors(runs / "resumed" / "pytorch_lora_weights.safetensors")
+    assert full.keys() == resumed.keys()
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    ckpt3 = lora_tensors(runs / "full" / "checkpoint-3" / "pytorch_lora_weights.safetensors")
+    assert not all(torch.equal(full[k], ckpt3[k]) for k in full)  # training moved on after step 3
+    # a changed learning rate is refused, naming the key
+    with pytest.raises(UserError, match=r"optim\.learning_rate \(0\.001 -> 0\.002\)"):
+        run_inprocess(cfg, "checkpoint.resume_from=latest", "optim.learning_rate=2e-3", "--check")
+
+
+@pytest.mark.slow
+def test_two_data_parallel_processes_on_cpu(tiny_sdxl, tmp_path):  # noqa: F811
+    csv = make_image_csv(tmp_path / "data", n=6)
+    cfg = write_config(tmp_path / "ddp.yaml", tiny_sdxl, csv, tmp_path / "runs", "ddp",
+                       train={"max_train_steps": 2}, checkpoint={"every_n_steps": 2})  # fmt: skip
+    proc = launch(cfg, "config/accelerate_config_cpu_2proc.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = tmp_path / "runs" / "ddp" / "checkpoint-2"
+    assert json.loads((ckpt / "train_state.json").read_text())["world_size"] == 2
+    assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
+    assert "x2 processes" in proc.stderr
+    assert lora_tensors(tmp_path / "runs" / "ddp" / "pytorch_lora_weights.safetensors")
+
+
+def test_killed_or_half_checkpoint_is_never_latest(tmp_path):
+    from accelerate import Accelerator
+
+    from ai.common.checkpoints import list_checkpoints, resolve_resume, save_checkpoint
+
+    accelerator = Accelerator(cpu=True)
+    run = tmp_path / "run"
+    run.mkdir()
+    save_checkpoint(accelerator, run, 2, {"epoch": 0, "batch": 2}, "a: 1\n")
+
+    def killed(folder):
+        raise KeyboardInterrupt  # the run dies while writing checkpoint-4
+
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(accelerator, run, 4, {"epoch": 0, "batch": 4}, "a: 1\n", write_extra=killed)
+    (run / "checkpoint-6").mkdir()  # a half folder (e.g. copied without its train_state.json)
+    (run / ".tmp-checkpoint-8-123").mkdir()
+    assert not (run / "checkpoint-4").exists()
+    assert [s for s, _ in list_checkpoints(run)] == [2]
+    assert resolve_resume(run, "latest") == run / "checkpoint-2"
+    with pytest.raises(UserError, match="not a complete checkpoint"):
+        resolve_resume(run, str(run / "checkpoint-6"))
+
+
+@pytest.fixture
+def check_config(tiny_sdxl, tmp_path):  # noqa: F811
+    csv = make_image_csv(tmp_path / "data", n=2)
+    return write_config(tmp_path / "c.yaml", tiny_sdxl, csv, tmp_path / "runs", "bad")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.pretrained_model=/nonexistent/sdxl"], "model folder not found: /nonexistent/sdxl"),
+        (["optim.lerning_rate=1e-4"], "optim.lerning_rate: unknown key (did you mean 'learning_rate'?)"),
+        (["train.max_train_steps=many"], "train.max_train_steps: Input should be a valid integer"),
+        (["data.crop=random"], "set cache.latents=false or data.crop=center"),
+        (["lora.train_text_encoder=true"], "set cache.text_embeddings=false"),
+        (["checkpoint.resume_from=/nonexistent"], "is not a folder"),
+    ],
+)
+def test_bad_config_is_refused_with_a_clear_message(check_config, overrides, message):
+    with pytest.raises(UserError) as err:
+        run_inprocess(check_config, "--check", *overrides)
+    assert message in str(err.value)
+
+
+def test_csv_without_named_columns_is_refused(check_config, tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,caption\nx.jpg,a road\n")
+    with pytest.raises(UserError, match=r"missing column\(s\) image, text; the header has file, caption"):
+        run_inprocess(check_config, f"data.train_csv={bad}", "train.max_train_steps=1")
+
+
+def test_resume_with_other_lora_rank_is_refused(check_config, tmp_path):
+    from ai.common.config import config_to_yaml, load_config
+    from ai.lora.train_lora_sdxl import Config
+
+    ckpt = tmp_path / "runs" / "bad" / "checkpoint-10"
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.resolved.yaml").write_text(config_to_yaml(load_config(Config, check_config)))
+    (ckpt / "train_state.json").write_text('{"step": 10, "epoch": 0, "batch": 10, "world_size": 1}')
+    with pytest.raises(UserError, match=r"differs in lora\.rank \(4 -> 8\)"):
+        run_inprocess(check_config, "--check", "checkpoint.resume_from=latest", "lora.rank=8")
+    assert (
+        run_inprocess(check_config, "--check", "checkpoint.resume_from=latest", "train.max_train_steps=20")
+        == 0
+    )
+
+
+def test_8bit_adam_on_cpu_is_a_clear_error(check_config):
+    with pytest.raises(UserError, match="adamw8bit needs a CUDA GPU"):
+        run_inprocess(check_config, "optim.optimizer=adamw8bit")
+
+
+def test_launcher_reports_config_errors_in_one_line(check_config):
+    proc = launch(check_config, "config/accelerate_config_cpu.yaml", "lora.rnak=4", timeout=60)
+    assert proc.returncode == 2
+    assert "lora.rnak: unknown key (did you mean 'rank'?)" in proc.stderr
+    assert "Traceback" not in proc.stderr and "accelerate" not in proc.stderr
