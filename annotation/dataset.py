@@ -1,0 +1,319 @@
+"""Per-image records and the YOLO dataset they become.
+
+A record (one line of manifest.jsonl) holds what inference found, keyed by the image's relative path ``key``
+(``<input folder name>/<path inside it>``); the decision fields (accepted, split, layout scores) are recomputed
+from it on every run, so changing a threshold and rerunning re-filters without re-running the detector.
+:func:`sync_dataset_files` then makes images/, labels/ and confidences/ match the decisions: idempotent, atomic
+writes, no appends, files of images that moved split or became rejected removed.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ai.common.io import atomic_write_text
+from annotation.layout import LayoutSources, match_boxes
+from annotation.settings import AnnotationConfig
+from convert import bdd
+
+SPLITS = ("train", "val")
+MANIFEST_JSONL = "manifest.jsonl"
+MANIFEST_CSV = "manifest.csv"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Names and split
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def flat_stem(key: str) -> str:
+    """'gen/sub/000001.png' -> 'gen__sub__000001' (one folder level in the dataset, names stay readable)."""
+    return os.path.splitext(key)[0].replace("/", "__")
+
+
+def unique_stem(key: str, taken: set[str]) -> str:
+    """A dataset file stem for ``key`` not in ``taken`` (a.png and a.jpg in one folder -> a, a_jpg)."""
+    candidate = flat_stem(key)
+    if candidate in taken:
+        candidate = f"{candidate}_{os.path.splitext(key)[1].lstrip('.').lower()}"
+    base, n = candidate, 2
+    while candidate in taken:
+        candidate, n = f"{base}_{n}", n + 1
+    taken.add(candidate)
+    return candidate
+
+
+def split_of(key: str, seed: int, val_fraction: float) -> str:
+    """'train' or 'val' from a hash of (seed, key): stable per image, so new images never reshuffle old ones."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    return "val" if u < val_fraction else "train"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decisions
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def decide(
+    record: dict[str, Any], cfg: AnnotationConfig, layout: LayoutSources, output_classes: set[int]
+) -> None:
+    """Fill a record's decision fields in place: kept detections, counts, layout scores, status, reasons, split."""
+    flt = cfg.filter
+    for field in ("reasons", "layout", "layout_note"):
+        record.pop(field, None)
+    if record.get("error"):
+        record.update(status="rejected", reasons=["unreadable"], split=None, kept=0, counts={})
+        record.update(min_confidence=None, mean_confidence=None, layout=None, layout_note=None)
+        return
+    kept = [d for d in record["detections"] if d["confidence"] >= flt.min_confidence]
+    confs = [d["confidence"] for d in kept]
+    record["kept"] = len(kept)
+    record["counts"] = dict(Counter(d["class"] for d in kept))
+    record["min_confidence"] = round(min(confs), 6) if confs else None
+    record["mean_confidence"] = round(sum(confs) / len(confs), 6) if confs else None
+
+    reasons = []
+    if len(kept) < flt.min_detections:
+        reasons.append("too_few_detections")
+    record["layout"], record["layout_note"] = None, None
+    ref = layout.ref_for(Path(record["source"]))
+    if ref is not None:
+        sources, note = layout.source_boxes(
+            ref, (record["width"], record["height"]), output_classes, flt.layout_min_box_size
+        )
+        record["layout_note"] = note
+        if sources is not None:
+            result = match_boxes(
+                [(d["class_id"], d["confidence"], d["box_xyxy"]) for d in kept], sources, flt.layout_iou
+            )
+            record["layout"] = {
+                "source_frame": ref.source_frame,
+                "recall": round(result.recall, 4),
+                "precision": round(result.precision, 4),
+                "score": round(result.score, 4),
+                "matched": result.matched,
+                "n_source": result.n_source,
+                "n_detected": result.n_detected,
+            }
+            if result.recall < flt.min_recall:
+                reasons.append("low_layout_recall")
+            if result.precision < flt.min_precision:
+                reasons.append("low_layout_precision")
+    record["reasons"] = reasons
+    record["status"] = "rejected" if reasons else "accepted"
+    record["split"] = None if reasons else split_of(record["key"], cfg.split.seed, cfg.split.val_fraction)
+
+
+def label_lines(record: dict[str, Any], min_confidence: float) -> tuple[str, str]:
+    """(YOLO label text, confidence sidecar text): one line per kept detection, in the same order."""
+    w, h = record["width"], record["height"]
+    labels, confs = [], []
+    for d in record["detections"]:
+        if d["confidence"] < min_confidence:
+            continue
+        x1, y1, x2, y2 = d["box_xyxy"]
+        x1, x2 = (min(max(v, 0.0), w) for v in (x1, x2))
+        y1, y2 = (min(max(v, 0.0), h) for v in (y1, y2))
+        if x2 <= x1 or y2 <= y1:
+            continue
+        cx, cy, bw, bh = (x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h
+        labels.append(f"{d['class_id']} {cx:.6f} {cy:.6f} {bw:.6f} {bh:.6f}\n")
+        confs.append(f"{d['confidence']:.6f}\n")
+    return "".join(labels), "".join(confs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files on disk
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def dataset_paths(out: Path, split: str, record: dict[str, Any]) -> tuple[Path, Path, Path]:
+    stem, ext = record["out_stem"], os.path.splitext(record["key"])[1].lower()
+    return (
+        out / "images" / split / f"{stem}{ext}",
+        out / "labels" / split / f"{stem}.txt",
+        out / "confidences" / split / f"{stem}.txt",
+    )
+
+
+def make_dirs(out: Path) -> None:
+    for kind in ("images", "labels", "confidences"):
+        for split in SPLITS:
+            (out / kind / split).mkdir(parents=True, exist_ok=True)
+
+
+def sync_dataset_files(out: Path, record: dict[str, Any], cfg: AnnotationConfig, fresh: bool) -> None:
+    """Make the record's dataset files match its decision (``fresh``: the source was (re)read in this run)."""
+    for split in SPLITS:
+        image, label, conf = dataset_paths(out, split, record)
+        if record["status"] == "accepted" and record["split"] == split:
+            if fresh or not image.exists():
+                place_image(Path(record["source"]), image, cfg.output.image_mode)
+            label_text, conf_text = label_lines(record, cfg.filter.min_confidence)
+            write_if_changed(label, label_text)
+            if cfg.output.confidence_sidecars:
+                write_if_changed(conf, conf_text)
+            elif conf.exists():
+                conf.unlink()
+        else:
+            for path in (image, label, conf):
+                if path.exists():
+                    path.unlink()
+
+
+def place_image(src: Path, dest: Path, mode: str) -> None:
+    """Hardlink (falls back to a copy across file systems) or copy, atomically replacing ``dest``."""
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        if mode == "hardlink":
+            try:
+                os.link(src, tmp)
+            except OSError:
+                shutil.copyfile(src, tmp)
+        else:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        if tmp.exists():
+            tmp.unlink()
+        raise
+
+
+def write_if_changed(path: Path, text: str) -> None:
+    if path.exists() and path.read_text(encoding="utf-8") == text:
+        return
+    atomic_write_text(path, text)
+
+
+def write_data_yaml(out: Path, n_train: int, n_val: int) -> tuple[Path, list[str]]:
+    """data.yaml with an absolute path, the 10 BDD classes, no download key. Returns it and any warnings."""
+    warnings = []
+    train, val = "images/train", "images/val"
+    if n_val == 0 and n_train > 0:
+        val = train
+        warnings.append(
+            "no accepted image fell into val: data.yaml validates on images/train (raise --val_fraction)"
+        )
+    elif n_train == 0 and n_val > 0:
+        train = val
+        warnings.append(
+            "no accepted image fell into train: data.yaml trains on images/val (lower --val_fraction)"
+        )
+    elif n_train == 0:
+        warnings.append("no image was accepted: the dataset is empty and `yolo train` will refuse it")
+    data = {
+        "path": str(out.resolve()),
+        "train": train,
+        "val": val,
+        "nc": len(bdd.DET_CLASSES),
+        "names": dict(enumerate(bdd.DET_CLASSES)),
+    }
+    path = out / "data.yaml"
+    header = (
+        "# Written by annotation/yolo_annotate_folders.py: `yolo train data=<this file>` takes it as is.\n"
+    )
+    atomic_write_text(path, header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    return path, warnings
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Manifests
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_manifest(out: Path) -> dict[str, dict[str, Any]]:
+    """key -> record from a previous run's manifest.jsonl ({} when there is none; bad lines are an error)."""
+    from ai.common.cli import UserError
+
+    path = out / MANIFEST_JSONL
+    if not path.is_file():
+        return {}
+    records = {}
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            records[rec["key"]] = rec
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(
+                f"{path}:{lineno}: not a manifest record; the output folder holds a damaged manifest "
+                "(move it away to start that folder over)"
+            ) from None
+    return records
+
+
+def write_manifests(out: Path, records: dict[str, dict[str, Any]]) -> None:
+    """manifest.jsonl (full records) and manifest.csv (one flat row per image), both rewritten atomically."""
+    ordered = [records[k] for k in sorted(records)]
+    atomic_write_text(out / MANIFEST_JSONL, "".join(json.dumps(r, sort_keys=True) + "\n" for r in ordered))
+    buf = io.StringIO()
+    columns = [
+        "key",
+        "status",
+        "reasons",
+        "split",
+        "out_stem",
+        "width",
+        "height",
+        "kept",
+        *(f"n_{c.replace(' ', '_')}" for c in bdd.DET_CLASSES),
+        "min_confidence",
+        "mean_confidence",
+        "layout_recall",
+        "layout_precision",
+        "layout_score",
+        "layout_note",
+        "detections",
+        "source",
+        "sha256",
+    ]
+    writer = csv.writer(buf)
+    writer.writerow(columns)
+    for r in ordered:
+        counts = r.get("counts") or {}
+        layout = r.get("layout") or {}
+        dets = ";".join(
+            f"{d['class']}:{d['confidence']:.3f}:" + ",".join(f"{v:.1f}" for v in d["box_xyxy"])
+            for d in r.get("detections", [])
+        )
+        writer.writerow(
+            [
+                r["key"],
+                r.get("status"),
+                "|".join(r.get("reasons") or []) or (r.get("error") or ""),
+                r.get("split") or "",
+                r.get("out_stem"),
+                r.get("width"),
+                r.get("height"),
+                r.get("kept"),
+                *(counts.get(c, 0) for c in bdd.DET_CLASSES),
+                _blank(r.get("min_confidence")),
+                _blank(r.get("mean_confidence")),
+                _blank(layout.get("recall")),
+                _blank(layout.get("precision")),
+                _blank(layout.get("score")),
+                r.get("layout_note") or "",
+                dets,
+                r.get("source"),
+                r.get("sha256"),
+            ]
+        )
+    atomic_write_text(out / MANIFEST_CSV, buf.getvalue())
+
+
+def _blank(value: Any) -> Any:
+    return "" if value is None else value
