@@ -39,7 +39,15 @@ demo: $(STAMP)
 	$(PY) -m convert.controlnet_bdd_to_huggingface_csv --images_path $(DEMO_DIR)/bdd100k/images/10k/train \
 	    --captions_path $(DEMO_DIR)/captions/train --conditions_path $(DEMO_DIR)/bdd100k/labels/sem_seg/masks/train \
 	    --output_folder $(DEMO_DIR)/csv --type train
-	@echo "demo: stage 1 outputs are in $(DEMO_DIR)/ (bdd100k/, captions/, csv/)"
+	@echo "== model: tiny SDXL-architecture model built locally ($(DEMO_DIR)/models/tiny-sdxl) =="
+	$(PY) -m ai.common.build_model --preset tiny --out $(DEMO_DIR)/models/tiny-sdxl
+	@echo "== stage 2A/3A: LoRA training and generation on CPU =="
+	ACCELERATE_CONFIG=config/accelerate_config_cpu.yaml bash ai/lora/run_lora_train.sh config/demo/lora_train.yaml
+	ACCELERATE_CONFIG=config/accelerate_config_cpu.yaml bash ai/lora/run_lora_infer.sh config/demo/lora_infer.yaml
+	@echo "demo outputs under $(DEMO_DIR)/:"
+	@echo "  stage 1   bdd100k/ (mini-BDD100K), captions/, csv/"
+	@echo "  LoRA      lora_train/ (checkpoints, pytorch_lora_weights.safetensors, loss_curve.png)"
+	@echo "  generate  lora_infer/generations/ (*.png + metadata.jsonl)"
 
 bench: $(STAMP)
 	$(PY) bench/bench_captions.py
