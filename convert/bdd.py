@@ -90,7 +90,11 @@ SCENES: tuple[str, ...] = (
     "highway",
 )
 TIMES_OF_DAY: tuple[str, ...] = ("daytime", "night", "dawn/dusk", "undefined")
-FRAME_ATTRIBUTES: dict[str, tuple[str, ...]] = {"weather": WEATHERS, "scene": SCENES, "timeofday": TIMES_OF_DAY}
+FRAME_ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "weather": WEATHERS,
+    "scene": SCENES,
+    "timeofday": TIMES_OF_DAY,
+}
 
 #: Traffic light colours: det_20 codes and legacy words, normalised to red/green/yellow (None = unknown).
 LIGHT_COLORS: dict[str, str | None] = {
@@ -503,7 +507,9 @@ def read_label_mask(path: str | os.PathLike, expected_size: tuple[int, int] | No
             "an RGB file is probably a colour rendering: use labels/sem_seg/masks, not colormaps"
         )
     if expected_size is not None and size != tuple(expected_size):
-        raise UserError(f"mask {path} is {size[0]}x{size[1]} but its image is {expected_size[0]}x{expected_size[1]}")
+        raise UserError(
+            f"mask {path} is {size[0]}x{size[1]} but its image is {expected_size[0]}x{expected_size[1]}"
+        )
     check_label_ids(arr, path)
     return arr
 
@@ -555,7 +561,9 @@ def palette_rgb_to_ids(rgb, source: str | os.PathLike = "<array>"):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def clip_box(box: Box2D, width: int = IMAGE_WIDTH, height: int = IMAGE_HEIGHT) -> tuple[float, float, float, float]:
+def clip_box(
+    box: Box2D, width: int = IMAGE_WIDTH, height: int = IMAGE_HEIGHT
+) -> tuple[float, float, float, float]:
     """Clip an inclusive box to the image: x in [0, width-1], y in [0, height-1]."""
     x1 = min(max(box.x1, 0.0), width - 1.0)
     x2 = min(max(box.x2, 0.0), width - 1.0)
@@ -564,10 +572,17 @@ def clip_box(box: Box2D, width: int = IMAGE_WIDTH, height: int = IMAGE_HEIGHT) -
     return x1, y1, x2, y2
 
 
-def box_to_yolo(box: Box2D, width: int = IMAGE_WIDTH, height: int = IMAGE_HEIGHT) -> tuple[float, float, float, float]:
+def box_to_yolo(
+    box: Box2D, width: int = IMAGE_WIDTH, height: int = IMAGE_HEIGHT
+) -> tuple[float, float, float, float]:
     """Inclusive pixel box -> normalised YOLO (cx, cy, w, h), clipped to the image."""
     x1, y1, x2, y2 = clip_box(box, width, height)
-    return ((x1 + x2 + 1) / 2 / width, (y1 + y2 + 1) / 2 / height, (x2 - x1 + 1) / width, (y2 - y1 + 1) / height)
+    return (
+        (x1 + x2 + 1) / 2 / width,
+        (y1 + y2 + 1) / 2 / height,
+        (x2 - x1 + 1) / width,
+        (y2 - y1 + 1) / height,
+    )
 
 
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:

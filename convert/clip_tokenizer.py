@@ -25,7 +25,9 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 def _bpe_vocab_path() -> Path:
     spec = importlib.util.find_spec("open_clip")
     if spec is None or spec.origin is None:
-        raise RuntimeError("open-clip-torch is not installed; it ships CLIP's BPE vocabulary (pip install -r requirements.txt)")
+        raise RuntimeError(
+            "open-clip-torch is not installed; it ships CLIP's BPE vocabulary (pip install -r requirements.txt)"
+        )
     path = Path(spec.origin).parent / "bpe_simple_vocab_16e6.txt.gz"
     if not path.is_file():
         raise RuntimeError(f"CLIP vocabulary not found at {path}")
@@ -34,7 +36,11 @@ def _bpe_vocab_path() -> Path:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte -> printable unicode table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -51,12 +57,15 @@ def write_clip_vocab(out_dir: str | os.PathLike) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     if (out_dir / "vocab.json").is_file() and (out_dir / "merges.txt").is_file():
         return out_dir
-    lines = gzip.open(_bpe_vocab_path(), "rt", encoding="utf-8").read().split("\n")
+    with gzip.open(_bpe_vocab_path(), "rt", encoding="utf-8") as fh:
+        lines = fh.read().split("\n")
     merges = lines[1 : NUM_MERGES + 1]
     symbols = list(_bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges] + [BOS, EOS]
     atomic_write_text(out_dir / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
-    atomic_write_text(out_dir / "vocab.json", json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
+    atomic_write_text(
+        out_dir / "vocab.json", json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False)
+    )
     return out_dir
 
 
@@ -72,7 +81,12 @@ def build_clip_tokenizer(out_dir: str | os.PathLike | None = None, pad_token: st
     folder = write_clip_vocab(out_dir or default_vocab_dir())
     # Loaded the way a model folder's tokenizer/ is: from its vocab.json and merges.txt.
     return CLIPTokenizer.from_pretrained(
-        str(folder), bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=pad_token, model_max_length=CONTEXT_LENGTH
+        str(folder),
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=EOS,
+        pad_token=pad_token,
+        model_max_length=CONTEXT_LENGTH,
     )
 
 

@@ -28,7 +28,12 @@ DET20_FRAME = {
             "category": "traffic light",
             "box2d": {"x1": 555.6, "y1": 304.2, "x2": 574.0, "y2": 316.4},
         },
-        {"id": "7", "attributes": {}, "category": "other person", "box2d": {"x1": 1, "y1": 2, "x2": 3, "y2": 4}},
+        {
+            "id": "7",
+            "attributes": {},
+            "category": "other person",
+            "box2d": {"x1": 1, "y1": 2, "x2": 3, "y2": 4},
+        },
     ],
 }
 LEGACY_FRAME = {
@@ -49,7 +54,13 @@ LEGACY_FRAME = {
             "attributes": {"areaType": "direct"},
             "manualShape": True,
             "manualAttributes": True,
-            "poly2d": [{"vertices": [[241.14, 697.92], [541.53, 380.56], [700.1, 380.2]], "types": "LLL", "closed": True}],
+            "poly2d": [
+                {
+                    "vertices": [[241.14, 697.92], [541.53, 380.56], [700.1, 380.2]],
+                    "types": "LLL",
+                    "closed": True,
+                }
+            ],
             "id": 34,
         },
         {
@@ -106,7 +117,9 @@ def test_malformed_json_error_names_file_line_and_column(tmp_path):
 def test_wrong_type_error_names_json_path(tmp_path):
     path = tmp_path / "det.json"
     path.write_text(json.dumps([{"name": "a.jpg", "labels": [{"category": "car", "box2d": {"x1": "x"}}]}]))
-    with pytest.raises(UserError, match=r"det\.json: not a BDD100K label file: .*\$\[0\]\.labels\[0\]\.box2d"):
+    with pytest.raises(
+        UserError, match=r"det\.json: not a BDD100K label file: .*\$\[0\]\.labels\[0\]\.box2d"
+    ):
         bdd.load_frames(path)
 
 
@@ -117,7 +130,9 @@ def test_missing_file_error(tmp_path):
 
 def test_label_report_counts_unknowns_without_crashing():
     frame = dict(DET20_FRAME, attributes={"weather": "sunny", "scene": "city street", "timeofday": "daytime"})
-    frame["labels"] = frame["labels"] + [{"id": "9", "category": "spaceship", "attributes": {"trafficLightColor": "B"}}]
+    frame["labels"] = frame["labels"] + [
+        {"id": "9", "category": "spaceship", "attributes": {"trafficLightColor": "B"}}
+    ]
     (decoded,) = bdd.decode_frames(json.dumps([frame]).encode())
     report = bdd.LabelReport()
     report.check_frame(decoded)
@@ -181,7 +196,9 @@ def test_stem_and_match_by_stem(tmp_path):
 
 def test_find_label_file_prefers_det20_then_legacy(tmp_path):
     (tmp_path / "labels" / "det_20").mkdir(parents=True)
-    with pytest.raises(UserError, match="looked for labels/det_20/det_val.json and labels/bdd100k_labels_images_val"):
+    with pytest.raises(
+        UserError, match="looked for labels/det_20/det_val.json and labels/bdd100k_labels_images_val"
+    ):
         bdd.find_label_file(tmp_path, "val")
     legacy = tmp_path / "labels" / "bdd100k_labels_images_val.json"
     legacy.write_text("[]")

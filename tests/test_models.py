@@ -25,7 +25,10 @@ def test_tiny_folder_has_sdxl_structure(tiny_folder):
     parts = load_components(tiny_folder)
     unet_cfg = parts.unet.config
     assert unet_cfg.addition_embed_type == "text_time"
-    assert unet_cfg.cross_attention_dim == parts.text_encoder.config.hidden_size + parts.text_encoder_2.config.hidden_size
+    assert (
+        unet_cfg.cross_attention_dim
+        == parts.text_encoder.config.hidden_size + parts.text_encoder_2.config.hidden_size
+    )
     assert unet_cfg.projection_class_embeddings_input_dim == 6 * unet_cfg.addition_time_embed_dim + (
         parts.text_encoder_2.config.projection_dim
     )

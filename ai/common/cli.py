@@ -36,5 +36,7 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
 def setup_logging(level: str | int | None = None) -> logging.Logger:
     """One log format for all stages; level from the argument or $LOG_LEVEL (default INFO)."""
     level = level or os.environ.get("LOG_LEVEL", "INFO")
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     return logging.getLogger("bdd-sdxl")

@@ -13,6 +13,7 @@ No torch import here: a bad config fails in milliseconds, before accelerate star
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 from collections.abc import Sequence
@@ -63,11 +64,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise UserError(f"override {text!r} has an empty key part")
     parsed = yaml.safe_load(value) if value != "" else ""
     # YAML 1.1 reads 1e-4 (no dot) as a string: accept it as the float users mean
-    if isinstance(parsed, str):
-        try:
-            parsed = float(parsed) if any(c in parsed.lower() for c in "e.") and not parsed.isalpha() else parsed
-        except ValueError:
-            pass
+    if isinstance(parsed, str) and any(c in parsed.lower() for c in "e.") and not parsed.isalpha():
+        with contextlib.suppress(ValueError):
+            parsed = float(parsed)
     return key.split("."), parsed
 
 

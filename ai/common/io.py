@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 
@@ -33,12 +33,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = Fa
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with _suppress_oserror():
+        with suppress(OSError):
             os.unlink(tmp)
         raise
 
 
-def atomic_write_text(path: str | os.PathLike, text: str, *, encoding: str = "utf-8", fsync: bool = False) -> None:
+def atomic_write_text(
+    path: str | os.PathLike, text: str, *, encoding: str = "utf-8", fsync: bool = False
+) -> None:
     """Write ``text`` to ``path`` atomically (UTF-8 by default)."""
     atomic_write_bytes(path, text.encode(encoding), fsync=fsync)
 
@@ -56,7 +58,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with _suppress_oserror():
+        with suppress(OSError):
             os.unlink(tmp)
         raise
 
@@ -98,11 +100,3 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-@contextmanager
-def _suppress_oserror() -> Iterator[None]:
-    try:
-        yield
-    except OSError:
-        pass

@@ -47,8 +47,20 @@ _SCHEDULER_CONFIG: dict[str, Any] = dict(  # SDXL base's scheduler_config.json
 
 def _preset_configs(preset: str) -> dict[str, dict[str, Any]]:
     if preset == "tiny":
-        te1 = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32)
-        te2 = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32)
+        te1 = dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            projection_dim=32,
+        )
+        te2 = dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            projection_dim=32,
+        )
         time_dim = 8
         unet = dict(
             sample_size=16,
@@ -63,8 +75,20 @@ def _preset_configs(preset: str) -> dict[str, dict[str, Any]]:
         vae = dict(block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=128)
         te_act = "quick_gelu", "gelu"
     elif preset == "sdxl-base":
-        te1 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768)
-        te2 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, projection_dim=1280)
+        te1 = dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            projection_dim=768,
+        )
+        te2 = dict(
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_hidden_layers=32,
+            num_attention_heads=20,
+            projection_dim=1280,
+        )
         time_dim = 256
         unet = dict(
             sample_size=128,
@@ -76,14 +100,17 @@ def _preset_configs(preset: str) -> dict[str, dict[str, Any]]:
             transformer_layers_per_block=(1, 2, 10),
             norm_num_groups=32,
         )
-        vae = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=1024)
+        vae = dict(
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=1024
+        )
         te_act = "quick_gelu", "gelu"
     else:
         raise UserError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
     unet.update(
         in_channels=4,
         out_channels=4,
-        cross_attention_dim=te1["hidden_size"] + te2["hidden_size"],  # penultimate states of both encoders, concatenated
+        cross_attention_dim=te1["hidden_size"]
+        + te2["hidden_size"],  # penultimate states of both encoders, concatenated
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=time_dim,
@@ -108,7 +135,12 @@ def _preset_configs(preset: str) -> dict[str, dict[str, Any]]:
 def build_pipeline(preset: str = "tiny", seed: int = 0, tokenizer_dir: str | os.PathLike | None = None):
     """Build a ``StableDiffusionXLPipeline`` of the given preset with random weights (seeded)."""
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from convert.clip_tokenizer import build_clip_tokenizer
@@ -167,7 +199,11 @@ def check_model_folder(path: str | os.PathLike) -> Path:
             "or download stabilityai/stable-diffusion-xl-base-1.0 on an online host"
         )
     for sub in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        weights = [p for p in (path / sub).glob("*") if p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json")]
+        weights = [
+            p
+            for p in (path / sub).glob("*")
+            if p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json")
+        ]
         if not weights:
             raise UserError(f"{path / sub} has no weights (*.safetensors or *.bin); the folder is incomplete")
     return path
@@ -220,18 +256,26 @@ def load_components(
         kw["variant"] = variant
     wkw = dict(kw, **({"torch_dtype": dtype} if dtype is not None else {}))
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", local_files_only=kw["local_files_only"])
-        tokenizer_2 = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer_2", local_files_only=kw["local_files_only"])
+        tokenizer = CLIPTokenizer.from_pretrained(
+            base, subfolder="tokenizer", local_files_only=kw["local_files_only"]
+        )
+        tokenizer_2 = CLIPTokenizer.from_pretrained(
+            base, subfolder="tokenizer_2", local_files_only=kw["local_files_only"]
+        )
         text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **wkw)
         text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2", **wkw)
         unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **wkw)
-        scheduler = EulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler", local_files_only=kw["local_files_only"])
+        scheduler = EulerDiscreteScheduler.from_pretrained(
+            base, subfolder="scheduler", local_files_only=kw["local_files_only"]
+        )
         if vae is not None:
             vae_local = is_local(vae)
             if vae_local and not Path(vae).is_dir():
                 raise UserError(f"VAE folder not found: {vae}")
             vae_model = AutoencoderKL.from_pretrained(
-                vae, local_files_only=vae_local or kw["local_files_only"], **({"torch_dtype": dtype} if dtype else {})
+                vae,
+                local_files_only=vae_local or kw["local_files_only"],
+                **({"torch_dtype": dtype} if dtype else {}),
             )
         else:
             vae_model = AutoencoderKL.from_pretrained(base, subfolder="vae", **wkw)
@@ -242,14 +286,18 @@ def load_components(
             else "the folder looks incomplete or corrupt"
         )
         raise UserError(f"cannot load SDXL from {base}: {exc} ({hint})".replace("\n", " ")) from None
-    return SDXLComponents(tokenizer, tokenizer_2, text_encoder, text_encoder_2, vae_model, unet, scheduler, str(base))
+    return SDXLComponents(
+        tokenizer, tokenizer_2, text_encoder, text_encoder_2, vae_model, unet, scheduler, str(base)
+    )
 
 
 def main(argv=None) -> int:
     """CLI: ``python -m ai.common.build_model --preset tiny --out models/tiny-sdxl``."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m ai.common.build_model", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m ai.common.build_model", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--preset", choices=PRESETS, default="tiny", help="architecture size (default: tiny)")
     parser.add_argument("--out", required=True, help="folder to write (diffusers layout)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
