@@ -66,7 +66,22 @@ def import_ultralytics():
     )  # the dir ultralytics fixed at its first import (may predate our env)
     if SETTINGS.get("sync"):
         SETTINGS.update({"sync": False})
+    restore_pil_open()
     return ultralytics
+
+
+def restore_pil_open() -> None:
+    """Undo ultralytics' process-wide PIL.Image.open patch.
+
+    On an unreadable image the patch tries to install pi-heif; offline that raises ModuleNotFoundError instead of
+    PIL's UnidentifiedImageError, which breaks every caller's corrupt-image handling in the same process.
+    """
+    from PIL import Image
+    from ultralytics.utils import patches
+
+    original = getattr(patches, "_image_open", None)
+    if original is not None:
+        Image.open = original
 
 
 @dataclass

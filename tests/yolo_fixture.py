@@ -83,8 +83,9 @@ def training_boxes(frame: bdd.Frame, width: int, height: int, params: DetectorPa
 
 def fixture_key(bdd_root: Path, params: DetectorParams) -> str:
     """Hash of everything the weights depend on: training images, det_20 labels, parameters, ultralytics version."""
-    import ultralytics
+    from annotation.yolo_runtime import import_ultralytics
 
+    ultralytics = import_ultralytics()
     h = hashlib.sha256(json.dumps([asdict(params), ultralytics.__version__]).encode())
     for split in ("train", "val"):
         h.update((bdd_root / "labels" / "det_20" / f"det_{split}.json").read_bytes())
