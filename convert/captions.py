@@ -65,16 +65,7 @@ def _check_complete(mapping: dict, expected: Sequence[str], what: str) -> None:
 
 class PlacementTemplates(Section):
     max_objects: int = 3
-    classes: list[DetClassName] = [
-        "pedestrian",
-        "rider",
-        "car",
-        "truck",
-        "bus",
-        "train",
-        "motorcycle",
-        "bicycle",
-    ]
+    classes: list[DetClassName] = list(bdd.DET_CLASSES[:8])  # road users; not lights and signs
     near_min_height: float = 0.15
     sentence: str = "{items}."
     item: str = "{object} {distance} {side}"
@@ -352,12 +343,16 @@ class CaptionBuilder:
         ]
         candidates.sort()
         placed = []
+        width, height = self.width, self.height
         for _, i in candidates[: self.t.placement.max_objects]:
-            x1, y1, x2, y2 = bdd.clip_box(labels[i].box2d, self.width, self.height)
+            b = labels[i].box2d
+            # bdd.clip_box, inlined (hot loop): inclusive pixels clipped to the image
+            x1, x2 = min(max(b.x1, 0.0), width - 1.0), min(max(b.x2, 0.0), width - 1.0)
+            y1, y2 = min(max(b.y1, 0.0), height - 1.0), min(max(b.y2, 0.0), height - 1.0)
             cx = (x1 + x2 + 1) / 2
-            side = "left" if cx < self.width / 3 else "right" if cx > 2 * self.width / 3 else "ahead"
+            side = "left" if cx < width / 3 else "right" if cx > 2 * width / 3 else "ahead"
             distance = "near" if y2 - y1 + 1 >= self.near_min_height else "far"
-            placed.append((self.item_key(labels[i].category), side, distance))
+            placed.append((self._key_of_category[labels[i].category], side, distance))
         return placed
 
     def list_items(self, counts: dict[str, int]) -> list[tuple[str, int]]:

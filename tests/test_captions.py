@@ -440,13 +440,15 @@ def many_frames(n=60, seed=1) -> list[dict]:
     return frames
 
 
-def test_deterministic_and_forked_workers_give_identical_bytes(tmp_path, monkeypatch):
+def test_deterministic_and_forked_workers_give_identical_bytes(tmp_path, monkeypatch, caplog):
     labels = write_labels(tmp_path / "det_train.json", many_frames())
     assert run(labels, tmp_path / "a", "--workers", "1") == 0
     assert run(labels, tmp_path / "b", "--workers", "1") == 0
     monkeypatch.setattr(gen, "SMALL_INPUT_FRAMES", 0)  # fork even for 57 frames
     monkeypatch.setattr(gen, "CHUNK_FRAMES", 5)
-    assert run(labels, tmp_path / "c", "--workers", "2") == 0
+    with caplog.at_level(logging.INFO, logger="bdd-sdxl.captions"):
+        assert run(labels, tmp_path / "c", "--workers", "2") == 0
+    assert "(2 processes)" in caplog.text
     a, b, c = read_all(tmp_path / "a"), read_all(tmp_path / "b"), read_all(tmp_path / "c")
     assert len(a) == 57 and a == b == c
     for data in a.values():
@@ -512,6 +514,10 @@ def test_malformed_json_names_file_and_line(tmp_path, capsys):
     assert run(bad, tmp_path / "out") == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and str(bad) in err and "line 3" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()  # nothing created for a run that could not start
+    (tmp_path / "file").write_text("x", encoding="utf-8")
+    assert run(bad, tmp_path / "file") == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
 
 
 def test_missing_input_folder_and_missing_label_file(tmp_path, capsys):

@@ -1,0 +1,165 @@
+"""Benchmark: captions for a det_train-scale label file vs a bare stdlib ``json.load`` of the same file.
+
+Usage:
+    python bench/bench_captions.py [--repeat 2] [--workers N] [--keep]
+
+Writes (once, cached, git-ignored) ``bench/_data/det_scale`` with
+``python -m convert.make_mini_bdd --out bench/_data/det_scale --frames 69863 --labels-only``: det_train's real
+frame count, ~18.4 boxes per frame, the real class shares. Then, in one run, it times
+
+  (a) ``json.load`` of ``det_train.json`` in this process (stdlib, one core: the naive reader's floor), and
+  (b) the whole caption run as users start it, in a subprocess: ``python convert/generate_bdd_captions.py
+      --labels_file ... --caption_txt_output_folder <fresh temp folder>`` (interpreter start, imports, msgspec
+      parsing, captions, ~70k atomic file writes, summary),
+
+and prints both and their ratio (target: (b)/(a) <= 1.0). For scale it also times (c) the file system's part
+alone: the same number of ~200-byte files written the way the script writes them (temporary file + rename, one
+process) into another fresh folder. Before timing, a small untimed run warms the memoised
+CLIP word counts (a first-ever run also builds the tokenizer, ~2 s). Other processes share the cores: the load
+average before and after is printed with the figures. With --repeat N each is timed N times (min and all shown).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "bench" / "_data" / "det_scale"
+FRAMES = 69863  # det_train.json's real size
+SCRIPT = REPO / "convert" / "generate_bdd_captions.py"
+
+
+def ensure_data() -> Path:
+    labels = DATA / "labels" / "det_20" / "det_train.json"
+    if not labels.is_file():
+        print(f"generating {DATA} (once) ...", flush=True)
+        cmd = [sys.executable, "-m", "convert.make_mini_bdd", "--out", str(DATA), "--frames", str(FRAMES)]
+        subprocess.run([*cmd, "--labels-only"], check=True, cwd=REPO)
+    return labels
+
+
+def time_json_load(path: Path) -> float:
+    start = time.perf_counter()
+    with open(path, "rb") as fh:
+        data = json.load(fh)
+    seconds = time.perf_counter() - start
+    del data
+    return seconds
+
+
+def run_captions(labels: Path, out: Path, workers: int | None) -> tuple[float, str]:
+    cmd = [sys.executable, str(SCRIPT), "--labels_file", str(labels), "--caption_txt_output_folder", str(out)]
+    if workers:
+        cmd += ["--workers", str(workers)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"caption run failed ({proc.returncode}):\n{proc.stderr}")
+    return seconds, proc.stderr
+
+
+def time_writes_only(names: list[str], out: Path) -> float:
+    from convert.generate_bdd_captions import write_small_file
+
+    out.mkdir(parents=True)
+    data = (
+        b"A dashcam photo of a city street at night in clear weather, with three cars and a bus." * 2 + b"\n"
+    )
+    folder = str(out)
+    start = time.perf_counter()
+    for name in names:
+        write_small_file(folder, name, data)
+    return time.perf_counter() - start
+
+
+def warm_up(workers: int | None) -> None:
+    """Caption the first 3,000 val frames (untimed) so that the word-count cache holds the common words."""
+    import msgspec
+
+    from convert import bdd
+
+    frames = bdd.load_frames(DATA / "labels" / "det_20" / "det_val.json")[:3000]
+    with tempfile.TemporaryDirectory(prefix="bench-captions-warm-") as tmp:
+        small = Path(tmp) / "det_val_head.json"
+        small.write_bytes(msgspec.json.encode(frames))
+        run_captions(small, Path(tmp) / "out", workers)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="times each measurement is taken (default 1)")
+    parser.add_argument(
+        "--workers", type=int, help="--workers for the caption run (default: its own, all cores)"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the caption folders (printed)")
+    args = parser.parse_args()
+
+    labels = ensure_data()
+    size_mb = labels.stat().st_size / 1e6
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    print(f"date: {datetime.now().isoformat(timespec='minutes')}")
+    print(f"input: {labels.relative_to(REPO)} ({size_mb:.0f} MB, {FRAMES} frames)")
+    warm_up(args.workers)
+    load_before = os.getloadavg()
+
+    json_times, caption_times, summary, outs = [], [], "", []
+    for _ in range(args.repeat):
+        json_times.append(time_json_load(labels))
+        outs.append(Path(tempfile.mkdtemp(prefix="bench-captions-")) / "captions")
+        seconds, stderr = run_captions(labels, outs[-1], args.workers)
+        caption_times.append(seconds)
+        summary = "\n".join(line for line in stderr.splitlines() if "bdd-sdxl.captions" in line)
+    names = sorted(entry.name for entry in os.scandir(outs[-1]))
+    written = len(names)
+    outs.append(Path(tempfile.mkdtemp(prefix="bench-captions-")) / "writes-only")
+    writes_only = time_writes_only(names, outs[-1])
+    load_after = os.getloadavg()
+    # Deleted only now: ext4 skips recently freed inodes when it allocates new ones, so deleting 70k files just
+    # before a timed run makes that run's file creation several times slower.
+    for out in outs:
+        if args.keep:
+            print(f"kept {out}")
+        else:
+            shutil.rmtree(out.parent, ignore_errors=True)
+
+    a, b = min(json_times), min(caption_times)
+    print(f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} (1 min)")
+    print(
+        f"(a) json.load (stdlib, in-process):           {a:6.2f} s   all: {', '.join(f'{t:.2f}' for t in json_times)}"
+    )
+    print(
+        f"(b) caption run (subprocess, {written} files): {b:6.2f} s   all: {', '.join(f'{t:.2f}' for t in caption_times)}"
+    )
+    print(f"(c) {written} atomic small-file writes alone, 1 process: {writes_only:6.2f} s")
+    print(f"ratio (b)/(a): {b / a:.2f}   (target <= 1.0)")
+    print("caption run's own summary (last run):")
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
