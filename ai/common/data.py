@@ -27,7 +27,7 @@ import io
 import logging
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -428,10 +428,12 @@ class SDXLDataset:
         text_lookup=None,
         conditioning_mode: str = "RGB",
         conditioning_resample: Image.Resampling = Image.Resampling.NEAREST,
+        conditioning_fn: Callable[[Row, CropPlan], Any] | None = None,
     ):
         self.rows, self.geometry = list(rows), geometry
         self.latent_lookup, self.text_lookup = latent_lookup, text_lookup
         self.conditioning_mode, self.conditioning_resample = conditioning_mode, conditioning_resample
+        self.conditioning_fn = conditioning_fn  # (row, plan) -> tensor; must be picklable for data workers
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -459,7 +461,9 @@ class SDXLDataset:
                 raise RuntimeError(f"cannot decode image {row.name or row.index}: {exc}") from exc
         if self.text_lookup is not None:
             item.update(self.text_lookup(row.text))
-        if row.conditioning is not None:
+        if row.conditioning is not None and self.conditioning_fn is not None:
+            item["conditioning"] = self.conditioning_fn(row, plan)
+        elif row.conditioning is not None:
             cond = apply_plan(
                 open_image(row.conditioning, self.conditioning_mode), plan, self.conditioning_resample
             )

@@ -98,7 +98,9 @@ class MetricsLog:
         import matplotlib.pyplot as plt
 
         rows = self.read()
-        fig, ax = plt.subplots(figsize=(7, 4))
+        has_gap = any("control_gap" in r for r in rows)  # ControlNet: plot the fidelity gap beside the loss
+        fig, axes = plt.subplots(1, 2 if has_gap else 1, figsize=(12 if has_gap else 7, 4), squeeze=False)
+        ax = axes[0][0]
         for key, style in (("loss", "-"), ("loss_avg", "-"), ("val_loss", "o-")):
             pts = [(r["step"], r[key]) for r in rows if key in r]
             if pts:
@@ -107,6 +109,16 @@ class MetricsLog:
         ax.set_ylabel("loss")
         ax.grid(alpha=0.3)
         ax.legend()
+        if has_gap:
+            gap_ax = axes[0][1]
+            pts = [(r["step"], r["control_gap"]) for r in rows if "control_gap" in r]
+            gap_ax.plot(*zip(*pts, strict=True), "o-", color="tab:green", label="blank - real condition")
+            gap_ax.axhline(0.0, color="grey", lw=0.8)
+            gap_ax.set_xlabel("step")
+            gap_ax.set_ylabel("held-out loss gap")
+            gap_ax.set_title("control fidelity: > 0 means the condition is followed")
+            gap_ax.grid(alpha=0.3)
+            gap_ax.legend()
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
         plt.close(fig)

@@ -41,14 +41,16 @@ def loss_on_set(
     return sum(losses) / len(losses)
 
 
-def sdxl_pipeline(components, unet, text_encoder, text_encoder_2, vae):
-    """A StableDiffusionXLPipeline around the models being trained (no copies)."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+def sdxl_pipeline(components, unet, text_encoder, text_encoder_2, vae, controlnet=None):
+    """A StableDiffusionXL(ControlNet)Pipeline around the models being trained (no copies)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionXLPipeline(
+    extra = {} if controlnet is None else {"controlnet": controlnet}
+    pipeline_cls = StableDiffusionXLPipeline if controlnet is None else StableDiffusionXLControlNetPipeline
+    pipe = pipeline_cls(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=components.tokenizer,
         tokenizer_2=components.tokenizer_2, unet=unet,
-        scheduler=EulerDiscreteScheduler.from_config(components.scheduler.config),
+        scheduler=EulerDiscreteScheduler.from_config(components.scheduler.config), **extra,
     )  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -1,0 +1,167 @@
+"""Config sections shared by the SDXL trainers (LoRA, ControlNet); each trainer adds its own method section.
+
+config/lora_train.yaml and config/controlnet_train.yaml document every key. :class:`TrainingConfig` holds what
+every trainer has; a trainer's ``Config`` subclasses it and adds (or narrows) sections.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ai.common.config import Section
+
+
+class ModelConfig(Section):
+    pretrained_model: str = "models/sdxl-base"  # diffusers SDXL folder (or hub id on an online host)
+    vae: str | None = None  # separate VAE folder, e.g. an fp16-safe SDXL VAE
+    vae_fp16_safe: bool = False  # run the VAE in the mixed-precision dtype (only for an fp16-safe VAE)
+    variant: str | None = None  # weight variant such as "fp16"
+
+
+class DataConfig(Section):
+    train_csv: str | None = None
+    dataset: str | None = None
+    dataset_split: str = "train"
+    image_column: str = "image"
+    caption_column: str = "text"
+    resolution: int = Field(1024, gt=0)
+    bucket_step: int = Field(64, gt=0)
+    use_buckets: bool = True
+    crop: Literal["center", "random"] = "center"
+    random_flip: bool = False
+    caption_dropout: float = Field(0.0, ge=0.0, le=1.0)
+    on_bad_image: Literal["fail", "skip"] = "fail"
+    max_rows: int | None = Field(None, gt=0)
+    num_workers: int = Field(2, ge=0)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.train_csv is None) == (self.dataset is None):
+            raise ValueError("set exactly one of data.train_csv and data.dataset")
+        return self
+
+
+class CacheConfig(Section):
+    latents: bool = True
+    text_embeddings: bool = True
+    dir: str = "cache/sdxl"
+    dtype: Literal["float16", "float32"] = "float16"
+
+
+class LossConfig(Section):
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    snr_gamma: float | None = Field(5.0, gt=0)
+    noise_offset: float = Field(0.0, ge=0.0)
+    timestep_min: int = Field(0, ge=0)
+    timestep_max: int = Field(1000, gt=0, le=1000)
+
+    @model_validator(mode="after")
+    def _range(self):
+        if self.timestep_min >= self.timestep_max:
+            raise ValueError(
+                f"loss.timestep_min ({self.timestep_min}) must be below loss.timestep_max ({self.timestep_max})"
+            )
+        return self
+
+
+class OptimConfig(Section):
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    learning_rate: float = Field(1.0e-4, gt=0)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1.0e-8
+    weight_decay: float = 1.0e-2
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = "constant_with_warmup"
+    lr_warmup_steps: int = Field(100, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+
+
+class TrainConfig(Section):
+    batch_size: int = Field(1, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    max_train_steps: int = Field(1000, gt=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
+    gradient_checkpointing: bool = False
+    attention: Literal["auto", "sdpa", "xformers"] = "auto"
+    allow_tf32: bool = True
+    seed: int = 0
+
+
+class CheckpointConfig(Section):
+    every_n_steps: int = Field(500, gt=0)
+    total_limit: int | None = Field(3, gt=0)
+    resume_from: str | None = None
+
+
+class ValidationConfig(Section):
+    every_n_steps: int = Field(500, ge=0)
+    seeds: list[int] = [0]
+    num_inference_steps: int = Field(25, gt=0)
+    guidance_scale: float = 5.0
+    loss_rows: int = Field(0, ge=0)  # rows held out of training for the deterministic validation loss
+    loss_csv: str | None = None  # or a separate CSV of held-out rows
+
+
+class LogConfig(Section):
+    report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    wandb_project: str = "bdd-sdxl"
+    every_n_steps: int = Field(10, gt=0)
+
+
+class OutputConfig(Section):
+    runs_dir: str = "runs"
+    name: str = "train"
+
+
+class TrainingConfig(Section):
+    """Sections every trainer has. Subclasses add ``validation`` and their method's section."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig
+    cache: CacheConfig = CacheConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log: LogConfig = LogConfig()
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _cache_fits_crop(self):
+        if self.cache.latents and self.data.crop == "random":
+            raise ValueError(
+                "data.crop=random draws a new crop every epoch, cached latents would pin one: "
+                "set cache.latents=false or data.crop=center"
+            )
+        return self
+
+
+# Keys that may change when resuming (everything else must match the checkpoint's config).
+RESUME_FREE_KEYS = (
+    "train.max_train_steps", "checkpoint", "validation", "log", "data.num_workers", "cache.dir", "output",
+)  # fmt: skip
+
+
+def check_common_inputs(cfg: TrainingConfig, run_dir) -> None:
+    """Fast checks before accelerate starts (no torch import): model folder, input files, resume compatibility."""
+    from pathlib import Path
+
+    from ai.common.checkpoints import check_resume_compatible, resolve_resume
+    from ai.common.cli import UserError
+    from ai.common.models import check_model_folder, is_local
+
+    if is_local(cfg.model.pretrained_model):
+        check_model_folder(cfg.model.pretrained_model)
+    for key, value in (
+        ("data.train_csv", cfg.data.train_csv),
+        ("validation.loss_csv", getattr(cfg, "validation", None) and cfg.validation.loss_csv),
+    ):
+        if value and not Path(value).is_file():
+            raise UserError(f"{key}: file not found: {value}")
+    ckpt = resolve_resume(run_dir, cfg.checkpoint.resume_from)
+    if ckpt is not None:
+        check_resume_compatible(ckpt, cfg.model_dump(mode="json"), RESUME_FREE_KEYS)

@@ -1,0 +1,462 @@
+"""The training plumbing every SDXL trainer shares; the LoRA and ControlNet recipes differ only in what they train.
+
+A recipe (``ai/lora/train_lora_sdxl.py``, ``ai/controlnet/train_controlnet_sdxl.py``) reads top to bottom:
+
+1. :func:`start_run`: accelerator, precision, seed, resume point, resolved config in the run folder.
+2. :func:`place_frozen_models`: the frozen SDXL parts on the device in their dtypes; :func:`enable_attention`.
+3. :func:`build_train_data`: rows, held-out rows, buckets, latent/text caches, dataset, bucket sampler, loader.
+4. :func:`build_optimizer`: AdamW or 8-bit AdamW and the LR schedule.
+5. :func:`run_loop`: the loop (gradient accumulation, clipping, logging, checkpoints, validation, exact mid-epoch
+   resume) around the recipe's ``compute_loss(batch, generator)``.
+6. :func:`save_final`: the final weights written into the run folder atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ai.common import caches, checkpoints, data, diffusion, training_log
+from ai.common.cli import UserError
+from ai.common.config import save_resolved_config
+from ai.common.train_config import RESUME_FREE_KEYS, TrainingConfig
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def run_dir_of(cfg: TrainingConfig) -> Path:
+    return Path(cfg.output.runs_dir) / cfg.output.name
+
+
+@dataclass
+class Run:
+    """What :func:`start_run` sets up: the accelerator and the facts every later step needs."""
+
+    accelerator: Any
+    run_dir: Path
+    weight_dtype: torch.dtype
+    resume: Path | None
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def start_run(cfg: TrainingConfig, resume_free_keys: Sequence[str] = RESUME_FREE_KEYS) -> Run:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    run_dir = run_dir_of(cfg)
+    accelerator = Accelerator(
+        # no GPU: say so, so that several processes (torchrun) get a gloo process group instead of none
+        cpu=not torch.cuda.is_available() and not torch.backends.mps.is_available(),
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        mixed_precision=cfg.train.mixed_precision,
+        log_with=training_log.trackers_for(cfg.log.report_to) or None,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+    )
+    if not accelerator.is_main_process:
+        logging.getLogger().setLevel(logging.WARNING)
+    if cfg.optim.optimizer == "adamw8bit" and accelerator.device.type != "cuda":
+        raise UserError(
+            "optim.optimizer=adamw8bit needs a CUDA GPU (bitsandbytes); use optim.optimizer=adamw here"
+        )
+    if cfg.train.allow_tf32 and accelerator.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    set_seed(cfg.train.seed)  # adapter init and dropout; data and noise have their own seeded streams
+    resume = checkpoints.resolve_resume(run_dir, cfg.checkpoint.resume_from)
+    if resume is not None:
+        checkpoints.check_resume_compatible(
+            resume, cfg.model_dump(mode="json"), resume_free_keys, accelerator.num_processes
+        )
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved_config(cfg, run_dir / checkpoints.CONFIG_FILE)
+    return Run(accelerator, run_dir, DTYPES[cfg.train.mixed_precision], resume)
+
+
+def place_frozen_models(comps, run: Run, vae_fp16_safe: bool) -> torch.dtype:
+    """Freeze UNet, VAE and text encoders and move them to the device; returns the VAE's dtype."""
+    for m in (comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2):
+        m.requires_grad_(False)
+    vae_dtype = run.weight_dtype if vae_fp16_safe else torch.float32  # the stock SDXL VAE overflows in fp16
+    comps.vae.to(run.device, dtype=vae_dtype)
+    for m in (comps.unet, comps.text_encoder, comps.text_encoder_2):
+        m.to(run.device, dtype=run.weight_dtype)
+    return vae_dtype
+
+
+def enable_attention(models: Sequence[Any], setting: str, device: torch.device) -> bool:
+    """xformers when asked (or on CUDA with ``auto`` and installed), else PyTorch SDPA; returns "xformers used"."""
+    if setting == "sdpa" or (setting == "auto" and device.type != "cuda"):
+        return False
+    try:
+        for m in models:
+            m.enable_xformers_memory_efficient_attention()
+    except (ImportError, ModuleNotFoundError, ValueError) as exc:
+        if setting == "xformers":
+            raise UserError(f"train.attention=xformers but xformers is unusable here: {exc}") from None
+        return False  # auto: SDPA
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainData:
+    rows: list
+    held_rows: list
+    skipped: list
+    geometry: data.Geometry
+    dataset: data.SDXLDataset
+    sampler: data.BucketBatchSampler
+    loader: Any
+    cache_note: str
+
+    def bucket_summary(self) -> str:
+        counts: dict = {}
+        for b in self.dataset.buckets():
+            counts[b] = counts.get(b, 0) + 1
+        return ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(counts.items()))
+
+
+def build_train_data(
+    cfg: TrainingConfig,
+    comps,
+    run: Run,
+    encode_text: Callable,
+    conditioning_column: str | None = None,
+    **dataset_kwargs: Any,
+) -> TrainData:
+    """Rows -> held-out split -> buckets -> caches (built by each node's main process) -> dataset and loader."""
+    from torch.utils.data import DataLoader
+
+    d, accelerator = cfg.data, run.accelerator
+    report = data.load_rows(
+        d.train_csv, d.dataset, d.dataset_split, d.image_column, d.caption_column,
+        conditioning_column=conditioning_column, on_bad_image=d.on_bad_image, max_rows=d.max_rows,
+    )  # fmt: skip
+    val = cfg.validation  # every trainer's Config has a validation section
+    train_rows, held_rows = data.holdout_split(report.rows, val.loss_rows, cfg.train.seed)
+    if val.loss_csv:
+        held_rows = data.load_rows(
+            val.loss_csv, image_column=d.image_column, caption_column=d.caption_column,
+            conditioning_column=conditioning_column,
+        ).rows  # fmt: skip
+    buckets = (
+        data.sdxl_buckets(d.resolution, d.bucket_step) if d.use_buckets else [(d.resolution, d.resolution)]
+    )
+    align = comps.vae_scale_factor * 2 ** (len(comps.unet.config.block_out_channels) - 1)
+    if any(w % align or h % align for w, h in buckets):
+        raise UserError(
+            f"bucket sides must be multiples of {align} px for this model; set data.bucket_step={align}"
+        )
+    geometry = data.Geometry(tuple(buckets), d.crop, d.random_flip, cfg.train.seed)
+    store_dtype = getattr(torch, cfg.cache.dtype)
+
+    latent_lookup = text_lookup = None
+    notes = []
+    if cfg.cache.latents or cfg.cache.text_embeddings:
+        with accelerator.local_main_process_first():  # local main builds; the others then only find hits
+            if cfg.cache.latents:
+                vae = comps.vae
+                vae_id = caches.module_fingerprint(vae)
+                latent_cache = caches.FeatureCache(cfg.cache.dir, "latents")
+                hashes, stats = caches.build_latent_cache(
+                    train_rows,
+                    geometry,
+                    latent_cache,
+                    vae,
+                    vae_id,
+                    store_dtype=store_dtype,
+                    progress=run.is_main,
+                )
+                latent_lookup = caches.LatentLookup(
+                    latent_cache, hashes, vae_id, str(vae.dtype).replace("torch.", "")
+                )
+                notes.append(f"latents {stats}")
+            if cfg.cache.text_embeddings:
+                te_id = (
+                    caches.module_fingerprint(comps.text_encoder, comps.text_encoder_2)
+                    + comps.tokenizer.name_or_path
+                )
+                text_cache = caches.FeatureCache(cfg.cache.dir, "text")
+                stats = caches.build_text_cache(
+                    [r.text for r in train_rows], text_cache, encode_text, te_id, store_dtype=store_dtype,
+                    progress=run.is_main,
+                )  # fmt: skip
+                text_lookup = caches.TextLookup(text_cache, te_id)
+                notes.append(f"text {stats}")
+    dataset = data.SDXLDataset(train_rows, geometry, latent_lookup, text_lookup, **dataset_kwargs)
+    sampler = data.BucketBatchSampler(
+        dataset.buckets(),
+        cfg.train.batch_size,
+        cfg.train.seed,
+        accelerator.num_processes,
+        accelerator.process_index,
+    )
+    loader = DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=data.collate, num_workers=d.num_workers,
+        pin_memory=run.device.type == "cuda",
+    )  # fmt: skip
+    cache_note = f"{cfg.cache.dir}: " + ", ".join(notes) if notes else "off"
+    return TrainData(train_rows, held_rows, report.skipped, geometry, dataset, sampler, loader, cache_note)
+
+
+def batch_latents(batch: dict, vae, vae_dtype: torch.dtype, gen: torch.Generator, device) -> torch.Tensor:
+    """Scaled latents of a batch: a posterior sample from the cached mean/std, or from encoding the pixels."""
+    with torch.no_grad():
+        if "latent_mean" in batch:
+            mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
+        else:
+            dist = vae.encode(batch["pixel_values"].to(device, vae_dtype)).latent_dist
+            mean, std = dist.mean.float(), dist.std.float()
+        return (
+            mean + std * torch.randn(mean.shape, generator=gen, device=device)
+        ) * vae.config.scaling_factor
+
+
+def batch_prompt_embeds(
+    batch: dict,
+    drop: torch.Tensor,
+    empty: tuple[torch.Tensor, torch.Tensor],
+    encode_text: Callable,
+    grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt embeddings of a batch with the rows in ``drop`` replaced by the empty prompt (caption dropout)."""
+    device = drop.device
+    if "prompt_embeds" in batch:
+        embeds, pooled = batch["prompt_embeds"].to(device), batch["pooled_prompt_embeds"].to(device)
+        embeds = torch.where(drop[:, None, None], empty[0].to(embeds.dtype), embeds)
+        pooled = torch.where(drop[:, None], empty[1].to(pooled.dtype), pooled)
+        return embeds, pooled
+    texts = ["" if d else t for d, t in zip(drop.tolist(), batch["text"], strict=True)]
+    with torch.set_grad_enabled(grad):
+        return encode_text(texts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optimizer
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def build_optimizer(cfg: TrainingConfig, groups: list[dict]):
+    """AdamW (or bitsandbytes' 8-bit AdamW) over ``groups`` and the LR schedule, stepped once per optimizer step."""
+    from diffusers.optimization import get_scheduler
+
+    o = cfg.optim
+    if o.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        optimizer_cls = bnb.optim.AdamW8bit
+    else:
+        optimizer_cls = torch.optim.AdamW
+    optimizer = optimizer_cls(
+        groups, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_epsilon, weight_decay=o.weight_decay
+    )
+    lr_scheduler = get_scheduler(
+        o.lr_scheduler,
+        optimizer,
+        num_warmup_steps=o.lr_warmup_steps,
+        num_training_steps=cfg.train.max_train_steps,
+    )
+    return optimizer, lr_scheduler
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loop
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoopState:
+    """Where the run is: saved in every checkpoint, restored on resume."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    last_checkpoint: Path | None = None
+    data_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def data_wait_share(self) -> float:
+        return self.data_seconds / max(self.data_seconds + self.compute_seconds, 1e-9)
+
+
+def resume_state(run: Run) -> LoopState:
+    """Load accelerate's state from the resume checkpoint (if any) and return the loop position."""
+    if run.resume is None:
+        return LoopState()
+    run.accelerator.load_state(str(run.resume))
+    s = checkpoints.read_train_state(run.resume)
+    return LoopState(step=s["step"], epoch=s["epoch"], batch=s["batch"], last_checkpoint=run.resume)
+
+
+def save_checkpoint(
+    cfg: TrainingConfig, run: Run, state: LoopState, export: Callable[[Path], None], metrics
+) -> Path:
+    from ai.common.config import config_to_yaml
+
+    path = checkpoints.save_checkpoint(
+        run.accelerator, run.run_dir, state.step, {"epoch": state.epoch, "batch": state.batch}, config_to_yaml(cfg),
+        export, cfg.checkpoint.total_limit,
+    )  # fmt: skip
+    state.last_checkpoint = path
+    metrics.plot()
+    return path
+
+
+def run_loop(
+    cfg: TrainingConfig,
+    run: Run,
+    train_data: TrainData,
+    trainable: Sequence[torch.nn.Module],
+    optimizer,
+    lr_scheduler,
+    compute_loss: Callable[[dict, torch.Generator], torch.Tensor],
+    state: LoopState,
+    metrics: training_log.MetricsLog,
+    save: Callable[[LoopState], Any],
+    validate: Callable[[int, Any], None],
+) -> LoopState:
+    """Train until ``train.max_train_steps``; ``compute_loss(batch, gen)`` is the recipe's forward pass.
+
+    Every random draw of a micro-step comes from ``gen`` (seeded by seed, epoch, batch and process), so a resumed
+    run continues exactly as an uninterrupted one.
+    """
+    from tqdm.auto import tqdm
+
+    accelerator, device = run.accelerator, run.device
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if state.step == 0 and cfg.validation.every_n_steps:
+        validate(0, None)
+    for m in trainable:
+        m.train()
+    bar = tqdm(total=cfg.train.max_train_steps, initial=state.step, desc="train", disable=not run.is_main)
+    loss_sum, loss_n, start_step = 0.0, 0, state.step
+    max_steps = cfg.train.max_train_steps
+    while state.step < max_steps:
+        train_data.sampler.set_position(state.epoch, state.batch)
+        tick = time.perf_counter()
+        for batch in train_data.loader:
+            state.data_seconds += time.perf_counter() - tick
+            gen = diffusion.step_generator(
+                cfg.train.seed, state.epoch * 1_000_000 + state.batch, accelerator.process_index, device
+            )
+            state.batch += 1
+            with accelerator.accumulate(*trainable):
+                loss = compute_loss(batch, gen)
+                step_loss = accelerator.gather(loss.detach()[None]).mean().item()
+                training_log.check_finite(step_loss, state.step + 1, state.last_checkpoint)
+                loss_sum, loss_n = loss_sum + step_loss, loss_n + 1
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.optim.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            state.compute_seconds += time.perf_counter() - tick
+            if accelerator.sync_gradients:
+                lr_scheduler.step()
+                state.step += 1
+                step = state.step
+                bar.update(1)
+                avg, loss_sum, loss_n = loss_sum / loss_n, 0.0, 0
+                lr = lr_scheduler.get_last_lr()[0]
+                bar.set_postfix(loss=f"{avg:.4f}", lr=f"{lr:.2e}")
+                if step % cfg.log.every_n_steps == 0 or step == max_steps:
+                    sec = (state.data_seconds + state.compute_seconds) / (step - start_step)
+                    share = state.data_wait_share()
+                    metrics.log(
+                        step, loss=avg, lr=lr, data_wait_share=share, sec_per_step=sec, epoch=state.epoch
+                    )
+                    accelerator.log({"loss": avg, "lr": lr, "data_wait_share": share}, step=step)
+                else:
+                    metrics.log(step, loss=avg)
+                if step % cfg.checkpoint.every_n_steps == 0 or step == max_steps:
+                    save(state)
+                if cfg.validation.every_n_steps and (
+                    step % cfg.validation.every_n_steps == 0 or step == max_steps
+                ):
+                    validate(step, bar)
+                if step >= max_steps:
+                    break
+            tick = time.perf_counter()  # checkpoints and validation count as neither data wait nor compute
+        else:
+            state.epoch, state.batch = state.epoch + 1, 0
+    bar.close()
+    return state
+
+
+def validation_pass(run: Run, models: Sequence[torch.nn.Module], body: Callable[[], None]) -> None:
+    """Run ``body`` on the main process with ``models`` in eval mode, then wait for every process."""
+    if run.is_main:
+        for m in models:
+            m.eval()
+        body()
+        for m in models:
+            m.train()
+    run.accelerator.wait_for_everyone()
+
+
+def save_final(run: Run, write: Callable[[Path], Sequence[Path]]) -> None:
+    """Write the final weights through ``write(tmp_dir) -> paths`` and move them into the run folder atomically."""
+    import os
+    import shutil
+    import tempfile
+
+    if run.is_main:
+        with tempfile.TemporaryDirectory(dir=run.run_dir, prefix=".tmp-final-") as tmp:
+            for f in write(Path(tmp)):
+                f = Path(f)
+                target = run.run_dir / f.name
+                if f.is_dir() and target.exists():
+                    shutil.rmtree(target)
+                os.replace(f, target)
+    run.accelerator.wait_for_everyone()
+
+
+def common_banner(cfg: TrainingConfig, run: Run, train_data: TrainData, state: LoopState) -> dict[str, Any]:
+    """The start-banner lines every trainer prints (the recipe adds its own)."""
+    t = cfg.train
+    n_proc = run.accelerator.num_processes
+    steps_per_epoch = math.ceil(len(train_data.sampler) / t.gradient_accumulation_steps)
+    return {
+        "examples": f"{len(train_data.rows)} (skipped {len(train_data.skipped)}, "
+        f"held out for val loss {len(train_data.held_rows)})",
+        "buckets (WxH: rows)": train_data.bucket_summary(),
+        "batch per process": t.batch_size,
+        "effective batch": f"{t.batch_size * t.gradient_accumulation_steps * n_proc}"
+        f" (x{t.gradient_accumulation_steps} accumulation x{n_proc} processes)",
+        "optimizer steps": f"{t.max_train_steps} (~{t.max_train_steps / max(steps_per_epoch, 1):.1f} epochs)",
+        "caches": train_data.cache_note,
+        "resume": f"{run.resume} (step {state.step}, epoch {state.epoch}, batch {state.batch})"
+        if run.resume
+        else "fresh start",
+        "output": str(run.run_dir),
+    }
+
+
+def flat_config(cfg: TrainingConfig) -> dict:
+    """Config as flat scalars for the trackers' hyperparameter tables."""
+    out = {}
+    for section, values in cfg.model_dump(mode="json").items():
+        for k, v in values.items():
+            out[f"{section}.{k}"] = v if isinstance(v, int | float | str | bool) else str(v)
+    return out
