@@ -44,10 +44,15 @@ demo: $(STAMP)
 	@echo "== stage 2A/3A: LoRA training and generation on CPU =="
 	ACCELERATE_CONFIG=config/accelerate_config_cpu.yaml bash ai/lora/run_lora_train.sh config/demo/lora_train.yaml
 	ACCELERATE_CONFIG=config/accelerate_config_cpu.yaml bash ai/lora/run_lora_infer.sh config/demo/lora_infer.yaml
+	@echo "== stage 2B/3B: ControlNet on the segmentation masks, training and generation on CPU =="
+	ACCELERATE_CONFIG=config/accelerate_config_cpu.yaml bash ai/controlnet/run_controlnet_train.sh config/demo/controlnet_train.yaml
+	ACCELERATE_CONFIG=config/accelerate_config_cpu.yaml bash ai/controlnet/run_controlnet_infer.sh config/demo/controlnet_infer.yaml
 	@echo "demo outputs under $(DEMO_DIR)/:"
 	@echo "  stage 1   bdd100k/ (mini-BDD100K), captions/, csv/"
 	@echo "  LoRA      lora_train/ (checkpoints, pytorch_lora_weights.safetensors, loss_curve.png)"
 	@echo "  generate  lora_infer/generations/ (*.png + metadata.jsonl)"
+	@echo "  ControlNet controlnet_train/ (controlnet/, loss_curve.png with the control gap, validation/ sheets)"
+	@echo "  generate  controlnet_infer/generations/ and side_by_side/ (mask | image)"
 
 bench: $(STAMP)
 	$(PY) bench/bench_captions.py

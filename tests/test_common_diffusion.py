@@ -88,3 +88,23 @@ def test_fixed_noise_loss_is_deterministic(components):
     b = diffusion.fixed_noise_loss(c.unet, c.scheduler, lat, emb, pooled, tid, seed=1)
     other = diffusion.fixed_noise_loss(c.unet, c.scheduler, lat, emb, pooled, tid, seed=2)
     assert a == b and a != other and 0 < a < 10
+
+
+def test_training_noises_with_the_ddpm_forward_process_not_the_samplers_sigmas(tmp_path):
+    """SDXL folders ship an Euler sampler, whose add_noise is x0 + sigma * noise; training must not use that."""
+    from ai.common import trainer
+    from ai.common.models import build_model_folder, load_components
+
+    comps = load_components(build_model_folder("tiny", tmp_path / "tiny"))
+    sched = trainer.noise_scheduler(comps)
+    x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([0, 500, 999])
+    ab = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(sched.add_noise(x0, noise, t), ab.sqrt() * x0 + (1 - ab).sqrt() * noise)
+    v = diffusion.training_target(
+        sched, x0, noise, t, "v_prediction"
+    )  # get_velocity works with int timesteps
+    torch.testing.assert_close(v, ab.sqrt() * noise - (1 - ab).sqrt() * x0)
+    assert torch.equal(
+        sched.alphas_cumprod, comps.scheduler.alphas_cumprod
+    )  # same beta schedule as the model's

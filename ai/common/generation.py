@@ -4,7 +4,8 @@ What every ``infer_*.py`` does the same way lives here once:
 
 * config sections: prompts (``prompt``, ``prompts``, ``prompts_file``, ``captions_csv``), sampling (steps, guidance,
   scheduler, seed), ``resolution`` (multiple of 8), ``speed`` switches, dtype and device;
-* the work list: one :class:`WorkItem` per image, named ``{prompt_index:05d}_{image_index:02d}.png`` and seeded
+* the work list: one :class:`WorkItem` per image, named ``{prompt_index:05d}_{image_index:02d}.png`` (or
+  ``{name}_{image_index:02d}.png`` for a named entry, e.g. a ControlNet mask's stem) and seeded
   ``seed + prompt_index * images_per_prompt + image_index``, so an image's pixels depend on its own seed only
   (one CPU generator per image), never on the batch it ran in or the process that ran it;
 * the run loop (:func:`run_generation`): resume (an image counts as done when its PNG and its metadata record both
@@ -149,6 +150,7 @@ class PromptEntry:
     source: dict[str, Any] = field(
         default_factory=dict
     )  # where it came from (record fields such as source_frame)
+    name: str | None = None  # images named ``<name>_<image_index>.png`` (e.g. a mask's stem); None: by index
 
 
 def read_prompts(cfg: GenerationConfig) -> list[PromptEntry]:
@@ -235,15 +237,16 @@ class WorkItem:
     prompt: str
     seed: int
     source: dict[str, Any] = field(default_factory=dict)
+    name: str | None = None
 
     @property
     def file(self) -> str:
-        return f"{self.prompt_index:05d}_{self.image_index:02d}.png"
+        return f"{self.name or f'{self.prompt_index:05d}'}_{self.image_index:02d}.png"
 
 
 def build_work_items(prompts: Sequence[PromptEntry], images_per_prompt: int, seed: int) -> list[WorkItem]:
     return [
-        WorkItem(p, i, entry.text, seed + p * images_per_prompt + i, entry.source)
+        WorkItem(p, i, entry.text, seed + p * images_per_prompt + i, entry.source, entry.name)
         for p, entry in enumerate(prompts)
         for i in range(images_per_prompt)
     ]
@@ -580,10 +583,16 @@ def build_sdxl_pipeline(paths: GenerationPaths, dtype: str, pipeline_cls=None, *
     return pipe
 
 
-def call_pipeline(pipe, batch: list[WorkItem], cfg: GenerationConfig, **extra) -> list[Any]:
-    """Run ``pipe`` on a batch; each image has its own CPU generator, so its pixels do not depend on the batch."""
+def call_pipeline(
+    pipe, batch: list[WorkItem], cfg: GenerationConfig, size: tuple[int, int] | None = None, **extra
+) -> list[Any]:
+    """Run ``pipe`` on a batch; each image has its own CPU generator, so its pixels do not depend on the batch.
+
+    ``size`` (width, height) replaces ``cfg.resolution`` (e.g. per-mask sizes in ControlNet inference).
+    """
     import torch
 
+    width, height = size or (cfg.resolution.width, cfg.resolution.height)
     generators = [torch.Generator("cpu").manual_seed(item.seed) for item in batch]
     with torch.inference_mode():
         result = pipe(
@@ -591,8 +600,8 @@ def call_pipeline(pipe, batch: list[WorkItem], cfg: GenerationConfig, **extra) -
             negative_prompt=[cfg.negative_prompt] * len(batch) if cfg.negative_prompt else None,
             num_inference_steps=cfg.num_inference_steps,
             guidance_scale=cfg.guidance_scale,
-            width=cfg.resolution.width,
-            height=cfg.resolution.height,
+            width=width,
+            height=height,
             generator=generators,
             output_type="pil",
             **extra,

@@ -154,6 +154,8 @@ def build_pipeline(preset: str = "tiny", seed: int = 0, tokenizer_dir: str | os.
     tokenizer = build_clip_tokenizer(tokenizer_dir)
     tokenizer_2 = build_clip_tokenizer(tokenizer_dir, pad_token="!")
     scheduler = EulerDiscreteScheduler(**_SCHEDULER_CONFIG)
+    if preset == "tiny":
+        _sharpen_random_vae(vae, seed)
     return StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -163,6 +165,27 @@ def build_pipeline(preset: str = "tiny", seed: int = 0, tokenizer_dir: str | os.
         unet=unet,
         scheduler=scheduler,
     )
+
+
+def _sharpen_random_vae(vae, seed: int) -> None:
+    """Give a random VAE the latent statistics of a trained one, so small models learn from images as SDXL does.
+
+    A random encoder's posterior has log-variance ~0 (std 1), which buries the image (latent std ~0.25) under
+    sampling noise: a ControlNet could then never learn a layout. A trained SDXL VAE's posterior is sharp, and its
+    scaling factor brings latents to unit variance. Shift the log-variance output down and calibrate the scaling
+    factor on smooth, seeded test images the same way.
+    """
+    import torch
+
+    channels = vae.config.latent_channels
+    with torch.no_grad():
+        out_conv = vae.quant_conv if vae.quant_conv is not None else vae.encoder.conv_out
+        out_conv.bias[channels:] -= 12.0  # posterior std ~exp(-6) instead of ~1
+        gen = torch.Generator().manual_seed(seed)
+        coarse = torch.rand(8, 3, 8, 8, generator=gen) * 2 - 1
+        images = torch.nn.functional.interpolate(coarse, size=(64, 64), mode="bilinear", align_corners=False)
+        latents = vae.encode(images).latent_dist.mean
+    vae.register_to_config(scaling_factor=round(float(1.0 / latents.std()), 5))
 
 
 def build_model_folder(preset: str, out: str | os.PathLike, seed: int = 0, dtype: str = "float32") -> Path:

@@ -99,6 +99,17 @@ def place_frozen_models(comps, run: Run, vae_fp16_safe: bool) -> torch.dtype:
     return vae_dtype
 
 
+def noise_scheduler(comps):
+    """The DDPM forward process for training, from the model's own scheduler config.
+
+    The pipeline's scheduler (Euler for SDXL) noises in sigma space, ``x0 + sigma * noise``, for sampling with
+    ``scale_model_input``; training must feed the UNet ``sqrt(a) x0 + sqrt(1 - a) noise`` as SDXL was trained.
+    """
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(comps.scheduler.config)
+
+
 def enable_attention(models: Sequence[Any], setting: str, device: torch.device) -> bool:
     """xformers when asked (or on CUDA with ``auto`` and installed), else PyTorch SDPA; returns "xformers used"."""
     if setting == "sdpa" or (setting == "auto" and device.type != "cuda"):

@@ -114,6 +114,7 @@ def train(cfg: Config) -> int:
 
     # --- models: frozen SDXL + LoRA ---
     comps = load_components(cfg.model.pretrained_model, vae=cfg.model.vae, variant=cfg.model.variant)
+    scheduler = trainer.noise_scheduler(comps)  # DDPM noising for training (the pipeline samples with Euler)
     vae_dtype = trainer.place_frozen_models(comps, run, cfg.model.vae_fp16_safe)
     unet, vae, te1, te2 = comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2
     lora_init = "gaussian" if cfg.lora.init == "gaussian" else True
@@ -203,7 +204,7 @@ def train(cfg: Config) -> int:
                         )
                     t_range = (cfg.loss.timestep_min, cfg.loss.timestep_max)
                     vl = validation.loss_on_set(
-                        accelerator.unwrap_model(unet), comps.scheduler, val_set, cfg.train.seed, t_range,
+                        accelerator.unwrap_model(unet), scheduler, val_set, cfg.train.seed, t_range,
                         cfg.loss.prediction_type,
                     )  # fmt: skip
                 metrics.log(step, val_loss=vl)
@@ -238,7 +239,6 @@ def train(cfg: Config) -> int:
     })  # fmt: skip
 
     # --- loop ---
-    scheduler = comps.scheduler
 
     def compute_loss(batch: dict, gen) -> torch.Tensor:
         latents = trainer.batch_latents(batch, vae, vae_dtype, gen, device)

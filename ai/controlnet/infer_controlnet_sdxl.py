@@ -1,0 +1,602 @@
+"""Generate traffic scenes whose layout follows BDD100K segmentation masks, with an SDXL ControlNet.
+
+Usage:
+    bash ai/controlnet/run_controlnet_infer.sh [config/controlnet_infer.yaml] [key=value ...]
+    accelerate launch -m ai.controlnet.infer_controlnet_sdxl --config config/controlnet_infer.yaml [key=value ...]
+    python ai/controlnet/infer_controlnet_sdxl.py --config config/demo/controlnet_infer.yaml --check  # validate only
+
+Inputs: a folder of masks (label-id PNGs, colormaps or official-palette renderings; ai/controlnet/conditioning.py),
+each with its caption matched by base name from a captions folder (``<name>.txt``) or the stage 1 ControlNet CSV
+(image,conditioning_image,text), or one ``prompt`` for all. Each mask is resized with nearest neighbour to the
+output size (by default the SDXL bucket nearest its aspect, at the model's native size), turned into the
+ControlNet's input (palette RGB or one-hot, read from the ControlNet's ``conditioning_channels``) and passed to
+diffusers' ``StableDiffusionXLControlNetPipeline``; an optional LoRA adds a style.
+
+Writes ``<infer_path>/generations/<mask name>_<image index>.png``, ``<infer_path>/side_by_side/`` (mask | image),
+``generations/metadata.jsonl`` (one record per image: prompt, seed, settings, ``mask_path``, ``source_frame`` =
+``<mask name>.jpg``, ``source_size``, ``source_labels``; stage 4 checks the layout against the source labels with
+them) and ``<infer_path>/config.resolved.yaml``. A rerun skips finished images; under ``accelerate launch`` with N
+processes the work list is split across them. Prompts, seeds, resume and speed switches are shared with LoRA
+inference (ai/common/generation.py); this file adds masks, the ControlNet and its checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from ai.common.cli import UserError, run_main, setup_logging
+from ai.common.config import Section, load_config, save_resolved_config
+from ai.common.generation import (
+    GENERATIONS_DIR,
+    METADATA_FILE,
+    GenerationConfig,
+    GenerationPaths,
+    PromptEntry,
+    _read_captions_csv,
+    apply_speed_switches,
+    build_sdxl_pipeline,
+    build_work_items,
+    call_pipeline,
+    check_dtype_device,
+    check_resolution,
+    make_scheduler,
+    make_state,
+    model_fingerprint,
+    native_size,
+    plan_generation,
+    read_jsonl,
+    resolve_device,
+    run_generation,
+)
+from ai.common.io import atomic_write_bytes, sha256_file
+from ai.controlnet.control import check_controlnet_fits, read_model_config, resolve_controlnet
+from ai.lora.infer_lora_sdxl import load_lora, resolve_lora_file
+from convert import bdd
+
+DEFAULT_CONFIG = "config/controlnet_infer.yaml"
+SIDE_BY_SIDE_DIR = "side_by_side"
+#: Mask modes read as label ids (ai/controlnet/conditioning.read_ids); checked from headers before the model loads.
+MASK_MODES = ("L", "P", "I;16", "I", "RGB", "RGBA")
+#: Keys of the shared prompt list that do not apply here (each mask gets its own caption).
+UNUSED_PROMPT_KEYS = ("prompts", "prompts_file", "captions_csv")
+
+logger = logging.getLogger("bdd-sdxl.controlnet_infer")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class ControlNetInferPaths(GenerationPaths):
+    controlnet_path: str = "runs/controlnet_train/controlnet"
+    lora_weights_path: str | None = None
+    masks_path: str = "bdd100k/labels/sem_seg/masks/val"
+    captions_path: str | None = "captions/val"
+    source_labels: str | None = None
+
+
+class ControlNetResolution(Section):
+    """Both null: each mask's nearest SDXL bucket; both set: one fixed size (multiples of 8)."""
+
+    width: int | None = None
+    height: int | None = None
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, value: int | None) -> int | None:
+        if value is not None and (value <= 0 or value % 8):
+            raise ValueError(
+                f"must be a positive multiple of 8 (the VAE works on 8x8 pixel blocks) or null, got {value}"
+            )
+        return value
+
+    @field_validator("height")
+    @classmethod
+    def _both_or_neither(cls, value: int | None, info) -> int | None:
+        if "width" in info.data and (value is None) != (info.data["width"] is None):
+            raise ValueError(
+                "set both width and height (a fixed size) or neither (each mask's nearest bucket)"
+            )
+        return value
+
+    @property
+    def fixed(self) -> tuple[int, int] | None:
+        return (self.width, self.height) if self.width is not None else None
+
+
+class ControlNetInferConfig(GenerationConfig):
+    paths: ControlNetInferPaths = ControlNetInferPaths()
+    resolution: ControlNetResolution = ControlNetResolution()
+    conditioning: Literal["auto", "palette", "one_hot"] = "auto"
+    controlnet_conditioning_scale: float = Field(1.0, ge=0)
+    control_guidance_start: float = Field(0.0, ge=0, le=1)
+    control_guidance_end: float = Field(1.0, ge=0, le=1)
+    lora_scale: float = 1.0
+    fuse_lora: bool = False
+    side_by_side: bool = True
+
+    @field_validator(*UNUSED_PROMPT_KEYS)
+    @classmethod
+    def _one_caption_per_mask(cls, value, info):
+        if value:
+            raise ValueError(
+                f"{info.field_name} is not used by ControlNet inference: each mask's prompt comes from "
+                "paths.captions_path (a captions folder or the stage 1 CSV) or from prompt (one for all masks)"
+            )
+        return value
+
+    @field_validator("control_guidance_end")
+    @classmethod
+    def _end_after_start(cls, value: float, info) -> float:
+        start = info.data.get("control_guidance_start")
+        if start is not None and value <= start:
+            raise ValueError(f"must be greater than control_guidance_start ({start}), got {value}")
+        return value
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m ai.controlnet.infer_controlnet_sdxl",
+        description=__doc__.split("\n\n")[0],
+        epilog="Overrides are dotted key=value pairs, e.g. paths.controlnet_path=runs/controlnet_train/controlnet "
+        "controlnet_conditioning_scale=0.8 resolution.width=1344 resolution.height=768. Every key is documented "
+        "in config/controlnet_infer.yaml.",
+    )
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default: {DEFAULT_CONFIG})")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="validate config, model and ControlNet folders, masks and captions; exit",
+    )
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model and ControlNet configs (read from JSON, before any weights load)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def conditioning_kind(cfg_kind: str, controlnet: dict, controlnet_name: str) -> str:
+    """palette or one_hot, from the ControlNet's ``conditioning_channels``; an explicit setting must agree."""
+    from ai.controlnet.conditioning import channels_for, kind_for_channels
+
+    channels = int(controlnet.get("conditioning_channels", 3))
+    kind = kind_for_channels(channels, controlnet_name)
+    if cfg_kind not in ("auto", kind):
+        raise UserError(
+            f"conditioning={cfg_kind} needs a ControlNet with {channels_for(cfg_kind)} conditioning channels, but "
+            f"{controlnet_name} has conditioning_channels={channels} (it takes {kind} input); set "
+            f"conditioning={kind} or conditioning=auto"
+        )
+    return kind
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Output sizes: fixed, or each mask's nearest SDXL bucket at the model's native size."""
+
+    native: int
+    fixed: tuple[int, int] | None
+    buckets: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def for_model(cls, paths: ControlNetInferPaths, fixed: tuple[int, int] | None) -> Geometry:
+        from ai.common.data import sdxl_buckets
+
+        unet = read_model_config(paths.base_model_path, "unet")
+        vae = (
+            read_model_config(paths.vae_path)
+            if paths.vae_path
+            else read_model_config(paths.base_model_path, "vae")
+        )
+        unet_ns, vae_ns = (
+            SimpleNamespace(config=SimpleNamespace(**unet)),
+            SimpleNamespace(config=SimpleNamespace(**vae)),
+        )
+        native = native_size(unet_ns, vae_ns)
+        # sides must survive the VAE (x8) and every UNet downsample; SDXL's buckets step by 64 at 1024 px
+        multiple = 2 ** (len(vae["block_out_channels"]) - 1) * 2 ** (len(unet["block_out_channels"]) - 1)
+        step = -(-max(native // 16, multiple) // multiple) * multiple
+        if native % step:
+            step = multiple
+        return cls(native, fixed, tuple(sdxl_buckets(native, step)))
+
+    def size_for(self, mask_size: tuple[int, int]) -> tuple[int, int]:
+        from ai.common.data import nearest_bucket
+
+        return self.fixed or nearest_bucket(mask_size, self.buckets)
+
+    @property
+    def label(self) -> str:
+        return f"{self.fixed[0]}x{self.fixed[1]}" if self.fixed else "auto"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Masks and captions
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Mask:
+    path: Path
+    size: tuple[int, int]
+
+    @property
+    def name(self) -> str:
+        return bdd.stem(self.path)
+
+
+def list_masks(folder: str) -> list[Mask]:
+    """The folder's PNG masks, sorted, with sizes from their headers; unreadable files or modes listed at once."""
+    from PIL import Image
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise UserError(
+            f"masks folder not found: {root} (paths.masks_path: a folder of label-id PNGs such as "
+            "bdd100k/labels/sem_seg/masks/val)"
+        )
+    paths = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() == ".png")
+    if not paths:
+        found = ", ".join(sorted(p.name for p in root.iterdir())[:5]) or "nothing"
+        raise UserError(f"no .png masks in {root} (found: {found}); masks are PNG label maps")
+    masks, bad = [], []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                mode, size = im.mode, im.size
+        except OSError as exc:
+            bad.append(f"{path.name} ({exc})")
+            continue
+        if mode not in MASK_MODES:
+            bad.append(f"{path.name} (mode {mode})")
+        masks.append(Mask(path, size))
+    if bad:
+        raise UserError(
+            f"{len(bad)} file(s) in {root} are not readable label masks: {', '.join(bad[:10])}"
+            + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+            + "; masks are PNGs of trainIds (mode L), colormaps (mode P) or palette renderings (RGB)"
+        )
+    return masks
+
+
+def read_captions(cfg: ControlNetInferConfig, masks: Sequence[Mask]) -> tuple[list[PromptEntry], list[str]]:
+    """One entry per mask that has a caption (captions folder, stage 1 CSV or the one prompt) and the masks without."""
+    captions_path = cfg.paths.captions_path
+    if captions_path and cfg.prompt:
+        raise UserError(
+            "set either paths.captions_path (captions per mask) or prompt (one prompt for all masks), not both; "
+            "clear one with paths.captions_path=null or prompt=null"
+        )
+    if not captions_path and not cfg.prompt:
+        raise UserError(
+            "no prompts: set paths.captions_path (a folder of <mask name>.txt captions or the stage 1 CSV) "
+            "or prompt (one prompt for all masks)"
+        )
+    found: dict[str, tuple[str, str]] = {}  # mask name -> (caption, where it came from)
+    if captions_path is None:
+        found = {m.name: (cfg.prompt, "prompt") for m in masks}
+    elif Path(captions_path).is_file():
+        for entry in _read_captions_csv(Path(captions_path), cfg.captions_column, cfg.on_error):
+            key = entry.source.get("mask_path") or entry.source.get("source_frame")
+            if key is None:
+                raise UserError(
+                    f"{captions_path} has no image or conditioning_image column to match captions to masks by name"
+                )
+            found.setdefault(bdd.stem(key), (entry.text, entry.source["prompt_source"]))
+    elif Path(captions_path).is_dir():
+        for mask in masks:
+            path = Path(captions_path) / f"{mask.name}.txt"
+            if path.is_file():
+                text = path.read_text(encoding="utf-8-sig").strip()
+                if text:
+                    found[mask.name] = (text, str(path))
+    else:
+        raise UserError(
+            f"captions not found: {captions_path} (paths.captions_path: a folder of <mask name>.txt captions or "
+            "the stage 1 ControlNet CSV)"
+        )
+
+    labels = str(Path(cfg.paths.source_labels).resolve()) if cfg.paths.source_labels else None
+    entries, missing = [], []
+    for mask in masks:
+        if mask.name not in found:
+            missing.append(mask.path.name)
+            continue
+        text, origin = found[mask.name]
+        source = {
+            "mask_path": str(mask.path.resolve()),  # absolute: stage 4 resolves relative paths elsewhere
+            "source_frame": f"{mask.name}.jpg",  # BDD100K images are <name>.jpg
+            "source_size": list(mask.size),
+            "source_labels": labels,
+            "prompt_source": origin,
+        }
+        entries.append(PromptEntry(text, source, name=mask.name))
+    if missing:
+        message = (
+            f"{len(missing)} of {len(masks)} mask(s) have no caption in {captions_path}: "
+            + ", ".join(missing[:10])
+            + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        )
+        if cfg.on_error == "stop":
+            raise UserError(
+                f"{message}; add <mask name>.txt captions, or set on_error=skip to leave them out"
+            )
+        logger.warning("%s; left out (on_error=skip)", message)
+    if not entries:
+        raise UserError(f"no mask in {cfg.paths.masks_path} has a caption in {captions_path}")
+    if cfg.max_prompts is not None:
+        entries = entries[: cfg.max_prompts]
+    return entries, missing
+
+
+@dataclass
+class Inputs:
+    entries: list[PromptEntry]
+    missing_captions: list[str]
+    controlnet: Path | str
+    controlnet_config: dict[str, Any]
+    kind: str
+    lora_file: Path | None
+
+
+def check_inputs(cfg: ControlNetInferConfig) -> Inputs:
+    """Everything that can be checked without torch: folders, architecture, conditioning kind, masks, captions."""
+    from ai.common.models import check_model_folder, is_local
+
+    local_base = is_local(cfg.paths.base_model_path)
+    if local_base:
+        check_model_folder(cfg.paths.base_model_path)
+    if cfg.paths.vae_path and is_local(cfg.paths.vae_path) and not Path(cfg.paths.vae_path).is_dir():
+        raise UserError(f"paths.vae_path not found: {cfg.paths.vae_path} (a diffusers AutoencoderKL folder)")
+    controlnet = resolve_controlnet(cfg.paths.controlnet_path)
+    controlnet_config = read_model_config(controlnet) if isinstance(controlnet, Path) else {}
+    kind = "palette" if cfg.conditioning == "auto" else cfg.conditioning  # hub ControlNets: refined in main
+    if controlnet_config:
+        if local_base:
+            unet = read_model_config(cfg.paths.base_model_path, "unet")
+            check_controlnet_fits(controlnet_config, unet, str(controlnet), cfg.paths.base_model_path)
+        kind = conditioning_kind(cfg.conditioning, controlnet_config, str(controlnet))
+    if cfg.paths.source_labels and not Path(cfg.paths.source_labels).is_file():
+        raise UserError(
+            f"paths.source_labels not found: {cfg.paths.source_labels} (the det_20 labels of the masks' frames, "
+            "e.g. bdd100k/labels/det_20/det_val.json; null leaves it out of the metadata)"
+        )
+    lora_file = resolve_lora_file(cfg.paths.lora_weights_path)
+    entries, missing = read_captions(cfg, list_masks(cfg.paths.masks_path))
+    return Inputs(entries, missing, controlnet, controlnet_config, kind, lora_file)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Conditions and side-by-side sheets
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def resize_ids(ids, size: tuple[int, int]):
+    """Label ids to (width, height), nearest neighbour only: no pixel gets a class the mask does not have."""
+    from PIL import Image
+
+    return ids if ids.size == tuple(size) else ids.resize(size, Image.Resampling.NEAREST)
+
+
+def write_sheet(folder: Path, file: str, ids, image) -> None:
+    from ai.common.generation import png_bytes
+    from ai.controlnet.conditioning import ids_to_preview, side_by_side
+
+    atomic_write_bytes(folder / file, png_bytes(side_by_side(ids_to_preview(ids), image)))
+
+
+def fill_missing_sheets(out_dir: Path, sheets_dir: Path) -> int:
+    """Sheets for finished images that lack one (e.g. made before side_by_side was switched on)."""
+    from PIL import Image
+
+    from ai.controlnet.conditioning import read_ids
+
+    made = 0
+    path = out_dir / METADATA_FILE
+    for record in read_jsonl(path) if path.is_file() else []:
+        image_path = out_dir / record["file"]
+        if (sheets_dir / record["file"]).is_file() or not image_path.is_file() or not record.get("mask_path"):
+            continue
+        try:
+            ids = read_ids(record["mask_path"])
+        except UserError as exc:
+            logger.warning("no side-by-side sheet for %s: %s", record["file"], exc)
+            continue
+        with Image.open(image_path) as im:
+            image = im.convert("RGB")
+        write_sheet(sheets_dir, record["file"], resize_ids(ids, image.size), image)
+        made += 1
+    return made
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_controlnet(controlnet: Path | str, dtype: str):
+    from diffusers import ControlNetModel
+
+    from ai.common.generation import torch_dtype
+    from ai.common.models import is_local
+
+    local = is_local(str(controlnet))
+    try:
+        return ControlNetModel.from_pretrained(
+            str(controlnet),
+            torch_dtype=torch_dtype(dtype),
+            local_files_only=local or os.environ.get("HF_HUB_OFFLINE") == "1",
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise UserError(f"cannot load the ControlNet {controlnet}: {exc}".replace("\n", " ")) from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(ControlNetInferConfig, args.config, args.overrides)
+    inputs = check_inputs(cfg)
+    if not inputs.controlnet_config:  # a hub ControlNet: its config comes through diffusers
+        inputs.controlnet_config = read_model_config(inputs.controlnet)
+        inputs.kind = conditioning_kind(cfg.conditioning, inputs.controlnet_config, str(inputs.controlnet))
+    from ai.common.models import is_local
+
+    if not is_local(cfg.paths.base_model_path):
+        unet_config = read_model_config(cfg.paths.base_model_path, "unet")
+        check_controlnet_fits(
+            inputs.controlnet_config, unet_config, str(inputs.controlnet), cfg.paths.base_model_path
+        )
+    geometry = Geometry.for_model(cfg.paths, cfg.resolution.fixed)
+    if args.check:
+        print(
+            f"{args.config}: ok ({len(inputs.entries)} mask(s) x {cfg.images_per_prompt} image(s), ControlNet "
+            f"{inputs.controlnet} ({inputs.kind} input), resolution {geometry.label}, "
+            f"LoRA {inputs.lora_file or 'none'})"
+        )
+        return 0
+
+    state = make_state(cfg.device)
+    setup_logging(None if state.is_main_process else "WARNING")
+    device = resolve_device(cfg.device, state)
+    check_dtype_device(cfg.dtype, device)
+    infer_path = Path(cfg.paths.infer_path)
+    entries = []  # each mask's output size, recorded with its images
+    for entry in inputs.entries:
+        width, height = geometry.size_for(tuple(entry.source["source_size"]))
+        entries.append(
+            PromptEntry(entry.text, {**entry.source, "width": width, "height": height}, entry.name)
+        )
+    if state.is_main_process:
+        logger.info(
+            "%d mask(s), %d process(es), device %s, ControlNet %s (%s), LoRA %s",
+            len(entries),
+            state.num_processes,
+            device,
+            inputs.controlnet,
+            inputs.kind,
+            inputs.lora_file,
+        )
+
+    settings = {  # what decides the pixels besides prompt and seed; compared on resume
+        "negative_prompt": cfg.negative_prompt,
+        "num_inference_steps": cfg.num_inference_steps,
+        "guidance_scale": cfg.guidance_scale,
+        "scheduler": cfg.scheduler,
+        "resolution": geometry.label,
+        "dtype": cfg.dtype,
+        "conditioning": inputs.kind,
+        "controlnet_conditioning_scale": cfg.controlnet_conditioning_scale,
+        "control_guidance_start": cfg.control_guidance_start,
+        "control_guidance_end": cfg.control_guidance_end,
+        "controlnet_fingerprint": model_fingerprint(str(inputs.controlnet)),
+        "lora_scale": cfg.lora_scale if inputs.lora_file else None,
+        "lora_sha256": sha256_file(inputs.lora_file) if inputs.lora_file else None,
+        "base_model_fingerprint": model_fingerprint(cfg.paths.base_model_path, cfg.paths.variant),
+        "vae_fingerprint": model_fingerprint(cfg.paths.vae_path) if cfg.paths.vae_path else None,
+    }
+    info = {
+        "base_model": cfg.paths.base_model_path,
+        "vae_path": cfg.paths.vae_path,
+        "controlnet_path": str(inputs.controlnet),
+        "lora_path": str(inputs.lora_file) if inputs.lora_file else None,
+        "fuse_lora": cfg.fuse_lora if inputs.lora_file else None,
+        "config": str(args.config),
+    }
+    items = build_work_items(entries, cfg.images_per_prompt, cfg.seed)
+    out_dir = infer_path / GENERATIONS_DIR
+    sheets_dir = infer_path / SIDE_BY_SIDE_DIR
+    plan = plan_generation(items, out_dir, settings, overwrite=cfg.overwrite, state=state)
+    if cfg.side_by_side:
+        sheets_dir.mkdir(parents=True, exist_ok=True)  # every process writes the sheets of its own images
+    if state.is_main_process:
+        save_resolved_config(cfg, infer_path / "config.resolved.yaml")
+    if not plan.todo:
+        if state.is_main_process:
+            if cfg.side_by_side:
+                fill_missing_sheets(out_dir, sheets_dir)
+            print(f"nothing to do: all {plan.total} images are in {plan.out_dir} (metadata.jsonl lists them)")
+        return 0
+
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    controlnet = load_controlnet(inputs.controlnet, cfg.dtype)
+    pipe = build_sdxl_pipeline(
+        cfg.paths, cfg.dtype, pipeline_cls=StableDiffusionXLControlNetPipeline, controlnet=controlnet
+    )
+    if inputs.lora_file is not None:
+        load_lora(pipe, inputs.lora_file, cfg.lora_scale, cfg.fuse_lora)
+    pipe.to(device)
+    pipe.scheduler = make_scheduler(cfg.scheduler, pipe.scheduler)
+    apply_speed_switches(pipe, cfg.speed, device)
+    if geometry.fixed:
+        check_resolution(*geometry.fixed, native_size(pipe.unet, pipe.vae))
+
+    def load_inputs(item):
+        from ai.controlnet.conditioning import read_ids
+
+        return read_ids(item.source["mask_path"])
+
+    def generate(batch, masks):
+        """One pipeline call per output size in the batch; conditions as a (B, C, H, W) tensor."""
+        import torch
+
+        from ai.controlnet.conditioning import ids_to_tensor
+
+        images: list[Any] = [None] * len(batch)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, item in enumerate(batch):
+            by_size.setdefault((item.source["width"], item.source["height"]), []).append(i)
+        for size, positions in by_size.items():
+            ids = [resize_ids(masks[i], size) for i in positions]
+            condition = torch.stack([ids_to_tensor(x, inputs.kind) for x in ids])
+            made = call_pipeline(
+                pipe,
+                [batch[i] for i in positions],
+                cfg,
+                size=size,
+                image=condition,
+                controlnet_conditioning_scale=cfg.controlnet_conditioning_scale,
+                control_guidance_start=cfg.control_guidance_start,
+                control_guidance_end=cfg.control_guidance_end,
+            )
+            for i, mask_ids, image in zip(positions, ids, made, strict=True):
+                images[i] = image
+                if cfg.side_by_side:
+                    write_sheet(sheets_dir, batch[i].file, mask_ids, image)
+        return images
+
+    summary = run_generation(
+        plan,
+        generate,
+        info=info,
+        batch_size=cfg.batch_size,
+        on_error=cfg.on_error,
+        load_inputs=load_inputs,
+        state=state,
+    )
+    if state.is_main_process:
+        if cfg.side_by_side:
+            fill_missing_sheets(out_dir, sheets_dir)
+        for line in summary.lines():
+            print(line)
+        if cfg.side_by_side:
+            print(f"side-by-side sheets (mask | image) in {sheets_dir}")
+        if inputs.missing_captions:
+            print(f"{len(inputs.missing_captions)} mask(s) without a caption left out (on_error=skip)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

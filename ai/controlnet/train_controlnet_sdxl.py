@@ -1,0 +1,364 @@
+"""Train an SDXL ControlNet on BDD100K segmentation masks from a YAML config, under accelerate.
+
+Usage::
+
+    bash ai/controlnet/run_controlnet_train.sh [config/controlnet_train.yaml] [key=value ...]
+    ACCELERATE_CONFIG=config/accelerate_config_cpu.yaml bash ai/controlnet/run_controlnet_train.sh \\
+        config/demo/controlnet_train.yaml
+    python -m ai.controlnet.train_controlnet_sdxl --config config/controlnet_train.yaml --check   # validate only
+
+Data: the stage 1 ControlNet CSV (``image,conditioning_image,text``; ``convert/controlnet_bdd_to_huggingface_csv.py``)
+or a Hugging Face dataset with those columns. Masks are label ids (mode L), colormaps (mode P) or palette RGB
+renderings; they get exactly their image's bucket, crop and flip, resampled nearest-neighbour, so no pixel gets a
+class its mask does not have. The ControlNet sees them as the official palette (3 channels) or one-hot classes
+(19 channels), with the ignore id 255 black / all-zero. UNet, VAE and text encoders stay frozen; latents and text
+embeddings come from the same on-disk caches as the LoRA trainer's.
+
+Control fidelity: at every validation the held-out rows' loss is measured with fixed noise and timesteps twice,
+with the real condition and with a blank one. ``control_gap = loss(blank) - loss(real)`` starts at 0 (a fresh
+ControlNet's zero convolutions change nothing) and grows as the ControlNet learns to use the layout.
+
+Outputs in ``runs/<output.name>/``: ``checkpoint-<step>/`` (resumable, each with a ``controlnet/`` folder), the final
+``controlnet/`` (``ControlNetModel.from_pretrained``, ``StableDiffusionXLControlNetPipeline``),
+``config.resolved.yaml``, ``metrics.jsonl``, ``loss_curve.png`` (loss and control gap side by side),
+``validation/step-*/`` (mask | generated sheets), ``logs/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ai.common.cli import UserError, run_main, setup_logging
+from ai.common.config import Section, load_config
+from ai.common.train_config import (
+    DataConfig,
+    LogConfig,
+    OutputConfig,
+    TrainingConfig,
+    ValidationConfig,
+    check_common_inputs,
+)
+
+logger = logging.getLogger("train_controlnet_sdxl")
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config schema (config/controlnet_train.yaml documents every key; shared sections in ai/common/train_config.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class ControlNetDataConfig(DataConfig):
+    conditioning_column: str = "conditioning_image"
+
+
+class ControlNetConfig(Section):
+    conditioning: Literal["palette", "one_hot"] = (
+        "palette"  # 3 channels (official colours) or 19 (one per class)
+    )
+    init_from: str | None = None  # an existing ControlNet folder; None: a fresh copy of the UNet's encoder
+    conditioning_embedding_out_channels: list[int] | None = (
+        None  # None: diffusers' (16, 32, 96, 256), x8 down
+    )
+    fuse_lora: str | None = None  # a LoRA (file or folder) fused into the frozen UNet first: style + layout
+    fuse_lora_scale: float = 1.0
+    save_dtype: Literal["float32", "float16", "bfloat16"] = "float16"  # of the final controlnet/ folder
+
+
+class ControlNetValidationConfig(ValidationConfig):
+    num_images: int = Field(2, ge=0)  # held-out masks rendered as mask | generated at each validation
+    conditioning_scale: float = 1.0
+
+
+class ControlNetLogConfig(LogConfig):
+    wandb_project: str = "bdd-sdxl-controlnet"
+
+
+class ControlNetOutputConfig(OutputConfig):
+    name: str = "controlnet_train"
+
+
+class Config(TrainingConfig):
+    data: ControlNetDataConfig
+    controlnet: ControlNetConfig = ControlNetConfig()
+    validation: ControlNetValidationConfig = ControlNetValidationConfig()
+    log: ControlNetLogConfig = ControlNetLogConfig()
+    output: ControlNetOutputConfig = ControlNetOutputConfig()
+
+    @model_validator(mode="after")
+    def _held_out_rows(self):
+        v = self.validation
+        if v.every_n_steps and not (v.loss_rows or v.loss_csv):
+            raise ValueError(
+                "validation needs held-out masks (the fidelity check and the mask | generated sheets): set "
+                "validation.loss_rows (rows held out of training) or validation.loss_csv, or "
+                "validation.every_n_steps=0"
+            )
+        return self
+
+
+def check_inputs(cfg: Config) -> None:
+    """Fast checks before accelerate starts (no torch import)."""
+    check_common_inputs(cfg, Path(cfg.output.runs_dir) / cfg.output.name)
+    for key, path in (
+        ("controlnet.init_from", cfg.controlnet.init_from),
+        ("controlnet.fuse_lora", cfg.controlnet.fuse_lora),
+    ):
+        if path is not None and not Path(path).exists():
+            raise UserError(f"{key}: not found: {path}")
+    if cfg.controlnet.init_from is not None:  # a wrong folder or architecture fails here, before accelerate
+        from ai.common.models import is_local
+        from ai.controlnet import control
+
+        cn_config = control.read_model_config(control.resolve_controlnet(cfg.controlnet.init_from))
+        if is_local(cfg.model.pretrained_model):
+            unet_config = control.read_model_config(cfg.model.pretrained_model, "unet")
+            control.check_controlnet_fits(
+                cn_config, unet_config, cfg.controlnet.init_from, cfg.model.pretrained_model
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def train(cfg: Config) -> int:
+    import copy
+
+    import torch
+    from safetensors.torch import load_file
+
+    from ai.common import data, diffusion, trainer, training_log, validation
+    from ai.common.models import load_components
+    from ai.controlnet import conditioning, control
+
+    run = trainer.start_run(cfg)
+    accelerator, device, weight_dtype = run.accelerator, run.device, run.weight_dtype
+    kind = cfg.controlnet.conditioning
+
+    # --- models: frozen SDXL (optionally with a style LoRA fused in) + trainable ControlNet ---
+    comps = load_components(cfg.model.pretrained_model, vae=cfg.model.vae, variant=cfg.model.variant)
+    scheduler = trainer.noise_scheduler(comps)  # DDPM noising for training (the pipeline samples with Euler)
+    if cfg.controlnet.fuse_lora:
+        pipe = validation.sdxl_pipeline(
+            comps, comps.unet, comps.text_encoder, comps.text_encoder_2, comps.vae
+        )
+        pipe.load_lora_weights(cfg.controlnet.fuse_lora)
+        pipe.fuse_lora(lora_scale=cfg.controlnet.fuse_lora_scale)
+        pipe.unload_lora_weights()  # the fused weights stay, the adapter layers go
+        del pipe
+    controlnet = control.build_controlnet(
+        comps.unet, kind, cfg.controlnet.init_from, cfg.controlnet.conditioning_embedding_out_channels
+    )
+    vae_dtype = trainer.place_frozen_models(comps, run, cfg.model.vae_fp16_safe)
+    unet, vae, te1, te2 = comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2
+    controlnet.to(device, dtype=torch.float32).train()  # trained in fp32; autocast gives the mixed precision
+    if cfg.train.gradient_checkpointing:
+        controlnet.enable_gradient_checkpointing()
+        unet.enable_gradient_checkpointing()  # the residuals' gradients flow back through the frozen UNet
+    use_xformers = trainer.enable_attention([unet, controlnet], cfg.train.attention, device)
+
+    # --- data: rows with masks, caches shared with the LoRA trainer; conditions are cheap and stay uncached ---
+    def encode_text(prompts):
+        return diffusion.encode_prompts([te1, te2], [comps.tokenizer, comps.tokenizer_2], prompts)
+
+    row_condition = control.RowCondition(kind)
+    train_data = trainer.build_train_data(
+        cfg,
+        comps,
+        run,
+        encode_text,
+        conditioning_column=cfg.data.conditioning_column,
+        conditioning_fn=row_condition,
+    )
+    control.check_mask_sizes([*train_data.rows, *train_data.held_rows])
+    with torch.no_grad():
+        empty_prompt = encode_text([""])  # caption dropout target
+
+    # --- optimizer, schedule, accelerate ---
+    optimizer, lr_scheduler = trainer.build_optimizer(
+        cfg, [{"params": list(controlnet.parameters()), "lr": cfg.optim.learning_rate}]
+    )
+    controlnet, optimizer = accelerator.prepare(controlnet, optimizer)
+    accelerator.register_for_checkpointing(lr_scheduler)
+    raw = accelerator.unwrap_model(controlnet)
+
+    def save_hook(models, weights, output_dir):  # the ControlNet as a diffusers folder, the base stays out
+        if accelerator.is_main_process:
+            raw.save_pretrained(Path(output_dir) / "controlnet", safe_serialization=True)
+        weights.clear()
+
+    def load_hook(models, input_dir):
+        weights = Path(input_dir) / "controlnet" / "diffusion_pytorch_model.safetensors"
+        raw.load_state_dict(load_file(str(weights)))
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+    state = trainer.resume_state(run)
+    metrics = training_log.MetricsLog(run.run_dir, enabled=run.is_main, resume_step=state.step)
+    accelerator.init_trackers(
+        cfg.log.wandb_project if cfg.log.report_to == "wandb" else "controlnet",
+        config=trainer.flat_config(cfg),
+    )
+    controlled = control.ControlledUNet(unet, controlnet)
+
+    # --- validation (main process): control fidelity on held-out masks, and mask | generated sheets ---
+    held = None  # (loss set, condition tensors, id maps) of the held-out rows, encoded once
+
+    def held_out():
+        nonlocal held
+        if held is None:
+            rows, geometry = train_data.held_rows, train_data.geometry
+            loss_set = validation.encode_loss_set(rows, geometry, vae, encode_text, device)
+            plans = [data.plan_crop(r.size, geometry.bucket_of(r), "center", False) for r in rows]
+            ids = [row_condition.ids(r, p) for r, p in zip(rows, plans, strict=True)]
+            conds = [conditioning.ids_to_tensor(i, kind)[None].to(device) for i in ids]
+            held = (loss_set, conds, ids)
+        return held
+
+    def fidelity() -> tuple[float, float]:
+        loss_set, conds, _ = held_out()
+        t_range, pred_type = (cfg.loss.timestep_min, cfg.loss.timestep_max), cfg.loss.prediction_type
+        real = blank = 0.0
+        for i, (sample, cond) in enumerate(zip(loss_set, conds, strict=True)):
+            for condition, is_real in ((cond, True), (torch.zeros_like(cond), False)):
+                controlled.set_condition(condition)
+                loss = diffusion.fixed_noise_loss(
+                    controlled, scheduler, *sample, cfg.train.seed + i, t_range, pred_type
+                )
+                real, blank = (real + loss, blank) if is_real else (real, blank + loss)
+        n = len(loss_set)
+        return real / n, blank / n
+
+    def validate(step: int, bar) -> None:
+        def body() -> None:
+            with accelerator.autocast():
+                real, blank = fidelity()
+            gap = blank - real
+            metrics.log(step, val_loss=real, val_loss_blank=blank, control_gap=gap)
+            accelerator.log({"val_loss": real, "val_loss_blank": blank, "control_gap": gap}, step=step)
+            (bar.write if bar else logger.info)(
+                f"step {step}: val_loss={real:.5f} blank-condition={blank:.5f} control_gap={gap:+.5f}"
+            )
+            _, _, ids = held_out()
+            v, rows = cfg.validation, train_data.held_rows[: cfg.validation.num_images]
+            if not rows:
+                return
+            pipe = validation.sdxl_pipeline(
+                comps, unet, te1, te2, vae, controlnet=accelerator.unwrap_model(controlnet)
+            )
+            out = run.run_dir / "validation" / f"step-{step:06d}"
+            out.mkdir(parents=True, exist_ok=True)
+            sheets = []
+            for i, row in enumerate(rows):
+                cond = held[1][i]
+                for seed in v.seeds:
+                    gen = torch.Generator(device=device).manual_seed(seed)
+                    with accelerator.autocast():
+                        image = pipe(
+                            row.text, image=cond, width=cond.shape[-1], height=cond.shape[-2], generator=gen,
+                            num_inference_steps=v.num_inference_steps, guidance_scale=v.guidance_scale,
+                            controlnet_conditioning_scale=v.conditioning_scale,
+                        ).images[0]  # fmt: skip
+                    sheet = conditioning.side_by_side(conditioning.ids_to_preview(ids[i]), image)
+                    sheet.save(out / f"{Path(row.name or str(row.index)).stem}_seed{seed}.png")
+                    sheets.append(sheet)
+            training_log.log_images(accelerator, sheets, [r.text for r in rows for _ in v.seeds], step)
+
+        trainer.validation_pass(run, [controlnet], body)
+
+    def export_controlnet(folder: Path) -> list[Path]:
+        final = copy.deepcopy(raw).to("cpu", dtype=getattr(torch, cfg.controlnet.save_dtype))
+        final.save_pretrained(folder / "controlnet", safe_serialization=True)
+        return [folder / "controlnet"]
+
+    # --- banner ---
+    n_trainable = sum(p.numel() for p in raw.parameters() if p.requires_grad)
+    training_log.banner(logger, "Running ControlNet training", {
+        **trainer.common_banner(cfg, run, train_data, state),
+        "precision": f"{cfg.train.mixed_precision} (VAE {str(vae_dtype).replace('torch.', '')}, ControlNet fp32)",
+        "attention": "xformers" if use_xformers else "SDPA",
+        "conditioning": f"{kind} ({conditioning.channels_for(kind)} channels, label ids resized nearest-neighbour)",
+        "ControlNet": f"{n_trainable:,} trainable parameters, from {cfg.controlnet.init_from or 'the UNet encoder'}"
+        f"{f' (UNet with LoRA {cfg.controlnet.fuse_lora} fused)' if cfg.controlnet.fuse_lora else ''}",
+    })  # fmt: skip
+
+    # --- loop ---
+
+    def compute_loss(batch: dict, gen) -> torch.Tensor:
+        latents = trainer.batch_latents(batch, vae, vae_dtype, gen, device)
+        bsz = latents.shape[0]
+        drop = torch.rand(bsz, generator=gen, device=device) < cfg.data.caption_dropout  # redrawn every step
+        embeds, pooled = trainer.batch_prompt_embeds(batch, drop, empty_prompt, encode_text, False)
+        noise = diffusion.sample_noise(latents, gen, cfg.loss.noise_offset)
+        timesteps = diffusion.sample_timesteps(bsz, cfg.loss.timestep_min, cfg.loss.timestep_max, gen, device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        target = diffusion.training_target(scheduler, latents, noise, timesteps, cfg.loss.prediction_type)
+        controlled.set_condition(batch["conditioning"].to(device, weight_dtype))
+        pred = diffusion.unet_forward(
+            controlled, noisy.to(weight_dtype), timesteps, embeds.to(weight_dtype), pooled.to(weight_dtype),
+            batch["time_ids"].to(device, weight_dtype),
+        )  # fmt: skip
+        return diffusion.diffusion_loss(
+            pred, target, timesteps, scheduler, cfg.loss.prediction_type, cfg.loss.snr_gamma
+        )
+
+    def save(state) -> Path:
+        return trainer.save_checkpoint(cfg, run, state, None, metrics)
+
+    state = trainer.run_loop(
+        cfg,
+        run,
+        train_data,
+        [controlnet],
+        optimizer,
+        lr_scheduler,
+        compute_loss,
+        state,
+        metrics,
+        save,
+        validate,
+    )
+
+    # --- final export ---
+    trainer.save_final(run, export_controlnet)
+    if run.is_main:
+        metrics.plot()
+        logger.info(
+            "done: %d steps; ControlNet in %s (%s); data wait %.1f %% of step time",
+            state.step, run.run_dir / "controlnet", cfg.controlnet.save_dtype, 100 * state.data_wait_share(),
+        )  # fmt: skip
+    accelerator.end_training()
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ai.controlnet.train_controlnet_sdxl",
+        description="Train an SDXL ControlNet on segmentation masks from a YAML config "
+        "(launch with ai/controlnet/run_controlnet_train.sh).",
+    )
+    parser.add_argument("--config", required=True, help="YAML config, e.g. config/controlnet_train.yaml")
+    parser.add_argument("--check", action="store_true", help="validate the config and inputs, then exit")
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted key=value overrides, e.g. controlnet.conditioning=one_hot"
+    )
+    args = parser.parse_args(argv)
+    setup_logging()
+    cfg = load_config(Config, args.config, args.overrides)
+    check_inputs(cfg)
+    if args.check:
+        print(f"config OK: {args.config}")
+        return 0
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,299 @@
+"""ControlNet training on the tiny SDXL and mini-BDD100K masks: conditioning geometry, zero-init, launcher run,
+exact resume, the control-fidelity learning check, and bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from sdxl_fixtures import tiny_sdxl  # noqa: F401
+
+from convert import bdd
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_controlnet_csv(
+    bdd_root: Path, split: str, out: Path, caption: str = "a dashcam photo of a street"
+) -> Path:
+    """image,conditioning_image,text over the mini-BDD 10K images that have masks (absolute paths)."""
+    images = {p.stem: p for p in bdd.list_images(bdd_root / "images" / "10k" / split)}
+    masks = sorted((bdd_root / "labels" / "sem_seg" / "masks" / split).glob("*.png"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image", "conditioning_image", "text"])
+        for mask in masks:
+            writer.writerow([str(images[mask.stem]), str(mask), caption])
+    return out
+
+
+def write_config(path: Path, model: Path, train_csv: Path, runs: Path, name: str, **sections) -> Path:
+    cfg = {
+        "model": {"pretrained_model": str(model)},
+        "data": {"train_csv": str(train_csv), "resolution": 64, "bucket_step": 16, "num_workers": 0},
+        "cache": {"dir": str(runs / "cache"), "dtype": "float32"},
+        "optim": {"learning_rate": 2e-3, "lr_warmup_steps": 0},
+        "train": {"batch_size": 2, "max_train_steps": 4, "mixed_precision": "no"},
+        "checkpoint": {"every_n_steps": 2, "total_limit": 3, "resume_from": None},
+        "validation": {"every_n_steps": 0},
+        "log": {"report_to": "none", "every_n_steps": 1},
+        "controlnet": {"save_dtype": "float32"},
+        "output": {"runs_dir": str(runs), "name": name},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_inprocess(config: Path, *overrides: str) -> int:
+    from ai.controlnet.train_controlnet_sdxl import main
+
+    return main(["--config", str(config), *overrides])
+
+
+def check_config(config: Path, *overrides: str) -> str:
+    from ai.common.cli import UserError
+
+    try:
+        run_inprocess(config, "--check", *overrides)
+    except UserError as exc:
+        return str(exc)
+    return ""
+
+
+@pytest.fixture(scope="module")
+def controlnet_csvs(mini_bdd, tmp_path_factory) -> tuple[Path, Path]:
+    out = tmp_path_factory.mktemp("controlnet_csv")
+    return write_controlnet_csv(mini_bdd, "train", out / "train.csv"), write_controlnet_csv(
+        mini_bdd, "val", out / "val.csv"
+    )
+
+
+# --- conditioning geometry -----------------------------------------------------------------------------------
+
+
+def test_conditioning_keeps_valid_ids_and_stays_aligned_with_its_image(mini_bdd, tmp_path):
+    """Random crop + flip + bucket resize: the condition holds only the mask's ids and lines up with the image."""
+    from ai.common import data
+    from ai.controlnet import conditioning, control
+
+    mask_path = sorted((mini_bdd / "labels" / "sem_seg" / "masks" / "train").glob("*.png"))[0]
+    ids = np.asarray(Image.open(mask_path))
+    # an "image" that is the mask's palette rendering: aligned pixels must show the same colour as the condition
+    image_path = tmp_path / "rendering.png"
+    Image.fromarray(bdd.ids_to_palette_rgb(ids)).save(image_path)
+    row = data.Row(0, str(image_path), "x", (ids.shape[1], ids.shape[0]), str(mask_path), image_path.name)
+    geometry = data.Geometry(((96, 64), (64, 96), (80, 80)), "random", True, seed=3)
+    dataset = data.SDXLDataset([row], geometry, conditioning_fn=control.RowCondition("palette"))
+    cond_ids = control.RowCondition("palette")
+    flips = set()
+    for epoch in range(6):
+        plan = geometry.plan(row, epoch)
+        flips.add(plan.flip)
+        got = np.asarray(cond_ids.ids(row, plan))
+        assert got.shape == (64, 96)
+        assert set(np.unique(got)) <= set(np.unique(ids)), "nearest-neighbour must not invent class ids"
+        item = dataset[(0, epoch)]
+        cond = item["conditioning"].numpy()
+        pixels = (item["pixel_values"].numpy() + 1) / 2
+        assert cond.shape == pixels.shape == (3, 64, 96)
+        agree = (np.abs(cond - pixels).max(axis=0) < 0.1).mean()
+        assert agree > 0.85, f"epoch {epoch}: condition and image disagree on {1 - agree:.0%} of pixels"
+        np.testing.assert_array_equal(cond, conditioning.ids_to_tensor(got, "palette").numpy())
+    assert flips == {True, False}  # both branches seen
+
+
+def test_fresh_controlnet_leaves_the_base_model_unchanged(tiny_sdxl):  # noqa: F811
+    import torch
+
+    from ai.common import diffusion
+    from ai.common.models import load_components
+    from ai.controlnet import control
+
+    comps = load_components(tiny_sdxl)
+    cn = control.build_controlnet(comps.unet, "one_hot")
+    assert cn.config.conditioning_channels == bdd.NUM_SEG_CLASSES
+    gen = torch.Generator().manual_seed(0)
+    noisy = torch.randn(2, 4, 8, 12, generator=gen)
+    emb = torch.randn(2, 77, comps.unet.config.cross_attention_dim, generator=gen)
+    pooled = torch.randn(2, comps.text_encoder_2.config.projection_dim, generator=gen)
+    tids = diffusion.time_ids([(96, 64, 0, 0, 96, 64)] * 2)
+    t = torch.tensor([10, 700])
+    with torch.no_grad():
+        base = diffusion.unet_forward(comps.unet, noisy, t, emb, pooled, tids)
+        cond = torch.rand(1, bdd.NUM_SEG_CLASSES, 64, 96, generator=gen)
+        steered = diffusion.unet_forward(
+            control.ControlledUNet(comps.unet, cn).set_condition(cond), noisy, t, emb, pooled, tids
+        )
+    assert torch.equal(base, steered)
+
+
+# --- training runs -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_launcher_trains_validates_and_exports_a_diffusers_controlnet(tiny_sdxl, controlnet_csvs, tmp_path):  # noqa: F811
+    import torch
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+
+    train_csv, val_csv = controlnet_csvs
+    cfg = write_config(
+        tmp_path / "train.yaml", tiny_sdxl, train_csv, tmp_path / "runs", "e2e",
+        validation={"every_n_steps": 4, "loss_csv": str(val_csv), "num_images": 2, "seeds": [5],
+                    "num_inference_steps": 2},
+        log={"report_to": "tensorboard", "every_n_steps": 1},
+    )  # fmt: skip
+    env = dict(
+        os.environ, ACCELERATE_CONFIG=str(REPO / "config/accelerate_config_cpu.yaml"), PYTHON=sys.executable
+    )
+    proc = subprocess.run(
+        ["bash", str(REPO / "ai/controlnet/run_controlnet_train.sh"), str(cfg)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "config OK" in proc.stdout and "conditioning" in proc.stderr
+    run = tmp_path / "runs" / "e2e"
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert (run / "checkpoint-4" / "controlnet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert not list(run.glob(".tmp*"))
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    gaps = [m for m in metrics if "control_gap" in m]
+    assert [m["step"] for m in gaps] == [0, 4]
+    assert gaps[0]["control_gap"] == 0.0  # zero convolutions: the blank and the real mask give the same loss
+    sheets = sorted((run / "validation" / "step-000004").glob("*.png"))
+    assert len(sheets) == 2  # two held-out masks x one seed
+    with Image.open(sheets[0]) as im:
+        assert im.size == (2 * 96, 64)  # mask | generated, in the 16:9-like bucket of the 320x180 frames
+    assert (run / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    # the final folder loads with diffusers' own classes and steers the pipeline
+    cn = ControlNetModel.from_pretrained(run / "controlnet")
+    assert cn.config.conditioning_channels == 3
+    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(
+        tiny_sdxl, controlnet=cn, local_files_only=True
+    )
+    cond = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    out = pipe("a street", image=cond, width=96, height=64, num_inference_steps=2, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip
+    assert out.shape == (64, 96, 3) and np.isfinite(out).all()
+
+
+@pytest.mark.slow
+def test_resume_mid_epoch_gives_the_same_controlnet(tiny_sdxl, controlnet_csvs, tmp_path):  # noqa: F811
+    from safetensors.torch import load_file
+
+    train_csv, _ = controlnet_csvs
+    weights = "controlnet/diffusion_pytorch_model.safetensors"
+    # 8 rows in one bucket, batch 2: 4 batches per epoch, so step 6 is mid-epoch
+    full = write_config(tmp_path / "full.yaml", tiny_sdxl, train_csv, tmp_path / "runs", "full",
+                        train={"max_train_steps": 6}, checkpoint={"every_n_steps": 3})  # fmt: skip
+    assert run_inprocess(full) == 0
+    part = write_config(tmp_path / "part.yaml", tiny_sdxl, train_csv, tmp_path / "runs", "part",
+                        train={"max_train_steps": 3}, checkpoint={"every_n_steps": 3})  # fmt: skip
+    assert run_inprocess(part) == 0
+    assert run_inprocess(part, "train.max_train_steps=6", "checkpoint.resume_from=latest") == 0
+    state = json.loads((tmp_path / "runs/part/checkpoint-6/train_state.json").read_text())
+    assert state["step"] == 6 and state["epoch"] == 1 and state["batch"] == 2
+    a = load_file(tmp_path / "runs/full" / weights)
+    b = load_file(tmp_path / "runs/part" / weights)
+    assert a.keys() == b.keys()
+    changed = load_file(tmp_path / "runs/part/checkpoint-3" / weights)
+    assert any(not np.array_equal(a[k].numpy(), changed[k].numpy()) for k in a)  # training moved the weights
+    for k in a:
+        np.testing.assert_array_equal(a[k].numpy(), b[k].numpy(), err_msg=k)
+
+
+@pytest.mark.slow
+def test_controlnet_learns_to_follow_the_mask(tiny_sdxl, controlnet_csvs, tmp_path):  # noqa: F811
+    """The loss gap between a blank and the real mask on held-out masks starts at 0 and becomes clearly positive."""
+    train_csv, val_csv = controlnet_csvs
+    cfg = write_config(
+        tmp_path / "learn.yaml", tiny_sdxl, train_csv, tmp_path / "runs", "learn",
+        data={"caption_dropout": 1.0},
+        loss={"timestep_min": 500, "snr_gamma": None},
+        train={"max_train_steps": LEARN_STEPS},
+        checkpoint={"every_n_steps": LEARN_STEPS},
+        validation={"every_n_steps": LEARN_STEPS, "loss_csv": str(val_csv), "num_images": 0},
+    )  # fmt: skip
+    assert run_inprocess(cfg) == 0
+    metrics = [json.loads(line) for line in (tmp_path / "runs/learn/metrics.jsonl").read_text().splitlines()]
+    start, end = [m for m in metrics if "control_gap" in m]
+    assert start["control_gap"] == 0.0
+    assert end["control_gap"] > 0.02 * end["val_loss"], (
+        end
+    )  # the real mask explains >2 % of the held-out loss
+
+
+LEARN_STEPS = 300
+
+
+# --- bad input -----------------------------------------------------------------------------------------------
+
+
+def test_mask_of_another_size_names_both_files(tiny_sdxl, mini_bdd, tmp_path):  # noqa: F811
+    from ai.common import data
+    from ai.common.cli import UserError
+    from ai.controlnet import control
+
+    mask = tmp_path / "small.png"
+    Image.new("L", (32, 18)).save(mask)
+    row = data.Row(0, "/data/frame.jpg", "x", (320, 180), str(mask), "frame.jpg")
+    with pytest.raises(UserError, match=r"small\.png is 32x18 but its image frame\.jpg is 320x180"):
+        control.check_mask_sizes([row])
+
+
+def test_mask_with_ids_outside_the_label_set_is_refused(tmp_path):
+    from ai.common import data
+    from ai.common.cli import UserError
+    from ai.controlnet import control
+
+    mask = tmp_path / "bad.png"
+    Image.fromarray(np.full((18, 32), 40, dtype=np.uint8)).save(mask)
+    row = data.Row(0, "/data/frame.jpg", "x", (32, 18), str(mask), "frame.jpg")
+    plan = data.plan_crop((32, 18), (32, 16), "center", False)
+    with pytest.raises(UserError, match=r"bad\.png.*40"):
+        control.RowCondition("palette")(row, plan)
+
+
+def test_controlnet_of_another_architecture_is_refused_before_loading(tiny_sdxl, controlnet_csvs, tmp_path):  # noqa: F811
+    train_csv, _ = controlnet_csvs
+    folder = tmp_path / "other_cn"
+    folder.mkdir()
+    unet_cfg = json.loads((tiny_sdxl / "unet" / "config.json").read_text())
+    other = dict(
+        unet_cfg, _class_name="ControlNetModel", cross_attention_dim=unet_cfg["cross_attention_dim"] * 2
+    )
+    (folder / "config.json").write_text(json.dumps(other))
+    cfg = write_config(tmp_path / "c.yaml", tiny_sdxl, train_csv, tmp_path / "runs", "x")
+    message = check_config(cfg, f"controlnet.init_from={folder}")
+    assert "does not fit the base model" in message and "cross_attention_dim" in message
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("validation.every_n_steps=10",), "validation needs held-out masks"),
+        (("controlnet.conditioning=rgb",), "controlnet.conditioning"),
+        (("controlnet.fuse_lora=/nowhere/lora.safetensors",), "controlnet.fuse_lora: not found"),
+        (("data.crop=random",), "cache.latents=false"),
+    ],
+)
+def test_bad_config_is_refused_with_a_clear_message(tiny_sdxl, controlnet_csvs, tmp_path, overrides, message):  # noqa: F811
+    from ai.common.cli import UserError
+
+    train_csv, _ = controlnet_csvs
+    cfg = write_config(tmp_path / "c.yaml", tiny_sdxl, train_csv, tmp_path / "runs", "x")
+    try:
+        got = check_config(cfg, *overrides)
+    except (UserError, SystemExit) as exc:  # load_config reports schema errors as UserError too
+        got = str(exc)
+    assert message in got, got
