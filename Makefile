@@ -47,12 +47,23 @@ demo: $(STAMP)
 	@echo "== stage 2B/3B: ControlNet on the segmentation masks, training and generation on CPU =="
 	ACCELERATE_CONFIG=config/accelerate_config_cpu.yaml bash ai/controlnet/run_controlnet_train.sh config/demo/controlnet_train.yaml
 	ACCELERATE_CONFIG=config/accelerate_config_cpu.yaml bash ai/controlnet/run_controlnet_infer.sh config/demo/controlnet_infer.yaml
+	@echo "== stage 4: YOLO auto-annotation with a demo detector trained on the mini-BDD100K (CPU) =="
+	$(PY) -m annotation.train_demo_detector --bdd_data_dir $(DEMO_DIR)/bdd100k --out $(DEMO_DIR)/detector/detector.pt
+	$(PY) -m annotation.yolo_annotate_folders --config config/demo/annotation.yaml --model $(DEMO_DIR)/detector/detector.pt \
+	    --input_folder $(DEMO_DIR)/lora_infer/generations --output_folder $(DEMO_DIR)/annotated/lora
+	$(PY) -m annotation.yolo_annotate_folders --config config/demo/annotation.yaml --model $(DEMO_DIR)/detector/detector.pt \
+	    --input_folder $(DEMO_DIR)/controlnet_infer/generations --output_folder $(DEMO_DIR)/annotated/controlnet
+	@echo "-- control: the same detector on the mini-BDD val frames (real scenes it was not trained on) --"
+	$(PY) -m annotation.yolo_annotate_folders --config config/demo/annotation.yaml --model $(DEMO_DIR)/detector/detector.pt \
+	    --input_folder $(DEMO_DIR)/bdd100k/images/100k/val --output_folder $(DEMO_DIR)/annotated/bdd_val
 	@echo "demo outputs under $(DEMO_DIR)/:"
 	@echo "  stage 1   bdd100k/ (mini-BDD100K), captions/, csv/"
 	@echo "  LoRA      lora_train/ (checkpoints, pytorch_lora_weights.safetensors, loss_curve.png)"
 	@echo "  generate  lora_infer/generations/ (*.png + metadata.jsonl)"
 	@echo "  ControlNet controlnet_train/ (controlnet/, loss_curve.png with the control gap, validation/ sheets)"
 	@echo "  generate  controlnet_infer/generations/ and side_by_side/ (mask | image)"
+	@echo "  annotate  detector/detector.pt (+ detector.json: val recall/precision)"
+	@echo "            annotated/{lora,controlnet,bdd_val}/: data.yaml, labels/, previews/, contact_sheet.jpg, manifest.csv, summary.json"
 
 bench: $(STAMP)
 	$(PY) bench/bench_captions.py

@@ -380,7 +380,13 @@ def print_summary(s: dict[str, Any]) -> None:
     )
     classes = ", ".join(f"{k}: {v}" for k, v in s["detections_by_class"].items()) or "none"
     print(f"labels by class: {classes}")
-    print(f"train with: yolo train data={s['data_yaml']}")
+    if s["accepted"]:
+        print(f"train with: yolo train data={s['data_yaml']}")
+    else:  # an empty dataset is a result (nothing passed the filters), not a crash: say where and why to look
+        manifest = Path(s["data_yaml"]).with_name("manifest.csv")
+        print(
+            f"YOLO dataset {s['data_yaml']} is empty: no image was accepted (reasons per image: {manifest})"
+        )
 
 
 if __name__ == "__main__":

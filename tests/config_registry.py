@@ -9,4 +9,9 @@ SCHEMAS: dict[str, str] = {
     "config/demo/lora_train.yaml": "ai.lora.train_lora_sdxl:Config",
     "config/lora_infer.yaml": "ai.lora.infer_lora_sdxl:LoraInferConfig",
     "config/demo/lora_infer.yaml": "ai.lora.infer_lora_sdxl:LoraInferConfig",
+    "config/controlnet_train.yaml": "ai.controlnet.train_controlnet_sdxl:Config",
+    "config/demo/controlnet_train.yaml": "ai.controlnet.train_controlnet_sdxl:Config",
 }
+SCHEMAS["config/controlnet_infer.yaml"] = "ai.controlnet.infer_controlnet_sdxl:ControlNetInferConfig"
+SCHEMAS["config/demo/controlnet_infer.yaml"] = "ai.controlnet.infer_controlnet_sdxl:ControlNetInferConfig"
+SCHEMAS["config/demo/annotation.yaml"] = "annotation.settings:AnnotationConfig"

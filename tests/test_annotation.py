@@ -422,6 +422,8 @@ def test_rerun_resumes_without_duplicating(mini_bdd, detector, tmp_path, capsys)
     # a stricter filter re-decides from the recorded detections, without the detector, and removes files
     code, stdout, _ = annotate(capsys, *args[:-2], "--min_detections", "50")
     assert code == 0 and "annotated now: 0" in stdout and "too_few_detections: 4" in stdout
+    assert f"YOLO dataset {(out / 'data.yaml').resolve()} is empty: no image was accepted" in stdout
+    assert "train with:" not in stdout
     assert not list((out / "labels").rglob("*.txt")) and not list((out / "images").rglob("*.jpg"))
 
 

@@ -1,0 +1,117 @@
+"""annotation/train_demo_detector.py: the demo's detector, trained offline on the mini-BDD100K (same code as the tests')."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, replace
+
+from PIL import Image
+from yolo_fixture import cached_detector
+
+from ai.common.cli import run_main
+from annotation.train_demo_detector import (
+    CLI_DEFAULTS,
+    DetectorParams,
+    detector_key,
+    evaluate,
+    info_path,
+    main,
+    training_boxes,
+)
+from convert import bdd
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = run_main(main, [str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_key_changes_with_data_and_settings(mini_bdd, tmp_path):
+    key = detector_key(mini_bdd, DetectorParams())
+    assert key == detector_key(mini_bdd, DetectorParams())  # stable
+    assert detector_key(mini_bdd, replace(DetectorParams(), seed=1)) != key
+    copy = tmp_path / "bdd100k"
+    shutil.copytree(mini_bdd, copy)
+    assert detector_key(copy, DetectorParams()) == key  # content, not location
+    image = sorted((copy / "images" / "100k" / "val").glob("*.jpg"))[0]
+    Image.open(image).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(image)
+    assert detector_key(copy, DetectorParams()) != key
+
+
+def test_bad_inputs_are_one_clear_line(mini_bdd, tmp_path, capsys):
+    out = tmp_path / "det.pt"
+    code, _, err = run(capsys, "--bdd_data_dir", tmp_path / "nope", "--out", out)
+    assert code == 2 and f"error: BDD100K folder not found: {tmp_path / 'nope'}" in err
+    code, _, err = run(capsys, "--bdd_data_dir", mini_bdd, "--out", out, "--classes", "car", "carr")
+    assert code == 2 and "--classes: 'carr' is not a BDD100K detection class (did you mean 'car'?)" in err
+    code, _, err = run(capsys, "--bdd_data_dir", mini_bdd, "--out", out, "--imgsz", "250")
+    assert code == 2 and "--imgsz must be a multiple of 32 (YOLO's largest stride), got 250" in err
+    code, _, err = run(capsys, "--bdd_data_dir", mini_bdd, "--out", tmp_path / "det.txt")
+    assert code == 2 and "--out must name a .pt file" in err
+    empty = tmp_path / "empty_bdd"
+    (empty / "images" / "100k" / "train").mkdir(parents=True)
+    code, _, err = run(capsys, "--bdd_data_dir", empty, "--out", out)
+    assert code == 2 and f"det_20 labels not found: {empty / 'labels' / 'det_20' / 'det_train.json'}" in err
+    code, _, err = run(capsys, "--bdd_data_dir", mini_bdd, "--out", out, "--min_box_side", "5000")
+    assert code == 2 and "has a car box with a side of at least 5000 px" in err
+    assert not out.exists()
+
+
+def test_cli_reuses_the_fixture_weights_for_the_same_data_and_settings(mini_bdd, tmp_path, capsys):
+    """The tests' detector and the CLI share one key: a .pt with a matching info file is reused, not retrained."""
+    weights = cached_detector(mini_bdd, tmp_path / "work")
+    params = DetectorParams()
+    out = tmp_path / "demo" / "detector.pt"
+    out.parent.mkdir()
+    shutil.copyfile(weights, out)
+    key = detector_key(mini_bdd, params)
+    info = {"key": key, "params": asdict(params), "train_seconds": 1.0, "val": {"val_images": 0}}
+    info_path(out).write_text(json.dumps(info))
+    before = out.stat().st_mtime_ns
+    argv = ["--bdd_data_dir", mini_bdd, "--out", out, "--epochs", params.epochs, "--imgsz", params.imgsz]
+    code, stdout, err = run(capsys, *argv)
+    assert code == 0, err
+    assert f"detector: reusing {out} (same data and settings, key {key}; --force retrains)" in stdout
+    assert f"--model {out} --imgsz {params.imgsz}" in stdout
+    assert out.stat().st_mtime_ns == before and not (tmp_path / "demo" / "detector_train").exists()
+
+
+def test_evaluate_counts_the_val_boxes_of_the_trained_classes(mini_bdd, tmp_path):
+    params = DetectorParams()
+    weights = cached_detector(mini_bdd, tmp_path / "work", params)
+    metrics = evaluate(weights, mini_bdd, params)
+    frames = {f.name: f for f in bdd.load_frames(mini_bdd / "labels" / "det_20" / "det_val.json")}
+    images = [p for p in bdd.list_images(mini_bdd / "images" / "100k" / "val") if p.name in frames]
+    boxes = sum(len(training_boxes(frames[p.name], *Image.open(p).size, params)) for p in images)
+    assert metrics["val_images"] == len(images) and metrics["val_boxes"] == boxes > 0
+    assert 0 <= metrics["matched"] <= min(boxes, metrics["detections"])
+    assert metrics["recall"] == round(metrics["matched"] / boxes, 4)
+
+
+def test_cli_trains_saves_atomically_and_reruns_instantly(mini_bdd, tmp_path, capsys):
+    """One tiny epoch through the real command line: weights, info file, summary; the rerun trains nothing."""
+    out = tmp_path / "demo" / "detector.pt"
+    argv = ["--bdd_data_dir", mini_bdd, "--out", out, "--epochs", "1", "--imgsz", "64"]
+    code, stdout, err = run(capsys, *argv)
+    assert code == 0, err
+    info = json.loads(info_path(out).read_text())
+    params = replace(CLI_DEFAULTS, epochs=1, imgsz=64)
+    assert info["key"] == detector_key(mini_bdd, params) and info["params"] == json.loads(
+        json.dumps(asdict(params))
+    )
+    assert f"detector: {out} (yolov8n, 1 epochs at 64 px on car; trained in " in stdout
+    assert not [p for p in out.parent.iterdir() if ".tmp" in p.name]  # no temp file left behind
+
+    from ultralytics import YOLO
+
+    model = YOLO(str(out))
+    assert model.names == dict(enumerate(bdd.DET_CLASSES))  # the annotation script maps it by identity
+    before = out.stat().st_mtime_ns
+    code, stdout, _ = run(capsys, *argv)
+    assert code == 0 and f"detector: reusing {out}" in stdout and out.stat().st_mtime_ns == before
+    assert os.path.isdir(out.parent / "detector_train" / "runs" / "detector")
+    labels = sorted((out.parent / "detector_train" / "data" / "labels" / "train").glob("*.txt"))
+    assert labels and all(len(line.split()) == 5 for p in labels for line in p.read_text().splitlines())
