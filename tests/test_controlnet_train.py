@@ -173,7 +173,7 @@ def test_launcher_trains_validates_and_exports_a_diffusers_controlnet(tiny_sdxl,
     sheets = sorted((run / "validation" / "step-000004").glob("*.png"))
     assert len(sheets) == 2  # two held-out masks x one seed
     with Image.open(sheets[0]) as im:
-        assert im.size == (2 * 96, 64)  # mask | generated, in the 16:9-like bucket of the 320x180 frames
+        assert im.size == (2 * 80, 48)  # mask | generated, in the 16:9-like bucket (80x48 at base 64 px) of 320x180
     assert (run / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
     # the final folder loads with diffusers' own classes and steers the pipeline
     cn = ControlNetModel.from_pretrained(run / "controlnet")
@@ -212,28 +212,44 @@ def test_resume_mid_epoch_gives_the_same_controlnet(tiny_sdxl, controlnet_csvs, 
         np.testing.assert_array_equal(a[k].numpy(), b[k].numpy(), err_msg=k)
 
 
+@pytest.fixture(scope="module")
+def larger_mini_bdd(tmp_path_factory) -> Path:
+    """A mini-BDD100K big enough that layouts generalise (53 train and 18 val masks at 160x90), in ~2 s."""
+    from convert.make_mini_bdd import make_mini_bdd
+
+    root = tmp_path_factory.mktemp("larger_mini_bdd") / "bdd100k"
+    make_mini_bdd(root, frames=80, size=(160, 90), seed=1)
+    return root
+
+
 @pytest.mark.slow
-def test_controlnet_learns_to_follow_the_mask(tiny_sdxl, controlnet_csvs, tmp_path):  # noqa: F811
-    """The loss gap between a blank and the real mask on held-out masks starts at 0 and becomes clearly positive."""
-    train_csv, val_csv = controlnet_csvs
+def test_controlnet_learns_to_follow_the_mask(tiny_sdxl, larger_mini_bdd, tmp_path):  # noqa: F811
+    """The loss gap between a blank and the real mask on held-out masks starts at 0 and becomes clearly positive.
+
+    v-prediction at high noise makes the target mostly the clean latent, which is what a layout explains; with
+    few masks the ControlNet memorises instead (the held-out gap turns negative), hence the larger data set.
+    """
+    train_csv = write_controlnet_csv(larger_mini_bdd, "train", tmp_path / "train.csv")
+    val_csv = write_controlnet_csv(larger_mini_bdd, "val", tmp_path / "val.csv")
     cfg = write_config(
         tmp_path / "learn.yaml", tiny_sdxl, train_csv, tmp_path / "runs", "learn",
         data={"caption_dropout": 1.0},
-        loss={"timestep_min": 500, "snr_gamma": None},
-        train={"max_train_steps": LEARN_STEPS},
-        checkpoint={"every_n_steps": LEARN_STEPS},
-        validation={"every_n_steps": LEARN_STEPS, "loss_csv": str(val_csv), "num_images": 0},
+        loss={"timestep_min": 500, "snr_gamma": None, "prediction_type": "v_prediction"},
+        optim={"learning_rate": 1e-3},
+        train={"max_train_steps": 150},
+        checkpoint={"every_n_steps": 150},
+        validation={"every_n_steps": 75, "loss_csv": str(val_csv), "num_images": 0},
     )  # fmt: skip
     assert run_inprocess(cfg) == 0
     metrics = [json.loads(line) for line in (tmp_path / "runs/learn/metrics.jsonl").read_text().splitlines()]
-    start, end = [m for m in metrics if "control_gap" in m]
-    assert start["control_gap"] == 0.0
-    assert end["control_gap"] > 0.02 * end["val_loss"], (
-        end
-    )  # the real mask explains >2 % of the held-out loss
-
-
-LEARN_STEPS = 300
+    gaps = [m for m in metrics if "control_gap" in m]
+    assert [m["step"] for m in gaps] == [0, 75, 150]
+    assert gaps[0]["control_gap"] == 0.0  # zero convolutions: the mask changes nothing yet
+    end = gaps[-1]
+    assert end["control_gap"] > 0.03 * end["val_loss"], (
+        gaps
+    )  # the real mask explains > 3 % of the held-out loss
+    assert end["val_loss"] < 0.6 * gaps[0]["val_loss"], gaps
 
 
 # --- bad input -----------------------------------------------------------------------------------------------
@@ -273,6 +289,7 @@ def test_controlnet_of_another_architecture_is_refused_before_loading(tiny_sdxl,
         unet_cfg, _class_name="ControlNetModel", cross_attention_dim=unet_cfg["cross_attention_dim"] * 2
     )
     (folder / "config.json").write_text(json.dumps(other))
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"never read")  # the check comes first
     cfg = write_config(tmp_path / "c.yaml", tiny_sdxl, train_csv, tmp_path / "runs", "x")
     message = check_config(cfg, f"controlnet.init_from={folder}")
     assert "does not fit the base model" in message and "cross_attention_dim" in message

@@ -57,13 +57,12 @@ class ControlNetDataConfig(DataConfig):
 
 
 class ControlNetConfig(Section):
-    conditioning: Literal["palette", "one_hot"] = (
-        "palette"  # 3 channels (official colours) or 19 (one per class)
-    )
+    # palette: 3 channels (official colours); one_hot: 19 (one per class)
+    conditioning: Literal["palette", "one_hot"] = "palette"
     init_from: str | None = None  # an existing ControlNet folder; None: a fresh copy of the UNet's encoder
-    conditioning_embedding_out_channels: list[int] | None = (
-        None  # None: diffusers' (16, 32, 96, 256), x8 down
-    )
+    # None: diffusers' (16, 32, 96, 256), x8 down like the SDXL VAE
+    conditioning_embedding_out_channels: list[int] | None = None
+    conditioning_embedding_init: Literal["kaiming", "default"] = "kaiming"  # fresh ControlNets (control.py)
     fuse_lora: str | None = None  # a LoRA (file or folder) fused into the frozen UNet first: style + layout
     fuse_lora_scale: float = 1.0
     save_dtype: Literal["float32", "float16", "bfloat16"] = "float16"  # of the final controlnet/ folder
@@ -153,8 +152,9 @@ def train(cfg: Config) -> int:
         pipe.unload_lora_weights()  # the fused weights stay, the adapter layers go
         del pipe
     controlnet = control.build_controlnet(
-        comps.unet, kind, cfg.controlnet.init_from, cfg.controlnet.conditioning_embedding_out_channels
-    )
+        comps.unet, kind, cfg.controlnet.init_from, cfg.controlnet.conditioning_embedding_out_channels,
+        cfg.controlnet.conditioning_embedding_init,
+    )  # fmt: skip
     vae_dtype = trainer.place_frozen_models(comps, run, cfg.model.vae_fp16_safe)
     unet, vae, te1, te2 = comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2
     controlnet.to(device, dtype=torch.float32).train()  # trained in fp32; autocast gives the mixed precision
