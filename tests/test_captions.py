@@ -8,6 +8,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -501,6 +502,68 @@ def test_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         gen.write_small_file(str(tmp_path), "a.txt", b"caption\n")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("use_tmpfile", [True, False])
+def test_caption_writer_interrupted_before_naming_leaves_nothing(tmp_path, monkeypatch, use_tmpfile):
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with gen.CaptionWriter(tmp_path) as writer:
+        if use_tmpfile:
+            assert writer.use_tmpfile  # Linux with /proc: the O_TMPFILE path is the one the runs take
+        writer.use_tmpfile = use_tmpfile
+        writer.write("a.txt", b"first\n")
+        monkeypatch.setattr(gen.os, "link" if use_tmpfile else "replace", boom)
+        with pytest.raises(KeyboardInterrupt):
+            writer.write("b.txt", b"second\n")
+    assert read_all(tmp_path) == {"a.txt": b"first\n"}  # no b.txt, no temporary name
+
+
+def test_caption_writer_paths_agree_on_bytes_and_mode(tmp_path):
+    plain = tmp_path / "plain.txt"
+    with open(plain, "wb") as fh:  # what an ordinary write gives under this umask
+        fh.write(b"x")
+    folders = {}
+    for use_tmpfile in (True, False):
+        folder = folders[use_tmpfile] = tmp_path / f"tmpfile-{use_tmpfile}"
+        folder.mkdir()
+        (folder / "taken.txt").write_bytes(b"old\n")
+        with gen.CaptionWriter(folder) as writer:
+            writer.use_tmpfile = use_tmpfile
+            writer.write("new.txt", "Une rue à Paris.\n".encode())
+            writer.write(
+                "taken.txt", b"appeared meanwhile\n"
+            )  # a name that exists: replaced, as a rename does
+            writer.write("replaced.txt", b"a\n")
+            writer.write("replaced.txt", b"b\n", replace=True)
+        assert read_all(folder) == {
+            "new.txt": "Une rue à Paris.\n".encode(),
+            "replaced.txt": b"b\n",
+            "taken.txt": b"appeared meanwhile\n",
+        }
+        assert {p.stat().st_mode for p in folder.iterdir()} == {plain.stat().st_mode}
+
+
+def test_killed_writer_leaves_only_whole_files(tmp_path):
+    """SIGKILL a process writing captions with CaptionWriter: every name present holds its whole content."""
+    script = (
+        "import sys; from pathlib import Path; from convert.generate_bdd_captions import CaptionWriter\n"
+        "with CaptionWriter(Path(sys.argv[1])) as w:\n"
+        "    for i in range(1000000):\n"
+        "        w.write(f'{i:07d}.txt', bytes([65 + i % 26]) * 65536)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)])
+    try:
+        deadline = time.monotonic() + 60
+        while len(os.listdir(tmp_path)) < 30 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.01)
+    finally:
+        proc.kill()
+        proc.wait()
+    files = read_all(tmp_path)
+    assert len(files) >= 30
+    assert all(data == bytes([65 + int(name[:7]) % 26]) * 65536 for name, data in files.items())
 
 
 # ---------------------------------------------------------------------------------------------------------------
