@@ -41,7 +41,9 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--preset", default="tiny", choices=["tiny", "sdxl-base"])
-    parser.add_argument("--resolution", type=int, default=128, help="bucket base resolution (1024 for sdxl-base)")
+    parser.add_argument(
+        "--resolution", type=int, default=128, help="bucket base resolution (1024 for sdxl-base)"
+    )
     parser.add_argument("--precision", default="no", choices=["no", "fp16", "bf16"])
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--kinds", nargs="+", default=["palette", "one_hot"])

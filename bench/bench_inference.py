@@ -9,6 +9,7 @@ Usage:
     python bench/bench_inference.py --preset sdxl-base --device cuda --dtype bf16 --width 1024 --height 1024 \
         --steps 30 --images 4 --lora-rank 16                          # the GPU reference figure
     python bench/bench_inference.py --preset sdxl-base --device cuda --dtype bf16 --channels-last --compile
+    python bench/bench_inference.py --preset sdxl-base --device cuda --dtype bf16 --controlnet palette   # vs plain
 
 Prints one markdown table row (for bench/RESULTS.md) and a JSON line.
 """
@@ -41,6 +42,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--lora-rank", type=int, default=0, help="add a random LoRA of this rank to the UNet (0: none)"
     )
     p.add_argument("--fuse-lora", action="store_true", help="fuse the LoRA into the weights")
+    p.add_argument(
+        "--controlnet", choices=("palette", "one_hot"), default=None,
+        help="add a ControlNet (copied from the UNet, random zero-conv weights) taking this mask form",
+    )  # fmt: skip
     p.add_argument("--channels-last", action="store_true")
     p.add_argument(
         "--compile", action="store_true", help="torch.compile the UNet (warm-up includes compiling)"
@@ -65,6 +70,23 @@ def add_random_lora(pipe, rank: int, fuse: bool) -> None:
     if fuse:
         pipe.fuse_lora(components=["unet"])
         pipe.unet.delete_adapters("bench")
+
+
+def add_random_controlnet(pipe, kind: str):
+    """Wrap ``pipe`` into a StableDiffusionXLControlNetPipeline with a ControlNet copied from its UNet."""
+    import torch
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    from ai.controlnet import control
+
+    controlnet = control.build_controlnet(pipe.unet, kind).to(pipe.unet.device, pipe.unet.dtype)
+    with (
+        torch.no_grad()
+    ):  # zero convolutions would let nothing through; the cost is the same, the numbers real
+        for name, param in controlnet.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block")) and param.ndim > 1:
+                param.normal_(std=0.01)
+    return StableDiffusionXLControlNetPipeline(**pipe.components, controlnet=controlnet)
 
 
 def main(argv=None) -> int:
@@ -96,6 +118,14 @@ def main(argv=None) -> int:
     width, height = args.width or native, args.height or native
     if args.lora_rank:
         add_random_lora(pipe, args.lora_rank, args.fuse_lora)
+    extra = {}
+    if args.controlnet:
+        from ai.controlnet import conditioning
+
+        pipe = add_random_controlnet(pipe, args.controlnet)
+        ids = torch.randint(0, 19, (height, width), dtype=torch.uint8).numpy()
+        cond = conditioning.ids_to_tensor(ids, args.controlnet)[None]
+        extra["image"] = cond.expand(args.batch_size, -1, -1, -1).to(device, torch_dtype(args.dtype))
     pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler)
     apply_speed_switches(
         pipe,
@@ -117,7 +147,7 @@ def main(argv=None) -> int:
             torch.cuda.synchronize(device)
 
     t0 = time.perf_counter()
-    call_pipeline(pipe, items[: args.batch_size], cfg)  # warm-up (and compile)
+    call_pipeline(pipe, items[: args.batch_size], cfg, **extra)  # warm-up (and compile)
     sync()
     warmup_s = time.perf_counter() - t0
     if device.type == "cuda":
@@ -125,7 +155,7 @@ def main(argv=None) -> int:
     timed = items[args.batch_size :]
     t0 = time.perf_counter()
     for begin in range(0, len(timed), args.batch_size):
-        call_pipeline(pipe, timed[begin : begin + args.batch_size], cfg)
+        call_pipeline(pipe, timed[begin : begin + args.batch_size], cfg, **extra)
     sync()
     seconds = time.perf_counter() - t0
     per_image = seconds / len(timed)
@@ -143,6 +173,7 @@ def main(argv=None) -> int:
         "batch_size": args.batch_size,
         "lora_rank": args.lora_rank,
         "fuse_lora": args.fuse_lora,
+        "controlnet": args.controlnet,
         "channels_last": args.channels_last,
         "compile": args.compile,
         "images": len(timed),
@@ -159,6 +190,8 @@ def main(argv=None) -> int:
     }
     lora = f"r{args.lora_rank}{' fused' if args.fuse_lora else ''}" if args.lora_rank else "none"
     switches = ", ".join(k for k in ("channels_last", "compile") if result[k]) or "-"
+    if args.controlnet:
+        switches = f"ControlNet ({args.controlnet})" + ("" if switches == "-" else f", {switches}")
     print(
         f"| {result['device']} | {args.preset} | {width}x{height} | {args.steps} | {args.dtype} | {args.batch_size} | "
         f"{lora} | {switches} | {per_image:.3f} | {result['ms_per_step']} | {result['peak_mem_gib'] or '-'} |"

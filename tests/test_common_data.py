@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import random
 
 import numpy as np
@@ -151,3 +152,81 @@ def test_holdout_is_deterministic(tmp_path):
     assert len(train) == 4 and len(held) == 2 and data.holdout_split(rows, 2, seed=0)[1] == held
     with pytest.raises(UserError, match="leaves no training rows"):
         data.holdout_split(rows, 6, seed=0)
+
+
+# --- EXIF orientation: photos used upright, sizes from headers agree ------------------------------------------
+
+
+def write_sideways_jpeg(path, orientation: int):
+    """An upright 96x160 portrait scene stored turned by 90 degrees with the EXIF tag that undoes it (as phones do).
+
+    Returns the upright original as an array. Orientation 6: the viewer turns the stored pixels 90 degrees
+    clockwise; 8: counter-clockwise.
+    """
+    from PIL import ExifTags
+
+    y, x = np.mgrid[0:160, 0:96]
+    upright = np.stack([x * 255 / 96, y * 255 / 160, np.where(y < 40, 230, 20)], -1).astype(np.uint8)
+    stored = np.rot90(upright, k=1 if orientation == 6 else -1)  # the inverse of the viewer's turn
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    Image.fromarray(np.ascontiguousarray(stored)).save(path, quality=95, exif=exif)
+    return upright
+
+
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_exif_rotated_photo_loads_upright_with_swapped_size(tmp_path, orientation):
+    from PIL import ImageOps
+
+    path = tmp_path / "phone.jpg"
+    upright = write_sideways_jpeg(path, orientation)
+    with Image.open(path) as raw:
+        assert raw.size == (160, 96)  # stored landscape
+        stored = np.asarray(raw.convert("RGB"))
+    assert data._image_size(str(path)) == (96, 160)
+    assert data._image_size(path.read_bytes()) == (96, 160)
+    img = data.open_image(str(path))
+    assert img.size == (96, 160) and img.mode == "RGB"
+    pixels = np.asarray(img)
+    # exactly the decoded stored pixels turned the way the tag says, and what PIL's exif_transpose gives
+    assert np.array_equal(pixels, np.rot90(stored, k=-1 if orientation == 6 else 1))
+    with Image.open(path) as raw:
+        assert np.array_equal(pixels, np.asarray(ImageOps.exif_transpose(raw).convert("RGB")))
+    # and the upright scene itself (JPEG loss aside): the bright band is at the top
+    assert np.abs(pixels.astype(int) - upright.astype(int)).mean() < 3
+    assert pixels[:40, :, 2].mean() > 200 and pixels[40:, :, 2].mean() < 50
+    # label maps and other conditioning images are used as stored
+    assert data._image_size(str(path), upright=False) == (160, 96)
+    assert np.array_equal(np.asarray(data.open_image(str(path), upright=False)), stored)
+
+
+def test_exif_rotated_photo_buckets_and_trains_upright(tmp_path):
+    path = tmp_path / "phone.jpg"
+    write_sideways_jpeg(path, 6)
+    (tmp_path / "t.csv").write_text("image,text\nphone.jpg,a street\n")
+    rows = data.load_rows(tmp_path / "t.csv").rows
+    assert rows[0].size == (96, 160)
+    geo = data.Geometry(tuple(data.sdxl_buckets(128, 16)), "center", False, seed=0)
+    bucket = geo.bucket_of(rows[0])
+    assert bucket == data.nearest_bucket((96, 160), geo.buckets) and bucket[0] < bucket[1]  # portrait
+    assert bucket != data.nearest_bucket((160, 96), geo.buckets)
+    item = data.SDXLDataset(rows, geo)[(0, 0)]
+    assert item["pixel_values"].shape == (3, bucket[1], bucket[0])
+    assert item["time_ids"].tolist()[:2] == [160, 96]  # original (h, w) of the upright photo
+    blue = item["pixel_values"][2]  # the bright band stays at the top of the crop
+    assert blue[:10].mean() > 0.5 and blue[-10:].mean() < -0.5
+
+
+def test_image_size_reads_headers_only(tmp_path):
+    """A file whose pixel data is cut off still has its (upright) size read; decoding it fails."""
+    jpeg = tmp_path / "phone.jpg"
+    write_sideways_jpeg(jpeg, 6)
+    cut = jpeg.read_bytes()[: len(jpeg.read_bytes()) // 2]
+    assert data._image_size(cut) == (96, 160)
+    png = io.BytesIO()
+    Image.new("RGB", (64, 32), (10, 20, 30)).save(png, format="PNG")
+    cut_png = png.getvalue()[:-40]  # drop the end of IDAT and IEND
+    assert data._image_size(cut_png) == (64, 32)
+    for src in (cut, cut_png):
+        with pytest.raises(OSError):
+            data.open_image(src)

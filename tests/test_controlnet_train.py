@@ -173,7 +173,10 @@ def test_launcher_trains_validates_and_exports_a_diffusers_controlnet(tiny_sdxl,
     sheets = sorted((run / "validation" / "step-000004").glob("*.png"))
     assert len(sheets) == 2  # two held-out masks x one seed
     with Image.open(sheets[0]) as im:
-        assert im.size == (2 * 80, 48)  # mask | generated, in the 16:9-like bucket (80x48 at base 64 px) of 320x180
+        assert im.size == (
+            2 * 80,
+            48,
+        )  # mask | generated, in the 16:9-like bucket (80x48 at base 64 px) of 320x180
     assert (run / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
     # the final folder loads with diffusers' own classes and steers the pipeline
     cn = ControlNetModel.from_pretrained(run / "controlnet")
@@ -314,3 +317,32 @@ def test_bad_config_is_refused_with_a_clear_message(tiny_sdxl, controlnet_csvs, 
     except (UserError, SystemExit) as exc:  # load_config reports schema errors as UserError too
         got = str(exc)
     assert message in got, got
+
+
+def test_a_fused_style_lora_is_in_the_frozen_unet_and_the_controlnet_copy(tiny_sdxl, tmp_path):  # noqa: F811
+    """controlnet.fuse_lora: UNet weights become W + scale * (alpha / r) * B @ A, and a fresh ControlNet copies them."""
+    import torch
+    from peft import LoraConfig
+
+    from ai.common import lora_export
+    from ai.common.models import load_components
+    from ai.controlnet import control
+
+    trained = load_components(tiny_sdxl)
+    trained.unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=8, target_modules=["conv_in"], init_lora_weights="gaussian")
+    )
+    with torch.no_grad():  # a "trained" LoRA: B is no longer zero
+        trained.unet.conv_in.lora_B["default"].weight.normal_(0, 0.1)
+    lora_file = lora_export.save_lora(tmp_path, trained.unet, None, None, kohya=False)[0]
+    a = trained.unet.conv_in.lora_A["default"].weight
+    b = trained.unet.conv_in.lora_B["default"].weight
+    delta = 0.5 * (8 / 4) * torch.einsum("or,rikl->oikl", b[:, :, 0, 0], a)
+
+    comps = load_components(tiny_sdxl)
+    base = comps.unet.conv_in.weight.detach().clone()
+    control.fuse_lora(comps, str(lora_file), scale=0.5)
+    torch.testing.assert_close(comps.unet.conv_in.weight, base + delta)
+    assert not any("lora" in name for name, _ in comps.unet.named_parameters())  # fused, adapters removed
+    controlnet = control.build_controlnet(comps.unet, "palette")
+    assert torch.equal(controlnet.conv_in.weight, comps.unet.conv_in.weight)

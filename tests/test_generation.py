@@ -6,10 +6,15 @@ merging) is checked in milliseconds; tests/test_lora_infer.py runs it with the r
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import time
+from pathlib import Path
 
 import pytest
 
+from ai.common import generation
 from ai.common.cli import UserError
 from ai.common.config import load_config
 from ai.common.generation import (
@@ -27,6 +32,7 @@ from ai.common.generation import (
     read_prompts,
     run_generation,
 )
+from ai.common.io import sha256_file
 
 
 def make_config(tmp_path, *overrides: str) -> GenerationConfig:
@@ -267,3 +273,108 @@ def test_unreadable_input_stops_or_is_skipped(tmp_path):
         "00001_00.png",
         "00002_00.png",
     ]
+
+
+# --- cached file digests for model fingerprints -----------------------------------------------------------------
+
+
+def make_model_folder(folder, weights: bytes = b"unet-weights-1"):
+    """A model folder whose files were last written an hour ago (settled: their digests may be cached)."""
+    (folder / "unet").mkdir(parents=True)
+    config, unet = folder / "model_index.json", folder / "unet" / "diffusion_pytorch_model.safetensors"
+    config.write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    unet.write_bytes(weights)
+    past = time.time() - 3600
+    for path in (config, unet):
+        os.utime(path, (past, past))
+    return config, unet
+
+
+def plain_fingerprint(*paths) -> str:
+    """The fingerprint as it was defined before caching: sha256 over the files' sha256 lines."""
+    lines = [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+@pytest.fixture
+def counted_hashing(monkeypatch):
+    """Records every file that model_fingerprint actually reads to hash."""
+    read = []
+
+    def counting_sha256_file(path, *args, **kwargs):
+        read.append(Path(path).name)
+        return sha256_file(path, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "sha256_file", counting_sha256_file)
+    return read
+
+
+def test_model_fingerprint_is_cached_by_path_size_and_mtime(tmp_path, monkeypatch, counted_hashing):
+    config, unet = make_model_folder(tmp_path / "model")
+    cache = tmp_path / "cache" / "hashes.json"
+    first = model_fingerprint(str(tmp_path / "model"), hash_cache=cache)
+    assert first == plain_fingerprint(config, unet)  # the same value as before caching: old metadata compares
+    assert sorted(counted_hashing) == ["diffusion_pytorch_model.safetensors", "model_index.json"]
+    entries = json.loads(cache.read_text())
+    assert entries[str(unet.resolve())]["size"] == len(b"unet-weights-1")
+    assert entries[str(unet.resolve())]["mtime_ns"] == unet.stat().st_mtime_ns
+
+    counted_hashing.clear()
+    assert model_fingerprint(str(tmp_path / "model"), hash_cache=cache) == first
+    assert counted_hashing == []  # nothing read again
+
+    past = time.time() - 1800  # touched: same bytes, new mtime -> hashed again, same value
+    os.utime(unet, (past, past))
+    assert model_fingerprint(str(tmp_path / "model"), hash_cache=cache) == first
+    assert counted_hashing == ["diffusion_pytorch_model.safetensors"]
+
+    counted_hashing.clear()  # rewritten with the same size and an old mtime: the mtime still differs
+    unet.write_bytes(b"unet-weights-2")
+    os.utime(unet, (past - 60, past - 60))
+    second = model_fingerprint(str(tmp_path / "model"), hash_cache=cache)
+    assert counted_hashing == ["diffusion_pytorch_model.safetensors"]
+    assert second == plain_fingerprint(config, unet) != first
+
+    counted_hashing.clear()  # the same file reached by another path (relative) shares the entry
+    monkeypatch.chdir(tmp_path)
+    assert model_fingerprint("./model", hash_cache=cache) == second and counted_hashing == []
+
+
+def test_model_fingerprint_cache_trusts_only_settled_files(tmp_path, counted_hashing):
+    """A file written just now could be rewritten within the mtime's granularity: hashed on every call."""
+    config, unet = make_model_folder(tmp_path / "model")
+    unet.write_bytes(b"fresh weights")
+    cache = tmp_path / "hashes.json"
+    for _ in range(2):
+        assert model_fingerprint(str(tmp_path / "model"), hash_cache=cache) == plain_fingerprint(config, unet)
+    assert counted_hashing.count("diffusion_pytorch_model.safetensors") == 2
+    assert counted_hashing.count("model_index.json") == 1
+
+
+def test_model_fingerprint_cache_defaults_to_xdg_and_survives_unwritable_or_corrupt_cache(
+    tmp_path, monkeypatch, counted_hashing
+):
+    config, unet = make_model_folder(tmp_path / "model")
+    expected = plain_fingerprint(config, unet)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert generation.default_hash_cache() == tmp_path / "xdg" / "bdd-sdxl" / "file-sha256.json"
+    assert model_fingerprint(str(tmp_path / "model")) == expected
+    assert generation.default_hash_cache().is_file()
+    assert sorted(p.name for p in (tmp_path / "model").rglob("*")) == [  # nothing written into the model
+        "diffusion_pytorch_model.safetensors",
+        "model_index.json",
+        "unet",
+    ]
+
+    blocker = tmp_path / "not-a-dir"  # a cache whose folder cannot be made (works as root, unlike chmod)
+    blocker.write_text("")
+    counted_hashing.clear()
+    for _ in range(2):
+        assert model_fingerprint(str(tmp_path / "model"), hash_cache=blocker / "hashes.json") == expected
+    assert len(counted_hashing) == 4  # no cache: hashed every time, silently
+
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text('{"torn": ')
+    counted_hashing.clear()
+    assert model_fingerprint(str(tmp_path / "model"), hash_cache=corrupt) == expected
+    assert len(counted_hashing) == 2 and str(unet.resolve()) in json.loads(corrupt.read_text())

@@ -5,7 +5,9 @@ Shared by the LoRA and ControlNet trainers. The pieces, top to bottom:
 * :func:`load_rows` reads a CSV (``image,text`` columns; relative paths are relative to the CSV's folder) or a
   Hugging Face dataset (hub name on an online host, a ``save_to_disk`` folder, or a data folder) through
   ``datasets``, checks the columns, and reads every image's size from its header (unreadable images are skipped
-  and listed, or fail the run, per ``on_bad_image``).
+  and listed, or fail the run, per ``on_bad_image``). Photos are used upright: an EXIF Orientation tag (a phone
+  photo stored sideways) is applied by :func:`open_image`, and the sizes read from headers are the upright ones,
+  so buckets and micro-conditioning match the pixels. Conditioning images (label maps) are used as stored.
 * :func:`sdxl_buckets` is the standard SDXL bucket set (~1024^2 pixels, sides multiples of 64, aspect 1:4..4:1),
   scaled by a base resolution so tests can train at 128 px. A 1280x720 frame lands in the 1344x768 bucket.
 * :func:`plan_crop` / :func:`apply_plan`: resize to cover the bucket, crop (center or random), optional
@@ -32,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from PIL import Image
+from PIL import ExifTags, Image
 
 from ai.common.cli import UserError
 
@@ -49,7 +51,10 @@ CropMode = Literal["center", "random"]
 
 @dataclass(frozen=True)
 class Row:
-    """One training example. ``image``/``conditioning`` are a file path or encoded image bytes."""
+    """One training example. ``image``/``conditioning`` are a file path or encoded image bytes.
+
+    ``size`` is the image's upright (width, height): swapped for an EXIF orientation that turns it by 90 degrees.
+    """
 
     index: int
     image: str | bytes
@@ -71,9 +76,41 @@ def _read_bytes(src: str | bytes) -> bytes:
     return src if isinstance(src, bytes) else Path(src).read_bytes()
 
 
-def open_image(src: str | bytes | Path, mode: str = "RGB") -> Image.Image:
+#: EXIF Orientation -> the transpose that makes the stored pixels upright (the table of ``ImageOps.exif_transpose``).
+EXIF_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """EXIF Orientation of an opened image (1 = stored upright, also when absent or malformed); decodes no pixels.
+
+    Reads what parsing the header already found (JPEG/WebP EXIF, TIFF tags, XMP ``tiff:Orientation``, PNG chunks
+    before the pixel data). The base class's ``getexif`` is called on purpose: PNG's own would decode the whole
+    image to look for EXIF after the pixel data, which sizes read from headers must not do.
+    """
+    try:
+        value = Image.Image.getexif(img).get(ExifTags.Base.Orientation, 1)
+    except Exception as exc:  # a broken EXIF block must not make a decodable photo unreadable
+        logger.debug("ignoring unreadable EXIF (%s: %s)", type(exc).__name__, exc)
+        return 1
+    return value if isinstance(value, int) and value in EXIF_TRANSPOSE else 1
+
+
+def open_image(src: str | bytes | Path, mode: str = "RGB", *, upright: bool = True) -> Image.Image:
+    """Decode an image; ``upright`` applies its EXIF orientation (photos), ``upright=False`` keeps the stored
+    pixels (label maps and other conditioning images). The size always agrees with :func:`_image_size`."""
     img = Image.open(io.BytesIO(src) if isinstance(src, bytes) else src)
+    orientation = exif_orientation(img) if upright else 1  # from the header, as _image_size reads it
     img.load()
+    if orientation != 1:
+        img = img.transpose(EXIF_TRANSPOSE[orientation])
     return img.convert(mode) if mode and img.mode != mode else img
 
 
@@ -124,7 +161,7 @@ def load_rows(
         try:
             size = _image_size(image)
             if cond is not None:
-                _image_size(cond)
+                _image_size(cond, upright=False)
         except (OSError, ValueError) as exc:
             reason = f"{type(exc).__name__}: {exc}".replace("\n", " ")
             if on_bad_image == "fail":
@@ -204,11 +241,14 @@ def _resolve(value: Any, base: Path) -> str | bytes:
     return str(p if p.is_absolute() else base / p)
 
 
-def _image_size(src: str | bytes) -> Size:
+def _image_size(src: str | bytes, *, upright: bool = True) -> Size:
+    """(width, height) from the header alone; ``upright``: as :func:`open_image` returns it (EXIF orientation)."""
     if src == "":
         raise ValueError("empty image path")
     with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as img:
-        return img.size
+        width, height = img.size
+        turned = upright and exif_orientation(img) in (5, 6, 7, 8)  # the orientations that turn by 90 degrees
+    return (height, width) if turned else (width, height)
 
 
 def holdout_split(rows: Sequence[Row], n_holdout: int, seed: int) -> tuple[list[Row], list[Row]]:
@@ -465,7 +505,9 @@ class SDXLDataset:
             item["conditioning"] = self.conditioning_fn(row, plan)
         elif row.conditioning is not None:
             cond = apply_plan(
-                open_image(row.conditioning, self.conditioning_mode), plan, self.conditioning_resample
+                open_image(row.conditioning, self.conditioning_mode, upright=False),
+                plan,
+                self.conditioning_resample,
             )
             item["conditioning"] = cond
         return item

@@ -13,7 +13,8 @@ What every ``infer_*.py`` does the same way lives here once:
   ``PartialState.split_between_processes``, atomic PNG writes, one metadata part file per process merged into
   ``generations/metadata.jsonl`` by the main process (no two processes ever write the same file);
 * pipeline set-up: scheduler by name, dtype/device, attention backend, channels_last, torch.compile, VAE
-  slicing/tiling, resolution checks, and fingerprints of the base model and adapter files.
+  slicing/tiling, resolution checks, and fingerprints of the base model and adapter files (file digests cached
+  in ``$XDG_CACHE_HOME/bdd-sdxl/file-sha256.json`` by path, size and mtime, so reruns skip re-reading the UNet).
 
 A script adds only what is specific to it (loading its adapter, extra pipeline arguments, per-item inputs).
 """
@@ -169,7 +170,7 @@ def read_prompts(cfg: GenerationConfig) -> list[PromptEntry]:
     if cfg.prompts_file:
         entries += _read_prompts_file(Path(cfg.prompts_file))
     if cfg.captions_csv:
-        entries += _read_captions_csv(Path(cfg.captions_csv), cfg.captions_column, cfg.on_error)
+        entries += read_captions_csv(Path(cfg.captions_csv), cfg.captions_column, cfg.on_error)
     if cfg.max_prompts is not None:
         entries = entries[: cfg.max_prompts]
     if not entries:
@@ -201,7 +202,7 @@ def _read_prompts_file(path: Path) -> list[PromptEntry]:
     return out
 
 
-def _read_captions_csv(path: Path, column: str, on_error: str) -> list[PromptEntry]:
+def read_captions_csv(path: Path, column: str, on_error: str) -> list[PromptEntry]:
     """Rows of a CSV (e.g. the stage 1 ``image,text`` CSV); relative paths in it are relative to the CSV's folder."""
     reader = csv.DictReader(io.StringIO(_read_text(path, "captions_csv"), newline=""))
     columns = reader.fieldnames or []
@@ -627,9 +628,18 @@ def _weights_files(folder: Path, variant: str | None) -> list[Path]:
 
 
 def model_fingerprint(
-    path_or_id: str, variant: str | None = None, config_name: str = "model_index.json"
+    path_or_id: str,
+    variant: str | None = None,
+    config_name: str = "model_index.json",
+    *,
+    hash_cache: str | os.PathLike | None = None,
 ) -> str:
-    """sha256 over the model's config file and its UNet (or, for a VAE folder, its own) weights; ``hub:<id>`` for a hub id."""
+    """sha256 over the model's config file and its UNet (or, for a VAE folder, its own) weights; ``hub:<id>`` for a hub id.
+
+    File digests come from :func:`cached_sha256_files` (``hash_cache``: its cache file, default
+    :func:`default_hash_cache`), so a rerun does not read gigabytes of unchanged UNet weights again; the value is
+    the same as hashing every file.
+    """
     from ai.common.models import is_local
 
     if not is_local(path_or_id):
@@ -637,5 +647,71 @@ def model_fingerprint(
     folder = Path(path_or_id)
     weights_dir = folder / "unet" if (folder / "unet").is_dir() else folder
     config = folder / config_name if (folder / config_name).is_file() else folder / "config.json"
-    digests = [sha256_file(config)] + [sha256_file(p) for p in _weights_files(weights_dir, variant)]
+    digests = cached_sha256_files([config, *_weights_files(weights_dir, variant)], hash_cache)
     return sha256_bytes("\n".join(digests).encode())
+
+
+#: A cached digest is trusted only for a file last modified this long before it was hashed: a file rewritten
+#: within the file system's timestamp granularity could keep its size and mtime (git's "racily clean" rule).
+HASH_CACHE_SETTLE_NS = 2_000_000_000
+
+
+def default_hash_cache() -> Path:
+    """``$XDG_CACHE_HOME/bdd-sdxl/file-sha256.json`` (``~/.cache`` without XDG_CACHE_HOME): outside model folders."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "bdd-sdxl" / "file-sha256.json"
+
+
+def cached_sha256_files(
+    paths: Sequence[str | os.PathLike], cache_file: str | os.PathLike | None = None
+) -> list[str]:
+    """sha256 of each file, reusing digests from ``cache_file`` for files whose (real path, size, mtime_ns) match.
+
+    A changed, replaced or touched file is hashed again. The cache is a small JSON map written atomically (two
+    processes writing at once lose at most each other's new entries); entries of deleted files are dropped. An
+    unreadable or corrupt cache counts as empty and a cache that cannot be written (read-only home) is skipped:
+    the digests are then simply computed, never wrong.
+    """
+    cache_path = Path(cache_file) if cache_file is not None else default_hash_cache()
+    entries = _read_hash_cache(cache_path)
+    digests, changed = [], False
+    for path in paths:
+        key = os.path.realpath(path)  # symlinks (HF cache snapshots) share their target's entry
+        stat = os.stat(path)
+        entry = entries.get(key)
+        if (
+            isinstance(entry, dict)
+            and entry.get("size") == stat.st_size
+            and entry.get("mtime_ns") == stat.st_mtime_ns
+            and isinstance(entry.get("hashed_at_ns"), int)
+            and entry["hashed_at_ns"] - stat.st_mtime_ns >= HASH_CACHE_SETTLE_NS
+            and isinstance(entry.get("sha256"), str)
+        ):
+            digests.append(entry["sha256"])
+            continue
+        hashed_at = time.time_ns()
+        digest = sha256_file(path)
+        entries[key] = {
+            "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+            "hashed_at_ns": hashed_at,
+            "sha256": digest,
+        }
+        digests.append(digest)
+        changed = True
+    if changed:
+        kept = {k: v for k, v in entries.items() if os.path.exists(k)}
+        try:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(cache_path, json.dumps(kept, indent=1, sort_keys=True) + "\n")
+        except OSError as exc:
+            logger.debug("file hash cache %s not written (%s); hashing again next time", cache_path, exc)
+    return digests
+
+
+def _read_hash_cache(path: Path) -> dict[str, Any]:
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, unreadable or torn: start empty
+        return {}
+    return entries if isinstance(entries, dict) else {}

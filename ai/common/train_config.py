@@ -165,3 +165,24 @@ def check_common_inputs(cfg: TrainingConfig, run_dir) -> None:
     ckpt = resolve_resume(run_dir, cfg.checkpoint.resume_from)
     if ckpt is not None:
         check_resume_compatible(ckpt, cfg.model_dump(mode="json"), RESUME_FREE_KEYS)
+
+
+def trainer_main(argv, *, prog: str, description: str, config_cls, check_inputs, train, example: str) -> int:
+    """The command line every trainer shares: ``--config FILE [--check] [key=value ...]``."""
+    import argparse
+
+    from ai.common.cli import setup_logging
+    from ai.common.config import load_config
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--check", action="store_true", help="validate the config and inputs, then exit")
+    parser.add_argument("overrides", nargs="*", help=f"dotted key=value overrides, e.g. {example}")
+    args = parser.parse_args(argv)
+    setup_logging()
+    cfg = load_config(config_cls, args.config, args.overrides)
+    check_inputs(cfg)
+    if args.check:
+        print(f"config OK: {args.config}")
+        return 0
+    return train(cfg)

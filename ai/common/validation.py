@@ -43,7 +43,11 @@ def loss_on_set(
 
 def sdxl_pipeline(components, unet, text_encoder, text_encoder_2, vae, controlnet=None):
     """A StableDiffusionXL(ControlNet)Pipeline around the models being trained (no copies)."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline
+    from diffusers import (
+        EulerDiscreteScheduler,
+        StableDiffusionXLControlNetPipeline,
+        StableDiffusionXLPipeline,
+    )
 
     extra = {} if controlnet is None else {"controlnet": controlnet}
     pipeline_cls = StableDiffusionXLPipeline if controlnet is None else StableDiffusionXLControlNetPipeline

@@ -159,6 +159,20 @@ def build_controlnet(
     return ControlNetModel.from_pretrained(init_from)
 
 
+def fuse_lora(comps, lora_path: str, scale: float = 1.0) -> None:
+    """Fuse a trained SDXL LoRA (file or folder) into the frozen UNet (and text encoders, if it has parts for them)."""
+    from ai.common.validation import sdxl_pipeline
+
+    pipe = sdxl_pipeline(comps, comps.unet, comps.text_encoder, comps.text_encoder_2, comps.vae)
+    path = Path(lora_path)
+    if path.is_dir():
+        pipe.load_lora_weights(str(path), weight_name="pytorch_lora_weights.safetensors")
+    else:
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+    pipe.fuse_lora(lora_scale=scale)
+    pipe.unload_lora_weights()  # the fused weights stay, the adapter layers go
+
+
 class ControlledUNet(torch.nn.Module):
     """UNet + ControlNet with the UNet's call signature; the condition is set with :meth:`set_condition`.
 

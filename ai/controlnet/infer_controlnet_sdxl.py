@@ -42,7 +42,6 @@ from ai.common.generation import (
     GenerationConfig,
     GenerationPaths,
     PromptEntry,
-    _read_captions_csv,
     apply_speed_switches,
     build_sdxl_pipeline,
     build_work_items,
@@ -54,6 +53,7 @@ from ai.common.generation import (
     model_fingerprint,
     native_size,
     plan_generation,
+    read_captions_csv,
     read_jsonl,
     resolve_device,
     run_generation,
@@ -289,7 +289,7 @@ def read_captions(cfg: ControlNetInferConfig, masks: Sequence[Mask]) -> tuple[li
     if captions_path is None:
         found = {m.name: (cfg.prompt, "prompt") for m in masks}
     elif Path(captions_path).is_file():
-        for entry in _read_captions_csv(Path(captions_path), cfg.captions_column, cfg.on_error):
+        for entry in read_captions_csv(Path(captions_path), cfg.captions_column, cfg.on_error):
             key = entry.source.get("mask_path") or entry.source.get("source_frame")
             if key is None:
                 raise UserError(

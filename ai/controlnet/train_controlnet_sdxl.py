@@ -26,7 +26,6 @@ Outputs in ``runs/<output.name>/``: ``checkpoint-<step>/`` (resumable, each with
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
@@ -34,8 +33,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ai.common.cli import UserError, run_main, setup_logging
-from ai.common.config import Section, load_config
+from ai.common.cli import UserError, run_main
+from ai.common.config import Section
 from ai.common.train_config import (
     DataConfig,
     LogConfig,
@@ -43,6 +42,7 @@ from ai.common.train_config import (
     TrainingConfig,
     ValidationConfig,
     check_common_inputs,
+    trainer_main,
 )
 
 logger = logging.getLogger("train_controlnet_sdxl")
@@ -144,13 +144,7 @@ def train(cfg: Config) -> int:
     comps = load_components(cfg.model.pretrained_model, vae=cfg.model.vae, variant=cfg.model.variant)
     scheduler = trainer.noise_scheduler(comps)  # DDPM noising for training (the pipeline samples with Euler)
     if cfg.controlnet.fuse_lora:
-        pipe = validation.sdxl_pipeline(
-            comps, comps.unet, comps.text_encoder, comps.text_encoder_2, comps.vae
-        )
-        pipe.load_lora_weights(cfg.controlnet.fuse_lora)
-        pipe.fuse_lora(lora_scale=cfg.controlnet.fuse_lora_scale)
-        pipe.unload_lora_weights()  # the fused weights stay, the adapter layers go
-        del pipe
+        control.fuse_lora(comps, cfg.controlnet.fuse_lora, cfg.controlnet.fuse_lora_scale)
     controlnet = control.build_controlnet(
         comps.unet, kind, cfg.controlnet.init_from, cfg.controlnet.conditioning_embedding_out_channels,
         cfg.controlnet.conditioning_embedding_init,
@@ -340,24 +334,10 @@ def train(cfg: Config) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m ai.controlnet.train_controlnet_sdxl",
-        description="Train an SDXL ControlNet on segmentation masks from a YAML config "
-        "(launch with ai/controlnet/run_controlnet_train.sh).",
-    )
-    parser.add_argument("--config", required=True, help="YAML config, e.g. config/controlnet_train.yaml")
-    parser.add_argument("--check", action="store_true", help="validate the config and inputs, then exit")
-    parser.add_argument(
-        "overrides", nargs="*", help="dotted key=value overrides, e.g. controlnet.conditioning=one_hot"
-    )
-    args = parser.parse_args(argv)
-    setup_logging()
-    cfg = load_config(Config, args.config, args.overrides)
-    check_inputs(cfg)
-    if args.check:
-        print(f"config OK: {args.config}")
-        return 0
-    return train(cfg)
+    return trainer_main(
+        argv, prog="python -m ai.controlnet.train_controlnet_sdxl", config_cls=Config, check_inputs=check_inputs, train=train, example="controlnet.conditioning=one_hot",
+        description="Train an SDXL ControlNet on segmentation masks from a YAML config (launch with ai/controlnet/run_controlnet_train.sh).",
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ copy for ComfyUI/A1111, ``config.resolved.yaml``, ``metrics.jsonl``, ``loss_curv
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
@@ -25,14 +24,15 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ai.common.cli import UserError, run_main, setup_logging
-from ai.common.config import Section, load_config
+from ai.common.cli import UserError, run_main
+from ai.common.config import Section
 from ai.common.train_config import (
     LogConfig,
     OutputConfig,
     TrainingConfig,
     ValidationConfig,
     check_common_inputs,
+    trainer_main,
 )
 
 logger = logging.getLogger("train_lora_sdxl")
@@ -290,23 +290,10 @@ def train(cfg: Config) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m ai.lora.train_lora_sdxl",
+    return trainer_main(
+        argv, prog="python -m ai.lora.train_lora_sdxl", config_cls=Config, check_inputs=check_inputs, train=train, example="optim.learning_rate=5e-5",
         description="Train an SDXL LoRA from a YAML config (launch with ai/lora/run_lora_train.sh).",
-    )
-    parser.add_argument("--config", required=True, help="YAML config, e.g. config/lora_train.yaml")
-    parser.add_argument("--check", action="store_true", help="validate the config and inputs, then exit")
-    parser.add_argument(
-        "overrides", nargs="*", help="dotted key=value overrides, e.g. optim.learning_rate=5e-5"
-    )
-    args = parser.parse_args(argv)
-    setup_logging()
-    cfg = load_config(Config, args.config, args.overrides)
-    check_inputs(cfg)
-    if args.check:
-        print(f"config OK: {args.config}")
-        return 0
-    return train(cfg)
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
