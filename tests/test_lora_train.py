@@ -247,3 +247,27 @@ def test_launcher_reports_config_errors_in_one_line(check_config):
     assert proc.returncode == 2
     assert "lora.rnak: unknown key (did you mean 'rank'?)" in proc.stderr
     assert "Traceback" not in proc.stderr and "accelerate" not in proc.stderr
+
+
+def test_exported_lora_bytes_do_not_depend_on_the_hash_seed(tiny_sdxl, tmp_path):  # noqa: F811
+    """PEFT keeps target_modules as a set and the safetensors writer its header in a hash map; uncanonicalised, the
+    file (and the lora_sha256 inference records) changes between two exports of the same weights, and a rerun of
+    training + inference would refuse its own earlier images."""
+    script = (
+        "import sys, torch; from peft import LoraConfig; from ai.common.models import load_components; "
+        "from ai.common import lora_export; torch.manual_seed(0); c = load_components(sys.argv[1]); "
+        "c.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=['to_q', 'to_k', 'to_v', 'to_out.0'])); "
+        "lora_export.save_lora(sys.argv[2], c.unet, kohya=False)"
+    )
+    files = []
+    for seed in ("1", "2", "3"):
+        out = tmp_path / seed
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        subprocess.run(
+            [sys.executable, "-c", script, str(tiny_sdxl), str(out)], check=True, env=env, timeout=120
+        )
+        files.append((out / "pytorch_lora_weights.safetensors").read_bytes())
+    assert files[0] == files[1] == files[2]
+    from safetensors.torch import load_file
+
+    assert load_file(tmp_path / "1" / "pytorch_lora_weights.safetensors")  # still a valid safetensors file

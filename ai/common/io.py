@@ -7,8 +7,10 @@ is flushed, and is renamed over the target (rename is atomic on POSIX within one
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -100,3 +102,17 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def canonicalize_safetensors(path: Path) -> None:
+    """Rewrite a safetensors header with sorted keys, so equal weights give equal bytes (and equal sha256).
+
+    The Rust writer keeps the header in a hash map whose order changes from process to process; inference records
+    the LoRA's sha256 and refuses to mix images from different LoRAs, so a rerun that re-exports the same weights
+    must produce the same file. Only the JSON header moves; the data section and its offsets are unchanged.
+    """
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format pads the header to 8-byte alignment with spaces
+    atomic_write_bytes(path, struct.pack("<Q", len(header)) + header + data[8 + n :])

@@ -56,13 +56,15 @@ def save_lora(
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import save_file
 
+    from ai.common.io import canonicalize_safetensors
+
     folder = Path(folder)
     parts = {"unet": peft_state(unet)}
-    metadata = {"unet_lora_adapter_metadata": unet.peft_config["default"].to_dict()}
+    metadata = {"unet_lora_adapter_metadata": _adapter_metadata(unet)}
     for name, te in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
         if te is not None:
             parts[name] = peft_state(te)
-            metadata[f"{name}_lora_adapter_metadata"] = te.peft_config["default"].to_dict()
+            metadata[f"{name}_lora_adapter_metadata"] = _adapter_metadata(te)
     # PEFT keys as they are: convert_state_dict_to_diffusers mangles some module names (verified: a LoRA on
     # proj_in/ff layers no longer loaded back), and load_lora_weights reads PEFT keys directly
     StableDiffusionXLPipeline.save_lora_weights(
@@ -73,14 +75,23 @@ def save_lora(
         **metadata,
     )
     written = [folder / DIFFUSERS_NAME]
+    canonicalize_safetensors(folder / DIFFUSERS_NAME)
     if kohya:
         alphas = {
             name: float(m.peft_config["default"].lora_alpha)
             for name, m in _models(unet, text_encoder, text_encoder_2)
         }
         save_file(to_kohya(parts, alphas), folder / KOHYA_NAME)
+        canonicalize_safetensors(folder / KOHYA_NAME)
         written.append(folder / KOHYA_NAME)
     return written
+
+
+def _adapter_metadata(model) -> dict:
+    """The PEFT config for the file's metadata, with sets sorted: PEFT keeps target_modules as a set, whose order
+    changes with Python's hash seed, so the same weights would give files with different bytes and hashes."""
+    config = model.peft_config["default"].to_dict()
+    return {k: sorted(v) if isinstance(v, set | frozenset) else v for k, v in config.items()}
 
 
 def _models(unet, te1, te2):

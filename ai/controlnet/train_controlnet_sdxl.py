@@ -133,6 +133,7 @@ def train(cfg: Config) -> int:
     from safetensors.torch import load_file
 
     from ai.common import data, diffusion, trainer, training_log, validation
+    from ai.common.io import canonicalize_safetensors
     from ai.common.models import load_components
     from ai.controlnet import conditioning, control
 
@@ -271,6 +272,10 @@ def train(cfg: Config) -> int:
     def export_controlnet(folder: Path) -> list[Path]:
         final = copy.deepcopy(raw).to("cpu", dtype=getattr(torch, cfg.controlnet.save_dtype))
         final.save_pretrained(folder / "controlnet", safe_serialization=True)
+        for weights in (folder / "controlnet").glob("*.safetensors"):
+            canonicalize_safetensors(
+                weights
+            )  # same weights, same bytes: inference reruns compare fingerprints
         return [folder / "controlnet"]
 
     # --- banner ---
