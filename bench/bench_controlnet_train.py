@@ -46,6 +46,9 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--precision", default="no", choices=["no", "fp16", "bf16"])
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument(
+        "--square", action="store_true", help="one square bucket (resolution^2) instead of buckets"
+    )
     parser.add_argument("--kinds", nargs="+", default=["palette", "one_hot"])
     args = parser.parse_args(argv)
 
@@ -66,7 +69,8 @@ def main(argv=None) -> int:
         cfg = {
             "model": {"pretrained_model": str(model)},
             "data": {"train_csv": str(train_csv), "resolution": args.resolution,
-                     "bucket_step": 16 if args.preset == "tiny" else 64, "num_workers": args.workers},
+                     "bucket_step": 16 if args.preset == "tiny" else 64, "num_workers": args.workers,
+                     "use_buckets": not args.square},
             "cache": {"dir": str(tmp / "cache"), "dtype": "float32" if args.precision == "no" else "float16"},
             "controlnet": {"conditioning": kind, "save_dtype": "float32"},
             "train": {"max_train_steps": args.steps, "batch_size": args.batch, "mixed_precision": args.precision,
