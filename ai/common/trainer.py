@@ -262,6 +262,40 @@ def batch_prompt_embeds(
         return encode_text(texts)
 
 
+def denoising_loss(
+    cfg: TrainingConfig,
+    batch: dict,
+    gen: torch.Generator,
+    model,
+    scheduler,
+    vae,
+    vae_dtype: torch.dtype,
+    weight_dtype: torch.dtype,
+    encode_text: Callable,
+    empty_prompt: tuple[torch.Tensor, torch.Tensor],
+    train_text: bool = False,
+) -> torch.Tensor:
+    """One micro-batch's training loss: latents, caption dropout (redrawn every step), noise, timesteps, the
+    ``model`` (a UNet, or a UNet steered by a ControlNet) and the min-SNR-weighted MSE. Every draw comes from ``gen``.
+    """
+    device = gen.device
+    latents = batch_latents(batch, vae, vae_dtype, gen, device)
+    bsz = latents.shape[0]
+    drop = torch.rand(bsz, generator=gen, device=device) < cfg.data.caption_dropout
+    embeds, pooled = batch_prompt_embeds(batch, drop, empty_prompt, encode_text, train_text)
+    noise = diffusion.sample_noise(latents, gen, cfg.loss.noise_offset)
+    timesteps = diffusion.sample_timesteps(bsz, cfg.loss.timestep_min, cfg.loss.timestep_max, gen, device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = diffusion.training_target(scheduler, latents, noise, timesteps, cfg.loss.prediction_type)
+    pred = diffusion.unet_forward(
+        model, noisy.to(weight_dtype), timesteps, embeds.to(weight_dtype), pooled.to(weight_dtype),
+        batch["time_ids"].to(device, weight_dtype),
+    )  # fmt: skip
+    return diffusion.diffusion_loss(
+        pred, target, timesteps, scheduler, cfg.loss.prediction_type, cfg.loss.snr_gamma
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Optimizer
 # ---------------------------------------------------------------------------------------------------------------

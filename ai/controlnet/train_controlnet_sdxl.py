@@ -292,21 +292,19 @@ def train(cfg: Config) -> int:
     # --- loop ---
 
     def compute_loss(batch: dict, gen) -> torch.Tensor:
-        latents = trainer.batch_latents(batch, vae, vae_dtype, gen, device)
-        bsz = latents.shape[0]
-        drop = torch.rand(bsz, generator=gen, device=device) < cfg.data.caption_dropout  # redrawn every step
-        embeds, pooled = trainer.batch_prompt_embeds(batch, drop, empty_prompt, encode_text, False)
-        noise = diffusion.sample_noise(latents, gen, cfg.loss.noise_offset)
-        timesteps = diffusion.sample_timesteps(bsz, cfg.loss.timestep_min, cfg.loss.timestep_max, gen, device)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        target = diffusion.training_target(scheduler, latents, noise, timesteps, cfg.loss.prediction_type)
         controlled.set_condition(batch["conditioning"].to(device, weight_dtype))
-        pred = diffusion.unet_forward(
-            controlled, noisy.to(weight_dtype), timesteps, embeds.to(weight_dtype), pooled.to(weight_dtype),
-            batch["time_ids"].to(device, weight_dtype),
-        )  # fmt: skip
-        return diffusion.diffusion_loss(
-            pred, target, timesteps, scheduler, cfg.loss.prediction_type, cfg.loss.snr_gamma
+        return trainer.denoising_loss(
+            cfg,
+            batch,
+            gen,
+            controlled,
+            scheduler,
+            vae,
+            vae_dtype,
+            weight_dtype,
+            encode_text,
+            empty_prompt,
+            False,
         )
 
     def save(state) -> Path:
@@ -340,9 +338,14 @@ def train(cfg: Config) -> int:
 
 def main(argv=None) -> int:
     return trainer_main(
-        argv, prog="python -m ai.controlnet.train_controlnet_sdxl", config_cls=Config, check_inputs=check_inputs, train=train, example="controlnet.conditioning=one_hot",
+        argv,
+        prog="python -m ai.controlnet.train_controlnet_sdxl",
         description="Train an SDXL ControlNet on segmentation masks from a YAML config (launch with ai/controlnet/run_controlnet_train.sh).",
-    )  # fmt: skip
+        config_cls=Config,
+        check_inputs=check_inputs,
+        train=train,
+        example="controlnet.conditioning=one_hot",
+    )
 
 
 if __name__ == "__main__":

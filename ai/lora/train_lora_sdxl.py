@@ -241,22 +241,18 @@ def train(cfg: Config) -> int:
     # --- loop ---
 
     def compute_loss(batch: dict, gen) -> torch.Tensor:
-        latents = trainer.batch_latents(batch, vae, vae_dtype, gen, device)
-        bsz = latents.shape[0]
-        drop = torch.rand(bsz, generator=gen, device=device) < cfg.data.caption_dropout
-        embeds, pooled = trainer.batch_prompt_embeds(
-            batch, drop, empty_prompt, encode_text, bool(text_encoders)
-        )
-        noise = diffusion.sample_noise(latents, gen, cfg.loss.noise_offset)
-        timesteps = diffusion.sample_timesteps(bsz, cfg.loss.timestep_min, cfg.loss.timestep_max, gen, device)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        target = diffusion.training_target(scheduler, latents, noise, timesteps, cfg.loss.prediction_type)
-        pred = diffusion.unet_forward(
-            unet, noisy.to(weight_dtype), timesteps, embeds.to(weight_dtype), pooled.to(weight_dtype),
-            batch["time_ids"].to(device, weight_dtype),
-        )  # fmt: skip
-        return diffusion.diffusion_loss(
-            pred, target, timesteps, scheduler, cfg.loss.prediction_type, cfg.loss.snr_gamma
+        return trainer.denoising_loss(
+            cfg,
+            batch,
+            gen,
+            unet,
+            scheduler,
+            vae,
+            vae_dtype,
+            weight_dtype,
+            encode_text,
+            empty_prompt,
+            bool(text_encoders),
         )
 
     def save(state) -> Path:
@@ -291,9 +287,14 @@ def train(cfg: Config) -> int:
 
 def main(argv=None) -> int:
     return trainer_main(
-        argv, prog="python -m ai.lora.train_lora_sdxl", config_cls=Config, check_inputs=check_inputs, train=train, example="optim.learning_rate=5e-5",
+        argv,
+        prog="python -m ai.lora.train_lora_sdxl",
         description="Train an SDXL LoRA from a YAML config (launch with ai/lora/run_lora_train.sh).",
-    )  # fmt: skip
+        config_cls=Config,
+        check_inputs=check_inputs,
+        train=train,
+        example="optim.learning_rate=5e-5",
+    )
 
 
 if __name__ == "__main__":
