@@ -346,3 +346,36 @@ def test_a_fused_style_lora_is_in_the_frozen_unet_and_the_controlnet_copy(tiny_s
     assert not any("lora" in name for name, _ in comps.unet.named_parameters())  # fused, adapters removed
     controlnet = control.build_controlnet(comps.unet, "palette")
     assert torch.equal(controlnet.conv_in.weight, comps.unet.conv_in.weight)
+
+
+@pytest.mark.slow
+def test_two_data_parallel_processes_on_cpu(tiny_sdxl, controlnet_csvs, tmp_path):  # noqa: F811
+    from diffusers import ControlNetModel
+
+    train_csv, val_csv = controlnet_csvs
+    cfg = write_config(
+        tmp_path / "ddp.yaml", tiny_sdxl, train_csv, tmp_path / "runs", "ddp",
+        train={"max_train_steps": 2}, checkpoint={"every_n_steps": 2},
+        validation={"every_n_steps": 2, "loss_csv": str(val_csv), "num_images": 1, "num_inference_steps": 1},
+    )  # fmt: skip
+    env = dict(
+        os.environ,
+        ACCELERATE_CONFIG=str(REPO / "config/accelerate_config_cpu_2proc.yaml"),
+        PYTHON=sys.executable,
+    )
+    proc = subprocess.run(
+        ["bash", str(REPO / "ai/controlnet/run_controlnet_train.sh"), str(cfg)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "x2 processes" in proc.stderr
+    run = tmp_path / "runs" / "ddp"
+    state = json.loads((run / "checkpoint-2" / "train_state.json").read_text())
+    assert state["world_size"] == 2 and state["step"] == 2
+    assert (run / "checkpoint-2" / "random_states_1.pkl").is_file()
+    gaps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in gaps if "control_gap" in m] == [
+        0,
+        2,
+    ]  # validation once per step, main process only
+    assert ControlNetModel.from_pretrained(run / "controlnet").config.conditioning_channels == 3

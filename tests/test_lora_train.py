@@ -271,3 +271,31 @@ def test_exported_lora_bytes_do_not_depend_on_the_hash_seed(tiny_sdxl, tmp_path)
     from safetensors.torch import load_file
 
     assert load_file(tmp_path / "1" / "pytorch_lora_weights.safetensors")  # still a valid safetensors file
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_logs_loss_and_validation(tiny_sdxl, tmp_path):  # noqa: F811
+    """log.report_to=wandb through accelerate's tracker, in wandb's offline mode (no key, no network)."""
+    csv = make_image_csv(tmp_path / "data", n=4)
+    cfg = write_config(
+        tmp_path / "wandb.yaml", tiny_sdxl, csv, tmp_path / "runs", "wandb",
+        train={"max_train_steps": 2}, checkpoint={"every_n_steps": 2},
+        validation={"every_n_steps": 2, "loss_rows": 1, "prompts": ["a street"], "num_inference_steps": 1,
+                    "width": 64, "height": 64},
+        log={"report_to": "wandb", "wandb_project": "bdd-test", "every_n_steps": 1},
+    )  # fmt: skip
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "wb"), WANDB_API_KEY="")
+    env.pop("WANDB_API_KEY")
+    proc = subprocess.run(
+        [sys.executable, "-m", "ai.lora.train_lora_sdxl", "--config", str(cfg)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, list((tmp_path / "wb").rglob("*"))[:20]
+    # offline runs keep history and config in the binary run-<id>.wandb log (synced later with `wandb sync`)
+    log = next(runs[0].glob("run-*.wandb")).read_bytes()
+    for key in (b"val_loss", b"data_wait_share", b"lora.rank", b"optim.learning_rate"):
+        assert key in log, key
+    images = sorted(p.name for p in (runs[0] / "files" / "media" / "images").glob("validation_*.png"))
+    assert [name.split("_")[1] for name in images] == ["0", "2"]  # validation images at steps 0 and 2
