@@ -504,66 +504,107 @@ def test_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("use_tmpfile", [True, False])
-def test_caption_writer_interrupted_before_naming_leaves_nothing(tmp_path, monkeypatch, use_tmpfile):
+@pytest.mark.parametrize("how", ["new", "replace"])
+def test_caption_writer_interrupted_leaves_no_partial_or_empty_file(tmp_path, monkeypatch, how):
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
     with gen.CaptionWriter(tmp_path) as writer:
-        if use_tmpfile:
-            assert writer.use_tmpfile  # Linux with /proc: the O_TMPFILE path is the one the runs take
-        writer.use_tmpfile = use_tmpfile
         writer.write("a.txt", b"first\n")
-        monkeypatch.setattr(gen.os, "link" if use_tmpfile else "replace", boom)
-        with pytest.raises(KeyboardInterrupt):
-            writer.write("b.txt", b"second\n")
-    assert read_all(tmp_path) == {"a.txt": b"first\n"}  # no b.txt, no temporary name
+        writer.write("b.txt", b"old\n")
+        if how == "new":  # direct create: interrupted after the name exists, before its bytes are in
+            monkeypatch.setattr(gen.os, "write", boom)
+            with pytest.raises(KeyboardInterrupt):
+                writer.write("c.txt", b"third\n")
+        else:  # replacement: interrupted before the rename
+            monkeypatch.setattr(gen.os, "replace", boom)
+            with pytest.raises(KeyboardInterrupt):
+                writer.write("b.txt", b"new\n", replace=True)
+    assert read_all(tmp_path) == {"a.txt": b"first\n", "b.txt": b"old\n"}  # no c.txt, no temporary name
+
+
+def test_caption_writer_error_names_the_file_and_removes_it(tmp_path, monkeypatch):
+    real_write = os.write
+    with gen.CaptionWriter(tmp_path) as writer:
+        monkeypatch.setattr(gen.os, "write", lambda fd, data: real_write(fd, data[:3]))  # as on a full disk
+        with pytest.raises(OSError) as err:
+            writer.write_many([("a.txt", b"caption\n", False)])
+    assert err.value.filename == "a.txt" and "short write (3 of 8 bytes)" in str(err.value)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_caption_writer_paths_agree_on_bytes_and_mode(tmp_path):
     plain = tmp_path / "plain.txt"
     with open(plain, "wb") as fh:  # what an ordinary write gives under this umask
         fh.write(b"x")
-    folders = {}
-    for use_tmpfile in (True, False):
-        folder = folders[use_tmpfile] = tmp_path / f"tmpfile-{use_tmpfile}"
-        folder.mkdir()
-        (folder / "taken.txt").write_bytes(b"old\n")
-        with gen.CaptionWriter(folder) as writer:
-            writer.use_tmpfile = use_tmpfile
-            writer.write("new.txt", "Une rue à Paris.\n".encode())
-            writer.write(
-                "taken.txt", b"appeared meanwhile\n"
-            )  # a name that exists: replaced, as a rename does
-            writer.write("replaced.txt", b"a\n")
-            writer.write("replaced.txt", b"b\n", replace=True)
-        assert read_all(folder) == {
-            "new.txt": "Une rue à Paris.\n".encode(),
-            "replaced.txt": b"b\n",
-            "taken.txt": b"appeared meanwhile\n",
-        }
-        assert {p.stat().st_mode for p in folder.iterdir()} == {plain.stat().st_mode}
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "taken.txt").write_bytes(b"old\n")
+    big = b"y" * (
+        gen.ONE_WRITE_BYTES + 1
+    )  # more than one write() can be trusted with: temporary file + rename
+    with gen.CaptionWriter(folder) as writer:
+        writer.write("new.txt", "Une rue à Paris.\n".encode())  # created directly
+        writer.write("taken.txt", b"appeared meanwhile\n")  # a name that exists: replaced, as a rename does
+        writer.write("replaced.txt", b"a\n")
+        writer.write("replaced.txt", b"b\n", replace=True)
+        writer.write("big.txt", big)
+    assert read_all(folder) == {
+        "big.txt": big,
+        "new.txt": "Une rue à Paris.\n".encode(),
+        "replaced.txt": b"b\n",
+        "taken.txt": b"appeared meanwhile\n",
+    }
+    assert {p.stat().st_mode for p in folder.iterdir()} == {plain.stat().st_mode}
 
 
-def test_killed_writer_leaves_only_whole_files(tmp_path):
-    """SIGKILL a process writing captions with CaptionWriter: every name present holds its whole content."""
+def test_killed_writer_leaves_only_whole_or_empty_files(tmp_path):
+    """SIGKILL a process writing caption-sized files with CaptionWriter: every file present is whole or empty."""
     script = (
         "import sys; from pathlib import Path; from convert.generate_bdd_captions import CaptionWriter\n"
         "with CaptionWriter(Path(sys.argv[1])) as w:\n"
         "    for i in range(1000000):\n"
-        "        w.write(f'{i:07d}.txt', bytes([65 + i % 26]) * 65536)\n"
+        "        w.write(f'{i:07d}.txt', bytes([65 + i % 26]) * (100 + i % 3996))\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)])
     try:
         deadline = time.monotonic() + 60
-        while len(os.listdir(tmp_path)) < 30 and time.monotonic() < deadline and proc.poll() is None:
+        while len(os.listdir(tmp_path)) < 3000 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.01)
     finally:
         proc.kill()
         proc.wait()
     files = read_all(tmp_path)
-    assert len(files) >= 30
-    assert all(data == bytes([65 + int(name[:7]) % 26]) * 65536 for name, data in files.items())
+    assert len(files) >= 3000 and proc.returncode == -9  # killed in the middle of writing
+    whole = {name for name, data in files.items() if data}
+    for name in whole:
+        i = int(name[:7])
+        assert files[name] == bytes([65 + i % 26]) * (100 + i % 3996)
+    assert len(files) - len(whole) <= 1  # at most the one being written when the signal came
+
+
+def test_rerun_completes_empty_captions_left_by_a_killed_run(tmp_path, caplog, capsys):
+    labels = write_labels(tmp_path / "det_train.json", many_frames(20))
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="bdd-sdxl.captions"):
+        assert run(labels, out) == 0
+    objects = caplog.text.split("objects by class: ", 1)[1].split("\n", 1)[0]
+    first = read_all(out)
+    names = sorted(first)
+    (out / names[0]).write_bytes(b"")  # as a run killed between creating and filling it leaves it
+    (out / names[1]).unlink()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="bdd-sdxl.captions"):
+        assert run(labels, out) == 0  # no --overwrite needed: an empty file is an unfinished caption
+    assert "captions written: 2, unchanged: 15, replaced: 0" in caplog.text
+    assert "empty captions left by an interrupted run, now written: 1" in caplog.text
+    assert objects.startswith("car ") and f"objects by class: {objects}\n" in caplog.text  # each frame once
+    assert read_all(out) == first
+    # Only empty files are taken for unfinished ones: a shortened caption is someone's edit, refused as before.
+    (out / names[2]).write_bytes(first[names[2]][:10])
+    assert run(labels, out) == 2
+    assert "1 existing captions" in capsys.readouterr().err
+    assert (out / names[2]).read_bytes() == first[names[2]][:10]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -379,3 +379,26 @@ def test_two_data_parallel_processes_on_cpu(tiny_sdxl, controlnet_csvs, tmp_path
         2,
     ]  # validation once per step, main process only
     assert ControlNetModel.from_pretrained(run / "controlnet").config.conditioning_channels == 3
+
+
+@pytest.mark.slow
+def test_bf16_mixed_precision_trains_validates_and_saves(tiny_sdxl, controlnet_csvs, tmp_path):  # noqa: F811
+    """bf16 frozen base + fp32 ControlNet under autocast (CPU autocast here): the loop, the fidelity check and the
+    validation pipeline (which must not get accelerate's fp32-output wrapper) all run, and the save is fp16."""
+    from diffusers import ControlNetModel
+
+    train_csv, val_csv = controlnet_csvs
+    cfg = write_config(
+        tmp_path / "bf16.yaml", tiny_sdxl, train_csv, tmp_path / "runs", "bf16",
+        train={"max_train_steps": 2, "mixed_precision": "bf16"}, checkpoint={"every_n_steps": 2},
+        validation={"every_n_steps": 2, "loss_csv": str(val_csv), "num_images": 1, "num_inference_steps": 1},
+        controlnet={"save_dtype": "float16"},
+    )  # fmt: skip
+    assert run_inprocess(cfg) == 0
+    run = tmp_path / "runs" / "bf16"
+    assert len(list((run / "validation" / "step-000002").glob("*.png"))) == 1
+    from safetensors.torch import load_file
+
+    saved = load_file(run / "controlnet" / "diffusion_pytorch_model.safetensors")
+    assert {str(v.dtype) for v in saved.values()} == {"torch.float16"}
+    assert ControlNetModel.from_pretrained(run / "controlnet").config.conditioning_channels == 3

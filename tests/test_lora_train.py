@@ -299,3 +299,20 @@ def test_wandb_offline_run_logs_loss_and_validation(tiny_sdxl, tmp_path):  # noq
         assert key in log, key
     images = sorted(p.name for p in (runs[0] / "files" / "media" / "images").glob("validation_*.png"))
     assert [name.split("_")[1] for name in images] == ["0", "2"]  # validation images at steps 0 and 2
+
+
+@pytest.mark.slow
+def test_bf16_mixed_precision_trains_and_validates(tiny_sdxl, tmp_path):  # noqa: F811
+    """bf16 frozen base, fp32 LoRA, fp32 VAE, CPU autocast: loop, validation loss and images, fp32 export."""
+    csv = make_image_csv(tmp_path / "data", n=4)
+    cfg = write_config(
+        tmp_path / "bf16.yaml", tiny_sdxl, csv, tmp_path / "runs", "bf16",
+        train={"max_train_steps": 2, "mixed_precision": "bf16"}, checkpoint={"every_n_steps": 2},
+        validation={"every_n_steps": 2, "loss_rows": 1, "prompts": ["a street"], "num_inference_steps": 1,
+                    "width": 64, "height": 64},
+    )  # fmt: skip
+    assert run_inprocess(cfg) == 0
+    run = tmp_path / "runs" / "bf16"
+    assert (run / "validation" / "step-000002" / "prompt00_seed0.png").is_file()
+    weights = lora_tensors(run / "pytorch_lora_weights.safetensors")
+    assert {str(v.dtype) for v in weights.values()} == {"torch.float32"}

@@ -246,9 +246,7 @@ def train(cfg: Config) -> int:
             v, rows = cfg.validation, train_data.held_rows[: cfg.validation.num_images]
             if not rows:
                 return
-            pipe = validation.sdxl_pipeline(
-                comps, unet, te1, te2, vae, controlnet=accelerator.unwrap_model(controlnet)
-            )
+            pipe = validation.sdxl_pipeline(comps, unet, te1, te2, vae, controlnet=steering_copy())
             out = run.run_dir / "validation" / f"step-{step:06d}"
             out.mkdir(parents=True, exist_ok=True)
             sheets = []
@@ -268,6 +266,18 @@ def train(cfg: Config) -> int:
             training_log.log_images(accelerator, sheets, [r.text for r in rows for _ in v.seeds], step)
 
         trainer.validation_pass(run, [controlnet], body)
+
+    def steering_copy():
+        """The ControlNet for the validation pipeline. Under mixed precision accelerate wraps its forward to return
+        fp32, which would promote the bf16 UNet's skip connections to fp32 mid-network: use a plain copy in the
+        UNet's dtype instead (validation only; the fp32 weights under training are untouched)."""
+        if weight_dtype == torch.float32:
+            return raw
+        from diffusers import ControlNetModel
+
+        plain = ControlNetModel.from_config(raw.config)
+        plain.load_state_dict(raw.state_dict())
+        return plain.to(device, weight_dtype).eval()
 
     def export_controlnet(folder: Path) -> list[Path]:
         final = copy.deepcopy(raw).to("cpu", dtype=getattr(torch, cfg.controlnet.save_dtype))
