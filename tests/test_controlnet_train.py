@@ -402,3 +402,34 @@ def test_bf16_mixed_precision_trains_validates_and_saves(tiny_sdxl, controlnet_c
     saved = load_file(run / "controlnet" / "diffusion_pytorch_model.safetensors")
     assert {str(v.dtype) for v in saved.values()} == {"torch.float16"}
     assert ControlNetModel.from_pretrained(run / "controlnet").config.conditioning_channels == 3
+
+
+@pytest.mark.slow
+def test_latent_and_text_caches_are_shared_with_the_lora_trainer(tiny_sdxl, controlnet_csvs, tmp_path):  # noqa: F811
+    """A LoRA run on the same images and captions fills the cache; the ControlNet run then adds no entry."""
+    import csv as csv_module
+
+    from ai.lora.train_lora_sdxl import main as lora_main
+
+    train_csv, _ = controlnet_csvs
+    with train_csv.open(newline="", encoding="utf-8") as fh:
+        rows = list(csv_module.DictReader(fh))
+    lora_csv = tmp_path / "lora.csv"
+    with lora_csv.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv_module.writer(fh)
+        writer.writerow(["image", "text"])
+        writer.writerows([r["image"], r["text"]] for r in rows)
+    cache = tmp_path / "runs" / "cache"
+    lora_cfg = write_config(tmp_path / "lora.yaml", tiny_sdxl, lora_csv, tmp_path / "runs", "lora",
+                            train={"max_train_steps": 1}, checkpoint={"every_n_steps": 1})  # fmt: skip
+    text = yaml.safe_load(lora_cfg.read_text())
+    del text["controlnet"]
+    text["lora"] = {"rank": 2, "alpha": 2}
+    lora_cfg.write_text(yaml.safe_dump(text))
+    assert lora_main(["--config", str(lora_cfg)]) == 0
+    before = {p.name for p in cache.rglob("*.safetensors")}
+    assert len(list((cache / "latents").rglob("*.safetensors"))) == len(rows)  # one latent per image
+    cn_cfg = write_config(tmp_path / "cn.yaml", tiny_sdxl, train_csv, tmp_path / "runs", "cn",
+                          train={"max_train_steps": 1}, checkpoint={"every_n_steps": 1})  # fmt: skip
+    assert run_inprocess(cn_cfg) == 0
+    assert {p.name for p in cache.rglob("*.safetensors")} == before
