@@ -1,7 +1,7 @@
 """Benchmark: captions for a det_train-scale label file vs a bare stdlib ``json.load`` of the same file.
 
 Usage:
-    python bench/bench_captions.py [--repeat 2] [--workers N] [--keep]
+    python bench/bench_captions.py [--repeat 2] [--workers N] [--keep] [--compare OTHER_SCRIPT.py]
 
 Writes (once, cached, git-ignored) ``bench/_data/det_scale`` with
 ``python -m convert.make_mini_bdd --out bench/_data/det_scale --frames 69863 --labels-only``: det_train's real
@@ -10,14 +10,15 @@ frame count, ~18.4 boxes per frame, the real class shares. Then, in one run, it 
   (a) ``json.load`` of ``det_train.json`` in this process (stdlib, one core: the naive reader's floor), and
   (b) the whole caption run as users start it, in a subprocess: ``python convert/generate_bdd_captions.py
       --labels_file ... --caption_txt_output_folder <fresh temp folder>`` (interpreter start, imports, msgspec
-      parsing, captions, ~70k atomic file writes, summary),
+      parsing, captions, ~70k caption file writes, summary),
 
 and prints both and their ratio (target: (b)/(a) <= 1.0). For scale it also times (c) the file system's part
 alone: the same number of ~200-byte files written the way the script writes them (generate_bdd_captions.CaptionWriter:
-an O_TMPFILE inode linked under its name, one process) into another fresh folder. Before timing, a small untimed run warms the memoised
-CLIP word counts (a first-ever run also builds the tokenizer, ~2 s). Other processes share the cores: the load
-average before and after is printed with the figures. With --repeat N each is timed N times, alternating (median, min and all shown;
-the ratio is of the medians).
+each created under its name and filled by one write(), one process) into another fresh folder. Before timing, a small
+untimed run warms the memoised CLIP word counts (a first-ever run also builds the tokenizer, ~2 s). Other processes
+share the cores: the load average before and after is printed with the figures. With --repeat N each is timed N
+times, alternating (median, min and all shown; the ratio is of the medians). --compare times another version of the
+script (e.g. a copy of the previous one) the same way, alternating with (b), for A/B figures from one run.
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ def time_json_load(path: Path) -> float:
     return seconds
 
 
-def run_captions(labels: Path, out: Path, workers: int | None) -> tuple[float, str]:
-    cmd = [sys.executable, str(SCRIPT), "--labels_file", str(labels), "--caption_txt_output_folder", str(out)]
+def run_captions(labels: Path, out: Path, workers: int | None, script: Path = SCRIPT) -> tuple[float, str]:
+    cmd = [sys.executable, str(script), "--labels_file", str(labels), "--caption_txt_output_folder", str(out)]
     if workers:
         cmd += ["--workers", str(workers)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -126,6 +127,9 @@ def main() -> int:
         "--workers", type=int, help="--workers for the caption run (default: its own, all cores)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the caption folders (printed)")
+    parser.add_argument(
+        "--compare", type=Path, help="another version of generate_bdd_captions.py to time as well (A/B)"
+    )
     args = parser.parse_args()
 
     labels = ensure_data()
@@ -136,14 +140,18 @@ def main() -> int:
     outs = [warm_up(args.workers)]
     load_before = os.getloadavg()
 
-    json_times, caption_times, summary = [], [], ""
-    for _ in range(args.repeat):
+    json_times, caption_times, compare_times, summary = [], [], [], ""
+    for round_ in range(args.repeat):
         json_times.append(time_json_load(labels))
-        outs.append(Path(tempfile.mkdtemp(prefix="bench-captions-")) / "captions")
-        seconds, stderr = run_captions(labels, outs[-1], args.workers)
-        caption_times.append(seconds)
-        summary = "\n".join(line for line in stderr.splitlines() if "bdd-sdxl.captions" in line)
-    names = sorted(entry.name for entry in os.scandir(outs[-1]))
+        runs = [(SCRIPT, caption_times)] + ([(args.compare.resolve(), compare_times)] if args.compare else [])
+        for script, times in runs[:: 1 if round_ % 2 == 0 else -1]:  # alternate which goes first
+            outs.append(Path(tempfile.mkdtemp(prefix="bench-captions-")) / "captions")
+            seconds, stderr = run_captions(labels, outs[-1], args.workers, script)
+            times.append(seconds)
+            if script == SCRIPT:
+                summary = "\n".join(line for line in stderr.splitlines() if "bdd-sdxl.captions" in line)
+                names_from = outs[-1]
+    names = sorted(entry.name for entry in os.scandir(names_from))
     written = len(names)
     outs.append(Path(tempfile.mkdtemp(prefix="bench-captions-")) / "writes-only")
     writes_only = time_writes_only(names, outs[-1])
@@ -161,7 +169,10 @@ def main() -> int:
     print(f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} (1 min)")
     print(f"(a) json.load (stdlib, in-process):           median {a:6.2f} s   {spread(json_times)}")
     print(f"(b) caption run (subprocess, {written} files): median {b:6.2f} s   {spread(caption_times)}")
-    print(f"(c) {written} atomic small-file writes alone, 1 process: {writes_only:6.2f} s")
+    if compare_times:
+        c = statistics.median(compare_times)
+        print(f"(b') {args.compare}:  median {c:6.2f} s   {spread(compare_times)}   ratio to (a) {c / a:.2f}")
+    print(f"(c) {written} caption-file writes alone, 1 process: {writes_only:6.2f} s")
     print(
         f"ratio (b)/(a) of medians: {b / a:.2f}   (target <= 1.0); of minima: {min(caption_times) / min(json_times):.2f}"
     )

@@ -33,8 +33,9 @@ Rules (phrases come from config/caption_templates.yaml; --templates names anothe
 * Frames whose ``labels`` are absent, null or [] are skipped (counted by reason) unless --include_unlabeled.
 * Reruns are idempotent: identical captions are not rewritten; an existing caption with different content
   stops the run before anything is written (use --overwrite); other files in the folder are left alone.
-  Files are written atomically: a name appears only with its whole content (a nameless O_TMPFILE inode linked
-  under its name, or a temporary file + rename), so a killed run leaves no partial caption behind.
+  No file ever holds part of a caption: a new one is created under its name and filled by a single write() of
+  under one page, which lands whole or not at all; a killed run can leave an empty file, and a rerun writes it
+  (empty files count as unfinished). Replacements go through a temporary file + rename.
 
 Speed: labels are decoded by msgspec (bdd.load_frames), token counts are memoised per word (convert/captions.py),
 large inputs are captioned by --workers forked processes (all cores by default) while the main process writes.
@@ -89,8 +90,10 @@ class TaskResult:
     written: int = 0
     unchanged: int = 0
     replaced: int = 0
+    completed: int = 0  # of ``written``: empty files left by a killed run, now filled
     shortened: int = 0
     conflicts: list[str] = field(default_factory=list)  # existing captions that differ (left untouched)
+    unfinished: list[int] = field(default_factory=list)  # frames whose caption file is empty (compare pass)
     histogram: Counter = field(default_factory=Counter)
     report: bdd.LabelReport = field(default_factory=bdd.LabelReport)
     new_token_counts: dict[str, int] = field(default_factory=dict)
@@ -102,8 +105,10 @@ class TaskResult:
         self.written += other.written
         self.unchanged += other.unchanged
         self.replaced += other.replaced
+        self.completed += other.completed
         self.shortened += other.shortened
         self.conflicts += other.conflicts
+        self.unfinished += other.unfinished
         self.histogram.update(other.histogram)
         self.report.merge(other.report)
         self.new_token_counts.update(other.new_token_counts)
@@ -124,7 +129,9 @@ class Job:
 
 _JOB: Job | None = None
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
-_TMPFILE_FLAGS = getattr(os, "O_TMPFILE", 0) | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+# A signal stops a write() to a local file only between pages: one page at offset 0 lands whole or not at all.
+ONE_WRITE_BYTES = 4096
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -153,19 +160,19 @@ def write_small_file(folder: str, name: str, data: bytes) -> None:
 
 
 class CaptionWriter:
-    """Write files into one folder so that a name only ever appears with its whole content (no fsync).
+    """Write caption files into one folder so that a name never shows part of its content (no fsync).
 
-    A new file is written into an anonymous inode of the folder (``O_TMPFILE``) and then linked under its name:
-    one directory entry per file instead of a temporary name plus a rename, about half the kernel work of a
-    70k-caption run. If the run dies before the link, the kernel frees the nameless inode: nothing is left.
-    Replacements, names that appeared meanwhile, and systems without ``O_TMPFILE`` or /proc use
-    :func:`write_small_file` (temporary sibling + rename).
+    A new caption (one page at most, as every caption is) is created under its own name and filled by a single
+    ``write()``: the fastest way to make a file (one directory entry, no temporary name, no rename), and a
+    ``write()`` of one page lands whole or not at all, so a killed run can leave at most an *empty* file, never
+    a partial one. Captions are never empty: a rerun takes an empty caption file for one that was being written
+    and completes it (see :func:`run_task`). Replacements, larger files and names that appeared meanwhile use
+    :func:`write_small_file` (temporary sibling + rename). A failed write removes the name it created.
     """
 
     def __init__(self, folder: Path):
         self.folder = str(folder)
         self.dir_fd = os.open(self.folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        self.use_tmpfile = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
 
     def __enter__(self) -> CaptionWriter:
         return self
@@ -174,30 +181,36 @@ class CaptionWriter:
         os.close(self.dir_fd)
 
     def write(self, name: str, data: bytes, replace: bool = False) -> None:
-        if self.use_tmpfile and not replace:
+        self.write_many([(name, data, replace)])
+
+    def write_many(self, items: Sequence[tuple[str, bytes, bool]]) -> None:
+        """Write each ``(name, data, replace)``; an OSError names the file in its ``filename``."""
+        dir_fd, open_, write, close = self.dir_fd, os.open, os.write, os.close  # locals: ~70k calls each
+        for name, data, replace in items:
             try:
-                fd = os.open(".", _TMPFILE_FLAGS, 0o666, dir_fd=self.dir_fd)
-            except (
-                OSError
-            ) as exc:  # the file system has no O_TMPFILE: EOPNOTSUPP (or EISDIR/EINVAL on old kernels)
-                if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
-                    raise
-                self.use_tmpfile = False
-            else:
+                if replace or len(data) > ONE_WRITE_BYTES:
+                    write_small_file(self.folder, name, data)
+                    continue
                 try:
-                    _write_all(fd, data)
-                    # linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/N: names the open inode (no privilege needed)
-                    os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=self.dir_fd)
-                    return
-                except FileExistsError:
-                    pass  # created meanwhile: replaced below, as a rename would
-                except OSError as exc:  # /proc unusable here (EXDEV, ENOENT, EPERM): fall back for good
-                    if exc.errno not in (errno.EXDEV, errno.ENOENT, errno.EPERM, errno.EACCES):
-                        raise
-                    self.use_tmpfile = False
-                finally:
-                    os.close(fd)
-        write_small_file(self.folder, name, data)
+                    fd = open_(name, _CREATE_FLAGS, 0o666, dir_fd=dir_fd)
+                except FileExistsError:  # created meanwhile: replaced, as a rename would
+                    write_small_file(self.folder, name, data)
+                    continue
+                try:
+                    try:
+                        written = write(fd, data)
+                        # never for one page on a local disk; an error rather than half a caption
+                        if written != len(data):
+                            raise OSError(errno.EIO, f"short write ({written} of {len(data)} bytes)")
+                    finally:
+                        close(fd)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(name, dir_fd=dir_fd)  # leave no empty or short file behind on an error
+                    raise
+            except OSError as exc:
+                exc.filename = name
+                raise
 
 
 def run_task(task: tuple[list[int], bool]) -> TaskResult:
@@ -214,29 +227,40 @@ def run_task(task: tuple[list[int], bool]) -> TaskResult:
     histogram, to_write = result.histogram, result.to_write
     for i in indices:
         frame = job.frames[i]
-        text, counts, shortened = builder.caption(frame)
-        result.report.check_frame(frame)
-        for key, n in counts.items():  # Counter.update's own loop, without its per-call overhead
-            histogram[key] += n
-        result.shortened += shortened
-        data = (text + "\n").encode("utf-8")
         name = job.stems[i] + ".txt"
+        old = None
         if name in existing:
             try:
                 with open(os.path.join(folder, name), "rb") as fh:
                     old = fh.read()
             except OSError as exc:
                 raise UserError(f"cannot read caption {job.out_dir / name}: {exc.strerror or exc}") from None
-            if old == data:
-                result.unchanged += 1
-            elif not job.overwrite:
-                result.conflicts.append(name)
-            elif write:
+            # empty: a run was killed while writing it; the writing pass completes it
+            if not old and not write:
+                result.unfinished.append(i)
+                continue
+        text, counts, shortened = builder.caption(frame)
+        result.report.check_frame(frame)
+        for key, n in counts.items():  # Counter.update's own loop, without its per-call overhead
+            histogram[key] += n
+        result.shortened += shortened
+        data = (text + "\n").encode("utf-8")
+        if old is None:
+            if write:
+                to_write.append((name, data, False))
+                result.written += 1
+        elif old == data:
+            result.unchanged += 1
+        elif not old:  # captions are never empty: this one was being written when a run was killed
+            if write:
                 to_write.append((name, data, True))
-                result.replaced += 1
+                result.written += 1
+                result.completed += 1
+        elif not job.overwrite:
+            result.conflicts.append(name)
         elif write:
-            to_write.append((name, data, False))
-            result.written += 1
+            to_write.append((name, data, True))
+            result.replaced += 1
     result.new_token_counts = dict(builder.count_tokens.new)
     builder.count_tokens.new.clear()
     return result
@@ -268,13 +292,12 @@ def run_tasks(job: Job, indices: list[int], write: bool, workers: int) -> TaskRe
             results = pool.imap_unordered(run_task, tasks)
         for res in results:
             if writer is not None:
-                for name, data, replace in res.to_write:
-                    try:
-                        writer.write(name, data, replace)
-                    except OSError as exc:
-                        raise UserError(
-                            f"cannot write caption {job.out_dir / name}: {exc.strerror or exc}"
-                        ) from None
+                try:
+                    writer.write_many(res.to_write)
+                except OSError as exc:
+                    raise UserError(
+                        f"cannot write caption {job.out_dir / exc.filename}: {exc.strerror or exc}"
+                    ) from None
             res.to_write = []
             total.merge(res)
             bar.update(res.frames)
@@ -433,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"{len(total.conflicts)} existing captions in {out_dir} differ from the new ones ({shown}); "
                     "nothing was written: pass --overwrite to replace them, or choose another output folder"
                 )
-            todo = [i for i in selected if stems[i] + ".txt" not in existing]
+            todo = [i for i in selected if stems[i] + ".txt" not in existing] + total.unfinished
         total.merge(run_tasks(job, todo, True, args.workers))
         total.report.merge(skipped_report)
     finally:
@@ -461,6 +484,8 @@ def log_summary(
         total.replaced,
         out_dir,
     )
+    if total.completed:
+        log.info("empty captions left by an interrupted run, now written: %d", total.completed)
     if skipped:
         reasons = ", ".join(f"{SKIP_REASONS[k]}: {v}" for k, v in sorted(skipped.items()))
         hint = "" if include_unlabeled else " (--include_unlabeled captions them from their attributes)"

@@ -696,6 +696,9 @@ def test_mini_bdd_through_the_cli(mini_bdd, tmp_path):
     labelled = {bdd.stem(f.name) for f in frames if f.labels_state == "ok"}
     assert {p.stem for p in out.glob("*.txt")} == labelled
     assert "frames skipped: 3 (no 'labels' key: 1, 'labels': []: 1, 'labels': null: 1)" in proc.stderr
+    assert proc.stderr.rstrip().endswith("(1 processes)")  # the fast exit flushed the whole summary
+    bad = subprocess.run([*cmd, "--labels_file", str(mini_bdd / "nope.json")], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr == f"error: labels file not found: {mini_bdd / 'nope.json'}\n"
     for path in out.glob("*.txt"):
         text = path.read_text(encoding="utf-8")
         assert text.startswith("A dashcam photo of ") and count_tokens(text.strip()) <= CLIP_WINDOW
