@@ -311,7 +311,12 @@ def test_bf16_mixed_precision_trains_and_validates(tiny_sdxl, tmp_path):  # noqa
         validation={"every_n_steps": 2, "loss_rows": 1, "prompts": ["a street"], "num_inference_steps": 1,
                     "width": 64, "height": 64},
     )  # fmt: skip
-    assert run_inprocess(cfg) == 0
+    # a fresh process: accelerate's state is a per-process singleton, fixed by the first in-process run
+    proc = subprocess.run(
+        [sys.executable, "-m", "ai.lora.train_lora_sdxl", "--config", str(cfg)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "bf16"
     assert (run / "validation" / "step-000002" / "prompt00_seed0.png").is_file()
     weights = lora_tensors(run / "pytorch_lora_weights.safetensors")
