@@ -15,6 +15,18 @@ from PIL import Image
 CAPTIONS = ("a city street at night", "a highway in the rain", "a residential road, clear day")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One CPU thread for a module's tests (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): on a
+    shared 2-core machine OpenMP threads that wait on each other cost 10x in the inference tests."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory) -> Path:
     """The tiny SDXL folder (ai.common.models preset 'tiny'); a complete folder is reused, not rebuilt."""

@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from sdxl_fixtures import tiny_sdxl  # noqa: F401
+from sdxl_fixtures import one_torch_thread, tiny_sdxl  # noqa: F401
 
 from ai.common.cli import run_main
 from ai.common.generation import model_fingerprint
@@ -33,14 +33,7 @@ DEMO_CONFIG = REPO / "config" / "demo" / "controlnet_infer.yaml"
 USER_CONFIG = REPO / "config" / "controlnet_infer.yaml"
 CAPTIONS = ("a city street at night, wet road", "a highway on a clear day")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One CPU thread: on a shared 2-core machine OpenMP threads that wait on each other cost 10x here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

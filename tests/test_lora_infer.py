@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from sdxl_fixtures import one_torch_thread  # noqa: F401
 
 from ai.common.cli import run_main
 from ai.common.generation import model_fingerprint
@@ -27,16 +28,7 @@ from ai.lora.infer_lora_sdxl import LORA_WEIGHTS_NAME, LoraInferConfig
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "config" / "demo" / "lora_infer.yaml"
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One CPU thread: on a shared 2-core machine OpenMP threads that wait on each other cost 10x here."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="session")

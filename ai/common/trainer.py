@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -339,7 +339,6 @@ class LoopState:
     last_checkpoint: Path | None = None
     data_seconds: float = 0.0
     compute_seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
 
     def data_wait_share(self) -> float:
         return self.data_seconds / max(self.data_seconds + self.compute_seconds, 1e-9)

@@ -242,7 +242,7 @@ def train(cfg: Config) -> int:
             (bar.write if bar else logger.info)(
                 f"step {step}: val_loss={real:.5f} blank-condition={blank:.5f} control_gap={gap:+.5f}"
             )
-            _, _, ids = held_out()
+            _, conds, ids = held_out()
             v, rows = cfg.validation, train_data.held_rows[: cfg.validation.num_images]
             if not rows:
                 return
@@ -251,7 +251,7 @@ def train(cfg: Config) -> int:
             out.mkdir(parents=True, exist_ok=True)
             sheets = []
             for i, row in enumerate(rows):
-                cond = held[1][i]
+                cond = conds[i]
                 for seed in v.seeds:
                     gen = torch.Generator(device=device).manual_seed(seed)
                     with accelerator.autocast():
