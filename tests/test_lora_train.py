@@ -237,9 +237,32 @@ def test_resume_with_other_lora_rank_is_refused(check_config, tmp_path):
     )
 
 
-def test_8bit_adam_on_cpu_is_a_clear_error(check_config):
-    with pytest.raises(UserError, match="adamw8bit needs a CUDA GPU"):
-        run_inprocess(check_config, "optim.optimizer=adamw8bit")
+@pytest.mark.slow
+def test_8bit_adamw_trains_checkpoints_and_resumes_exactly(tiny_sdxl, tmp_path):  # noqa: F811
+    """bitsandbytes' AdamW8bit (it runs on CPU too): 8-bit moments in the checkpoint, exact mid-run resume."""
+    import torch
+
+    csv = make_image_csv(tmp_path / "data", n=4)
+    runs = tmp_path / "runs"
+    # rank 64 on the tiny UNet's 64-wide attention: 64x64 = 4096 values, the smallest tensor bnb keeps in 8 bits
+    cfg = write_config(tmp_path / "a.yaml", tiny_sdxl, csv, runs, "full", lora={"rank": 64, "alpha": 64},
+                       optim={"optimizer": "adamw8bit"}, train={"max_train_steps": 4},
+                       checkpoint={"every_n_steps": 2})  # fmt: skip
+    assert run_inprocess(cfg) == 0
+    optimizer_state = torch.load(runs / "full" / "checkpoint-2" / "optimizer.bin", weights_only=False)["state"]
+    # bnb keeps its quantised moments under one key in the state dict
+    moment_dtypes = {str(s.get("__bnb_optimizer_quant_state__", s)["state1"].dtype) for s in optimizer_state.values()}
+    assert moment_dtypes == {"torch.uint8"}, moment_dtypes
+    assert run_inprocess(cfg, "output.name=resumed", f"checkpoint.resume_from={runs / 'full' / 'checkpoint-2'}") == 0
+    full = lora_tensors(runs / "full" / "pytorch_lora_weights.safetensors")
+    resumed = lora_tensors(runs / "resumed" / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in full.items())  # B starts at zero
+
+
+def test_fp16_on_cpu_is_a_clear_error(check_config):
+    with pytest.raises(UserError, match="fp16 needs a GPU; on CPU use bf16 or no"):
+        run_inprocess(check_config, "train.mixed_precision=fp16")
 
 
 def test_launcher_reports_config_errors_in_one_line(check_config):

@@ -60,9 +60,13 @@ def start_run(cfg: TrainingConfig, resume_free_keys: Sequence[str] = RESUME_FREE
     from accelerate.utils import ProjectConfiguration, set_seed
 
     run_dir = run_dir_of(cfg)
+    cpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    if cpu and cfg.train.mixed_precision == "fp16":
+        # accelerate has no fp16 autocast or grad scaler on CPU: the frozen base would run in plain fp16
+        raise UserError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
     accelerator = Accelerator(
         # no GPU: say so, so that several processes (torchrun) get a gloo process group instead of none
-        cpu=not torch.cuda.is_available() and not torch.backends.mps.is_available(),
+        cpu=cpu,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         mixed_precision=cfg.train.mixed_precision,
         log_with=training_log.trackers_for(cfg.log.report_to) or None,
@@ -70,10 +74,6 @@ def start_run(cfg: TrainingConfig, resume_free_keys: Sequence[str] = RESUME_FREE
     )
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
-    if cfg.optim.optimizer == "adamw8bit" and accelerator.device.type != "cuda":
-        raise UserError(
-            "optim.optimizer=adamw8bit needs a CUDA GPU (bitsandbytes); use optim.optimizer=adamw here"
-        )
     if cfg.train.allow_tf32 and accelerator.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     set_seed(cfg.train.seed)  # adapter init and dropout; data and noise have their own seeded streams
