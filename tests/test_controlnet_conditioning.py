@@ -164,3 +164,13 @@ def test_preview_and_side_by_side():
     assert sheet.getpixel((0, 0)) == bdd.SEG_CLASSES[ROAD].rgb and sheet.getpixel((11, 0)) == (0, 0, 142)
     assert sheet.getpixel((0, 7)) == (0, 0, 0) and sheet.getpixel((12, 0)) == (1, 2, 3)
     assert np.array_equal(np.asarray(sheet)[:, 12:], np.asarray(generated))
+
+
+def test_resize_ids_is_nearest_neighbour_and_keeps_only_the_masks_classes():
+    ids = Image.fromarray(three_class_ids())
+    assert cond.resize_ids(ids, (6, 4)) is ids  # already the size: untouched
+    doubled = cond.resize_ids(ids, (12, 8))
+    assert doubled.mode == "L" and doubled.size == (12, 8)
+    assert np.array_equal(np.asarray(doubled), three_class_ids().repeat(2, axis=0).repeat(2, axis=1))
+    odd = np.asarray(cond.resize_ids(ids, (5, 7)))  # non-integer factors: no blended ids at class borders
+    assert odd.shape == (7, 5) and set(np.unique(odd)) == {ROAD, CAR, IGNORE}

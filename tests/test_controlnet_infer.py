@@ -26,7 +26,7 @@ from ai.common.generation import model_fingerprint
 from ai.common.io import sha256_file
 from ai.controlnet import conditioning as cond
 from ai.controlnet import infer_controlnet_sdxl
-from ai.controlnet.infer_controlnet_sdxl import ControlNetInferConfig, resize_ids
+from ai.controlnet.infer_controlnet_sdxl import ControlNetInferConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "config" / "demo" / "controlnet_infer.yaml"
@@ -157,7 +157,7 @@ def test_writes_images_sheets_and_stage4_metadata(palette_output, model, control
                 (160, 96),
             )  # 320x180 -> the tiny 16:9 bucket
         mask_path = masks / "masks" / f"{name.rsplit('_', 1)[0]}.png"
-        preview = np.asarray(cond.ids_to_preview(resize_ids(cond.read_ids(mask_path), (160, 96))))
+        preview = np.asarray(cond.ids_to_preview(cond.resize_ids(cond.read_ids(mask_path), (160, 96))))
         sheet = pixels(sheets / name)
         assert sheet.shape == (96, 320, 3)
         assert np.array_equal(sheet[:, :160], preview) and np.array_equal(sheet[:, 160:], pixels(gen / name))
@@ -305,7 +305,7 @@ def test_condition_tensors_reach_the_controlnet_unchanged(model, controlnets, ma
 
     from ai.common.generation import GenerationPaths, build_sdxl_pipeline
 
-    ids = resize_ids(cond.read_ids(masks / "masks" / f"{mask_names(masks)[0]}.png"), (64, 64))
+    ids = cond.resize_ids(cond.read_ids(masks / "masks" / f"{mask_names(masks)[0]}.png"), (64, 64))
     for kind in ("palette", "one_hot"):
         controlnet = ControlNetModel.from_pretrained(controlnets[kind], local_files_only=True)
         pipe = build_sdxl_pipeline(

@@ -174,3 +174,13 @@ def side_by_side(mask_preview: Image.Image, generated: Image.Image) -> Image.Ima
     sheet.paste(mask_preview.convert("RGB"), (0, 0))
     sheet.paste(generated.convert("RGB"), (mask_preview.width, 0))
     return sheet
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resizing label ids (inference: each mask to its output size)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def resize_ids(ids, size: tuple[int, int]):
+    """Label ids to (width, height), nearest neighbour only: no pixel gets a class the mask does not have."""
+    return ids if ids.size == tuple(size) else ids.resize(size, Image.Resampling.NEAREST)

@@ -17,7 +17,8 @@ Writes ``<infer_path>/generations/<mask name>_<image index>.png``, ``<infer_path
 ``<mask name>.jpg``, ``source_size``, ``source_labels``; stage 4 checks the layout against the source labels with
 them) and ``<infer_path>/config.resolved.yaml``. A rerun skips finished images; under ``accelerate launch`` with N
 processes the work list is split across them. Prompts, seeds, resume and speed switches are shared with LoRA
-inference (ai/common/generation.py); this file adds masks, the ControlNet and its checks.
+inference (ai/common/generation.py), masks, captions and side-by-side sheets are read and written by
+ai/controlnet/masks.py; this file adds the ControlNet and its checks.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ from ai.common.cli import UserError, run_main, setup_logging
 from ai.common.config import Section, load_config, save_resolved_config
 from ai.common.generation import (
     GENERATIONS_DIR,
-    METADATA_FILE,
     GenerationConfig,
     GenerationPaths,
     PromptEntry,
@@ -53,20 +53,17 @@ from ai.common.generation import (
     model_fingerprint,
     native_size,
     plan_generation,
-    read_captions_csv,
-    read_jsonl,
     resolve_device,
     run_generation,
 )
-from ai.common.io import atomic_write_bytes, sha256_file
+from ai.common.io import sha256_file
+from ai.controlnet.conditioning import channels_for, ids_to_tensor, kind_for_channels, read_ids, resize_ids
 from ai.controlnet.control import check_controlnet_fits, read_model_config, resolve_controlnet
+from ai.controlnet.masks import fill_missing_sheets, list_masks, read_captions, write_sheet
 from ai.lora.infer_lora_sdxl import load_lora, resolve_lora_file
-from convert import bdd
 
 DEFAULT_CONFIG = "config/controlnet_infer.yaml"
 SIDE_BY_SIDE_DIR = "side_by_side"
-#: Mask modes read as label ids (ai/controlnet/conditioning.read_ids); checked from headers before the model loads.
-MASK_MODES = ("L", "P", "I;16", "I", "RGB", "RGBA")
 #: Keys of the shared prompt list that do not apply here (each mask gets its own caption).
 UNUSED_PROMPT_KEYS = ("prompts", "prompts_file", "captions_csv")
 
@@ -170,8 +167,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def conditioning_kind(cfg_kind: str, controlnet: dict, controlnet_name: str) -> str:
     """palette or one_hot, from the ControlNet's ``conditioning_channels``; an explicit setting must agree."""
-    from ai.controlnet.conditioning import channels_for, kind_for_channels
-
     channels = int(controlnet.get("conditioning_channels", 3))
     kind = kind_for_channels(channels, controlnet_name)
     if cfg_kind not in ("auto", kind):
@@ -224,122 +219,8 @@ class Geometry:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Masks and captions
+# Inputs (checked before torch loads a model)
 # ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Mask:
-    path: Path
-    size: tuple[int, int]
-
-    @property
-    def name(self) -> str:
-        return bdd.stem(self.path)
-
-
-def list_masks(folder: str) -> list[Mask]:
-    """The folder's PNG masks, sorted, with sizes from their headers; unreadable files or modes listed at once."""
-    from PIL import Image
-
-    root = Path(folder)
-    if not root.is_dir():
-        raise UserError(
-            f"masks folder not found: {root} (paths.masks_path: a folder of label-id PNGs such as "
-            "bdd100k/labels/sem_seg/masks/val)"
-        )
-    paths = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() == ".png")
-    if not paths:
-        found = ", ".join(sorted(p.name for p in root.iterdir())[:5]) or "nothing"
-        raise UserError(f"no .png masks in {root} (found: {found}); masks are PNG label maps")
-    masks, bad = [], []
-    for path in paths:
-        try:
-            with Image.open(path) as im:
-                mode, size = im.mode, im.size
-        except OSError as exc:
-            bad.append(f"{path.name} ({exc})")
-            continue
-        if mode not in MASK_MODES:
-            bad.append(f"{path.name} (mode {mode})")
-        masks.append(Mask(path, size))
-    if bad:
-        raise UserError(
-            f"{len(bad)} file(s) in {root} are not readable label masks: {', '.join(bad[:10])}"
-            + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
-            + "; masks are PNGs of trainIds (mode L), colormaps (mode P) or palette renderings (RGB)"
-        )
-    return masks
-
-
-def read_captions(cfg: ControlNetInferConfig, masks: Sequence[Mask]) -> tuple[list[PromptEntry], list[str]]:
-    """One entry per mask that has a caption (captions folder, stage 1 CSV or the one prompt) and the masks without."""
-    captions_path = cfg.paths.captions_path
-    if captions_path and cfg.prompt:
-        raise UserError(
-            "set either paths.captions_path (captions per mask) or prompt (one prompt for all masks), not both; "
-            "clear one with paths.captions_path=null or prompt=null"
-        )
-    if not captions_path and not cfg.prompt:
-        raise UserError(
-            "no prompts: set paths.captions_path (a folder of <mask name>.txt captions or the stage 1 CSV) "
-            "or prompt (one prompt for all masks)"
-        )
-    found: dict[str, tuple[str, str]] = {}  # mask name -> (caption, where it came from)
-    if captions_path is None:
-        found = {m.name: (cfg.prompt, "prompt") for m in masks}
-    elif Path(captions_path).is_file():
-        for entry in read_captions_csv(Path(captions_path), cfg.captions_column, cfg.on_error):
-            key = entry.source.get("mask_path") or entry.source.get("source_frame")
-            if key is None:
-                raise UserError(
-                    f"{captions_path} has no image or conditioning_image column to match captions to masks by name"
-                )
-            found.setdefault(bdd.stem(key), (entry.text, entry.source["prompt_source"]))
-    elif Path(captions_path).is_dir():
-        for mask in masks:
-            path = Path(captions_path) / f"{mask.name}.txt"
-            if path.is_file():
-                text = path.read_text(encoding="utf-8-sig").strip()
-                if text:
-                    found[mask.name] = (text, str(path))
-    else:
-        raise UserError(
-            f"captions not found: {captions_path} (paths.captions_path: a folder of <mask name>.txt captions or "
-            "the stage 1 ControlNet CSV)"
-        )
-
-    labels = str(Path(cfg.paths.source_labels).resolve()) if cfg.paths.source_labels else None
-    entries, missing = [], []
-    for mask in masks:
-        if mask.name not in found:
-            missing.append(mask.path.name)
-            continue
-        text, origin = found[mask.name]
-        source = {
-            "mask_path": str(mask.path.resolve()),  # absolute: stage 4 resolves relative paths elsewhere
-            "source_frame": f"{mask.name}.jpg",  # BDD100K images are <name>.jpg
-            "source_size": list(mask.size),
-            "source_labels": labels,
-            "prompt_source": origin,
-        }
-        entries.append(PromptEntry(text, source, name=mask.name))
-    if missing:
-        message = (
-            f"{len(missing)} of {len(masks)} mask(s) have no caption in {captions_path}: "
-            + ", ".join(missing[:10])
-            + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
-        )
-        if cfg.on_error == "stop":
-            raise UserError(
-                f"{message}; add <mask name>.txt captions, or set on_error=skip to leave them out"
-            )
-        logger.warning("%s; left out (on_error=skip)", message)
-    if not entries:
-        raise UserError(f"no mask in {cfg.paths.masks_path} has a caption in {captions_path}")
-    if cfg.max_prompts is not None:
-        entries = entries[: cfg.max_prompts]
-    return entries, missing
 
 
 @dataclass
@@ -377,49 +258,6 @@ def check_inputs(cfg: ControlNetInferConfig) -> Inputs:
     lora_file = resolve_lora_file(cfg.paths.lora_weights_path)
     entries, missing = read_captions(cfg, list_masks(cfg.paths.masks_path))
     return Inputs(entries, missing, controlnet, controlnet_config, kind, lora_file)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Conditions and side-by-side sheets
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def resize_ids(ids, size: tuple[int, int]):
-    """Label ids to (width, height), nearest neighbour only: no pixel gets a class the mask does not have."""
-    from PIL import Image
-
-    return ids if ids.size == tuple(size) else ids.resize(size, Image.Resampling.NEAREST)
-
-
-def write_sheet(folder: Path, file: str, ids, image) -> None:
-    from ai.common.generation import png_bytes
-    from ai.controlnet.conditioning import ids_to_preview, side_by_side
-
-    atomic_write_bytes(folder / file, png_bytes(side_by_side(ids_to_preview(ids), image)))
-
-
-def fill_missing_sheets(out_dir: Path, sheets_dir: Path) -> int:
-    """Sheets for finished images that lack one (e.g. made before side_by_side was switched on)."""
-    from PIL import Image
-
-    from ai.controlnet.conditioning import read_ids
-
-    made = 0
-    path = out_dir / METADATA_FILE
-    for record in read_jsonl(path) if path.is_file() else []:
-        image_path = out_dir / record["file"]
-        if (sheets_dir / record["file"]).is_file() or not image_path.is_file() or not record.get("mask_path"):
-            continue
-        try:
-            ids = read_ids(record["mask_path"])
-        except UserError as exc:
-            logger.warning("no side-by-side sheet for %s: %s", record["file"], exc)
-            continue
-        with Image.open(image_path) as im:
-            image = im.convert("RGB")
-        write_sheet(sheets_dir, record["file"], resize_ids(ids, image.size), image)
-        made += 1
-    return made
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -544,15 +382,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_resolution(*geometry.fixed, native_size(pipe.unet, pipe.vae))
 
     def load_inputs(item):
-        from ai.controlnet.conditioning import read_ids
-
         return read_ids(item.source["mask_path"])
 
     def generate(batch, masks):
         """One pipeline call per output size in the batch; conditions as a (B, C, H, W) tensor."""
         import torch
-
-        from ai.controlnet.conditioning import ids_to_tensor
 
         images: list[Any] = [None] * len(batch)
         by_size: dict[tuple[int, int], list[int]] = {}
