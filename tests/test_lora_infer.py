@@ -227,6 +227,24 @@ def test_speed_switches_keep_the_images(lora_output, tiny_model, lora_run, tmp_p
         assert np.abs(pixels(fast / name) - pixels(lora_output / name)).max() <= 2
 
 
+@pytest.mark.slow
+def test_torch_compile_keeps_the_images(lora_output, tiny_model, lora_run, tmp_path):
+    """speed.torch_compile through inductor (CPU here: about a minute of compiling) with the unfused LoRA."""
+    from torch._dynamo.utils import counters
+
+    graphs_before = counters["stats"]["unique_graphs"]
+    compiled = infer(
+        tmp_path,
+        tiny_model,
+        f"paths.lora_weights_path={lora_run / 'checkpoint-10'}",
+        "speed.torch_compile=true",
+        name="compiled",
+    )
+    assert counters["stats"]["unique_graphs"] > graphs_before  # the UNet really went through dynamo
+    for name in ("00000_00.png", "00000_01.png", "00001_00.png", "00001_01.png"):
+        assert np.abs(pixels(compiled / name) - pixels(lora_output / name)).max() <= 2
+
+
 def run_cli(capsys, *argv) -> tuple[int, str]:
     code = run_main(infer_lora_sdxl.main, list(argv))
     return code, capsys.readouterr().err
