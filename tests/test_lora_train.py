@@ -154,7 +154,11 @@ def test_resume_mid_epoch_gives_the_same_weights(tiny_sdxl, tmp_path):  # noqa: 
 
 
 @pytest.mark.slow
-def test_two_data_parallel_processes_on_cpu(tiny_sdxl, tmp_path):  # noqa: F811
+def test_two_processes_on_one_node_and_on_two_nodes_train_the_same_weights(tiny_sdxl, tmp_path):  # noqa: F811
+    import socket
+
+    import torch
+
     csv = make_image_csv(tmp_path / "data", n=6)
     cfg = write_config(tmp_path / "ddp.yaml", tiny_sdxl, csv, tmp_path / "runs", "ddp",
                        train={"max_train_steps": 2}, checkpoint={"every_n_steps": 2})  # fmt: skip
@@ -164,7 +168,35 @@ def test_two_data_parallel_processes_on_cpu(tiny_sdxl, tmp_path):  # noqa: F811
     assert json.loads((ckpt / "train_state.json").read_text())["world_size"] == 2
     assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
     assert "x2 processes" in proc.stderr
-    assert lora_tensors(tmp_path / "runs" / "ddp" / "pytorch_lora_weights.safetensors")
+    one_node = lora_tensors(tmp_path / "runs" / "ddp" / "pytorch_lora_weights.safetensors")
+
+    # The shipped multi-node config as two 1-process "nodes" on localhost, each started like on its own host:
+    # the same launcher with ACCELERATE_ARGS. They share the run and a fresh cache folder (a shared file system),
+    # so both nodes' local main processes build the same cache entries at once.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    nodes = []
+    for rank in (0, 1):
+        env = dict(
+            os.environ,
+            PYTHON=sys.executable,
+            ACCELERATE_CONFIG=str(REPO / "config/accelerate_config_multi_node.yaml"),
+            ACCELERATE_ARGS=f"--num_processes 2 --mixed_precision no --main_process_ip 127.0.0.1 "
+            f"--main_process_port {port} --machine_rank {rank}",
+        )
+        log = (tmp_path / f"node{rank}.log").open("w")
+        command = ["bash", str(REPO / "ai/lora/run_lora_train.sh"), str(cfg), "output.name=nodes",
+                   f"cache.dir={tmp_path / 'shared_cache'}"]  # fmt: skip
+        nodes.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+    for rank, node in enumerate(nodes):
+        assert node.wait(timeout=300) == 0, (tmp_path / f"node{rank}.log").read_text()[-3000:]
+    two_nodes = lora_tensors(tmp_path / "runs" / "nodes" / "pytorch_lora_weights.safetensors")
+    assert one_node.keys() == two_nodes.keys()
+    assert all(torch.equal(one_node[k], two_nodes[k]) for k in one_node)
+    nodes_ckpt = tmp_path / "runs" / "nodes" / "checkpoint-2"
+    assert json.loads((nodes_ckpt / "train_state.json").read_text())["world_size"] == 2
+    assert (nodes_ckpt / "random_states_0.pkl").is_file() and (nodes_ckpt / "random_states_1.pkl").is_file()
 
 
 def test_killed_or_half_checkpoint_is_never_latest(tmp_path):
@@ -249,11 +281,18 @@ def test_8bit_adamw_trains_checkpoints_and_resumes_exactly(tiny_sdxl, tmp_path):
                        optim={"optimizer": "adamw8bit"}, train={"max_train_steps": 4},
                        checkpoint={"every_n_steps": 2})  # fmt: skip
     assert run_inprocess(cfg) == 0
-    optimizer_state = torch.load(runs / "full" / "checkpoint-2" / "optimizer.bin", weights_only=False)["state"]
+    optimizer_state = torch.load(runs / "full" / "checkpoint-2" / "optimizer.bin", weights_only=False)[
+        "state"
+    ]
     # bnb keeps its quantised moments under one key in the state dict
-    moment_dtypes = {str(s.get("__bnb_optimizer_quant_state__", s)["state1"].dtype) for s in optimizer_state.values()}
+    moment_dtypes = {
+        str(s.get("__bnb_optimizer_quant_state__", s)["state1"].dtype) for s in optimizer_state.values()
+    }
     assert moment_dtypes == {"torch.uint8"}, moment_dtypes
-    assert run_inprocess(cfg, "output.name=resumed", f"checkpoint.resume_from={runs / 'full' / 'checkpoint-2'}") == 0
+    assert (
+        run_inprocess(cfg, "output.name=resumed", f"checkpoint.resume_from={runs / 'full' / 'checkpoint-2'}")
+        == 0
+    )
     full = lora_tensors(runs / "full" / "pytorch_lora_weights.safetensors")
     resumed = lora_tensors(runs / "resumed" / "pytorch_lora_weights.safetensors")
     assert all(torch.equal(full[k], resumed[k]) for k in full)

@@ -4,8 +4,9 @@
 #
 #   launch_stage MODULE DEFAULT_CONFIG [CONFIG.yaml] [key=value ...]
 #
-# Environment: ACCELERATE_CONFIG (default config/accelerate_config_a100_single.yaml), PYTHON (default: the repo's
-# .venv if present, else python). A .env file at the repo root is loaded first (see .env.example).
+# Environment: ACCELERATE_CONFIG (default config/accelerate_config_a100_single.yaml), ACCELERATE_ARGS (extra
+# `accelerate launch` flags that override the config file, e.g. "--machine_rank 1" on a second node), PYTHON
+# (default: the repo's .venv if present, else python). A .env file at the repo root is loaded first (.env.example).
 set -euo pipefail
 
 launch_stage() {
@@ -32,6 +33,9 @@ launch_stage() {
   fi
   local accel_cfg="${ACCELERATE_CONFIG:-$repo_root/config/accelerate_config_a100_single.yaml}"
   [[ -f "$accel_cfg" ]] || { echo "error: accelerate config not found: $accel_cfg (set ACCELERATE_CONFIG)" >&2; exit 2; }
+  local -a accel_args=()
+  read -r -a accel_args <<<"${ACCELERATE_ARGS:-}"
   "$py" -m "$module" --config "$config" --check "$@"
-  exec "$py" -m accelerate.commands.launch --config_file "$accel_cfg" -m "$module" --config "$config" "$@"
+  exec "$py" -m accelerate.commands.launch --config_file "$accel_cfg" "${accel_args[@]}" \
+    -m "$module" --config "$config" "$@"
 }
