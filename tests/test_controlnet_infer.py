@@ -464,6 +464,40 @@ def test_optional_lora_changes_the_image_and_scale_zero_does_not(model, controln
 
 
 @pytest.mark.slow
+def test_channels_last_and_torch_compile_keep_the_images(model, controlnets, one_mask, tmp_path, monkeypatch):
+    """Both switches reach the ControlNet as well as the UNet (CPU here: about a minute of compiling)."""
+    from torch._dynamo.utils import counters
+
+    steering = controlnets["steering_run"]  # its residuals change the image: a wrong compile would show
+    args = (*SMALL, "images_per_prompt=2", "seed=3")
+    plain = infer(model, steering, one_mask, tmp_path / "plain", *args)
+    compiling: list[bool] = []  # per ControlNet call: was it running under dynamo?
+    load_controlnet = infer_controlnet_sdxl.load_controlnet
+
+    def load_and_watch(*a, **kw):
+        controlnet = load_controlnet(*a, **kw)
+        controlnet.register_forward_pre_hook(lambda *_: compiling.append(torch.compiler.is_compiling()))
+        return controlnet
+
+    monkeypatch.setattr(infer_controlnet_sdxl, "load_controlnet", load_and_watch)
+    graphs_before = counters["stats"]["unique_graphs"]
+    fast = infer(
+        model,
+        steering,
+        one_mask,
+        tmp_path / "fast",
+        *args,
+        "speed.channels_last=true",
+        "speed.torch_compile=true",
+    )
+    assert counters["stats"]["unique_graphs"] > graphs_before
+    assert compiling and all(compiling)  # the ControlNet itself went through dynamo, not only the UNet
+    name = mask_names(one_mask)[0]
+    for i in range(2):
+        assert np.abs(pixels(fast / f"{name}_{i:02d}.png") - pixels(plain / f"{name}_{i:02d}.png")).max() <= 2
+
+
+@pytest.mark.slow
 def test_launcher_two_processes_split_the_work_and_match_one(
     palette_output, model, controlnets, masks, mini_bdd, tmp_path
 ):

@@ -20,10 +20,10 @@ from PIL import Image
 from sdxl_fixtures import one_torch_thread  # noqa: F401
 
 from ai.common.cli import run_main
-from ai.common.generation import model_fingerprint
+from ai.common.generation import LORA_WEIGHTS_NAME, model_fingerprint
 from ai.common.io import sha256_file
 from ai.lora import infer_lora_sdxl
-from ai.lora.infer_lora_sdxl import LORA_WEIGHTS_NAME, LoraInferConfig
+from ai.lora.infer_lora_sdxl import LoraInferConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "config" / "demo" / "lora_infer.yaml"

@@ -12,20 +12,26 @@ What every ``infer_*.py`` does the same way lives here once:
   exist and the record's settings match), split across ``accelerate launch`` processes with
   ``PartialState.split_between_processes``, atomic PNG writes, one metadata part file per process merged into
   ``generations/metadata.jsonl`` by the main process (no two processes ever write the same file);
-* pipeline set-up: scheduler by name, dtype/device, attention backend, channels_last, torch.compile, VAE
-  slicing/tiling, resolution checks, and fingerprints of the base model and adapter files (file digests cached
-  in ``$XDG_CACHE_HOME/bdd-sdxl/file-sha256.json`` by path, size and mtime, so reruns skip re-reading the UNet).
+* the steps of every script's ``main``: the command line (:func:`parse_generation_args`), the checks that need
+  no torch (:func:`check_base_model`, :func:`resolve_lora_file`), the settings compared on resume and the record
+  fields beside them (:func:`common_settings`, :func:`common_info`), processes and device (:func:`setup_device`);
+* pipeline set-up (:func:`prepare_pipeline`): the optional LoRA, device, scheduler by name, attention backend,
+  channels_last, torch.compile, VAE slicing/tiling, resolution check; and fingerprints of the base model and
+  adapter files (file digests cached in ``$XDG_CACHE_HOME/bdd-sdxl/file-sha256.json`` by path, size and mtime, so
+  reruns skip re-reading the UNet).
 
-A script adds only what is specific to it (loading its adapter, extra pipeline arguments, per-item inputs).
+A script adds only what is specific to it (its adapter, extra pipeline arguments, per-item inputs, output sizes).
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,13 +41,15 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from ai.common.cli import UserError
+from ai.common.cli import UserError, setup_logging
 from ai.common.config import Section
 from ai.common.io import atomic_write_bytes, atomic_write_text, sha256_bytes, sha256_file
 
 logger = logging.getLogger(__name__)
 
 GENERATIONS_DIR = "generations"
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+LORA_ADAPTER_NAME = "lora"
 METADATA_FILE = "metadata.jsonl"
 PART_GLOB = "metadata.part-*.jsonl"
 #: Columns of the stage 1 CSVs copied into each record (CSV column -> record field); stage 4 reads them.
@@ -138,6 +146,76 @@ class GenerationConfig(Section):
         if base not in ("auto", "cpu", "cuda", "mps", "xpu"):
             raise ValueError(f"use auto, cpu, cuda, cuda:N, mps or xpu, got {value!r}")
         return value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line and the checks that need no torch
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def parse_generation_args(
+    argv: Sequence[str] | None,
+    *,
+    prog: str,
+    doc: str,
+    default_config: str,
+    check_help: str,
+    override_examples: str,
+) -> argparse.Namespace:
+    """``--config``, ``--check`` and ``key=value`` overrides, as every generation script takes them."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=doc.split("\n\n")[0],
+        epilog=f"Overrides are dotted key=value pairs, e.g. {override_examples}. Every key is documented in "
+        f"{default_config}.",
+    )
+    parser.add_argument("--config", default=default_config, help=f"YAML config (default: {default_config})")
+    parser.add_argument("--check", action="store_true", help=check_help)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return parser.parse_args(argv)
+
+
+def check_base_model(paths: GenerationPaths) -> None:
+    """A local base model must be a complete SDXL folder and a local ``vae_path`` a folder (hub ids load later)."""
+    from ai.common.models import check_model_folder, is_local
+
+    if is_local(paths.base_model_path):
+        check_model_folder(paths.base_model_path)
+    if paths.vae_path and is_local(paths.vae_path) and not Path(paths.vae_path).is_dir():
+        raise UserError(f"paths.vae_path not found: {paths.vae_path} (a diffusers AutoencoderKL folder)")
+
+
+def resolve_lora_file(path: str | None) -> Path | None:
+    """The LoRA weights file: ``path`` itself, or ``path/pytorch_lora_weights.safetensors`` for a run/checkpoint folder."""
+    if path is None:
+        return None
+    p = Path(path)
+    if p.is_file():
+        if p.suffix not in (".safetensors", ".bin"):
+            raise UserError(
+                f"paths.lora_weights_path {p} is not a LoRA weights file (*.safetensors or *.bin)"
+            )
+        return p
+    if p.is_dir():
+        if (p / LORA_WEIGHTS_NAME).is_file():
+            return p / LORA_WEIGHTS_NAME
+        found = sorted(child.name for child in p.iterdir())
+        with_weights = [c for c in p.glob("checkpoint-*") if (c / LORA_WEIGHTS_NAME).is_file()]
+        hint = ""
+        if with_weights:
+            newest = max(with_weights, key=lambda c: int(re.sub(r"\D", "", c.name) or 0))
+            hint = f"; the newest checkpoint with weights is {newest} (set paths.lora_weights_path={newest})"
+        raise UserError(
+            f"no {LORA_WEIGHTS_NAME} in {p}; found: {', '.join(found) or 'nothing'}{hint}. Point "
+            "paths.lora_weights_path at a training run or checkpoint folder, or at the .safetensors file"
+        )
+    parent = p.parent
+    found = (
+        ", ".join(sorted(c.name for c in parent.iterdir()))
+        if parent.is_dir()
+        else "the folder does not exist either"
+    )
+    raise UserError(f"LoRA weights not found: {p} ({parent}: {found or 'empty'})")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -328,6 +406,53 @@ def _mismatch(record: dict[str, Any], expected: dict[str, Any]) -> list[str]:
     return [f"{k}: {record.get(k)!r} -> {v!r}" for k, v in expected.items() if record.get(k) != v]
 
 
+def common_settings(
+    cfg: GenerationConfig,
+    lora_file: Path | None,
+    lora_scale: float,
+    *,
+    size: dict[str, Any],
+    method: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What decides the pixels besides prompt and seed; every image's record holds it and a rerun compares it.
+
+    ``size`` (the script's output-size keys) and ``method`` (its own model's keys, e.g. the ControlNet's) go in
+    fixed places: the key order is the order a refusal to mix settings lists the differences in.
+    """
+    return {
+        "negative_prompt": cfg.negative_prompt,
+        "num_inference_steps": cfg.num_inference_steps,
+        "guidance_scale": cfg.guidance_scale,
+        "scheduler": cfg.scheduler,
+        **size,
+        "dtype": cfg.dtype,
+        **(method or {}),
+        "lora_scale": lora_scale if lora_file else None,
+        "lora_sha256": sha256_file(lora_file) if lora_file else None,
+        "base_model_fingerprint": model_fingerprint(cfg.paths.base_model_path, cfg.paths.variant),
+        "vae_fingerprint": model_fingerprint(cfg.paths.vae_path) if cfg.paths.vae_path else None,
+    }
+
+
+def common_info(
+    cfg: GenerationConfig,
+    lora_file: Path | None,
+    fuse_lora: bool,
+    config: str | os.PathLike,
+    *,
+    method: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Record fields not compared on resume: where the models and the config came from (``method``: the script's)."""
+    return {
+        "base_model": cfg.paths.base_model_path,
+        "vae_path": cfg.paths.vae_path,
+        **(method or {}),
+        "lora_path": str(lora_file) if lora_file else None,
+        "fuse_lora": fuse_lora if lora_file else None,
+        "config": str(config),
+    }
+
+
 @dataclass
 class GenerationPlan:
     """What a run will do: the images still to make (``todo``) out of ``total``; the same on every process."""
@@ -336,6 +461,9 @@ class GenerationPlan:
     settings: dict[str, Any]
     todo: list[WorkItem]
     total: int
+
+    def nothing_to_do_message(self) -> str:
+        return f"nothing to do: all {self.total} images are in {self.out_dir} (metadata.jsonl lists them)"
 
 
 def plan_generation(
@@ -503,6 +631,15 @@ def check_dtype_device(dtype: str, device) -> None:
         raise UserError("dtype fp16 needs a GPU (the device is cpu); set dtype=fp32 (or bf16) for CPU runs")
 
 
+def setup_device(device_name: str, dtype: str) -> tuple[Any, Any]:
+    """This process's accelerate state and torch device, logging (other processes: warnings only), dtype check."""
+    state = make_state(device_name)
+    setup_logging(None if state.is_main_process else "WARNING")
+    device = resolve_device(device_name, state)
+    check_dtype_device(dtype, device)
+    return state, device
+
+
 def make_scheduler(name: str, model_scheduler):
     """A scheduler by name, configured from the model's own scheduler (betas, timestep spacing, prediction type)."""
     import diffusers
@@ -586,6 +723,54 @@ def build_sdxl_pipeline(paths: GenerationPaths, dtype: str, pipeline_cls=None, *
     )
     pipe.set_progress_bar_config(disable=True)  # one bar over images instead of one per call
     return pipe
+
+
+def load_lora(pipe, lora_file: Path, scale: float, fuse: bool) -> None:
+    """Load the LoRA into the UNet (and text encoders, if it has layers for them) at ``scale``."""
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # not "no LoRA keys for text_encoder" for every UNet-only LoRA
+    try:
+        pipe.load_lora_weights(
+            str(lora_file.parent), weight_name=lora_file.name, adapter_name=LORA_ADAPTER_NAME
+        )
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise UserError(
+            f"{lora_file} does not fit this base model ({exc}); was it trained on the same SDXL architecture?".replace(
+                "\n", " "
+            )
+        ) from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    if fuse:  # merge into the weights: no per-step LoRA matmuls
+        pipe.fuse_lora(components=["unet", "text_encoder", "text_encoder_2"], lora_scale=scale)
+        pipe.unload_lora_weights()
+    else:
+        pipe.set_adapters([LORA_ADAPTER_NAME], adapter_weights=[scale])
+
+
+def prepare_pipeline(
+    pipe,
+    cfg: GenerationConfig,
+    device,
+    lora_file: Path | None,
+    *,
+    lora_scale: float,
+    fuse_lora: bool,
+    size: tuple[int, int] | None,
+) -> None:
+    """A built pipeline made ready to run: optional LoRA, device, scheduler, speed switches, resolution check.
+
+    ``size``: the one output size, checked against the model's native size (None: sizes vary per item).
+    """
+    if lora_file is not None:
+        load_lora(pipe, lora_file, lora_scale, fuse_lora)
+    pipe.to(device)
+    pipe.scheduler = make_scheduler(cfg.scheduler, pipe.scheduler)
+    apply_speed_switches(pipe, cfg.speed, device)
+    if size is not None:
+        check_resolution(*size, native_size(pipe.unet, pipe.vae))
 
 
 def call_pipeline(

@@ -236,6 +236,11 @@ def is_local(path_or_id: str | os.PathLike) -> bool:
     return Path(path_or_id).exists() or str(path_or_id).startswith((".", "/", "~"))
 
 
+def local_files_only(path_or_id: str | os.PathLike) -> bool:
+    """``from_pretrained``'s ``local_files_only``: a local folder, or any id when HF_HUB_OFFLINE=1 (no hub calls)."""
+    return is_local(path_or_id) or os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
 @dataclass
 class SDXLComponents:
     """The frozen parts training and inference share."""
@@ -274,7 +279,7 @@ def load_components(
     local = is_local(base)
     if local:
         check_model_folder(base)
-    kw: dict[str, Any] = {"local_files_only": local or os.environ.get("HF_HUB_OFFLINE") == "1"}
+    kw: dict[str, Any] = {"local_files_only": local_files_only(base)}
     if variant:
         kw["variant"] = variant
     wkw = dict(kw, **({"torch_dtype": dtype} if dtype is not None else {}))

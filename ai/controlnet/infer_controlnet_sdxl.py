@@ -16,16 +16,14 @@ Writes ``<infer_path>/generations/<mask name>_<image index>.png``, ``<infer_path
 ``generations/metadata.jsonl`` (one record per image: prompt, seed, settings, ``mask_path``, ``source_frame`` =
 ``<mask name>.jpg``, ``source_size``, ``source_labels``; stage 4 checks the layout against the source labels with
 them) and ``<infer_path>/config.resolved.yaml``. A rerun skips finished images; under ``accelerate launch`` with N
-processes the work list is split across them. Prompts, seeds, resume and speed switches are shared with LoRA
-inference (ai/common/generation.py), masks, captions and side-by-side sheets are read and written by
-ai/controlnet/masks.py; this file adds the ControlNet and its checks.
+processes the work list is split across them. Prompts, seeds, resume, speed switches and the optional LoRA are
+shared with LoRA inference (ai/common/generation.py), masks, captions and side-by-side sheets are read and written
+by ai/controlnet/masks.py; this file adds the ControlNet, its checks and the output sizes.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,32 +33,31 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from ai.common.cli import UserError, run_main, setup_logging
+from ai.common.cli import UserError, run_main
 from ai.common.config import Section, load_config, save_resolved_config
 from ai.common.generation import (
     GENERATIONS_DIR,
     GenerationConfig,
     GenerationPaths,
     PromptEntry,
-    apply_speed_switches,
     build_sdxl_pipeline,
     build_work_items,
     call_pipeline,
-    check_dtype_device,
-    check_resolution,
-    make_scheduler,
-    make_state,
+    check_base_model,
+    common_info,
+    common_settings,
     model_fingerprint,
     native_size,
+    parse_generation_args,
     plan_generation,
-    resolve_device,
+    prepare_pipeline,
+    resolve_lora_file,
     run_generation,
+    setup_device,
 )
-from ai.common.io import sha256_file
 from ai.controlnet.conditioning import channels_for, ids_to_tensor, kind_for_channels, read_ids, resize_ids
 from ai.controlnet.control import check_controlnet_fits, read_model_config, resolve_controlnet
 from ai.controlnet.masks import fill_missing_sheets, list_masks, read_captions, write_sheet
-from ai.lora.infer_lora_sdxl import load_lora, resolve_lora_file
 
 DEFAULT_CONFIG = "config/controlnet_infer.yaml"
 SIDE_BY_SIDE_DIR = "side_by_side"
@@ -142,22 +139,16 @@ class ControlNetInferConfig(GenerationConfig):
         return value
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+def parse_args(argv: Sequence[str] | None):
+    return parse_generation_args(
+        argv,
         prog="python -m ai.controlnet.infer_controlnet_sdxl",
-        description=__doc__.split("\n\n")[0],
-        epilog="Overrides are dotted key=value pairs, e.g. paths.controlnet_path=runs/controlnet_train/controlnet "
-        "controlnet_conditioning_scale=0.8 resolution.width=1344 resolution.height=768. Every key is documented "
-        "in config/controlnet_infer.yaml.",
+        doc=__doc__,
+        default_config=DEFAULT_CONFIG,
+        check_help="validate config, model and ControlNet folders, masks and captions; exit",
+        override_examples="paths.controlnet_path=runs/controlnet_train/controlnet controlnet_conditioning_scale=0.8 "
+        "resolution.width=1344 resolution.height=768",
     )
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default: {DEFAULT_CONFIG})")
-    parser.add_argument(
-        "--check",
-        action="store_true",
-        help="validate config, model and ControlNet folders, masks and captions; exit",
-    )
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    return parser.parse_args(argv)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -235,18 +226,14 @@ class Inputs:
 
 def check_inputs(cfg: ControlNetInferConfig) -> Inputs:
     """Everything that can be checked without torch: folders, architecture, conditioning kind, masks, captions."""
-    from ai.common.models import check_model_folder, is_local
+    from ai.common.models import is_local
 
-    local_base = is_local(cfg.paths.base_model_path)
-    if local_base:
-        check_model_folder(cfg.paths.base_model_path)
-    if cfg.paths.vae_path and is_local(cfg.paths.vae_path) and not Path(cfg.paths.vae_path).is_dir():
-        raise UserError(f"paths.vae_path not found: {cfg.paths.vae_path} (a diffusers AutoencoderKL folder)")
+    check_base_model(cfg.paths)
     controlnet = resolve_controlnet(cfg.paths.controlnet_path)
     controlnet_config = read_model_config(controlnet) if isinstance(controlnet, Path) else {}
     kind = "palette" if cfg.conditioning == "auto" else cfg.conditioning  # hub ControlNets: refined in main
     if controlnet_config:
-        if local_base:
+        if is_local(cfg.paths.base_model_path):
             unet = read_model_config(cfg.paths.base_model_path, "unet")
             check_controlnet_fits(controlnet_config, unet, str(controlnet), cfg.paths.base_model_path)
         kind = conditioning_kind(cfg.conditioning, controlnet_config, str(controlnet))
@@ -269,14 +256,11 @@ def load_controlnet(controlnet: Path | str, dtype: str):
     from diffusers import ControlNetModel
 
     from ai.common.generation import torch_dtype
-    from ai.common.models import is_local
+    from ai.common.models import local_files_only
 
-    local = is_local(str(controlnet))
     try:
         return ControlNetModel.from_pretrained(
-            str(controlnet),
-            torch_dtype=torch_dtype(dtype),
-            local_files_only=local or os.environ.get("HF_HUB_OFFLINE") == "1",
+            str(controlnet), torch_dtype=torch_dtype(dtype), local_files_only=local_files_only(controlnet)
         )
     except (OSError, ValueError, RuntimeError) as exc:
         raise UserError(f"cannot load the ControlNet {controlnet}: {exc}".replace("\n", " ")) from None
@@ -305,10 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 0
 
-    state = make_state(cfg.device)
-    setup_logging(None if state.is_main_process else "WARNING")
-    device = resolve_device(cfg.device, state)
-    check_dtype_device(cfg.dtype, device)
+    state, device = setup_device(cfg.device, cfg.dtype)
     infer_path = Path(cfg.paths.infer_path)
     entries = []  # each mask's output size, recorded with its images
     for entry in inputs.entries:
@@ -327,31 +308,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             inputs.lora_file,
         )
 
-    settings = {  # what decides the pixels besides prompt and seed; compared on resume
-        "negative_prompt": cfg.negative_prompt,
-        "num_inference_steps": cfg.num_inference_steps,
-        "guidance_scale": cfg.guidance_scale,
-        "scheduler": cfg.scheduler,
-        "resolution": geometry.label,
-        "dtype": cfg.dtype,
+    controlnet_settings = {
         "conditioning": inputs.kind,
         "controlnet_conditioning_scale": cfg.controlnet_conditioning_scale,
         "control_guidance_start": cfg.control_guidance_start,
         "control_guidance_end": cfg.control_guidance_end,
         "controlnet_fingerprint": model_fingerprint(str(inputs.controlnet)),
-        "lora_scale": cfg.lora_scale if inputs.lora_file else None,
-        "lora_sha256": sha256_file(inputs.lora_file) if inputs.lora_file else None,
-        "base_model_fingerprint": model_fingerprint(cfg.paths.base_model_path, cfg.paths.variant),
-        "vae_fingerprint": model_fingerprint(cfg.paths.vae_path) if cfg.paths.vae_path else None,
     }
-    info = {
-        "base_model": cfg.paths.base_model_path,
-        "vae_path": cfg.paths.vae_path,
-        "controlnet_path": str(inputs.controlnet),
-        "lora_path": str(inputs.lora_file) if inputs.lora_file else None,
-        "fuse_lora": cfg.fuse_lora if inputs.lora_file else None,
-        "config": str(args.config),
-    }
+    settings = common_settings(
+        cfg, inputs.lora_file, cfg.lora_scale, size={"resolution": geometry.label}, method=controlnet_settings
+    )
+    info = common_info(
+        cfg, inputs.lora_file, cfg.fuse_lora, args.config, method={"controlnet_path": str(inputs.controlnet)}
+    )
     items = build_work_items(entries, cfg.images_per_prompt, cfg.seed)
     out_dir = infer_path / GENERATIONS_DIR
     sheets_dir = infer_path / SIDE_BY_SIDE_DIR
@@ -364,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if state.is_main_process:
             if cfg.side_by_side:
                 fill_missing_sheets(out_dir, sheets_dir)
-            print(f"nothing to do: all {plan.total} images are in {plan.out_dir} (metadata.jsonl lists them)")
+            print(plan.nothing_to_do_message())
         return 0
 
     from diffusers import StableDiffusionXLControlNetPipeline
@@ -373,13 +342,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     pipe = build_sdxl_pipeline(
         cfg.paths, cfg.dtype, pipeline_cls=StableDiffusionXLControlNetPipeline, controlnet=controlnet
     )
-    if inputs.lora_file is not None:
-        load_lora(pipe, inputs.lora_file, cfg.lora_scale, cfg.fuse_lora)
-    pipe.to(device)
-    pipe.scheduler = make_scheduler(cfg.scheduler, pipe.scheduler)
-    apply_speed_switches(pipe, cfg.speed, device)
-    if geometry.fixed:
-        check_resolution(*geometry.fixed, native_size(pipe.unet, pipe.vae))
+    prepare_pipeline(
+        pipe,
+        cfg,
+        device,
+        inputs.lora_file,
+        lora_scale=cfg.lora_scale,
+        fuse_lora=cfg.fuse_lora,
+        size=geometry.fixed,  # None: each mask's bucket, all near the native size
+    )
 
     def load_inputs(item):
         return read_ids(item.source["mask_path"])
