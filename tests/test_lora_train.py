@@ -37,9 +37,9 @@ def write_config(path: Path, model: Path, csv: Path, runs: Path, name: str, **se
 
 
 def launch(
-    config: Path, accelerate_config: str, *overrides: str, timeout: int = 300
+    config: Path, accelerate_config: str, *overrides: str, timeout: int = 300, env: dict | None = None
 ) -> subprocess.CompletedProcess:
-    env = dict(os.environ, ACCELERATE_CONFIG=str(REPO / accelerate_config), PYTHON=sys.executable)
+    env = dict(env or os.environ, ACCELERATE_CONFIG=str(REPO / accelerate_config), PYTHON=sys.executable)
     return subprocess.run(
         ["bash", str(REPO / "ai/lora/run_lora_train.sh"), str(config), *overrides],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
@@ -197,6 +197,35 @@ def test_two_processes_on_one_node_and_on_two_nodes_train_the_same_weights(tiny_
     nodes_ckpt = tmp_path / "runs" / "nodes" / "checkpoint-2"
     assert json.loads((nodes_ckpt / "train_state.json").read_text())["world_size"] == 2
     assert (nodes_ckpt / "random_states_0.pkl").is_file() and (nodes_ckpt / "random_states_1.pkl").is_file()
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_config_trains_resumes_and_matches_plain_training(tiny_sdxl, tmp_path):  # noqa: F811
+    """The shipped DeepSpeed config (ZeRO-2), one process on CPU: DeepSpeed engine checkpoints, exact resume, and
+    the same weights as training without DeepSpeed (batch, accumulation and clipping come from the training config).
+
+    One process only: accelerate counts a multi-process DeepSpeed run on CPU as one process (no GPU backend).
+    """
+    import torch
+
+    csv = make_image_csv(tmp_path / "data", n=6)
+    runs = tmp_path / "runs"
+    cfg = write_config(tmp_path / "ds.yaml", tiny_sdxl, csv, runs, "ds", train={"max_train_steps": 4},
+                       checkpoint={"every_n_steps": 2})  # fmt: skip
+    env = dict(os.environ, ACCELERATE_ARGS="--num_processes 1 --mixed_precision no")
+    for overrides in ((), ("output.name=resumed", f"checkpoint.resume_from={runs / 'ds' / 'checkpoint-2'}")):
+        proc = launch(cfg, "config/accelerate_config_deepspeed.yaml", *overrides, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (
+        runs / "ds" / "checkpoint-2" / "pytorch_model" / "mp_rank_00_model_states.pt"
+    ).is_file()  # engine state
+    assert run_inprocess(cfg, "output.name=plain") == 0
+    weights = {
+        name: lora_tensors(runs / name / "pytorch_lora_weights.safetensors")
+        for name in ("ds", "resumed", "plain")
+    }
+    for other in ("resumed", "plain"):
+        assert all(torch.equal(weights["ds"][k], weights[other][k]) for k in weights["ds"]), other
 
 
 def test_killed_or_half_checkpoint_is_never_latest(tmp_path):

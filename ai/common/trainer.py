@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -60,7 +61,9 @@ def start_run(cfg: TrainingConfig, resume_free_keys: Sequence[str] = RESUME_FREE
     from accelerate.utils import ProjectConfiguration, set_seed
 
     run_dir = run_dir_of(cfg)
-    cpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    # DeepSpeed sets up its own process group (gloo on CPU); accelerate's cpu=True would silently drop DeepSpeed
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
+    cpu = not torch.cuda.is_available() and not torch.backends.mps.is_available() and not deepspeed
     if cpu and cfg.train.mixed_precision == "fp16":
         # accelerate has no fp16 autocast or grad scaler on CPU: the frozen base would run in plain fp16
         raise UserError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
@@ -72,6 +75,15 @@ def start_run(cfg: TrainingConfig, resume_free_keys: Sequence[str] = RESUME_FREE
         log_with=training_log.trackers_for(cfg.log.report_to) or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
     )
+    if accelerator.state.deepspeed_plugin is not None:
+        # one source of truth: the training config's batch, accumulation and clipping, not the accelerate file's
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+        ds_config["gradient_accumulation_steps"] = cfg.train.gradient_accumulation_steps
+        ds_config["train_batch_size"] = (
+            cfg.train.batch_size * cfg.train.gradient_accumulation_steps * accelerator.num_processes
+        )
+        ds_config["gradient_clipping"] = cfg.optim.max_grad_norm or 0.0
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
     if cfg.train.allow_tf32 and accelerator.device.type == "cuda":
