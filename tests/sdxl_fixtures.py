@@ -6,6 +6,7 @@ Import the fixture into a test module with ``from sdxl_fixtures import tiny_sdxl
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +67,14 @@ def make_image_csv(
         writer.writerow(["image", "text"])
         writer.writerows(rows)
     return path
+
+
+def pixels(path: Path) -> np.ndarray:
+    """An image file as int16 RGB, so differences of two images do not wrap around."""
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.int16)
+
+
+def records(gen: Path) -> list[dict]:
+    """The metadata records of a generations folder."""
+    return [json.loads(line) for line in (gen / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]

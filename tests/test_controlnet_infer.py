@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from sdxl_fixtures import one_torch_thread, tiny_sdxl  # noqa: F401
+from sdxl_fixtures import one_torch_thread, pixels, records, tiny_sdxl  # noqa: F401
 
 from ai.common.cli import run_main
 from ai.common.generation import model_fingerprint
@@ -116,15 +116,6 @@ def infer(model, controlnet, masks, out: Path, *overrides: str) -> Path:
 
 
 SMALL = ("resolution.width=64", "resolution.height=64")
-
-
-def pixels(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.int16)
-
-
-def records(gen: Path) -> list[dict]:
-    return [json.loads(line) for line in (gen / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
 @pytest.fixture(scope="module")

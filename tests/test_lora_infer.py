@@ -7,7 +7,6 @@ per session. Images are 64x64 with 2 steps: each run is a second or two.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from sdxl_fixtures import one_torch_thread  # noqa: F401
+from sdxl_fixtures import one_torch_thread, pixels, records  # noqa: F401
 
 from ai.common.cli import run_main
 from ai.common.generation import LORA_WEIGHTS_NAME, model_fingerprint
@@ -74,15 +73,6 @@ def infer(tmp_path, model, *overrides, name="out", capsys=None) -> Path:
     ]
     assert infer_lora_sdxl.main(argv) == 0
     return out / "generations"
-
-
-def pixels(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.int16)
-
-
-def records(gen: Path) -> list[dict]:
-    return [json.loads(line) for line in (gen / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
 @pytest.fixture(scope="module")
