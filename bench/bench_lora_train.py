@@ -1,79 +1,68 @@
-"""Benchmark: LoRA training step time on the tiny SDXL (CPU), with and without the latent/text caches, and the
-share of each step spent waiting for data (target: < 5 % with caches on).
+r"""Benchmark: LoRA training step time, with and without the latent/text caches, the share of each step spent waiting
+for data (target: < 5 % with caches on), images per second and peak GPU memory.
 
-    python bench/bench_lora_train.py [--steps 20] [--images 16] [--workers 2]
+Usage::
 
-Builds the tiny model and a set of 320x180 JPEGs (BDD-like 16:9) in a temp folder, trains twice in-process
-(caches off, then on; the cache is built before timing starts) and prints a Markdown table for bench/RESULTS.md.
+    python bench/bench_lora_train.py [--steps 20] [--images 16] [--workers 2]       # tiny SDXL, CPU
+    python bench/bench_lora_train.py --steps 4 --optimizer adamw8bit               # bitsandbytes' 8-bit AdamW
+    python -m ai.common.build_model --preset sdxl-base --out bench/_data/models/sdxl-base    # once, minutes
+    python bench/bench_lora_train.py --preset sdxl-base --model bench/_data/models/sdxl-base --precision bf16 \
+        --gradient-checkpointing --rank 16 --batch 4 --caches on --steps 10 [--square]  # GPU: 1344x768 [1024x1024]
+
+Writes JPEGs of the preset's source size (320x180 for tiny; 1280x720, the BDD frame size, for sdxl-base, which
+the buckets at resolution 1024 put into 1344x768) into a temp folder, trains in-process once per cache setting (the
+cache is built before timing starts; the first --warmup-steps are not timed) and prints a Markdown table for
+bench/RESULTS.md and a JSON line. See bench/_train_bench.py for how the figures are taken.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+BENCH = Path(__file__).resolve().parent
+sys.path[:0] = [str(BENCH), str(BENCH.parent / "tests")]  # _train_bench; sdxl_fixtures' image writer
+
+import _train_bench  # noqa: E402
+
+from ai.common.cli import run_main  # noqa: E402
+
+CACHE_SETTINGS = {
+    "caches off": False,  # VAE + both text encoders run every step
+    "caches on": True,  # latents + text embeddings read from disk
+}
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--images", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers")
-    parser.add_argument("--batch", type=int, default=2)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    _train_bench.add_arguments(parser, batch=2)
+    parser.add_argument("--images", type=int, default=16, help="training images")
+    parser.add_argument("--rank", type=int, default=4, help="LoRA rank (alpha = rank)")
+    parser.add_argument(
+        "--caches", choices=["both", "on", "off"], default="both", help="cache settings to time"
+    )
     args = parser.parse_args(argv)
 
-    import yaml
     from sdxl_fixtures import make_image_csv
 
-    from ai.common.models import build_model_folder
     from ai.lora.train_lora_sdxl import main as train_main
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-lora-"))
-    model = build_model_folder("tiny", tmp / "tiny-sdxl")
-    csv = make_image_csv(tmp / "data", n=args.images, sizes=((320, 180),))
-    results = {}
-    for label, cache in (("caches off", False), ("caches on", True)):
-        cfg = {
-            "model": {"pretrained_model": str(model)},
-            "data": {
-                "train_csv": str(csv),
-                "resolution": 128,
-                "bucket_step": 16,
-                "num_workers": args.workers,
-            },
-            "cache": {"latents": cache, "text_embeddings": cache, "dir": str(tmp / "cache")},
-            "lora": {"rank": 4, "alpha": 4},
-            "train": {"max_train_steps": args.steps, "batch_size": args.batch, "mixed_precision": "no"},
-            "optim": {"lr_warmup_steps": 0},
-            "checkpoint": {"every_n_steps": 10_000},
-            "validation": {"every_n_steps": 0},
-            "log": {"report_to": "none", "every_n_steps": args.steps},
-            "output": {"runs_dir": str(tmp / "runs"), "name": label.replace(" ", "_")},
-        }
-        path = tmp / f"{label}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        train_main(["--config", str(path)])
-        rows = [
-            json.loads(x)
-            for x in (tmp / "runs" / cfg["output"]["name"] / "metrics.jsonl").read_text().splitlines()
-        ]
-        last = [r for r in rows if "sec_per_step" in r][-1]
-        results[label] = last
-    print(
-        f"\n| setting (tiny SDXL, CPU, batch {args.batch}, {args.steps} steps, {args.workers} workers) "
-        "| s/step | data wait share |"
-    )
-    print("|---|---|---|")
-    for label, r in results.items():
-        print(f"| {label} | {r['sec_per_step']:.3f} | {100 * r['data_wait_share']:.1f} % |")
+    with _train_bench.TrainBench(args, prefix="bench-lora-") as bench:
+        train_csv = make_image_csv(bench.work / "data", n=args.images, sizes=(bench.image_size,))
+        results = {}
+        for label, caches in CACHE_SETTINGS.items():
+            if args.caches in ("both", "on" if caches else "off"):
+                cfg = bench.config(label.replace(" ", "_"), train_csv, caches=caches)
+                cfg["lora"] = {"rank": args.rank, "alpha": args.rank}
+                results[label] = bench.train(train_main, cfg)
+        bench.print_table(f"setting, LoRA rank {args.rank}", results, {"method": "lora"})
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

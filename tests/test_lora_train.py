@@ -228,6 +228,27 @@ def test_deepspeed_zero2_config_trains_resumes_and_matches_plain_training(tiny_s
         assert all(torch.equal(weights["ds"][k], weights[other][k]) for k in weights["ds"]), other
 
 
+@pytest.mark.slow
+def test_loader_workers_kept_across_epochs_train_the_same_weights(tiny_sdxl, tmp_path):  # noqa: F811
+    """Persistent DataLoader workers must not keep per-epoch state: random crops and flips differ every epoch, and
+    2 workers over 3 epochs give exactly the weights of loading in the training process."""
+    import torch
+
+    csv = make_image_csv(tmp_path / "data", n=4)  # 3 buckets, batch 2 -> 3 batches an epoch
+    runs = tmp_path / "runs"
+    cfg = write_config(tmp_path / "w.yaml", tiny_sdxl, csv, runs, "inline",
+                       data={"crop": "random", "random_flip": True},
+                       cache={"latents": False, "text_embeddings": False},
+                       train={"max_train_steps": 8, "batch_size": 2}, checkpoint={"every_n_steps": 8})  # fmt: skip
+    assert run_inprocess(cfg) == 0
+    assert run_inprocess(cfg, "output.name=workers", "data.num_workers=2") == 0
+    state = json.loads((runs / "workers" / "checkpoint-8" / "train_state.json").read_text())
+    assert state["epoch"] >= 2, state
+    inline = lora_tensors(runs / "inline" / "pytorch_lora_weights.safetensors")
+    workers = lora_tensors(runs / "workers" / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(inline[k], workers[k]) for k in inline)
+
+
 def test_killed_or_half_checkpoint_is_never_latest(tmp_path):
     from accelerate import Accelerator
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 
 from ai.common.data import CropPlan, Geometry, Row, apply_plan, open_image, to_tensor
 from ai.common.io import atomic_write_bytes, sha256_bytes
@@ -47,7 +47,8 @@ class FeatureCache:
         return self.path(key).is_file()
 
     def load(self, key: str) -> dict[str, torch.Tensor]:
-        return load_file(self.path(key))
+        # entries are small (~0.1-0.3 MB on SDXL): one read beats load_file's mmap set-up by ~3x
+        return load(self.path(key).read_bytes())
 
     def save(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         path = self.path(key)

@@ -237,6 +237,9 @@ def build_train_data(
     loader = DataLoader(
         dataset, batch_sampler=sampler, collate_fn=data.collate, num_workers=d.num_workers,
         pin_memory=run.device.type == "cuda",
+        # keep the workers between epochs (a respawn stalls the loop each epoch); the sampler runs in this
+        # process and every key carries its epoch, so the workers hold no per-epoch state
+        persistent_workers=d.num_workers > 0,
     )  # fmt: skip
     cache_note = f"{cfg.cache.dir}: " + ", ".join(notes) if notes else "off"
     return TrainData(train_rows, held_rows, report.skipped, geometry, dataset, sampler, loader, cache_note)

@@ -1,0 +1,197 @@
+#!/usr/bin/env bash
+# Take every GPU figure that bench/RESULTS.md still lacks, one named step at a time (sdxl-base, bf16, random weights).
+#
+# Usage (from anywhere; paths are relative to the repo root):
+#   bash bench/run_gpu_benches.sh [STEP ...]     # default: model lora_train inference controlnet_train
+#                                                #          controlnet_infer annotation
+#   OUT_DIR=$OUT LOG_DIR=/tmp/bench-logs bash bench/run_gpu_benches.sh lora_train   # on the lent GPU machine
+#   PRESET=tiny DEVICE=cpu bash bench/run_gpu_benches.sh     # smoke test of this script on a CPU (tiny model, 1-2 steps)
+#   bash bench/run_gpu_benches.sh wheels          # on the dev machine (PyPI reachable): fetch the packages the GPU
+#                                                 # image lacks into bench/_data/wheels (carry that folder along)
+#
+# Each step writes its stdout (Markdown tables and JSON lines for RESULTS.md) to $OUT_DIR/<step>.md (default
+# bench/_gpu_out/) and its stderr (logs, progress bars) to $LOG_DIR/<step>.log (default $OUT_DIR/logs); the
+# environment (nvidia-smi, versions) goes to $OUT_DIR/env.md. A failed step prints its log's tail and the others
+# still run; the exit status is that of the last failed step.
+#
+# Budget (30 min of GPU time per session, 10 min per command): the model folder (sdxl-base with random weights,
+# ~5 GB in bf16) is built once per machine (a few minutes on CPU) and reused; a fresh machine has to build it again.
+# Estimated: model 2-4 min, lora_train 5-7, inference 3-5, controlnet_train 5-7, controlnet_infer 2-3,
+# annotation 1. Suggested calls, each well inside 10 minutes:
+#   1. model lora_train           2. inference controlnet_infer annotation        3. model controlnet_train
+# Every step prints its wall time; re-plan from the first call's figures.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+REPO=$PWD
+PRESET=${PRESET:-sdxl-base}
+DEVICE=${DEVICE:-cuda}
+OUT_DIR=${OUT_DIR:-bench/_gpu_out}
+LOG_DIR=${LOG_DIR:-$OUT_DIR/logs}
+MODEL_DIR=${MODEL_DIR:-bench/_data/models/$PRESET}
+WHEELS=${WHEELS:-bench/_data/wheels}
+WORK=${WORK:-bench/_data/gpu_work}
+if [[ -z ${PYTHON:-} ]]; then
+    if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+export HF_HUB_OFFLINE=1 YOLO_OFFLINE=true PYTHONUNBUFFERED=1
+export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+
+if [[ $PRESET == sdxl-base ]]; then
+    PRECISION=bf16 DTYPE=bf16 RES=1024 TRAIN_STEPS=10 WARMUP=2 WORKERS=4
+    INFER_STEPS=30 INFER_IMAGES=4 ANNOTATE_FRAMES=64 SPEED=(--channels-last --compile)
+    SQUARE=(--width 1024 --height 1024) WIDE=(--width 1344 --height 768) THREADS=()
+else  # smoke test: the same commands, tiny sizes and step counts
+    PRECISION=no DTYPE=fp32 RES=128 TRAIN_STEPS=2 WARMUP=1 WORKERS=0
+    INFER_STEPS=2 INFER_IMAGES=1 ANNOTATE_FRAMES=6 SPEED=(--channels-last)
+    SQUARE=(--width 128 --height 128) WIDE=(--width 160 --height 96) THREADS=(--threads 1)
+fi
+if [[ $DEVICE == cpu ]]; then YOLO_DEVICE=cpu; else YOLO_DEVICE=0; fi
+
+# Packages the GPU image lacks, or has in another version than requirements.txt pins, as Python 3.12 wheels (the
+# image has torch, accelerate, safetensors, huggingface-hub 1.x, tokenizers, pandas, opencv, matplotlib, pytest).
+# Found by tracing the modules a smoke run imports; bitsandbytes (8-bit AdamW only) and wandb are not needed.
+DEVICE_WHEELS=(
+    diffusers==0.42.1 transformers==5.23.0 peft==0.21.2 importlib-metadata==10.2.0
+    pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5
+    typing-extensions==4.16.0 msgspec==0.22.0 orjson==3.13.0 open-clip-torch==3.3.0
+    datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 ultralytics==8.4.190 ultralytics-thop==2.2.3
+)
+
+step_wheels() {  # run where PyPI is reachable, not on the GPU machine
+    mkdir -p "$WHEELS"
+    "$PYTHON" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d "$WHEELS" "${DEVICE_WHEELS[@]}"
+    du -sh "$WHEELS"
+}
+
+install_wheels() {  # on the GPU machine, if the image lacks what the benches import: carried wheels go first
+    local site=/tmp/bench-site
+    "$PYTHON" -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in sys.argv[1:]))" \
+        diffusers pydantic msgspec open_clip ultralytics datasets && return 0
+    if ! compgen -G "$WHEELS/*.whl" >/dev/null; then
+        echo "missing packages and no wheels in $WHEELS: run 'bash bench/run_gpu_benches.sh wheels' where PyPI" \
+            "is reachable and carry $WHEELS along" >&2
+        return 1
+    fi
+    if [[ ! -f $site/.installed ]]; then
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+            "$WHEELS"/*.whl
+        touch "$site/.installed"
+    fi
+    export PYTHONPATH=$site:$PYTHONPATH
+}
+
+print_env() {
+    date -u '+%Y-%m-%d %H:%M UTC'
+    echo
+    echo '```'
+    if command -v nvidia-smi >/dev/null; then nvidia-smi; else echo "nvidia-smi: not found"; fi
+    "$PYTHON" - <<'EOF'
+import os, platform
+from importlib.metadata import PackageNotFoundError, version
+import torch
+print(f"python {platform.python_version()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+      f"CUDA {torch.version.cuda}, GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
+for name in ("diffusers", "transformers", "accelerate", "peft", "huggingface-hub", "pydantic", "ultralytics",
+             "bitsandbytes", "xformers"):
+    try:
+        print(f"{name} {version(name)}")
+    except PackageNotFoundError:
+        print(f"{name}: not installed")
+EOF
+    echo '```'
+}
+
+step_model() {
+    "$PYTHON" -m ai.common.build_model --preset "$PRESET" --out "$MODEL_DIR" --dtype bfloat16
+}
+
+step_lora_train() {
+    step_model >&2
+    lora() {
+        "$PYTHON" bench/bench_lora_train.py --preset "$PRESET" --model "$MODEL_DIR" --resolution "$RES" \
+            --precision "$PRECISION" --gradient-checkpointing --rank 16 --steps "$TRAIN_STEPS" \
+            --warmup-steps "$WARMUP" --workers "$WORKERS" "$@"
+    }
+    lora --batch 1 --caches both  # 1344x768: caches off vs on
+    lora --batch 4 --caches on
+    lora --batch 1 --caches on --square  # 1024x1024
+    lora --batch 4 --caches on --square
+}
+
+infer() {
+    "$PYTHON" bench/bench_inference.py --preset "$PRESET" --device "$DEVICE" --dtype "$DTYPE" \
+        --steps "$INFER_STEPS" ${THREADS[@]+"${THREADS[@]}"} "$@"
+}
+
+infer_header() {
+    echo "| device | preset | size | steps | dtype | batch | LoRA | switches | s/image | ms/step | peak GiB |"
+    echo "|---|---|---|---|---|---|---|---|---|---|---|"
+}
+
+step_inference() {
+    infer_header
+    infer "${SQUARE[@]}" --images "$INFER_IMAGES"
+    infer "${SQUARE[@]}" --images "$INFER_IMAGES" --lora-rank 16
+    infer "${SQUARE[@]}" --images $((2 * INFER_IMAGES)) --batch-size "$INFER_IMAGES" "${SPEED[@]}"
+}
+
+step_controlnet_train() {
+    step_model >&2
+    controlnet() {
+        "$PYTHON" bench/bench_controlnet_train.py --preset "$PRESET" --model "$MODEL_DIR" --resolution "$RES" \
+            --precision "$PRECISION" --gradient-checkpointing --steps "$TRAIN_STEPS" --warmup-steps "$WARMUP" \
+            --workers "$WORKERS" "$@"
+    }
+    controlnet --batch 1 --kinds palette one_hot  # 1344x768
+    controlnet --batch 4 --kinds palette --square  # 1024x1024
+}
+
+step_controlnet_infer() {  # plain SDXL at 1024x1024 is in the inference step
+    infer_header
+    infer "${SQUARE[@]}" --images "$INFER_IMAGES" --controlnet palette
+    infer "${WIDE[@]}" --images "$INFER_IMAGES"
+    infer "${WIDE[@]}" --images "$INFER_IMAGES" --controlnet palette
+}
+
+step_annotation() {
+    "$PYTHON" bench/bench_annotation.py --frames "$ANNOTATE_FRAMES" --batch 16 --device "$YOLO_DEVICE" \
+        --work "$WORK/annotation"
+}
+
+ALL=(model lora_train inference controlnet_train controlnet_infer annotation)
+STEPS=("$@")
+[[ ${#STEPS[@]} -gt 0 ]] || STEPS=("${ALL[@]}")
+for step in "${STEPS[@]}"; do
+    if ! declare -F "step_$step" >/dev/null; then
+        echo "unknown step '$step'; choose from: ${ALL[*]} wheels" >&2
+        exit 2
+    fi
+done
+if [[ ${STEPS[*]} == wheels ]]; then
+    step_wheels
+    exit
+fi
+
+mkdir -p "$OUT_DIR" "$LOG_DIR" "$WORK"
+install_wheels
+print_env | tee "$OUT_DIR/env.md"
+failed=0
+for step in "${STEPS[@]}"; do
+    start=$SECONDS
+    echo "== $step: stdout -> $OUT_DIR/$step.md, stderr -> $LOG_DIR/$step.log"
+    set +e
+    (set -e; "step_$step") 2>"$LOG_DIR/$step.log" | tee "$OUT_DIR/$step.md"
+    status=${PIPESTATUS[0]}
+    set -e
+    if [[ $status -ne 0 ]]; then
+        failed=$status
+        echo "== $step FAILED (exit $status) after $((SECONDS - start)) s; end of $LOG_DIR/$step.log:" >&2
+        tail -n 30 "$LOG_DIR/$step.log" >&2
+    else
+        echo "== $step done in $((SECONDS - start)) s"
+    fi
+done
+exit "$failed"
