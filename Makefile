@@ -8,6 +8,8 @@ DEMO_DIR ?= outputs/demo
 export HF_HUB_OFFLINE := 1
 export YOLO_OFFLINE := true
 export YOLO_AUTOINSTALL := false
+# CPU only: deepspeed, which accelerate imports when installed, would otherwise warn that it found no GPU
+export DS_ACCELERATOR ?= cpu
 
 .PHONY: install test demo lint bench clean-demo
 
