@@ -28,6 +28,18 @@ lint: $(STAMP)
 	$(PY) -m ruff check convert ai annotation tests bench
 	$(PY) -m ruff format --check convert ai annotation tests bench
 
+# The demo configs name outputs/demo; these key=value overrides put every path under $(DEMO_DIR) instead.
+D := $(DEMO_DIR)
+TRAIN_PATHS = model.pretrained_model=$(D)/models/tiny-sdxl cache.dir=$(D)/cache output.runs_dir=$(D)
+LORA_TRAIN_PATHS = $(TRAIN_PATHS) data.train_csv=$(D)/csv/bdd_hf_dataset_lora_train.csv
+CONTROLNET_TRAIN_PATHS = $(TRAIN_PATHS) data.train_csv=$(D)/csv/bdd_hf_dataset_controlnet_train.csv
+LORA_INFER_PATHS = paths.base_model_path=$(D)/models/tiny-sdxl paths.lora_weights_path=$(D)/lora_train \
+    paths.infer_path=$(D)/lora_infer
+CONTROLNET_INFER_PATHS = paths.base_model_path=$(D)/models/tiny-sdxl \
+    paths.controlnet_path=$(D)/controlnet_train/controlnet paths.masks_path=$(D)/bdd100k/labels/sem_seg/masks/val \
+    paths.captions_path=$(D)/captions/val paths.source_labels=$(D)/bdd100k/labels/det_20/det_val.json \
+    paths.infer_path=$(D)/controlnet_infer
+
 # The whole pipeline on the embedded default: a generated mini-BDD100K and tiny models, on CPU.
 demo: $(STAMP)
 	@echo "== stage 1: mini-BDD100K -> captions -> CSVs ($(DEMO_DIR)) =="
@@ -44,11 +56,13 @@ demo: $(STAMP)
 	@echo "== model: tiny SDXL-architecture model built locally ($(DEMO_DIR)/models/tiny-sdxl) =="
 	$(PY) -m ai.common.build_model --preset tiny --out $(DEMO_DIR)/models/tiny-sdxl
 	@echo "== stage 2A/3A: LoRA training and generation on CPU =="
-	ACCELERATE_CONFIG=config/accelerate_config_cpu.yaml bash ai/lora/run_lora_train.sh config/demo/lora_train.yaml
-	ACCELERATE_CONFIG=config/accelerate_config_cpu.yaml bash ai/lora/run_lora_infer.sh config/demo/lora_infer.yaml
+	ACCELERATE_CONFIG=config/accelerate_config_cpu.yaml bash ai/lora/run_lora_train.sh config/demo/lora_train.yaml $(LORA_TRAIN_PATHS)
+	ACCELERATE_CONFIG=config/accelerate_config_cpu.yaml bash ai/lora/run_lora_infer.sh config/demo/lora_infer.yaml $(LORA_INFER_PATHS)
 	@echo "== stage 2B/3B: ControlNet on the segmentation masks, training and generation on CPU =="
-	ACCELERATE_CONFIG=config/accelerate_config_cpu.yaml bash ai/controlnet/run_controlnet_train.sh config/demo/controlnet_train.yaml
-	ACCELERATE_CONFIG=config/accelerate_config_cpu.yaml bash ai/controlnet/run_controlnet_infer.sh config/demo/controlnet_infer.yaml
+	ACCELERATE_CONFIG=config/accelerate_config_cpu.yaml bash ai/controlnet/run_controlnet_train.sh config/demo/controlnet_train.yaml \
+	    $(CONTROLNET_TRAIN_PATHS)
+	ACCELERATE_CONFIG=config/accelerate_config_cpu.yaml bash ai/controlnet/run_controlnet_infer.sh config/demo/controlnet_infer.yaml \
+	    $(CONTROLNET_INFER_PATHS)
 	@echo "== stage 4: YOLO auto-annotation with a demo detector trained on the mini-BDD100K (CPU) =="
 	$(PY) -m annotation.train_demo_detector --bdd_data_dir $(DEMO_DIR)/bdd100k --out $(DEMO_DIR)/detector/detector.pt
 	$(PY) -m annotation.yolo_annotate_folders --config config/demo/annotation.yaml --model $(DEMO_DIR)/detector/detector.pt \
