@@ -18,7 +18,9 @@ os.environ["YOLO_OFFLINE"] = "true"
 os.environ["YOLO_AUTOINSTALL"] = "false"
 os.environ["YOLO_VERBOSE"] = "false"
 os.environ["WANDB_MODE"] = "disabled"
-os.environ.setdefault("DS_ACCELERATOR", "cpu")  # deepspeed (imported by accelerate) would warn it found no GPU
+os.environ.setdefault(
+    "DS_ACCELERATOR", "cpu"
+)  # deepspeed (imported by accelerate) would warn it found no GPU
 os.environ.setdefault("HF_HOME", str(_TMP_HOME / "hf_home"))
 os.environ.setdefault("HF_DATASETS_CACHE", str(_TMP_HOME / "hf_datasets"))
 os.environ.setdefault("YOLO_CONFIG_DIR", str(_TMP_HOME / "yolo_config"))

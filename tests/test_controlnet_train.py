@@ -303,7 +303,7 @@ def test_controlnet_of_another_architecture_is_refused_before_loading(tiny_sdxl,
     [
         (("validation.every_n_steps=10",), "validation needs held-out masks"),
         (("controlnet.conditioning=rgb",), "controlnet.conditioning"),
-        (("controlnet.fuse_lora=/nowhere/lora.safetensors",), "controlnet.fuse_lora: not found"),
+        (("controlnet.fuse_lora=/nowhere/lora.safetensors",), "controlnet.fuse_lora: LoRA weights not found"),
         (("data.crop=random",), "cache.latents=false"),
     ],
 )

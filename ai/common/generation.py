@@ -185,16 +185,17 @@ def check_base_model(paths: GenerationPaths) -> None:
         raise UserError(f"paths.vae_path not found: {paths.vae_path} (a diffusers AutoencoderKL folder)")
 
 
-def resolve_lora_file(path: str | None) -> Path | None:
-    """The LoRA weights file: ``path`` itself, or ``path/pytorch_lora_weights.safetensors`` for a run/checkpoint folder."""
+def resolve_lora_file(path: str | None, key: str = "paths.lora_weights_path") -> Path | None:
+    """The LoRA weights file: ``path`` itself, or ``path/pytorch_lora_weights.safetensors`` for a run/checkpoint folder.
+
+    ``key`` is the config key that named ``path``, for the error messages.
+    """
     if path is None:
         return None
     p = Path(path)
     if p.is_file():
         if p.suffix not in (".safetensors", ".bin"):
-            raise UserError(
-                f"paths.lora_weights_path {p} is not a LoRA weights file (*.safetensors or *.bin)"
-            )
+            raise UserError(f"{key} {p} is not a LoRA weights file (*.safetensors or *.bin)")
         return p
     if p.is_dir():
         if (p / LORA_WEIGHTS_NAME).is_file():
@@ -204,10 +205,10 @@ def resolve_lora_file(path: str | None) -> Path | None:
         hint = ""
         if with_weights:
             newest = max(with_weights, key=lambda c: int(re.sub(r"\D", "", c.name) or 0))
-            hint = f"; the newest checkpoint with weights is {newest} (set paths.lora_weights_path={newest})"
+            hint = f"; the newest checkpoint with weights is {newest} (set {key}={newest})"
         raise UserError(
             f"no {LORA_WEIGHTS_NAME} in {p}; found: {', '.join(found) or 'nothing'}{hint}. Point "
-            "paths.lora_weights_path at a training run or checkpoint folder, or at the .safetensors file"
+            f"{key} at a training run or checkpoint folder, or at the .safetensors file"
         )
     parent = p.parent
     found = (
@@ -215,7 +216,7 @@ def resolve_lora_file(path: str | None) -> Path | None:
         if parent.is_dir()
         else "the folder does not exist either"
     )
-    raise UserError(f"LoRA weights not found: {p} ({parent}: {found or 'empty'})")
+    raise UserError(f"{key}: LoRA weights not found: {p} ({parent}: {found or 'empty'})")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,7 @@ ARCHITECTURE_KEYS = (
 
 def read_model_config(path_or_id: str | Path, subfolder: str | None = None) -> dict[str, Any]:
     """A diffusers model's config.json: read from disk for a local folder, via diffusers for a hub id."""
-    from ai.common.models import is_local
+    from ai.common.models import is_local, local_files_only
 
     if is_local(path_or_id):
         path = Path(path_or_id) / (subfolder or "") / "config.json"
@@ -60,7 +59,7 @@ def read_model_config(path_or_id: str | Path, subfolder: str | None = None) -> d
             ConfigMixin.load_config(
                 str(path_or_id),
                 subfolder=subfolder,
-                local_files_only=os.environ.get("HF_HUB_OFFLINE") == "1",
+                local_files_only=local_files_only(path_or_id),
             )
         )
     except (OSError, ValueError) as exc:
@@ -160,17 +159,13 @@ def build_controlnet(
 
 
 def fuse_lora(comps, lora_path: str, scale: float = 1.0) -> None:
-    """Fuse a trained SDXL LoRA (file or folder) into the frozen UNet (and text encoders, if it has parts for them)."""
+    """Fuse a trained SDXL LoRA (file, run or checkpoint folder) into the frozen UNet and the text encoders it has
+    layers for, as inference with ``fuse_lora`` does."""
+    from ai.common.generation import load_lora, resolve_lora_file
     from ai.common.validation import sdxl_pipeline
 
     pipe = sdxl_pipeline(comps, comps.unet, comps.text_encoder, comps.text_encoder_2, comps.vae)
-    path = Path(lora_path)
-    if path.is_dir():
-        pipe.load_lora_weights(str(path), weight_name="pytorch_lora_weights.safetensors")
-    else:
-        pipe.load_lora_weights(str(path.parent), weight_name=path.name)
-    pipe.fuse_lora(lora_scale=scale)
-    pipe.unload_lora_weights()  # the fused weights stay, the adapter layers go
+    load_lora(pipe, resolve_lora_file(lora_path, key="controlnet.fuse_lora"), scale, fuse=True)
 
 
 class ControlledUNet(torch.nn.Module):

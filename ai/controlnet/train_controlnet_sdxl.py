@@ -35,6 +35,7 @@ from pydantic import Field, model_validator
 
 from ai.common.cli import UserError, run_main
 from ai.common.config import Section
+from ai.common.generation import resolve_lora_file
 from ai.common.train_config import (
     DataConfig,
     LogConfig,
@@ -103,12 +104,11 @@ class Config(TrainingConfig):
 def check_inputs(cfg: Config) -> None:
     """Fast checks before accelerate starts (no torch import)."""
     check_common_inputs(cfg, Path(cfg.output.runs_dir) / cfg.output.name)
-    for key, path in (
-        ("controlnet.init_from", cfg.controlnet.init_from),
-        ("controlnet.fuse_lora", cfg.controlnet.fuse_lora),
-    ):
-        if path is not None and not Path(path).exists():
-            raise UserError(f"{key}: not found: {path}")
+    if cfg.controlnet.init_from is not None and not Path(cfg.controlnet.init_from).exists():
+        raise UserError(f"controlnet.init_from: not found: {cfg.controlnet.init_from}")
+    resolve_lora_file(
+        cfg.controlnet.fuse_lora, key="controlnet.fuse_lora"
+    )  # a folder without weights fails here
     if cfg.controlnet.init_from is not None:  # a wrong folder or architecture fails here, before accelerate
         from ai.common.models import is_local
         from ai.controlnet import control
