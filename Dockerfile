@@ -24,7 +24,9 @@ USER app
 RUN python3.11 -m venv /app/.venv
 ENV PATH=/app/.venv/bin:$PATH
 
-# Dependencies first (cached layer), then the code; requirements.txt ends with `-e .`.
+# Dependencies first (cached layer), then the code; requirements.txt ends with `-e .`. DeepSpeed (pinned there) runs
+# config/accelerate_config_deepspeed.yaml (ZeRO-2 with the torch optimizer) without compiled ops, so the runtime
+# image (no nvcc) suffices.
 COPY --chown=app:app requirements.txt pyproject.toml README.md ./
 RUN grep -v '^-e \.' requirements.txt > /tmp/req.txt && pip install --upgrade pip \
     && pip install -r /tmp/req.txt && pip install xformers==0.0.35 --no-deps
