@@ -92,18 +92,15 @@ def add_random_controlnet(pipe, kind: str):
 def main(argv=None) -> int:
     import torch
 
-    from ai.common.generation import (
-        GenerationConfig,
-        PromptEntry,
-        Speed,
+    from ai.common.generation import GenerationConfig, PromptEntry, Speed, build_work_items
+    from ai.common.models import build_pipeline
+    from ai.common.pipelines import (
         apply_speed_switches,
-        build_work_items,
         call_pipeline,
         make_scheduler,
         native_size,
         torch_dtype,
     )
-    from ai.common.models import build_pipeline
 
     args = parse_args(argv)
     if args.threads:

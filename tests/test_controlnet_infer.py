@@ -22,8 +22,8 @@ from PIL import Image
 from sdxl_fixtures import one_torch_thread, pixels, records, tiny_sdxl  # noqa: F401
 
 from ai.common.cli import run_main
-from ai.common.generation import model_fingerprint
 from ai.common.io import sha256_file
+from ai.common.pipelines import model_fingerprint
 from ai.controlnet import conditioning as cond
 from ai.controlnet import infer_controlnet_sdxl
 from ai.controlnet.infer_controlnet_sdxl import ControlNetInferConfig
@@ -232,7 +232,8 @@ def test_same_seed_same_pixels_and_seeds_are_per_image(
 
 def base_sdxl_image(model: Path, prompt: str, seed: int, size=(64, 64)) -> np.ndarray:
     """The plain StableDiffusionXLPipeline's image for the same settings as the demo config."""
-    from ai.common.generation import GenerationPaths, build_sdxl_pipeline, make_scheduler
+    from ai.common.generation import GenerationPaths
+    from ai.common.pipelines import build_sdxl_pipeline, make_scheduler
 
     pipe = build_sdxl_pipeline(GenerationPaths(base_model_path=str(model)), "fp32")
     pipe.scheduler = make_scheduler("euler", pipe.scheduler)
@@ -294,7 +295,8 @@ def test_condition_tensors_reach_the_controlnet_unchanged(model, controlnets, ma
     """The pipeline's control image processor leaves (B, C, H, W) tensors as they are, 3 or 19 channels."""
     from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
 
-    from ai.common.generation import GenerationPaths, build_sdxl_pipeline
+    from ai.common.generation import GenerationPaths
+    from ai.common.pipelines import build_sdxl_pipeline
 
     ids = cond.resize_ids(cond.read_ids(masks / "masks" / f"{mask_names(masks)[0]}.png"), (64, 64))
     for kind in ("palette", "one_hot"):

@@ -1,4 +1,4 @@
-"""ai/common/generation.py: prompts, work list, resume bookkeeping, metadata merging, checks (no diffusion model).
+"""ai/common/generation.py and pipelines.py: prompts, work list, resume, metadata merging, checks, fingerprints.
 
 The run loop is driven here by a small image-making function so that its bookkeeping (records, skips, errors,
 merging) is checked in milliseconds; tests/test_lora_infer.py runs it with the real pipeline.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ai.common import generation
+from ai.common import pipelines
 from ai.common.cli import UserError
 from ai.common.config import load_config
 from ai.common.generation import (
@@ -23,16 +23,14 @@ from ai.common.generation import (
     GenerationConfig,
     PromptEntry,
     build_work_items,
-    check_resolution,
-    make_scheduler,
     merge_metadata,
-    model_fingerprint,
     plan_generation,
     read_jsonl,
     read_prompts,
     run_generation,
 )
 from ai.common.io import sha256_file
+from ai.common.pipelines import check_resolution, make_scheduler, model_fingerprint
 
 
 def make_config(tmp_path, *overrides: str) -> GenerationConfig:
@@ -305,7 +303,7 @@ def counted_hashing(monkeypatch):
         read.append(Path(path).name)
         return sha256_file(path, *args, **kwargs)
 
-    monkeypatch.setattr(generation, "sha256_file", counting_sha256_file)
+    monkeypatch.setattr(pipelines, "sha256_file", counting_sha256_file)
     return read
 
 
@@ -357,9 +355,9 @@ def test_model_fingerprint_cache_defaults_to_xdg_and_survives_unwritable_or_corr
     config, unet = make_model_folder(tmp_path / "model")
     expected = plain_fingerprint(config, unet)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert generation.default_hash_cache() == tmp_path / "xdg" / "bdd-sdxl" / "file-sha256.json"
+    assert pipelines.default_hash_cache() == tmp_path / "xdg" / "bdd-sdxl" / "file-sha256.json"
     assert model_fingerprint(str(tmp_path / "model")) == expected
-    assert generation.default_hash_cache().is_file()
+    assert pipelines.default_hash_cache().is_file()
     assert sorted(p.name for p in (tmp_path / "model").rglob("*")) == [  # nothing written into the model
         "diffusion_pytorch_model.safetensors",
         "model_index.json",

@@ -19,8 +19,9 @@ from PIL import Image
 from sdxl_fixtures import one_torch_thread, pixels, records  # noqa: F401
 
 from ai.common.cli import run_main
-from ai.common.generation import LORA_WEIGHTS_NAME, model_fingerprint
+from ai.common.generation import LORA_WEIGHTS_NAME
 from ai.common.io import sha256_file
+from ai.common.pipelines import model_fingerprint
 from ai.lora import infer_lora_sdxl
 from ai.lora.infer_lora_sdxl import LoraInferConfig
 

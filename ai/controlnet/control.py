@@ -161,7 +161,8 @@ def build_controlnet(
 def fuse_lora(comps, lora_path: str, scale: float = 1.0) -> None:
     """Fuse a trained SDXL LoRA (file, run or checkpoint folder) into the frozen UNet and the text encoders it has
     layers for, as inference with ``fuse_lora`` does."""
-    from ai.common.generation import load_lora, resolve_lora_file
+    from ai.common.generation import resolve_lora_file
+    from ai.common.pipelines import load_lora
     from ai.common.validation import sdxl_pipeline
 
     pipe = sdxl_pipeline(comps, comps.unet, comps.text_encoder, comps.text_encoder_2, comps.vae)

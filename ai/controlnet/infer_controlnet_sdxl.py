@@ -16,9 +16,10 @@ Writes ``<infer_path>/generations/<mask name>_<image index>.png``, ``<infer_path
 ``generations/metadata.jsonl`` (one record per image: prompt, seed, settings, ``mask_path``, ``source_frame`` =
 ``<mask name>.jpg``, ``source_size``, ``source_labels``; stage 4 checks the layout against the source labels with
 them) and ``<infer_path>/config.resolved.yaml``. A rerun skips finished images; under ``accelerate launch`` with N
-processes the work list is split across them. Prompts, seeds, resume, speed switches and the optional LoRA are
-shared with LoRA inference (ai/common/generation.py), masks, captions and side-by-side sheets are read and written
-by ai/controlnet/masks.py; this file adds the ControlNet, its checks and the output sizes.
+processes the work list is split across them. Prompts, seeds, resume (ai/common/generation.py), speed switches
+and the optional LoRA (ai/common/pipelines.py) are shared with LoRA inference, masks, captions and side-by-side
+sheets are read and written by ai/controlnet/masks.py; this file adds the ControlNet, its checks and the output
+sizes.
 """
 
 from __future__ import annotations
@@ -40,19 +41,21 @@ from ai.common.generation import (
     GenerationConfig,
     GenerationPaths,
     PromptEntry,
-    build_sdxl_pipeline,
     build_work_items,
-    call_pipeline,
     check_base_model,
     common_info,
     common_settings,
-    model_fingerprint,
-    native_size,
     parse_generation_args,
     plan_generation,
-    prepare_pipeline,
     resolve_lora_file,
     run_generation,
+)
+from ai.common.pipelines import (
+    build_sdxl_pipeline,
+    call_pipeline,
+    model_fingerprint,
+    native_size,
+    prepare_pipeline,
     setup_device,
 )
 from ai.controlnet.conditioning import channels_for, ids_to_tensor, kind_for_channels, read_ids, resize_ids
@@ -255,8 +258,8 @@ def check_inputs(cfg: ControlNetInferConfig) -> Inputs:
 def load_controlnet(controlnet: Path | str, dtype: str):
     from diffusers import ControlNetModel
 
-    from ai.common.generation import torch_dtype
     from ai.common.models import local_files_only
+    from ai.common.pipelines import torch_dtype
 
     try:
         return ControlNetModel.from_pretrained(

@@ -9,8 +9,8 @@ Writes ``<paths.infer_path>/generations/<prompt_index>_<image_index>.png``, one 
 ``generations/metadata.jsonl`` (prompt, seed, settings, LoRA sha256, base model fingerprint, source frame when the
 prompt came from a captions CSV) and ``<paths.infer_path>/config.resolved.yaml``. A rerun skips finished images.
 Under ``accelerate launch`` with N processes the work list is split across them; the images equal a one-process
-run's. Prompts, seeds, outputs, speed switches and LoRA loading are shared with ControlNet inference
-(ai/common/generation.py); this file is the text-to-image recipe around them.
+run's. Prompts, seeds, outputs (ai/common/generation.py), speed switches and LoRA loading
+(ai/common/pipelines.py) are shared with ControlNet inference; this file is the text-to-image recipe around them.
 """
 
 from __future__ import annotations
@@ -27,20 +27,17 @@ from ai.common.generation import (
     GenerationConfig,
     GenerationPaths,
     PromptEntry,
-    build_sdxl_pipeline,
     build_work_items,
-    call_pipeline,
     check_base_model,
     common_info,
     common_settings,
     parse_generation_args,
     plan_generation,
-    prepare_pipeline,
     read_prompts,
     resolve_lora_file,
     run_generation,
-    setup_device,
 )
+from ai.common.pipelines import build_sdxl_pipeline, call_pipeline, prepare_pipeline, setup_device
 
 DEFAULT_CONFIG = "config/lora_infer.yaml"
 
