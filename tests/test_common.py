@@ -117,3 +117,15 @@ def test_clip_tokenizer_is_openai_clip(tmp_path):
     assert tok2("a cat", padding="max_length", max_length=6)["input_ids"] == [49406, 320, 2368, 49407, 0, 0]
     long = tok("car " * 100, truncation=True, max_length=77)["input_ids"]
     assert len(long) == 77 and long[-1] == 49407
+
+
+def test_stage_scripts_import_without_torch():
+    """The launchers run each script's --check before accelerate: it must not pay torch's import (seconds)."""
+    import subprocess
+    import sys
+
+    modules = ("ai.lora.train_lora_sdxl", "ai.lora.infer_lora_sdxl", "ai.controlnet.train_controlnet_sdxl",
+               "ai.controlnet.infer_controlnet_sdxl")  # fmt: skip
+    code = f"import sys; import {', '.join(modules)}; print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

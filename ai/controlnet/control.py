@@ -1,10 +1,8 @@
-"""ControlNet pieces shared by training and inference: building one, checking it fits the base UNet, and the
-"UNet steered by a ControlNet" forward pass.
+"""ControlNet pieces shared by training and inference that need torch: building one and the "UNet steered by a
+ControlNet" forward pass (the config-level checks are in :mod:`ai.controlnet.architecture`).
 
 * :func:`build_controlnet`: a fresh ControlNet copied from the UNet's encoder (zero convolutions, so it changes
   nothing until trained) or an existing ControlNet folder, with the conditioning channels the input kind needs.
-* :func:`check_fits_unet`: a ControlNet config that cannot steer this UNet is refused with the differing keys,
-  before any weights are loaded.
 * :class:`ControlledUNet`: wraps UNet + ControlNet behind the UNet's own call signature, so the shared numerics
   (``ai.common.diffusion.unet_forward`` / ``fixed_noise_loss``) work unchanged for ControlNet training and the
   blank-versus-real condition fidelity check.
@@ -14,109 +12,12 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any
-
 import torch
 
 from ai.common import data
 from ai.common.cli import UserError
 from ai.controlnet import conditioning
-
-#: UNet config keys a ControlNet copies from its UNet (``ControlNetModel.from_unet``): all must agree.
-ARCHITECTURE_KEYS = (
-    "in_channels",
-    "block_out_channels",
-    "down_block_types",
-    "layers_per_block",
-    "cross_attention_dim",
-    "transformer_layers_per_block",
-    "attention_head_dim",
-    "use_linear_projection",
-    "addition_embed_type",
-    "addition_time_embed_dim",
-    "projection_class_embeddings_input_dim",
-)
-
-
-def read_model_config(path_or_id: str | Path, subfolder: str | None = None) -> dict[str, Any]:
-    """A diffusers model's config.json: read from disk for a local folder, via diffusers for a hub id."""
-    from ai.common.models import is_local, local_files_only
-
-    if is_local(path_or_id):
-        path = Path(path_or_id) / (subfolder or "") / "config.json"
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UserError(f"{path} not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"{path} is not valid JSON: {exc}") from None
-    from diffusers import ConfigMixin
-
-    try:
-        return dict(
-            ConfigMixin.load_config(
-                str(path_or_id),
-                subfolder=subfolder,
-                local_files_only=local_files_only(path_or_id),
-            )
-        )
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read the config of {path_or_id}: {exc}".replace("\n", " ")) from None
-
-
-def resolve_controlnet(path: str) -> Path | str:
-    """The ControlNet folder (``config.json`` + weights): ``path`` itself or its ``controlnet/`` (a training run)."""
-    from ai.common.models import is_local
-
-    if not is_local(path):
-        return path  # hub id: checked when its config is read
-    p = Path(path)
-    if not p.is_dir():
-        parent = p.parent
-        found = ", ".join(sorted(c.name for c in parent.iterdir())) if parent.is_dir() else "does not exist"
-        raise UserError(
-            f"ControlNet folder not found: {p} ({parent}: {found or 'empty'}); set paths.controlnet_path to the "
-            "folder training writes (<runs_dir>/<name>/controlnet)"
-        )
-    for folder in (p, p / "controlnet"):
-        if (folder / "config.json").is_file():
-            weights = [c for c in folder.iterdir() if c.suffix in (".safetensors", ".bin")]
-            if not weights:
-                raise UserError(f"ControlNet folder {folder} has config.json but no weights (*.safetensors)")
-            return folder
-    found = ", ".join(sorted(c.name for c in p.iterdir())) or "nothing"
-    raise UserError(
-        f"{p} is not a ControlNet folder (no config.json; found: {found}); point paths.controlnet_path at the "
-        "folder with config.json and diffusion_pytorch_model.safetensors (training writes <runs_dir>/<name>/controlnet)"
-    )
-
-
-def _as_list(value: Any, n: int) -> Any:
-    """Per-block settings written as one number or a list compare equal when they mean the same."""
-    if isinstance(value, int) and not isinstance(value, bool) and n:
-        return [value] * n
-    return list(value) if isinstance(value, list | tuple) else value
-
-
-def check_controlnet_fits(controlnet: dict, unet: dict, controlnet_name: str, base_name: str) -> None:
-    """Refuse a ControlNet built for another UNet architecture (before any weights load)."""
-    class_name = controlnet.get("_class_name", "ControlNetModel")
-    if class_name != "ControlNetModel":
-        raise UserError(f"{controlnet_name} is a {class_name}, not a ControlNetModel (its config.json)")
-    n = len(unet.get("block_out_channels") or ())
-    differences = [
-        f"{key} {controlnet[key]} vs the UNet's {unet[key]}"
-        for key in ARCHITECTURE_KEYS
-        if key in controlnet and key in unet and _as_list(controlnet[key], n) != _as_list(unet[key], n)
-    ]
-    if differences:
-        raise UserError(
-            f"ControlNet {controlnet_name} does not fit the base model {base_name}: {'; '.join(differences)}. "
-            "A ControlNet works only with the UNet architecture it was trained on (SDXL with SDXL); train one on "
-            "this base model or point paths.base_model_path at the model it was trained on"
-        )
+from ai.controlnet.architecture import check_controlnet_fits, read_model_config, resolve_controlnet
 
 
 def build_controlnet(

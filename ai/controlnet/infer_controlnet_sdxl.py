@@ -58,8 +58,8 @@ from ai.common.pipelines import (
     prepare_pipeline,
     setup_device,
 )
+from ai.controlnet.architecture import check_controlnet_fits, read_model_config, resolve_controlnet
 from ai.controlnet.conditioning import channels_for, ids_to_tensor, kind_for_channels, read_ids, resize_ids
-from ai.controlnet.control import check_controlnet_fits, read_model_config, resolve_controlnet
 from ai.controlnet.masks import fill_missing_sheets, list_masks, read_captions, write_sheet
 
 DEFAULT_CONFIG = "config/controlnet_infer.yaml"

@@ -106,17 +106,16 @@ def check_inputs(cfg: Config) -> None:
     check_common_inputs(cfg, Path(cfg.output.runs_dir) / cfg.output.name)
     if cfg.controlnet.init_from is not None and not Path(cfg.controlnet.init_from).exists():
         raise UserError(f"controlnet.init_from: not found: {cfg.controlnet.init_from}")
-    resolve_lora_file(
-        cfg.controlnet.fuse_lora, key="controlnet.fuse_lora"
-    )  # a folder without weights fails here
-    if cfg.controlnet.init_from is not None:  # a wrong folder or architecture fails here, before accelerate
+    # a LoRA folder without weights, or a wrong ControlNet folder or architecture, fails here, before accelerate
+    resolve_lora_file(cfg.controlnet.fuse_lora, key="controlnet.fuse_lora")
+    if cfg.controlnet.init_from is not None:
         from ai.common.models import is_local
-        from ai.controlnet import control
+        from ai.controlnet import architecture
 
-        cn_config = control.read_model_config(control.resolve_controlnet(cfg.controlnet.init_from))
+        cn_config = architecture.read_model_config(architecture.resolve_controlnet(cfg.controlnet.init_from))
         if is_local(cfg.model.pretrained_model):
-            unet_config = control.read_model_config(cfg.model.pretrained_model, "unet")
-            control.check_controlnet_fits(
+            unet_config = architecture.read_model_config(cfg.model.pretrained_model, "unet")
+            architecture.check_controlnet_fits(
                 cn_config, unet_config, cfg.controlnet.init_from, cfg.model.pretrained_model
             )
 
