@@ -17,7 +17,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,15 @@ class Run:
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
+
+    def autocast(self):
+        """Mixed-precision autocast for the evaluation passes (validation loss, images).
+
+        Not ``accelerator.autocast()``: under DeepSpeed that is a no-op (DeepSpeed casts the trained model itself),
+        and a validation pipeline would then hand bf16 latents to the fp32 VAE.
+        """
+        enabled = self.weight_dtype != torch.float32
+        return torch.autocast(self.device.type, dtype=self.weight_dtype, enabled=enabled)
 
 
 def start_run(cfg: TrainingConfig, resume_free_keys: Sequence[str] = RESUME_FREE_KEYS) -> Run:
@@ -472,6 +482,32 @@ def validation_pass(run: Run, models: Sequence[torch.nn.Module], body: Callable[
         for m in models:
             m.train()
     run.accelerator.wait_for_everyone()
+
+
+@contextmanager
+def master_weights(run: Run, models: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """Inside the block the trained parameters hold their fp32 values, for exporting them.
+
+    Without DeepSpeed they are fp32 already (autocast does the mixed precision). DeepSpeed with bf16/fp16 trains a
+    low-precision copy and keeps the fp32 master weights in its optimizer: those are swapped in, then back.
+    """
+    if run.accelerator.state.deepspeed_plugin is None:
+        yield
+        return
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    swapped = []
+    for model in models:
+        for param in model.parameters():
+            master = safe_get_full_fp32_param(param) if param.requires_grad else None
+            if master is not None and master.dtype != param.dtype:
+                swapped.append((param, param.data))
+                param.data = master.detach().to(param.device)
+    try:
+        yield
+    finally:
+        for param, low_precision in swapped:
+            param.data = low_precision
 
 
 def save_final(run: Run, write: Callable[[Path], Sequence[Path]]) -> None:

@@ -233,7 +233,7 @@ def train(cfg: Config) -> int:
 
     def validate(step: int, bar) -> None:
         def body() -> None:
-            with accelerator.autocast():
+            with run.autocast():
                 real, blank = fidelity()
             gap = blank - real
             metrics.log(step, val_loss=real, val_loss_blank=blank, control_gap=gap)
@@ -253,7 +253,7 @@ def train(cfg: Config) -> int:
                 cond = conds[i]
                 for seed in v.seeds:
                     gen = torch.Generator(device=device).manual_seed(seed)
-                    with accelerator.autocast():
+                    with run.autocast():
                         image = pipe(
                             row.text, image=cond, width=cond.shape[-1], height=cond.shape[-2], generator=gen,
                             num_inference_steps=v.num_inference_steps, guidance_scale=v.guidance_scale,
@@ -279,12 +279,12 @@ def train(cfg: Config) -> int:
         return plain.to(device, weight_dtype).eval()
 
     def export_controlnet(folder: Path) -> list[Path]:
-        final = copy.deepcopy(raw).to("cpu", dtype=getattr(torch, cfg.controlnet.save_dtype))
+        with trainer.master_weights(run, [raw]):
+            final = copy.deepcopy(raw).to("cpu", dtype=getattr(torch, cfg.controlnet.save_dtype))
         final.save_pretrained(folder / "controlnet", safe_serialization=True)
         for weights in (folder / "controlnet").glob("*.safetensors"):
-            canonicalize_safetensors(
-                weights
-            )  # same weights, same bytes: inference reruns compare fingerprints
+            # same weights, same bytes: inference reruns compare fingerprints
+            canonicalize_safetensors(weights)
         return [folder / "controlnet"]
 
     # --- banner ---

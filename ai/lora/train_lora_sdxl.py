@@ -197,7 +197,7 @@ def train(cfg: Config) -> int:
         def body() -> None:
             nonlocal val_set
             if train_data.held_rows:
-                with accelerator.autocast():
+                with run.autocast():
                     if val_set is None:  # encoded once
                         val_set = validation.encode_loss_set(
                             train_data.held_rows, train_data.geometry, vae, encode_text, device
@@ -214,7 +214,7 @@ def train(cfg: Config) -> int:
                 unwrap = accelerator.unwrap_model
                 pipe = validation.sdxl_pipeline(comps, unwrap(unet), unwrap(te1), unwrap(te2), vae)
                 v = cfg.validation
-                with accelerator.autocast():
+                with run.autocast():
                     images, captions = validation.generate_images(
                         pipe, v.prompts, v.seeds, run.run_dir / "validation" / f"step-{step:06d}", device,
                         num_inference_steps=v.num_inference_steps, guidance_scale=v.guidance_scale, width=v.width,
@@ -226,7 +226,8 @@ def train(cfg: Config) -> int:
 
     def export_lora(folder: Path) -> list[Path]:
         te_raw = raw[1:] if text_encoders else [None, None]
-        return lora_export.save_lora(folder, raw[0], *te_raw, kohya=cfg.output.kohya_copy)
+        with trainer.master_weights(run, raw):
+            return lora_export.save_lora(folder, raw[0], *te_raw, kohya=cfg.output.kohya_copy)
 
     # --- banner ---
     n_trainable = sum(p.numel() for m in raw for p in m.parameters() if p.requires_grad)
