@@ -200,13 +200,13 @@ def test_two_processes_on_one_node_and_on_two_nodes_train_the_same_weights(tiny_
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_config_resumes_exactly_matches_plain_training_and_exports_fp32(tiny_sdxl, tmp_path):  # noqa: F811
+def test_deepspeed_zero2_config_resumes_exactly_and_matches_plain_training(tiny_sdxl, tmp_path):  # noqa: F811
     """The shipped DeepSpeed config (ZeRO-2), one process on CPU.
 
     fp32: DeepSpeed engine checkpoints, an exact resume, and the same weights as training without DeepSpeed (batch,
     accumulation and clipping come from the training config). bf16 (the config's own precision: DeepSpeed trains a
-    bf16 copy and keeps fp32 master weights in its optimizer): validation images, and the export holds the fp32
-    masters. One process only: accelerate counts a multi-process DeepSpeed run on CPU as one process.
+    bf16 copy and keeps fp32 master weights in its optimizer): validation images, an exact resume, and the export
+    holds the fp32 masters. One process only: accelerate counts a multi-process DeepSpeed run on CPU as one process.
     """
     import torch
 
@@ -216,12 +216,13 @@ def test_deepspeed_zero2_config_resumes_exactly_matches_plain_training_and_expor
                        checkpoint={"every_n_steps": 2})  # fmt: skip
     fp32 = dict(os.environ, ACCELERATE_ARGS="--num_processes 1 --mixed_precision no")
     bf16 = dict(os.environ, ACCELERATE_ARGS="--num_processes 1")
+    bf16_cfg = ("train.mixed_precision=bf16", "validation.every_n_steps=4", "validation.prompts=[a street]",
+                "validation.num_inference_steps=1", "validation.width=64", "validation.height=64")  # fmt: skip
     for env, overrides in (
         (fp32, ()),
         (fp32, ("output.name=resumed", f"checkpoint.resume_from={runs / 'ds' / 'checkpoint-2'}")),
-        (bf16, ("output.name=bf16", "train.mixed_precision=bf16", "validation.every_n_steps=4",
-                "validation.prompts=[a street]", "validation.num_inference_steps=1", "validation.width=64",
-                "validation.height=64")),
+        (bf16, ("output.name=bf16", *bf16_cfg)),
+        (bf16, ("output.name=bf16_resumed", f"checkpoint.resume_from={runs / 'bf16' / 'checkpoint-2'}", *bf16_cfg)),
     ):  # fmt: skip
         proc = launch(cfg, "config/accelerate_config_deepspeed.yaml", *overrides, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -229,12 +230,10 @@ def test_deepspeed_zero2_config_resumes_exactly_matches_plain_training_and_expor
         runs / "ds" / "checkpoint-2" / "pytorch_model" / "mp_rank_00_model_states.pt"
     ).is_file()  # engine state
     assert run_inprocess(cfg, "output.name=plain") == 0
-    weights = {
-        n: lora_tensors(runs / n / "pytorch_lora_weights.safetensors")
-        for n in ("ds", "resumed", "plain", "bf16")
-    }
-    for other in ("resumed", "plain"):
-        assert all(torch.equal(weights["ds"][k], weights[other][k]) for k in weights["ds"]), other
+    names = ("ds", "resumed", "plain", "bf16", "bf16_resumed")
+    weights = {n: lora_tensors(runs / n / "pytorch_lora_weights.safetensors") for n in names}
+    for first, second in (("ds", "resumed"), ("ds", "plain"), ("bf16", "bf16_resumed")):
+        assert all(torch.equal(weights[first][k], weights[second][k]) for k in weights[first]), second
     assert (runs / "bf16" / "validation" / "step-000004" / "prompt00_seed0.png").is_file()
     exported = weights["bf16"].values()
     assert {v.dtype for v in exported} == {torch.float32}

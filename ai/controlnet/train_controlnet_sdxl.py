@@ -184,7 +184,8 @@ def train(cfg: Config) -> int:
 
     def save_hook(models, weights, output_dir):  # the ControlNet as a diffusers folder, the base stays out
         if accelerator.is_main_process:
-            raw.save_pretrained(Path(output_dir) / "controlnet", safe_serialization=True)
+            with trainer.master_weights(run, [raw]):
+                raw.save_pretrained(Path(output_dir) / "controlnet", safe_serialization=True)
         weights.clear()
 
     def load_hook(models, input_dir):

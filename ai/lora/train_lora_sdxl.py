@@ -178,7 +178,8 @@ def train(cfg: Config) -> int:
                 raise UserError(
                     f"{input_dir}: LoRA state does not fit the model: {result.unexpected_keys[:3]}"
                 )
-        cast_training_params(raw, dtype=torch.float32)
+        if accelerator.state.deepspeed_plugin is None:  # DeepSpeed owns the dtypes (and the fp32 masters)
+            cast_training_params(raw, dtype=torch.float32)
         models.clear()
 
     accelerator.register_save_state_pre_hook(save_hook)
