@@ -17,7 +17,7 @@ import logging
 import re
 import shutil
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -112,11 +112,13 @@ def save_checkpoint(
     resolved_yaml: str,
     write_extra: Callable[[Path], None] | None = None,
     total_limit: int | None = None,
+    extra_context: Callable[[], AbstractContextManager] = nullcontext,
 ) -> Path:
     """Save ``checkpoint-<step>`` atomically from every process; returns its final path.
 
     Must be called on all processes (accelerate's ``save_state`` writes per-process RNG states).
-    ``write_extra(folder)`` runs on the main process only (e.g. to export the LoRA).
+    ``write_extra(folder)`` runs on the main process only (e.g. to export the LoRA), inside ``extra_context()``,
+    which every process enters (it may gather sharded weights, a collective call).
     """
     from accelerate.utils import broadcast_object_list
 
@@ -125,9 +127,10 @@ def save_checkpoint(
     with atomic_dir(final) if main else nullcontext() as tmp:
         folder = Path(broadcast_object_list([str(tmp) if main else None])[0])
         accelerator.save_state(str(folder))
-        if main:
-            if write_extra is not None:
+        with extra_context():
+            if main and write_extra is not None:
                 write_extra(folder)
+        if main:
             atomic_write_text(folder / CONFIG_FILE, resolved_yaml)
             state = dict(train_state, step=step, world_size=accelerator.num_processes)
             atomic_write_text(

@@ -379,13 +379,19 @@ def resume_state(run: Run) -> LoopState:
 
 
 def save_checkpoint(
-    cfg: TrainingConfig, run: Run, state: LoopState, export: Callable[[Path], None], metrics
+    cfg: TrainingConfig,
+    run: Run,
+    state: LoopState,
+    export: Callable[[Path], None] | None,
+    metrics,
+    trained: Sequence[torch.nn.Module] = (),
 ) -> Path:
+    """``checkpoint-<step>`` on every process; ``export(folder)`` writes the ``trained`` models' fp32 weights."""
     from ai.common.config import config_to_yaml
 
     path = checkpoints.save_checkpoint(
         run.accelerator, run.run_dir, state.step, {"epoch": state.epoch, "batch": state.batch}, config_to_yaml(cfg),
-        export, cfg.checkpoint.total_limit,
+        export, cfg.checkpoint.total_limit, extra_context=lambda: master_weights(run, trained),
     )  # fmt: skip
     state.last_checkpoint = path
     metrics.plot()
@@ -489,7 +495,8 @@ def master_weights(run: Run, models: Sequence[torch.nn.Module]) -> Iterator[None
     """Inside the block the trained parameters hold their fp32 values, for exporting them.
 
     Without DeepSpeed they are fp32 already (autocast does the mixed precision). DeepSpeed with bf16/fp16 trains a
-    low-precision copy and keeps the fp32 master weights in its optimizer: those are swapped in, then back.
+    low-precision copy and keeps the fp32 master weights, sharded across processes, in its optimizer: those are
+    gathered (a collective call: every process must enter the block) and swapped in, then back.
     """
     if run.accelerator.state.deepspeed_plugin is None:
         yield
@@ -510,20 +517,24 @@ def master_weights(run: Run, models: Sequence[torch.nn.Module]) -> Iterator[None
             param.data = low_precision
 
 
-def save_final(run: Run, write: Callable[[Path], Sequence[Path]]) -> None:
-    """Write the final weights through ``write(tmp_dir) -> paths`` and move them into the run folder atomically."""
+def save_final(
+    run: Run, write: Callable[[Path], Sequence[Path]], trained: Sequence[torch.nn.Module] = ()
+) -> None:
+    """Write the ``trained`` models' final fp32 weights through ``write(tmp_dir) -> paths`` (main process) and move
+    them into the run folder atomically. Every process must call it."""
     import os
     import shutil
     import tempfile
 
-    if run.is_main:
-        with tempfile.TemporaryDirectory(dir=run.run_dir, prefix=".tmp-final-") as tmp:
-            for f in write(Path(tmp)):
-                f = Path(f)
-                target = run.run_dir / f.name
-                if f.is_dir() and target.exists():
-                    shutil.rmtree(target)
-                os.replace(f, target)
+    with master_weights(run, trained):
+        if run.is_main:
+            with tempfile.TemporaryDirectory(dir=run.run_dir, prefix=".tmp-final-") as tmp:
+                for f in write(Path(tmp)):
+                    f = Path(f)
+                    target = run.run_dir / f.name
+                    if f.is_dir() and target.exists():
+                        shutil.rmtree(target)
+                    os.replace(f, target)
     run.accelerator.wait_for_everyone()
 
 

@@ -183,8 +183,8 @@ def train(cfg: Config) -> int:
     raw = accelerator.unwrap_model(controlnet)
 
     def save_hook(models, weights, output_dir):  # the ControlNet as a diffusers folder, the base stays out
-        if accelerator.is_main_process:
-            with trainer.master_weights(run, [raw]):
+        with trainer.master_weights(run, [raw]):  # every process saves state, so every process enters this
+            if accelerator.is_main_process:
                 raw.save_pretrained(Path(output_dir) / "controlnet", safe_serialization=True)
         weights.clear()
 
@@ -280,8 +280,7 @@ def train(cfg: Config) -> int:
         return plain.to(device, weight_dtype).eval()
 
     def export_controlnet(folder: Path) -> list[Path]:
-        with trainer.master_weights(run, [raw]):
-            final = copy.deepcopy(raw).to("cpu", dtype=getattr(torch, cfg.controlnet.save_dtype))
+        final = copy.deepcopy(raw).to("cpu", dtype=getattr(torch, cfg.controlnet.save_dtype))
         final.save_pretrained(folder / "controlnet", safe_serialization=True)
         for weights in (folder / "controlnet").glob("*.safetensors"):
             # same weights, same bytes: inference reruns compare fingerprints
@@ -335,7 +334,7 @@ def train(cfg: Config) -> int:
     )
 
     # --- final export ---
-    trainer.save_final(run, export_controlnet)
+    trainer.save_final(run, export_controlnet, trained=[raw])
     if run.is_main:
         metrics.plot()
         logger.info(

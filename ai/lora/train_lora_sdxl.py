@@ -227,8 +227,7 @@ def train(cfg: Config) -> int:
 
     def export_lora(folder: Path) -> list[Path]:
         te_raw = raw[1:] if text_encoders else [None, None]
-        with trainer.master_weights(run, raw):
-            return lora_export.save_lora(folder, raw[0], *te_raw, kohya=cfg.output.kohya_copy)
+        return lora_export.save_lora(folder, raw[0], *te_raw, kohya=cfg.output.kohya_copy)
 
     # --- banner ---
     n_trainable = sum(p.numel() for m in raw for p in m.parameters() if p.requires_grad)
@@ -258,7 +257,7 @@ def train(cfg: Config) -> int:
         )
 
     def save(state) -> Path:
-        return trainer.save_checkpoint(cfg, run, state, export_lora, metrics)
+        return trainer.save_checkpoint(cfg, run, state, export_lora, metrics, trained=raw)
 
     state = trainer.run_loop(
         cfg,
@@ -275,7 +274,7 @@ def train(cfg: Config) -> int:
     )
 
     # --- final export ---
-    trainer.save_final(run, export_lora)
+    trainer.save_final(run, export_lora, trained=raw)
     if run.is_main:
         metrics.plot()
         logger.info(
