@@ -410,6 +410,36 @@ def test_bf16_mixed_precision_trains_validates_and_saves(tiny_sdxl, controlnet_c
 
 
 @pytest.mark.slow
+def test_deepspeed_bf16_checkpoints_and_exports_the_fp32_master_weights(tiny_sdxl, controlnet_csvs, tmp_path):  # noqa: F811
+    """The shipped DeepSpeed config in bf16 (one process on CPU): DeepSpeed trains a bf16 copy of the ControlNet and
+    keeps fp32 masters; validation runs, and the checkpoint's and the final controlnet/ hold the fp32 masters."""
+    import torch
+    from safetensors.torch import load_file
+
+    train_csv, val_csv = controlnet_csvs
+    cfg = write_config(
+        tmp_path / "ds.yaml", tiny_sdxl, train_csv, tmp_path / "runs", "ds",
+        train={"max_train_steps": 2, "mixed_precision": "bf16"}, checkpoint={"every_n_steps": 2},
+        validation={"every_n_steps": 2, "loss_csv": str(val_csv), "num_images": 1, "num_inference_steps": 1},
+    )  # fmt: skip
+    env = dict(os.environ, ACCELERATE_CONFIG=str(REPO / "config/accelerate_config_deepspeed.yaml"),
+               ACCELERATE_ARGS="--num_processes 1", PYTHON=sys.executable)  # fmt: skip
+    proc = subprocess.run(
+        ["bash", str(REPO / "ai/controlnet/run_controlnet_train.sh"), str(cfg)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "ds"
+    assert len(list((run / "validation" / "step-000002").glob("*.png"))) == 1
+    for folder in (run / "checkpoint-2" / "controlnet", run / "controlnet"):
+        saved = load_file(folder / "diffusion_pytorch_model.safetensors").values()
+        assert {v.dtype for v in saved} == {torch.float32}
+        assert any((v.to(torch.bfloat16).float() != v).any() for v in saved), (
+            folder
+        )  # masters, not the bf16 copy
+
+
+@pytest.mark.slow
 def test_latent_and_text_caches_are_shared_with_the_lora_trainer(tiny_sdxl, controlnet_csvs, tmp_path):  # noqa: F811
     """A LoRA run on the same images and captions fills the cache; the ControlNet run then adds no entry."""
     import csv as csv_module
