@@ -71,6 +71,15 @@ def check_config(config: Path, *overrides: str) -> str:
     return ""
 
 
+def launch(config: Path, accelerate_config: str, **env) -> subprocess.CompletedProcess:
+    """ai/controlnet/run_controlnet_train.sh with ``accelerate_config`` (and extra environment, e.g. ACCELERATE_ARGS)."""
+    env = dict(os.environ, ACCELERATE_CONFIG=str(REPO / accelerate_config), PYTHON=sys.executable, **env)
+    return subprocess.run(
+        ["bash", str(REPO / "ai/controlnet/run_controlnet_train.sh"), str(config)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def controlnet_csvs(mini_bdd, tmp_path_factory) -> tuple[Path, Path]:
     out = tmp_path_factory.mktemp("controlnet_csv")
@@ -153,13 +162,7 @@ def test_launcher_trains_validates_and_exports_a_diffusers_controlnet(tiny_sdxl,
                     "num_inference_steps": 2},
         log={"report_to": "tensorboard", "every_n_steps": 1},
     )  # fmt: skip
-    env = dict(
-        os.environ, ACCELERATE_CONFIG=str(REPO / "config/accelerate_config_cpu.yaml"), PYTHON=sys.executable
-    )
-    proc = subprocess.run(
-        ["bash", str(REPO / "ai/controlnet/run_controlnet_train.sh"), str(cfg)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    proc = launch(cfg, "config/accelerate_config_cpu.yaml")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "config OK" in proc.stdout and "conditioning" in proc.stderr
     run = tmp_path / "runs" / "e2e"
@@ -358,15 +361,7 @@ def test_two_data_parallel_processes_on_cpu(tiny_sdxl, controlnet_csvs, tmp_path
         train={"max_train_steps": 2}, checkpoint={"every_n_steps": 2},
         validation={"every_n_steps": 2, "loss_csv": str(val_csv), "num_images": 1, "num_inference_steps": 1},
     )  # fmt: skip
-    env = dict(
-        os.environ,
-        ACCELERATE_CONFIG=str(REPO / "config/accelerate_config_cpu_2proc.yaml"),
-        PYTHON=sys.executable,
-    )
-    proc = subprocess.run(
-        ["bash", str(REPO / "ai/controlnet/run_controlnet_train.sh"), str(cfg)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    proc = launch(cfg, "config/accelerate_config_cpu_2proc.yaml")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "x2 processes" in proc.stderr
     run = tmp_path / "runs" / "ddp"
@@ -422,12 +417,7 @@ def test_deepspeed_bf16_checkpoints_and_exports_the_fp32_master_weights(tiny_sdx
         train={"max_train_steps": 2, "mixed_precision": "bf16"}, checkpoint={"every_n_steps": 2},
         validation={"every_n_steps": 2, "loss_csv": str(val_csv), "num_images": 1, "num_inference_steps": 1},
     )  # fmt: skip
-    env = dict(os.environ, ACCELERATE_CONFIG=str(REPO / "config/accelerate_config_deepspeed.yaml"),
-               ACCELERATE_ARGS="--num_processes 1", PYTHON=sys.executable)  # fmt: skip
-    proc = subprocess.run(
-        ["bash", str(REPO / "ai/controlnet/run_controlnet_train.sh"), str(cfg)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    proc = launch(cfg, "config/accelerate_config_deepspeed.yaml", ACCELERATE_ARGS="--num_processes 1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "ds"
     assert len(list((run / "validation" / "step-000002").glob("*.png"))) == 1

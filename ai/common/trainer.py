@@ -68,11 +68,11 @@ class Run:
 
 def start_run(cfg: TrainingConfig, resume_free_keys: Sequence[str] = RESUME_FREE_KEYS) -> Run:
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import ProjectConfiguration, parse_flag_from_env, set_seed
 
     run_dir = run_dir_of(cfg)
     # DeepSpeed sets up its own process group (gloo on CPU); accelerate's cpu=True would silently drop DeepSpeed
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
+    deepspeed = parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")  # set by `accelerate launch`
     cpu = not torch.cuda.is_available() and not torch.backends.mps.is_available() and not deepspeed
     if cpu and cfg.train.mixed_precision == "fp16":
         # accelerate has no fp16 autocast or grad scaler on CPU: the frozen base would run in plain fp16
@@ -522,7 +522,6 @@ def save_final(
 ) -> None:
     """Write the ``trained`` models' final fp32 weights through ``write(tmp_dir) -> paths`` (main process) and move
     them into the run folder atomically. Every process must call it."""
-    import os
     import shutil
     import tempfile
 
