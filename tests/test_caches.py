@@ -48,6 +48,33 @@ def test_latent_cache_hits_misses_and_rebuilds_only_the_changed_image(components
     assert item["latent_mean"].shape == (4, 96 // 8, 160 // 8) and "pixel_values" not in item
 
 
+def entry_bytes(cache: caches.FeatureCache) -> dict[str, bytes]:
+    return {key: cache.path(key).read_bytes() for key in sorted(cache.keys())}
+
+
+def test_a_resumed_build_writes_the_bytes_of_a_clean_build(components, tmp_path):
+    # A batched conv gives other bits for another batch, so entries rebuilt after a killed run (or by another node
+    # sharing the cache) must be encoded in the same batches as a clean build, not batched among the missing ones.
+    comps, _, geo = _setup(components, tmp_path)
+    one_bucket = make_image_csv(tmp_path / "one_bucket", n=5, sizes=((320, 180),))
+    rows = data.load_rows(one_bucket).rows  # encoded in batches of 4 + 1
+    vae_id = caches.module_fingerprint(comps.vae)
+    clean = caches.FeatureCache(tmp_path / "clean", "latents")
+    caches.build_latent_cache(rows, geo, clean, comps.vae, vae_id, store_dtype=torch.float32, progress=False)
+    resumed = caches.FeatureCache(tmp_path / "resumed", "latents")
+    caches.build_latent_cache(
+        rows, geo, resumed, comps.vae, vae_id, store_dtype=torch.float32, progress=False
+    )
+    first_batch = [caches.latent_key(caches.sha256_bytes(r.image_bytes()), geo.plan(r, 0), vae_id, "float32")
+                   for r in rows[:4]]  # fmt: skip
+    resumed.path(first_batch[1]).unlink()  # the run was killed before writing this one
+    _, stats = caches.build_latent_cache(
+        rows, geo, resumed, comps.vae, vae_id, store_dtype=torch.float32, progress=False
+    )
+    assert (stats.hits, stats.built) == (4, 1)
+    assert entry_bytes(resumed) == entry_bytes(clean)
+
+
 def test_other_vae_or_flip_variants_get_their_own_entries(components, tmp_path):
     comps, rows, geo = _setup(components, tmp_path, flip=True)
     cache = caches.FeatureCache(tmp_path / "cache", "latents")
@@ -71,6 +98,12 @@ def test_text_cache_stores_each_caption_once_plus_the_empty_prompt(components, t
     assert (stats.hits, stats.built) == (0, 4) and len(cache.keys()) == 4
     stats = caches.build_text_cache(captions + ["a new caption"], cache, encode, te_id, progress=False)
     assert (stats.hits, stats.built) == (4, 1)
+    # a rebuilt entry is encoded in its clean build's batch, so its bytes match (see the latent test above)
+    before = entry_bytes(cache)
+    cache.path(caches.text_key(captions[0], te_id)).unlink()
+    stats = caches.build_text_cache(captions + ["a new caption"], cache, encode, te_id, progress=False)
+    assert (stats.hits, stats.built) == (4, 1)
+    assert entry_bytes(cache) == before
     got = caches.TextLookup(cache, te_id)(captions[0])
     want_e, want_p = encode([captions[0]])
     torch.testing.assert_close(got["prompt_embeds"], want_e[0].detach(), atol=2e-3, rtol=1e-3)

@@ -13,6 +13,11 @@ Keys say exactly what an entry depends on, so a cache folder can be shared by ma
 Entries store the VAE posterior's mean and std (a fresh latent is sampled every step, as without the cache).
 Files are written atomically, so concurrent writers and killed runs never leave a half entry. Under accelerate
 the local main process builds first and the others then find every entry present (``local_main_process_first``).
+
+Encoder batches are fixed by the dataset, not by which entries happen to be missing: a batched conv or matmul gives
+slightly different bits for a different batch, so batching only the missing entries made an entry's bytes depend on
+what a killed run or another node had already written. A batch with any missing entry is encoded whole, so a
+resumed or concurrent build (several nodes sharing one cache folder) writes exactly the bytes of a clean one.
 """
 
 from __future__ import annotations
@@ -139,31 +144,40 @@ def build_latent_cache(
 
     encode_dtype = str(vae.dtype).replace("torch.", "")
     hashes: list[str] = []
-    todo: dict[tuple, list[tuple[str, int, CropPlan]]] = defaultdict(list)
-    stats = CacheStats()
+    by_bucket: dict[tuple, list[tuple[str, int, CropPlan]]] = defaultdict(list)
     for pos, row in enumerate(tqdm(rows, desc="hash images", disable=not progress, leave=False)):
         digest = sha256_bytes(row.image_bytes())
         hashes.append(digest)
         for plan in geometry.possible_plans(row):
-            key = latent_key(digest, plan, vae_id, encode_dtype)
-            if cache.has(key):
-                stats.hits += 1
-            else:
-                todo[plan.bucket].append((key, pos, plan))
-    jobs = [
-        (bucket, items[i : i + batch_size])
-        for bucket, items in todo.items()
-        for i in range(0, len(items), batch_size)
+            by_bucket[plan.bucket].append((latent_key(digest, plan, vae_id, encode_dtype), pos, plan))
+    chunks = [
+        items[i : i + batch_size] for items in by_bucket.values() for i in range(0, len(items), batch_size)
     ]
-    for _bucket, chunk in tqdm(jobs, desc="cache latents", disable=not progress or not jobs):
+    todo, missing, stats = _missing_chunks(chunks, cache, key=lambda item: item[0])
+    for chunk in tqdm(todo, desc="cache latents", disable=not progress or not todo):
         pixels = torch.stack(
             [to_tensor(apply_plan(open_image(rows[pos].image), plan)) for _, pos, plan in chunk]
         )
         dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
         for (key, _, _), mean, std in zip(chunk, dist.mean, dist.std, strict=True):
-            cache.save(key, {"mean": mean.to(store_dtype), "std": std.to(store_dtype)})
-            stats.built += 1
+            if key in missing:
+                cache.save(key, {"mean": mean.to(store_dtype), "std": std.to(store_dtype)})
+                stats.built += 1
     return hashes, stats
+
+
+def _missing_chunks(
+    chunks: list[list], cache: FeatureCache, key: Callable
+) -> tuple[list[list], set[str], CacheStats]:
+    """The encoder batches with a missing entry (encoded whole, see the module docstring), the missing keys, the hits."""
+    stats, todo, missing = CacheStats(), [], set()
+    for chunk in chunks:
+        absent = {key(item) for item in chunk if not cache.has(key(item))}
+        stats.hits += len(chunk) - len(absent)
+        if absent:
+            todo.append(chunk)
+            missing |= absent
+    return todo, missing, stats
 
 
 @torch.no_grad()
@@ -180,20 +194,15 @@ def build_text_cache(
     from tqdm import tqdm
 
     unique = sorted(set(captions) | {""})
-    stats = CacheStats()
-    missing = []
-    for caption in unique:
-        if cache.has(text_key(caption, text_encoder_id)):
-            stats.hits += 1
-        else:
-            missing.append(caption)
-    batches = [missing[i : i + batch_size] for i in range(0, len(missing), batch_size)]
-    for batch in tqdm(batches, desc="cache text", disable=not progress or not batches):
+    chunks = [unique[i : i + batch_size] for i in range(0, len(unique), batch_size)]
+    todo, missing, stats = _missing_chunks(
+        chunks, cache, key=lambda caption: text_key(caption, text_encoder_id)
+    )
+    for batch in tqdm(todo, desc="cache text", disable=not progress or not todo):
         embeds, pooled = encode(batch)
         for caption, e, p in zip(batch, embeds, pooled, strict=True):
-            cache.save(
-                text_key(caption, text_encoder_id),
-                {"prompt_embeds": e.to(store_dtype), "pooled": p.to(store_dtype)},
-            )
-            stats.built += 1
+            key = text_key(caption, text_encoder_id)
+            if key in missing:
+                cache.save(key, {"prompt_embeds": e.to(store_dtype), "pooled": p.to(store_dtype)})
+                stats.built += 1
     return stats
