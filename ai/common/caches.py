@@ -172,7 +172,7 @@ def _missing_chunks(
     """The encoder batches with a missing entry (encoded whole, see the module docstring), the missing keys, the hits."""
     stats, todo, missing = CacheStats(), [], set()
     for chunk in chunks:
-        absent = {key(item) for item in chunk if not cache.has(key(item))}
+        absent = {k for k in map(key, chunk) if not cache.has(k)}
         stats.hits += len(chunk) - len(absent)
         if absent:
             todo.append(chunk)
