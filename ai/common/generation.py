@@ -6,8 +6,9 @@ What every ``infer_*.py`` does the same way lives here once:
   scheduler, seed), ``resolution`` (multiple of 8), ``speed`` switches, dtype and device;
 * the work list: one :class:`WorkItem` per image, named ``{prompt_index:05d}_{image_index:02d}.png`` (or
   ``{name}_{image_index:02d}.png`` for a named entry, e.g. a ControlNet mask's stem) and seeded
-  ``seed + prompt_index * images_per_prompt + image_index``, so an image's pixels depend on its own seed only
-  (one CPU generator per image), never on the batch it ran in or the process that ran it;
+  ``seed + prompt_index * images_per_prompt + image_index``, so an image's noise depends on its own seed only
+  (one CPU generator per image), never on the batch it ran in or the process that ran it (another batch size
+  changes only the float rounding of batched matmuls: at most one 8-bit level on the tiny test model);
 * the run loop (:func:`run_generation`): resume (an image counts as done when its PNG and its metadata record both
   exist and the record's settings match), split across ``accelerate launch`` processes with
   ``PartialState.split_between_processes``, atomic PNG writes, one metadata part file per process merged into
