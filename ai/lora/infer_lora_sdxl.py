@@ -8,8 +8,8 @@ Usage:
 Writes ``<paths.infer_path>/generations/<prompt_index>_<image_index>.png``, one record per image in
 ``generations/metadata.jsonl`` (prompt, seed, settings, LoRA sha256, base model fingerprint, source frame when the
 prompt came from a captions CSV) and ``<paths.infer_path>/config.resolved.yaml``. A rerun skips finished images.
-Under ``accelerate launch`` with N processes the work list is split across them; the images equal a one-process
-run's. Prompts, seeds, outputs (ai/common/generation.py), speed switches and LoRA loading
+Under ``accelerate launch`` with N processes the work list is split across them; each image gets the same seed
+and noise as in a one-process run (with ``batch_size`` 1 the same pixels). Prompts, seeds, outputs (ai/common/generation.py), speed switches and LoRA loading
 (ai/common/pipelines.py) are shared with ControlNet inference; this file is the text-to-image recipe around them.
 """
 
