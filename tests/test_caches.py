@@ -119,3 +119,56 @@ def test_module_fingerprint_follows_the_weights(tiny_sdxl):  # noqa: F811
     with torch.no_grad():
         next(vae.parameters()).add_(1e-3)
     assert caches.module_fingerprint(vae) != a
+
+
+def test_processes_sharing_a_build_write_the_bytes_of_one_process(components, tmp_path):
+    """Two processes (shards) split the hashing and the fixed encoder batches between them; together they write
+    exactly the entries and bytes of one process's build, latents (decoded in DataLoader workers) and text alike."""
+    comps, _, geo = _setup(components, tmp_path, flip=True)
+    rows = data.load_rows(make_image_csv(tmp_path / "more", n=10)).rows  # 3 buckets x (plain, mirrored): 6 batches
+    vae_id = caches.module_fingerprint(comps.vae)
+    kwargs = dict(store_dtype=torch.float32, progress=False)
+    one = caches.FeatureCache(tmp_path / "one", "latents")
+    want_hashes, _ = caches.build_latent_cache(rows, geo, one, comps.vae, vae_id, **kwargs)
+
+    shards = [caches.Shard(i, 2) for i in range(2)]
+    pairs = [caches.hash_share(rows, s, progress=False) for s in shards]
+    assert sorted(p for share in pairs for p, _ in share) == list(range(len(rows)))  # each row hashed once
+    assert all(share for share in pairs)
+    hashes = caches.hash_images(rows, shards[1], gather=lambda mine: pairs[0] + mine, progress=False)
+    assert hashes == want_hashes
+    with pytest.raises(RuntimeError, match="hashed 5 of 10 images"):
+        caches.hash_images(rows, shards[0], progress=False)  # a shard alone, nothing gathered
+
+    two = caches.FeatureCache(tmp_path / "two", "latents")
+    built = [
+        caches.build_latent_cache(rows, geo, two, comps.vae, vae_id, image_hashes=hashes, shard=s,
+                                  num_workers=workers, **kwargs)[1].built
+        for s, workers in zip(shards, (0, 2), strict=True)
+    ]  # fmt: skip
+    assert all(built) and sum(built) == 2 * len(rows)  # both shards encoded, every entry once
+    assert entry_bytes(two) == entry_bytes(one)
+
+    tes, toks = [comps.text_encoder, comps.text_encoder_2], [comps.tokenizer, comps.tokenizer_2]
+    te_id = caches.module_fingerprint(*tes)
+    captions = [f"caption {i}" for i in range(7)]  # + "" = 8 captions: 4 batches of 2
+
+    def encode(prompts):
+        return diffusion.encode_prompts(tes, toks, prompts)
+
+    one_text = caches.FeatureCache(tmp_path / "one", "text")
+    caches.build_text_cache(captions, one_text, encode, te_id, batch_size=2, **kwargs)
+    two_text = caches.FeatureCache(tmp_path / "two", "text")
+    built = [caches.build_text_cache(captions, two_text, encode, te_id, batch_size=2, shard=s, **kwargs).built
+             for s in shards]  # fmt: skip
+    assert built == [4, 4]
+    assert entry_bytes(two_text) == entry_bytes(one_text)
+
+
+def test_shards_deal_batches_round_robin():
+    items = list(range(7))
+    shares = [caches.Shard(i, 3).take(items) for i in range(3)]
+    assert shares == [[0, 3, 6], [1, 4], [2, 5]]
+    assert caches.Shard().take(items) == items
+    with pytest.raises(ValueError, match="shard 2 of 2"):
+        caches.Shard(2, 2)

@@ -129,3 +129,41 @@ def test_stage_scripts_import_without_torch():
     code = f"import sys; import {', '.join(modules)}; print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_streamed_canonicalisation_gives_the_bytes_of_the_whole_file_rewrite(tmp_path):
+    """canonicalize_safetensors copies the data section in chunks now; the bytes are those of rewriting the whole
+    file in memory (the previous implementation, inlined here), and a canonical file is left as it is."""
+    import json
+    import shutil
+    import struct
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    rng = np.random.default_rng(0)
+    tensors = {f"block{i}.{kind}": rng.standard_normal((i + 1, 7)).astype(np.float32)
+               for i in range(40) for kind in ("weight", "bias")}  # fmt: skip
+    tensors["Upper"] = np.arange(5, dtype=np.int64)
+    raw = tmp_path / "raw.safetensors"
+    save_file(tensors, raw, metadata={"format": "pt"})
+
+    def whole_file(path):
+        data = path.read_bytes()
+        n = struct.unpack("<Q", data[:8])[0]
+        header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
+        path.write_bytes(struct.pack("<Q", len(header)) + header + data[8 + n :])
+
+    want, got = tmp_path / "want.safetensors", tmp_path / "got.safetensors"
+    shutil.copy(raw, want)
+    shutil.copy(raw, got)
+    whole_file(want)
+    assert want.read_bytes() != raw.read_bytes()  # the writer's header order is not the sorted one
+    io.canonicalize_safetensors(got, chunk=1000)  # many chunks, none aligned to a tensor
+    assert got.read_bytes() == want.read_bytes()
+    back = load_file(got)
+    assert back.keys() == tensors.keys() and all(np.array_equal(back[k], v) for k, v in tensors.items())
+    before = got.stat().st_mtime_ns
+    io.canonicalize_safetensors(got)
+    assert got.stat().st_mtime_ns == before and got.read_bytes() == want.read_bytes()

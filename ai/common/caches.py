@@ -11,13 +11,17 @@ Keys say exactly what an entry depends on, so a cache folder can be shared by ma
   repeat a lot), plus the empty caption used for caption dropout.
 
 Entries store the VAE posterior's mean and std (a fresh latent is sampled every step, as without the cache).
-Files are written atomically, so concurrent writers and killed runs never leave a half entry. Under accelerate
-the local main process builds first and the others then find every entry present (``local_main_process_first``).
+Files are written atomically, so concurrent writers and killed runs never leave a half entry.
 
 Encoder batches are fixed by the dataset, not by which entries happen to be missing: a batched conv or matmul gives
 slightly different bits for a different batch, so batching only the missing entries made an entry's bytes depend on
 what a killed run or another node had already written. A batch with any missing entry is encoded whole, so a
 resumed or concurrent build (several nodes sharing one cache folder) writes exactly the bytes of a clean one.
+
+Several processes split a build by :class:`Shard`: each encodes every n-th of those fixed batches (round robin over
+all of them, so a resumed build's missing batches spread evenly too), and who encodes a batch never changes its
+bytes. Images are decoded and cropped in DataLoader workers while the VAE encodes. Hashing the images (every byte of
+every image is read) is split the same way, over rows, and the digests gathered (:func:`hash_images`).
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ import json
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors.torch import load, save
@@ -37,6 +43,9 @@ from ai.common.data import CropPlan, Geometry, Row, apply_plan, open_image, to_t
 from ai.common.io import atomic_write_bytes, sha256_bytes
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+HASH_THREADS = 8  # image reads overlap (hashlib and file reads release the GIL): network file systems need it
 
 
 class FeatureCache:
@@ -84,6 +93,48 @@ def text_key(caption: str, text_encoder_id: str) -> str:
     return sha256_bytes(json.dumps({"text": caption, "te": text_encoder_id}).encode())
 
 
+@dataclass(frozen=True)
+class Shard:
+    """One process's share of a cache build: every ``count``-th item from ``index`` on (round robin)."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self):
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"shard {self.index} of {self.count} does not exist")
+
+    def take(self, items: Sequence[T]) -> list[T]:
+        return list(items[self.index :: self.count])
+
+
+def hash_share(rows: Sequence[Row], shard: Shard = Shard(), progress: bool = True) -> list[tuple[int, str]]:
+    """(row position, sha256 of its image bytes) for this shard's rows."""
+    from tqdm import tqdm
+
+    positions = shard.take(range(len(rows)))
+    with ThreadPoolExecutor(HASH_THREADS) as pool:
+        digests = pool.map(lambda pos: sha256_bytes(rows[pos].image_bytes()), positions)
+        bar = tqdm(digests, total=len(positions), desc="hash images", disable=not progress, leave=False)
+        return list(zip(positions, bar, strict=True))
+
+
+def hash_images(
+    rows: Sequence[Row],
+    shard: Shard = Shard(),
+    gather: Callable[[list], list] | None = None,
+    progress: bool = True,
+) -> list[str]:
+    """sha256 of every row's image bytes (the latent keys). Each process hashes its shard of the rows and
+    ``gather`` (accelerate's ``gather_object``: every process's list, concatenated) collects the others'.
+    The shards must together cover the rows (one shard per process of the whole run)."""
+    pairs = hash_share(rows, shard, progress)
+    found = dict(gather(pairs) if gather is not None else pairs)
+    if len(found) != len(rows):
+        raise RuntimeError(f"hashed {len(found)} of {len(rows)} images: the shards do not cover the rows")
+    return [found[pos] for pos in range(len(rows))]
+
+
 @dataclass
 class CacheStats:
     hits: int = 0
@@ -124,6 +175,26 @@ class TextLookup:
         }
 
 
+class _BatchPixels:
+    """Map-style dataset: encoder batch i -> its images decoded, cropped and stacked (runs in DataLoader workers)."""
+
+    def __init__(self, rows: Sequence[Row], batches: list[list[tuple[str, int, CropPlan]]]):
+        self.rows, self.batches = rows, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        pixels = []
+        for _, pos, plan in self.batches[i]:
+            row = self.rows[pos]
+            try:
+                pixels.append(to_tensor(apply_plan(open_image(row.image), plan)))
+            except OSError as exc:
+                raise RuntimeError(f"cannot decode image {row.name or row.index}: {exc}") from exc
+        return torch.stack(pixels)
+
+
 @torch.no_grad()
 def build_latent_cache(
     rows: Sequence[Row],
@@ -134,31 +205,42 @@ def build_latent_cache(
     batch_size: int = 4,
     store_dtype: torch.dtype = torch.float16,
     progress: bool = True,
+    *,
+    image_hashes: Sequence[str] | None = None,
+    shard: Shard = Shard(),
+    num_workers: int = 0,
 ) -> tuple[list[str], CacheStats]:
-    """Encode every (row, possible crop plan) whose entry is missing.
+    """Encode every (row, possible crop plan) of this ``shard``'s encoder batches whose entry is missing.
+
+    Args:
+        image_hashes: the rows' :func:`hash_images` (computed here when not given).
+        shard: this process's share of the dataset's fixed encoder batches.
+        num_workers: DataLoader workers that decode and crop the images while the VAE encodes.
 
     Returns:
-        The sha256 of every row's image bytes (the dataset's lookup keys) and hit/build counts.
+        The sha256 of every row's image bytes (the dataset's lookup keys) and this shard's hit/build counts.
     """
+    from torch.utils.data import DataLoader
     from tqdm import tqdm
 
     encode_dtype = str(vae.dtype).replace("torch.", "")
-    hashes: list[str] = []
+    hashes = list(image_hashes) if image_hashes is not None else hash_images(rows, progress=progress)
     by_bucket: dict[tuple, list[tuple[str, int, CropPlan]]] = defaultdict(list)
-    for pos, row in enumerate(tqdm(rows, desc="hash images", disable=not progress, leave=False)):
-        digest = sha256_bytes(row.image_bytes())
-        hashes.append(digest)
+    for pos, (row, digest) in enumerate(zip(rows, hashes, strict=True)):
         for plan in geometry.possible_plans(row):
             by_bucket[plan.bucket].append((latent_key(digest, plan, vae_id, encode_dtype), pos, plan))
     chunks = [
         items[i : i + batch_size] for items in by_bucket.values() for i in range(0, len(items), batch_size)
     ]
-    todo, missing, stats = _missing_chunks(chunks, cache, key=lambda item: item[0])
-    for chunk in tqdm(todo, desc="cache latents", disable=not progress or not todo):
-        pixels = torch.stack(
-            [to_tensor(apply_plan(open_image(rows[pos].image), plan)) for _, pos, plan in chunk]
-        )
-        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    todo, missing, stats = _missing_chunks(shard.take(chunks), cache, key=lambda item: item[0])
+    if not todo:
+        return hashes, stats
+    loader = DataLoader(
+        _BatchPixels(rows, todo), batch_size=None, num_workers=num_workers, pin_memory=vae.device.type == "cuda"
+    )
+    batches = zip(todo, loader, strict=True)
+    for chunk, pixels in tqdm(batches, total=len(todo), desc="cache latents", disable=not progress):
+        dist = vae.encode(pixels.to(vae.device, vae.dtype, non_blocking=True)).latent_dist
         for (key, _, _), mean, std in zip(chunk, dist.mean, dist.std, strict=True):
             if key in missing:
                 cache.save(key, {"mean": mean.to(store_dtype), "std": std.to(store_dtype)})
@@ -189,14 +271,16 @@ def build_text_cache(
     batch_size: int = 16,
     store_dtype: torch.dtype = torch.float16,
     progress: bool = True,
+    *,
+    shard: Shard = Shard(),
 ) -> CacheStats:
-    """Encode each unique caption (plus "" for caption dropout) whose entry is missing."""
+    """Encode each unique caption (plus "" for caption dropout) of this ``shard``'s batches whose entry is missing."""
     from tqdm import tqdm
 
     unique = sorted(set(captions) | {""})
     chunks = [unique[i : i + batch_size] for i in range(0, len(unique), batch_size)]
     todo, missing, stats = _missing_chunks(
-        chunks, cache, key=lambda caption: text_key(caption, text_encoder_id)
+        shard.take(chunks), cache, key=lambda caption: text_key(caption, text_encoder_id)
     )
     for batch in tqdm(todo, desc="cache text", disable=not progress or not todo):
         embeds, pooled = encode(batch)

@@ -126,13 +126,21 @@ class MetricsLog:
 
 
 def log_images(accelerator, images: list, prompts: list[str], step: int) -> None:
-    """Send validation images to the active trackers."""
+    """Send validation images to the active trackers.
+
+    TensorBoard: one tag per image (``validation/00``, ``validation/01``, ...) with its own step slider, so images
+    of different sizes (mixed buckets) each keep theirs, and one image is compared with itself across steps; the
+    prompts go to ``validation/prompts`` as text.
+    """
     import numpy as np
 
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
-            tracker.writer.add_images(
-                "validation", np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC"
+            for i, image in enumerate(images):
+                pixels = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+                tracker.writer.add_image(f"validation/{i:02d}", pixels, step, dataformats="HWC")
+            tracker.writer.add_text(
+                "validation/prompts", "\n\n".join(f"{i:02d}: {p}" for i, p in enumerate(prompts)), step
             )
         elif tracker.name == "wandb":
             import wandb
