@@ -286,6 +286,24 @@ def test_bad_inputs_give_clear_errors(tiny_model, lora_run, tmp_path, capsys):
     assert not (tmp_path / "o").exists()  # every error came before any output
 
 
+def test_a_lora_that_only_partly_fits_the_base_is_refused(tiny_model, lora_run, tmp_path, capsys):
+    """diffusers loads the modules that fit and only warns about the rest (a warning the script used to silence)."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(lora_run / "checkpoint-10" / LORA_WEIGHTS_NAME)
+    renamed = tmp_path / "renamed.safetensors"
+    save_file({k.replace(".attn1.to_q.", ".attn1.query."): v for k, v in state.items()}, renamed)
+    code, err = run_cli(
+        capsys, "--config", str(DEMO_CONFIG), f"paths.base_model_path={tiny_model}",
+        f"paths.infer_path={tmp_path / 'o'}", f"paths.lora_weights_path={renamed}", "resolution.width=64",
+        "resolution.height=64",
+    )  # fmt: skip
+    n = sum(".attn1.to_q.lora_A." in k for k in state)
+    assert code == 2 and f"{renamed} does not fit this base model: {n} of its" in err, err
+    assert "unet.mid_block.attentions.0.transformer_blocks.0.attn1.query" in err
+    assert not list((tmp_path / "o").rglob("*.png"))
+
+
 def test_changed_settings_are_refused_not_mixed(lora_output, tiny_model, lora_run, tmp_path, capsys):
     import shutil
 

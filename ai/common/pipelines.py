@@ -168,29 +168,63 @@ def build_sdxl_pipeline(paths: GenerationPaths, dtype: str, pipeline_cls=None, *
     return pipe
 
 
-def load_lora(pipe, lora_file: Path, scale: float, fuse: bool) -> None:
-    """Load the LoRA into the UNet (and text encoders, if it has layers for them) at ``scale``."""
-    from diffusers.utils import logging as diffusers_logging
+class _NoTextEncoderKeysNotice(logging.Filter):
+    """Drops diffusers' notice, for every UNet-only LoRA, that it has no text-encoder keys (harmless)."""
 
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # not "no LoRA keys for text_encoder" for every UNet-only LoRA
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No LoRA keys associated to")
+
+
+def load_lora(pipe, lora_file: Path, scale: float, fuse: bool) -> dict[str, int]:
+    """Load the LoRA into the UNet (and the text encoders it has layers for) at ``scale``; returns how many modules
+    of each component got a LoRA layer.
+
+    A file that only partly fits this base model is refused: diffusers loads what fits and only warns, so a LoRA
+    from another architecture or with renamed keys would generate with neither model. No opt-out: a LoRA trained
+    here always fits its base, and a partial fit is never what a data-generation run wants. diffusers' other
+    warnings stay on.
+    """
+    from ai.common import lora_export
+
+    def one_line(exc: Exception) -> str:
+        return " ".join(str(exc).split()) or type(exc).__name__
+
+    try:
+        wanted, stray = lora_export.file_modules(pipe, lora_file)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise UserError(f"{lora_file} is not a LoRA file diffusers can read: {one_line(exc)}") from None
+    base_logger = logging.getLogger("diffusers.loaders.lora_base")
+    notice = _NoTextEncoderKeysNotice()
+    base_logger.addFilter(notice)
     try:
         pipe.load_lora_weights(
             str(lora_file.parent), weight_name=lora_file.name, adapter_name=LORA_ADAPTER_NAME
         )
     except (ValueError, KeyError, RuntimeError) as exc:
-        raise UserError(
-            f"{lora_file} does not fit this base model ({exc}); was it trained on the same SDXL architecture?".replace(
-                "\n", " "
-            )
-        ) from None
+        # diffusers refuses a part none of whose modules the model has (listing every one): name the missing ones
+        present = {c: lora_export.module_names(getattr(pipe, c, None)) for c in wanted}
+        problem = lora_export.fit_problem(wanted, stray, {c: wanted[c] & present[c] for c in wanted})
+        problem = problem or one_line(exc)
+    else:
+        applied = {c: lora_export.adapted_modules(getattr(pipe, c, None), LORA_ADAPTER_NAME) for c in wanted}
+        problem = lora_export.fit_problem(wanted, stray, applied)
+        if problem:
+            pipe.delete_adapters(LORA_ADAPTER_NAME)
     finally:
-        diffusers_logging.set_verbosity(verbosity)
+        base_logger.removeFilter(notice)
+    if problem:
+        raise UserError(
+            f"{lora_file} does not fit this base model: {problem}. Use the SDXL base model the LoRA was trained "
+            "on (or a LoRA trained on this one); a file with renamed keys needs its diffusers or kohya names back."
+        )
+    counts = {c: len(m) for c, m in applied.items() if m}
+    logger.info("LoRA %s on %s", lora_file, ", ".join(f"{n} {c} modules" for c, n in counts.items()))
     if fuse:  # merge into the weights: no per-step LoRA matmuls
         pipe.fuse_lora(components=["unet", "text_encoder", "text_encoder_2"], lora_scale=scale)
         pipe.unload_lora_weights()
     else:
         pipe.set_adapters([LORA_ADAPTER_NAME], adapter_weights=[scale])
+    return counts
 
 
 def prepare_pipeline(
