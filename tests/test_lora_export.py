@@ -268,6 +268,7 @@ def test_a_fitting_lora_loads_quietly_and_counts_what_it_applied(
     assert [str(w.message) for w in caught if "lora" in str(w.message).lower()] == []
 
 
+@pytest.mark.filterwarnings("ignore:While injecting the PEFT adapters:RuntimeWarning")  # the refused files
 def test_a_lora_that_only_partly_fits_is_refused_with_its_key_names(exported, model, tmp_path, diffusers_log):
     import torch
 
