@@ -15,6 +15,9 @@ Text encoders are named as in their checkpoints: transformers 5 flattened ``CLIP
 and ComfyUI and A1111 match only ``text_model`` names: without the prefix they silently drop text-encoder-1's
 LoRA. diffusers strips the prefix again when it loads into a flattened model, so files written before this fix
 (no prefix) and after both load here.
+
+:func:`file_modules`, :func:`adapted_modules` and :func:`fit_problem` tell which modules of a file got a LoRA layer
+when it was loaded (``ai.common.pipelines.load_lora`` refuses a file that only partly fits).
 """
 
 from __future__ import annotations
@@ -169,7 +172,7 @@ def fit_problem(wanted: dict[str, set[str]], stray: list[str], applied: dict[str
     """
     left = sorted(f"{c}.{m}" for c in wanted for m in wanted[c] - applied.get(c, set()))
     extra = sorted(f"{c}.{m}" for c in applied for m in applied[c] - wanted.get(c, set()))
-    total = sum(len(m) for m in wanted.values()) + len(stray)
+    total = sum(len(m) for m in wanted.values())
     parts = []
     if stray:
         parts.append(
