@@ -547,8 +547,9 @@ def test_launcher_checks_config_before_accelerate(tmp_path):
 
 
 def test_default_size_is_the_nearest_sdxl_bucket_at_the_models_native_size(tmp_path):
-    """Configs only (no weights): SDXL base -> 1344x768 for a 1280x720 BDD mask, as training buckets it."""
-    from ai.controlnet.infer_controlnet_sdxl import ControlNetInferPaths, Geometry
+    """Configs only (no weights): SDXL base -> 1344x768 for a 1280x720 BDD mask, as training buckets it; with
+    generate_at_bucket the image is generated there and saved at the requested size (fixed, or the mask's)."""
+    from ai.controlnet.infer_controlnet_sdxl import ControlNetInferPaths, ControlNetResolution, Geometry
 
     for sub, config in (
         ("unet", {"sample_size": 128, "block_out_channels": [320, 640, 1280]}),
@@ -556,18 +557,35 @@ def test_default_size_is_the_nearest_sdxl_bucket_at_the_models_native_size(tmp_p
     ):
         (tmp_path / sub).mkdir()
         (tmp_path / sub / "config.json").write_text(json.dumps(config))
-    geometry = Geometry.for_model(ControlNetInferPaths(base_model_path=str(tmp_path)), None)
+    paths = ControlNetInferPaths(base_model_path=str(tmp_path))
+    geometry = Geometry.for_model(paths, ControlNetResolution())
     assert geometry.native == 1024 and geometry.label == "auto"
     assert geometry.size_for((1280, 720)) == (1344, 768) and geometry.size_for((720, 1280)) == (768, 1344)
     assert geometry.size_for((1000, 1000)) == (1024, 1024)
-    fixed = Geometry.for_model(ControlNetInferPaths(base_model_path=str(tmp_path)), (1280, 720))
+    assert geometry.sizes_for((1280, 720)).generated == (1344, 768)
+    fixed = Geometry.for_model(paths, ControlNetResolution(width=1280, height=720))
     assert fixed.size_for((320, 180)) == (1280, 720) and fixed.label == "1280x720"
+    assert fixed.sizes_for((320, 180)).generated == (1280, 720)
+    at_bucket = Geometry.for_model(paths, ControlNetResolution(generate_at_bucket=True))
+    sizes = at_bucket.sizes_for((1280, 720))
+    assert (sizes.generated, sizes.saved) == ((1344, 768), (1280, 720))  # BDD's frame size, its boxes' pixels
+    fixed_at_bucket = Geometry.for_model(
+        paths, ControlNetResolution(width=1280, height=720, generate_at_bucket=True)
+    )
+    sizes = fixed_at_bucket.sizes_for((320, 180))
+    assert (sizes.generated, sizes.saved) == ((1344, 768), (1280, 720))
 
 
-def test_user_config_documents_every_key():
+def test_user_config_documents_every_key(monkeypatch):
+    from ai.common.config import load_config
+
+    for name in ("MODEL_DIR", "VAE_DIR", "BDD_DATA_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("BDD_SDXL_ENV_FILE", "")  # no .env: the defaults of the ${VAR:-default} values
     data = yaml.safe_load(USER_CONFIG.read_text(encoding="utf-8"))
-    cfg = ControlNetInferConfig.model_validate(data)
+    cfg = load_config(ControlNetInferConfig, USER_CONFIG)
     assert cfg.paths.base_model_path == "stabilityai/stable-diffusion-xl-base-1.0" and cfg.dtype == "fp16"
+    assert cfg.paths.source_labels == "bdd100k/labels/det_20/det_val.json"  # stage 4's layout check is on
     flat = {f"{k}.{sub}" for k, v in data.items() if isinstance(v, dict) for sub in v}
     flat |= {k for k, v in data.items() if not isinstance(v, dict)}
     expected = {

@@ -376,3 +376,49 @@ def test_model_fingerprint_cache_defaults_to_xdg_and_survives_unwritable_or_corr
     counted_hashing.clear()
     assert model_fingerprint(str(tmp_path / "model"), hash_cache=corrupt) == expected
     assert len(counted_hashing) == 2 and str(unet.resolve()) in json.loads(corrupt.read_text())
+
+
+# --- output sizes -----------------------------------------------------------------------------------------------
+
+
+def test_bucket_grid_from_model_configs_and_output_sizes():
+    from ai.common.generation_config import BucketGrid, OutputSize
+
+    sdxl = BucketGrid.from_configs(
+        {"sample_size": 128, "block_out_channels": [320, 640, 1280]},
+        {"block_out_channels": [128, 256, 512, 512]},
+    )
+    assert sdxl.native == 1024 and (1344, 768) in sdxl.buckets and all(w % 64 == 0 for w, _ in sdxl.buckets)
+    assert sdxl.nearest((1280, 720)) == (1344, 768) and sdxl.nearest((720, 1280)) == (768, 1344)
+    sizes = sdxl.output_size((1280, 720), generate_at_bucket=True)
+    assert sizes == OutputSize(generated=(1344, 768), saved=(1280, 720))
+    assert sizes.record() == {"width": 1280, "height": 720, "generated_width": 1344, "generated_height": 768}
+    assert sdxl.output_size((1280, 720), generate_at_bucket=False) == OutputSize((1280, 720), (1280, 720))
+    tiny = BucketGrid.from_configs(
+        {"sample_size": 16, "block_out_channels": [32, 64]}, {"block_out_channels": [8, 16, 32, 32]}
+    )
+    assert tiny.native == 128 and tiny.nearest((1280, 720)) == (
+        160,
+        96,
+    )  # sides: multiples of 16 (x8, one /2)
+    three_levels = BucketGrid.from_configs(
+        {"sample_size": 16, "block_out_channels": [32, 32, 64]}, {"block_out_channels": [8, 16, 32, 32]}
+    )
+    assert all(w % 32 == 0 and h % 32 == 0 for w, h in three_levels.buckets)  # x8 and two /2 steps
+
+
+def test_resize_to_stretches_the_whole_image_and_keeps_an_exact_size():
+    from PIL import Image
+
+    from ai.common.generation import resize_to
+
+    image = Image.new("RGB", (160, 96), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 80, 48))  # top-left quarter red
+    same = resize_to(image, (160, 96))
+    assert same is image
+    out = resize_to(image, (1280, 720))
+    assert out.size == (1280, 720)
+    assert out.getpixel((320, 180)) == (255, 0, 0) and out.getpixel((960, 540)) == (0, 0, 255)
+    assert (
+        out.getpixel((620, 180))[0] > 200 and out.getpixel((660, 180))[2] > 200
+    )  # the edge at 640: a stretch

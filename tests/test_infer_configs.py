@@ -10,13 +10,19 @@ from ai.lora.infer_lora_sdxl import LoraInferConfig
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_user_config_keeps_the_manual_keys_and_comments_every_key():
+def test_user_config_keeps_the_manual_keys_and_comments_every_key(monkeypatch):
+    for name in ("MODEL_DIR", "VAE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("BDD_SDXL_ENV_FILE", "")  # no .env: the defaults of the ${VAR:-default} values
     path = REPO / "config/lora_infer.yaml"
     data = read_yaml(path)
     assert set(data["paths"]) >= {"base_model_path", "lora_weights_path", "infer_path"}
     assert {"prompt", "resolution", "guidance_scale"} <= set(data)
     cfg = load_config(LoraInferConfig, path)
-    assert cfg.paths.base_model_path == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert (
+        cfg.paths.base_model_path == "stabilityai/stable-diffusion-xl-base-1.0" and cfg.paths.vae_path is None
+    )
+    assert cfg.paths.lora_weights_path == "runs/lora_train"  # the run folder the training default writes
     assert (cfg.resolution.width, cfg.resolution.height) == (1280, 720)
 
     # every key is in the file (so users see all of them) and every key line carries a comment

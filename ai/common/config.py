@@ -8,6 +8,22 @@ for an unknown key, the closest valid names::
       optim.lrr: unknown key (did you mean 'lr'?)
       train.mixed_precision: Input should be 'no', 'fp16' or 'bf16'
 
+String values may name environment variables, expanded after YAML parsing (values only, never keys or
+comments) and in ``key=value`` overrides alike:
+
+* ``${NAME}``: the variable's value; an error names the key and the variable when it is not set;
+* ``${NAME:-default}``: the default when the variable is unset or empty (the default may hold references too:
+  ``${VAE_DIR:-${MODEL_DIR}/vae}``);
+* a value that is exactly one reference and expands to the empty string becomes null (``vae: ${VAE_DIR:-}`` with
+  ``VAE_DIR`` empty or unset: no separate VAE); an empty ``${NAME}`` inside a longer value is an error, since
+  ``${BDD_DATA_DIR}/labels`` would silently become ``/labels``;
+* expanded values are text that the schema converts like any YAML string: ``${STEPS:-1000}`` for an int key
+  validates as the int 1000, ``true``/``false`` for a bool; a list cannot come from a variable;
+* ``$${`` writes a literal ``${``; any other ``$`` is kept as it is.
+
+Variables come from the environment and from ``.env`` at the repo root (:mod:`ai.common.envfile`; the environment
+wins), which :func:`read_yaml` loads first, so a stage run with plain ``python`` sees what its launcher sees.
+
 No torch import here: a bad config fails in milliseconds, before accelerate starts.
 """
 
@@ -16,7 +32,8 @@ from __future__ import annotations
 import contextlib
 import difflib
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,6 +44,24 @@ from ai.common.cli import UserError
 from ai.common.io import atomic_write_text
 
 C = TypeVar("C", bound=BaseModel)
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with only true/false as booleans (as YAML 1.2): ``mixed_precision: no`` and the override
+    ``train.mixed_precision=no`` mean the string 'no', not False; a bool key still reads yes/no/on/off."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def load_yaml_text(text: str) -> Any:
+    """``yaml.safe_load`` with YAML 1.2's booleans (see :class:`_Loader`)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
 class Section(BaseModel):
@@ -35,12 +70,16 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
-def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+def read_yaml(path: str | os.PathLike, *, expand: bool = True) -> dict[str, Any]:
+    """A YAML mapping, with ``${VAR}`` references in its values expanded (``expand``; .env loaded first)."""
+    from ai.common.envfile import load_env_file
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config not found: {path}")
+    load_env_file()
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml_text(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
     except UnicodeDecodeError as exc:
@@ -49,7 +88,131 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise UserError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
-    return data
+    return expand_env(data, source=str(path))[0] if expand else data
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ${VAR} and ${VAR:-default} in values
+# ---------------------------------------------------------------------------------------------------------------
+
+_VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class _RefError(ValueError):
+    pass
+
+
+class _Expander:
+    """A small recursive scanner for ``${NAME}``, ``${NAME:-default}`` (nestable) and the ``$${`` escape."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.empty: list[str] = []  # ${NAME} references (no default) that were set but empty
+
+    def scan(self, text: str, pos: int, evaluate: bool, in_default: bool) -> tuple[str, int]:
+        """Expand ``text`` from ``pos`` to its end (or, in a default, to the ``}`` that closes it)."""
+        out: list[str] = []
+        depth = 0  # literal { } pairs inside a default, e.g. ${A:-{x}}
+        while pos < len(text):
+            if text.startswith("$${", pos):
+                out.append("${")
+                pos += 3
+            elif text.startswith("${", pos):
+                value, pos = self.reference(text, pos + 2, evaluate)
+                out.append(value)
+            elif in_default and text[pos] == "}" and depth == 0:
+                return "".join(out), pos
+            else:
+                if in_default:
+                    depth += {"{": 1, "}": -1}.get(text[pos], 0)
+                out.append(text[pos])
+                pos += 1
+        if in_default:
+            raise _RefError("a ${...} reference is not closed with }")
+        return "".join(out), pos
+
+    def reference(self, text: str, pos: int, evaluate: bool) -> tuple[str, int]:
+        """One reference; ``pos`` is just after its ``${``. Returns its value and the position after its ``}``."""
+        match = _VAR_NAME.match(text, pos)
+        if match is None:
+            raise _RefError(
+                f"{text[pos - 2 : pos + 10]!r} is not a variable reference; use ${{NAME}} or ${{NAME:-default}} "
+                "(NAME: letters, digits, _), or $${ for a literal ${"
+            )
+        name, pos = match.group(), match.end()
+        if text.startswith("}", pos):
+            value = self.env.get(name)
+            if evaluate and value is None:
+                raise _RefError(
+                    f"${{{name}}} is not set: set {name} in .env (see .env.example) or in the environment"
+                )
+            if evaluate and value == "":
+                self.empty.append(name)
+            return value or "", pos + 1
+        if text.startswith(":-", pos):
+            value = self.env.get(name) or ""
+            default, pos = self.scan(text, pos + 2, evaluate and not value, in_default=True)
+            return value or default, pos + 1
+        if pos >= len(text):
+            raise _RefError("a ${...} reference is not closed with }")
+        raise _RefError(
+            f"${{{name}{text[pos : pos + 2]}...}} is not supported; use ${{{name}}} or ${{{name}:-default}}"
+        )
+
+
+def expand_value(text: str, env: Mapping[str, str] | None = None) -> str | None:
+    """``text`` with its references expanded; None when it is exactly one reference that expands to ''.
+
+    Raises ValueError (its message names the variable and where to set it) for an unset ``${NAME}``, an empty
+    ``${NAME}`` inside a longer value, or a malformed reference.
+    """
+    if "$" not in text:
+        return text
+    expander = _Expander(os.environ if env is None else env)
+    value, _ = expander.scan(text, 0, evaluate=True, in_default=False)
+    whole = text.startswith("${") and _Expander({}).reference(text, 2, evaluate=False)[1] == len(text)
+    if whole:
+        return value or None
+    if expander.empty:
+        name = expander.empty[0]
+        raise _RefError(
+            f"${{{name}}} is empty, which would leave {text!r} as {value!r}: set {name} in .env (see .env.example) "
+            f"or write ${{{name}:-default}}"
+        )
+    return value
+
+
+def expand_env(
+    data: Any, env: Mapping[str, str] | None = None, source: str = "config"
+) -> tuple[Any, dict[str, str]]:
+    """``data`` with every string value expanded (:func:`expand_value`), and where each expanded value came from.
+
+    The second result maps dotted keys to their text before expansion (validation errors quote it). All errors
+    are reported at once in one UserError naming each dotted key.
+    """
+    origins: dict[str, str] = {}
+    errors: list[str] = []
+
+    def walk(node: Any, path: str) -> Any:
+        if isinstance(node, dict):
+            return {k: walk(v, f"{path}.{k}" if path else str(k)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v, f"{path}.{i}") for i, v in enumerate(node)]
+        if isinstance(node, str) and "$" in node:
+            try:
+                value = expand_value(node, env)
+            except ValueError as exc:
+                errors.append(f"  {path or '(top level)'}: {exc}")
+                return node
+            if value != node:
+                origins[path] = node
+            return value
+        return node
+
+    out = walk(data, "")
+    if errors:
+        raise UserError("\n".join([f"{source}: cannot expand environment variables", *errors]))
+    return out, origins
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -62,7 +225,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, value = text.split("=", 1)
     if not key or any(not part for part in key.split(".")):
         raise UserError(f"override {text!r} has an empty key part")
-    parsed = yaml.safe_load(value) if value != "" else ""
+    parsed = load_yaml_text(value) if value != "" else ""
     # YAML 1.1 reads 1e-4 (no dot) as a string: accept it as the float users mean
     if isinstance(parsed, str) and any(c in parsed.lower() for c in "e.") and not parsed.isalpha():
         with contextlib.suppress(ValueError):
@@ -114,11 +277,20 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def format_validation_error(exc: ValidationError, model: type[BaseModel], source: str) -> str:
+def format_validation_error(
+    exc: ValidationError, model: type[BaseModel], source: str, origins: Mapping[str, str] | None = None
+) -> str:
+    """One line per error with its dotted key; ``origins`` (from :func:`expand_env`) adds what a value expanded from."""
     lines = [f"{source}: invalid config"]
     for err in exc.errors():
         loc = tuple(err["loc"])
         path = ".".join(str(p) for p in loc) or "(top level)"
+        origin = (origins or {}).get(path)
+        hint = (
+            f" (the value comes from {origin!r}: set the variable in .env, see .env.example, or in the environment)"
+            if origin is not None
+            else ""
+        )
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(model, loc[:-1])
             close = difflib.get_close_matches(str(loc[-1]), allowed, n=3, cutoff=0.5)
@@ -130,22 +302,28 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], source
             msg = err["msg"]
             if err["type"] not in ("missing",) and "input" in err and not isinstance(err["input"], dict):
                 msg += f" (got {err['input']!r})"
-            lines.append(f"  {path}: {msg}")
+            lines.append(f"  {path}: {msg}{hint}")
     return "\n".join(lines)
 
 
-def validate_config(model: type[C], data: dict[str, Any], source: str = "config") -> C:
+def validate_config(
+    model: type[C], data: dict[str, Any], source: str = "config", origins: Mapping[str, str] | None = None
+) -> C:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise UserError(format_validation_error(exc, model, source)) from None
+        raise UserError(format_validation_error(exc, model, source, origins)) from None
 
 
 def load_config(model: type[C], path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> C:
-    """Read ``path`` (YAML), apply overrides, validate against ``model``; all errors in one UserError."""
-    data = read_yaml(path) if path is not None else {}
-    data = apply_overrides(data, overrides)
-    return validate_config(model, data, str(path) if path is not None else "config")
+    """Read ``path`` (YAML), apply overrides, expand ``${VAR}`` references, validate; all errors in one UserError."""
+    from ai.common.envfile import load_env_file
+
+    load_env_file()
+    source = str(path) if path is not None else "config"
+    data = read_yaml(path, expand=False) if path is not None else {}
+    data, origins = expand_env(apply_overrides(data, overrides), source=source)
+    return validate_config(model, data, source, origins)
 
 
 def config_to_yaml(cfg: BaseModel) -> str:

@@ -2,8 +2,6 @@
 
 What every ``infer_*.py`` does the same way lives here once:
 
-* config sections: prompts (``prompt``, ``prompts``, ``prompts_file``, ``captions_csv``), sampling (steps, guidance,
-  scheduler, seed), ``resolution`` (multiple of 8), ``speed`` switches, dtype and device;
 * the work list: one :class:`WorkItem` per image, named ``{prompt_index:05d}_{image_index:02d}.png`` (or
   ``{name}_{image_index:02d}.png`` for a named entry, e.g. a ControlNet mask's stem) and seeded
   ``seed + prompt_index * images_per_prompt + image_index``, so an image's noise depends on its own seed only
@@ -15,13 +13,15 @@ What every ``infer_*.py`` does the same way lives here once:
   ``generations/metadata.jsonl`` by the main process (no two processes ever write the same file);
 * the steps of every script's ``main``: the command line (:func:`parse_generation_args`), the checks that need
   no torch (:func:`check_base_model`, :func:`resolve_lora_file`), the settings compared on resume and the record
-  fields beside them (:func:`common_settings`, :func:`common_info`).
+  fields beside them (:func:`common_settings`, :func:`common_info`), resizing a bucket-sized image to the size
+  asked for (:func:`resize_to`).
 
-How the pipeline is built and identified (device, scheduler, speed switches, LoRA loading, the call itself, model
-fingerprints) lives in :mod:`ai.common.pipelines`, which builds on the config sections here; this module imports
-it only inside :func:`common_settings` (for the fingerprints), so the two never import each other at load time.
-Neither imports torch at load time (a ``--check`` that needs no model need not load it). A script adds only what
-is specific to it (its adapter, extra pipeline arguments, per-item inputs, output sizes).
+The config sections (prompts, sampling, ``resolution``, ``speed``, dtype, device) and the output-size rules are in
+:mod:`ai.common.generation_config` (re-exported here); how the pipeline is built and identified (device,
+scheduler, speed switches, LoRA loading, the call itself, model fingerprints) is in :mod:`ai.common.pipelines`.
+Imports go one way: generation -> pipelines -> generation_config. None imports torch at load time (a ``--check``
+that needs no model need not load it). A script adds only what is specific to it (its adapter, extra pipeline
+arguments, per-item inputs, output sizes).
 """
 
 from __future__ import annotations
@@ -38,13 +38,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
-
-from pydantic import Field, field_validator
+from typing import Any
 
 from ai.common.cli import UserError
-from ai.common.config import Section
+from ai.common.generation_config import (  # noqa: F401 (the config sections are importable from here too)
+    SCHEDULERS,
+    GenerationConfig,
+    GenerationPaths,
+    OutputSize,
+    Resolution,
+    SchedulerName,
+    Speed,
+)
 from ai.common.io import atomic_write_bytes, atomic_write_text, sha256_file
+from ai.common.pipelines import model_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -54,95 +61,6 @@ METADATA_FILE = "metadata.jsonl"
 PART_GLOB = "metadata.part-*.jsonl"
 #: Columns of the stage 1 CSVs copied into each record (CSV column -> record field); stage 4 reads them.
 CSV_SOURCE_FIELDS = {"image": "source_frame", "conditioning_image": "mask_path"}
-#: Name -> (diffusers scheduler class, extra config). Built with ``from_config`` of the model's own scheduler.
-SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "default": ("", {}),  # whatever the model folder ships (SDXL base: Euler)
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "dpm++_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "dpm++_2m_karras": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True},
-    ),
-    "dpm++_2m_sde_karras": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
-    ),
-}
-SchedulerName = Literal[tuple(SCHEDULERS)]  # the config accepts exactly these names
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Config sections shared by every generation config
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class GenerationPaths(Section):
-    base_model_path: str = "stabilityai/stable-diffusion-xl-base-1.0"
-    vae_path: str | None = None
-    variant: str | None = None
-    infer_path: str = "inference_outputs"
-
-
-class Resolution(Section):
-    width: int = 1024
-    height: int = 1024
-
-    @field_validator("width", "height")
-    @classmethod
-    def _multiple_of_8(cls, value: int) -> int:
-        if value <= 0 or value % 8:
-            raise ValueError(
-                f"must be a positive multiple of 8 (the VAE works on 8x8 pixel blocks), got {value}"
-            )
-        return value
-
-
-class Speed(Section):
-    attention: Literal["sdpa", "xformers"] = "sdpa"
-    channels_last: bool = False
-    torch_compile: bool = False
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = (
-        "default"
-    )
-    vae_slicing: bool = False
-    vae_tiling: bool = False
-
-
-class GenerationConfig(Section):
-    """Keys every generation config has; scripts subclass it and narrow ``paths``."""
-
-    paths: GenerationPaths = GenerationPaths()
-    prompt: str | None = None
-    prompts: list[str] = []
-    prompts_file: str | None = None
-    captions_csv: str | None = None
-    captions_column: str = "text"
-    max_prompts: int | None = Field(None, ge=1)
-    negative_prompt: str | None = None
-    images_per_prompt: int = Field(1, ge=1)
-    num_inference_steps: int = Field(30, ge=1)
-    guidance_scale: float = Field(7.5, ge=0)
-    scheduler: SchedulerName = "euler"
-    seed: int = Field(0, ge=0)
-    batch_size: int = Field(1, ge=1)
-    dtype: Literal["fp32", "fp16", "bf16"] = "fp16"
-    device: str = "auto"
-    on_error: Literal["stop", "skip"] = "stop"
-    overwrite: bool = False
-    resolution: Resolution = Resolution()
-    speed: Speed = Speed()
-
-    @field_validator("device")
-    @classmethod
-    def _device_name(cls, value: str) -> str:
-        base = value.split(":")[0]
-        if base not in ("auto", "cpu", "cuda", "mps", "xpu"):
-            raise ValueError(f"use auto, cpu, cuda, cuda:N, mps or xpu, got {value!r}")
-        return value
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -378,6 +296,17 @@ def png_bytes(image, text: dict[str, str] | None = None) -> bytes:
     return buf.getvalue()
 
 
+def resize_to(image, size: tuple[int, int]):
+    """``image`` stretched to ``size`` (Lanczos), or itself when it has that size already.
+
+    A resize, never a crop: a bucket-sized generation (1344x768) saved at 1280x720 keeps every point where the
+    mask and the source frame's boxes put it, scaled the same way in x and y as those.
+    """
+    from PIL import Image
+
+    return image if image.size == tuple(size) else image.resize(tuple(size), Image.Resampling.LANCZOS)
+
+
 @dataclass
 class GenerationSummary:
     total: int = 0
@@ -417,8 +346,6 @@ def common_settings(
     ``size`` (the script's output-size keys) and ``method`` (its own model's keys, e.g. the ControlNet's) go in
     fixed places: the key order is the order a refusal to mix settings lists the differences in.
     """
-    from ai.common.pipelines import model_fingerprint  # pipelines imports this module: imported at call time
-
     return {
         "negative_prompt": cfg.negative_prompt,
         "num_inference_steps": cfg.num_inference_steps,

@@ -6,7 +6,9 @@
 #
 # Environment: ACCELERATE_CONFIG (default config/accelerate_config_a100_single.yaml), ACCELERATE_ARGS (extra
 # `accelerate launch` flags that override the config file, e.g. "--machine_rank 1" on a second node), PYTHON
-# (default: the repo's .venv if present, else python). A .env file at the repo root is loaded first (.env.example).
+# (default: the repo's .venv if present, else python). The .env file at the repo root (from .env.example) is
+# loaded first by ai/common/envfile.py, the same reader the Python stages use: variables already set in the
+# environment win over the file, and configs name them as ${MODEL_DIR} or ${VAE_DIR:-}.
 set -euo pipefail
 
 launch_stage() {
@@ -14,12 +16,13 @@ launch_stage() {
   shift 2
   local repo_root
   repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-  if [[ -f "$repo_root/.env" ]]; then
-    set -a
-    # shellcheck disable=SC1091
-    source "$repo_root/.env"
-    set +a
+  local py="${PYTHON:-}"
+  if [[ -z "$py" ]]; then
+    if [[ -x "$repo_root/.venv/bin/python" ]]; then py="$repo_root/.venv/bin/python"; else py="python"; fi
   fi
+  local env_exports
+  env_exports="$(cd "$repo_root" && "$py" -m ai.common.envfile)" || exit 2
+  eval "$env_exports"
   local config="$default_config"
   if [[ $# -gt 0 && "$1" != *=* ]]; then
     config="$1"
@@ -27,10 +30,6 @@ launch_stage() {
   fi
   if [[ ! -f "$config" && -f "$repo_root/$config" ]]; then config="$repo_root/$config"; fi
   [[ -f "$config" ]] || { echo "error: config not found: $config" >&2; exit 2; }
-  local py="${PYTHON:-}"
-  if [[ -z "$py" ]]; then
-    if [[ -x "$repo_root/.venv/bin/python" ]]; then py="$repo_root/.venv/bin/python"; else py="python"; fi
-  fi
   local accel_cfg="${ACCELERATE_CONFIG:-$repo_root/config/accelerate_config_a100_single.yaml}"
   [[ -f "$accel_cfg" ]] || { echo "error: accelerate config not found: $accel_cfg (set ACCELERATE_CONFIG)" >&2; exit 2; }
   local -a accel_args=()

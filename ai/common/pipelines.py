@@ -11,8 +11,9 @@ Shared by LoRA and ControlNet inference (and bench/bench_inference.py):
   digests cached in ``$XDG_CACHE_HOME/bdd-sdxl/file-sha256.json`` by path, size and mtime, so reruns skip
   re-reading the UNet).
 
-Config sections, the work list and the run loop live in :mod:`ai.common.generation`; this module imports from it,
-never the other way round at load time. torch and diffusers are imported inside the functions that need them.
+The config sections come from :mod:`ai.common.generation_config`; the work list and the run loop live in
+:mod:`ai.common.generation`, which imports this module (never the other way round). torch and diffusers are
+imported inside the functions that need them.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ai.common.cli import UserError, setup_logging
-from ai.common.generation import SCHEDULERS, GenerationConfig, GenerationPaths, Speed, WorkItem
+from ai.common.generation_config import SCHEDULERS, GenerationConfig, GenerationPaths, Speed
 from ai.common.io import atomic_write_text, sha256_bytes, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -250,8 +251,15 @@ def prepare_pipeline(
         check_resolution(*size, native_size(pipe.unet, pipe.vae))
 
 
+class Seeded(Protocol):
+    """What :func:`call_pipeline` reads of a work item (:class:`ai.common.generation.WorkItem`)."""
+
+    prompt: str
+    seed: int
+
+
 def call_pipeline(
-    pipe, batch: list[WorkItem], cfg: GenerationConfig, size: tuple[int, int] | None = None, **extra
+    pipe, batch: Sequence[Seeded], cfg: GenerationConfig, size: tuple[int, int] | None = None, **extra
 ) -> list[Any]:
     """Run ``pipe`` on a batch; each image has its own CPU generator, so its pixels do not depend on the batch.
 

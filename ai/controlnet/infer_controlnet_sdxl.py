@@ -29,17 +29,12 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Literal
-
-from pydantic import Field, field_validator
+from typing import Any
 
 from ai.common.cli import UserError, run_main
-from ai.common.config import Section, load_config, save_resolved_config
+from ai.common.config import load_config, save_resolved_config
 from ai.common.generation import (
     GENERATIONS_DIR,
-    GenerationConfig,
-    GenerationPaths,
     PromptEntry,
     build_work_items,
     check_base_model,
@@ -47,99 +42,37 @@ from ai.common.generation import (
     common_settings,
     parse_generation_args,
     plan_generation,
+    resize_to,
     resolve_lora_file,
     run_generation,
 )
+from ai.common.generation_config import BucketGrid, OutputSize
 from ai.common.pipelines import (
     build_sdxl_pipeline,
     call_pipeline,
     model_fingerprint,
-    native_size,
     prepare_pipeline,
     setup_device,
 )
 from ai.controlnet.architecture import check_controlnet_fits, read_model_config, resolve_controlnet
 from ai.controlnet.conditioning import channels_for, ids_to_tensor, kind_for_channels, read_ids, resize_ids
+from ai.controlnet.infer_config import (  # noqa: F401 (the schema, importable from the script as before)
+    UNUSED_PROMPT_KEYS,
+    ControlNetInferConfig,
+    ControlNetInferPaths,
+    ControlNetResolution,
+)
 from ai.controlnet.masks import fill_missing_sheets, list_masks, read_captions, write_sheet
 
 DEFAULT_CONFIG = "config/controlnet_infer.yaml"
 SIDE_BY_SIDE_DIR = "side_by_side"
-#: Keys of the shared prompt list that do not apply here (each mask gets its own caption).
-UNUSED_PROMPT_KEYS = ("prompts", "prompts_file", "captions_csv")
 
 logger = logging.getLogger("bdd-sdxl.controlnet_infer")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Config
+# Config (the schema is in ai/controlnet/infer_config.py; every key is documented in config/controlnet_infer.yaml)
 # ---------------------------------------------------------------------------------------------------------------
-
-
-class ControlNetInferPaths(GenerationPaths):
-    controlnet_path: str = "runs/controlnet_train/controlnet"
-    lora_weights_path: str | None = None
-    masks_path: str = "bdd100k/labels/sem_seg/masks/val"
-    captions_path: str | None = "captions/val"
-    source_labels: str | None = None
-
-
-class ControlNetResolution(Section):
-    """Both null: each mask's nearest SDXL bucket; both set: one fixed size (multiples of 8)."""
-
-    width: int | None = None
-    height: int | None = None
-
-    @field_validator("width", "height")
-    @classmethod
-    def _multiple_of_8(cls, value: int | None) -> int | None:
-        if value is not None and (value <= 0 or value % 8):
-            raise ValueError(
-                f"must be a positive multiple of 8 (the VAE works on 8x8 pixel blocks) or null, got {value}"
-            )
-        return value
-
-    @field_validator("height")
-    @classmethod
-    def _both_or_neither(cls, value: int | None, info) -> int | None:
-        if "width" in info.data and (value is None) != (info.data["width"] is None):
-            raise ValueError(
-                "set both width and height (a fixed size) or neither (each mask's nearest bucket)"
-            )
-        return value
-
-    @property
-    def fixed(self) -> tuple[int, int] | None:
-        return (self.width, self.height) if self.width is not None else None
-
-
-class ControlNetInferConfig(GenerationConfig):
-    paths: ControlNetInferPaths = ControlNetInferPaths()
-    resolution: ControlNetResolution = ControlNetResolution()
-    conditioning: Literal["auto", "palette", "one_hot"] = "auto"
-    controlnet_conditioning_scale: float = Field(1.0, ge=0)
-    control_guidance_start: float = Field(0.0, ge=0, le=1)
-    control_guidance_end: float = Field(1.0, ge=0, le=1)
-    lora_scale: float = 1.0
-    fuse_lora: bool = False
-    side_by_side: bool = True
-
-    @field_validator(*UNUSED_PROMPT_KEYS)
-    @classmethod
-    def _one_caption_per_mask(cls, value, info):
-        if value:
-            raise ValueError(
-                f"{info.field_name} is not used by ControlNet inference: each mask's prompt comes from "
-                "paths.captions_path (a captions folder or the stage 1 CSV) or from prompt (one for all masks)"
-            )
-        return value
-
-    @field_validator("control_guidance_end")
-    @classmethod
-    def _end_after_start(cls, value: float, info) -> float:
-        start = info.data.get("control_guidance_start")
-        if start is not None and value <= start:
-            raise ValueError(f"must be greater than control_guidance_start ({start}), got {value}")
-        return value
 
 
 def parse_args(argv: Sequence[str] | None):
@@ -174,42 +107,50 @@ def conditioning_kind(cfg_kind: str, controlnet: dict, controlnet_name: str) -> 
 
 @dataclass(frozen=True)
 class Geometry:
-    """Output sizes: fixed, or each mask's nearest SDXL bucket at the model's native size."""
+    """Each mask's output size: generated at a fixed size or the mask's nearest SDXL bucket, saved at that size or
+    (``generate_at_bucket``) resized to the requested one (the fixed size, or with none the mask's own size)."""
 
-    native: int
+    grid: BucketGrid
     fixed: tuple[int, int] | None
-    buckets: tuple[tuple[int, int], ...]
+    generate_at_bucket: bool = False
 
     @classmethod
-    def for_model(cls, paths: ControlNetInferPaths, fixed: tuple[int, int] | None) -> Geometry:
-        from ai.common.data import sdxl_buckets
-
+    def for_model(cls, paths: ControlNetInferPaths, resolution: ControlNetResolution) -> Geometry:
         unet = read_model_config(paths.base_model_path, "unet")
         vae = (
             read_model_config(paths.vae_path)
             if paths.vae_path
             else read_model_config(paths.base_model_path, "vae")
         )
-        unet_ns, vae_ns = (
-            SimpleNamespace(config=SimpleNamespace(**unet)),
-            SimpleNamespace(config=SimpleNamespace(**vae)),
-        )
-        native = native_size(unet_ns, vae_ns)
-        # sides must survive the VAE (x8) and every UNet downsample; SDXL's buckets step by 64 at 1024 px
-        multiple = 2 ** (len(vae["block_out_channels"]) - 1) * 2 ** (len(unet["block_out_channels"]) - 1)
-        step = -(-max(native // 16, multiple) // multiple) * multiple
-        if native % step:
-            step = multiple
-        return cls(native, fixed, tuple(sdxl_buckets(native, step)))
+        return cls(BucketGrid.from_configs(unet, vae), resolution.fixed, resolution.generate_at_bucket)
+
+    @property
+    def native(self) -> int:
+        return self.grid.native
+
+    def sizes_for(self, mask_size: tuple[int, int]) -> OutputSize:
+        if self.fixed is not None:
+            return self.grid.output_size(self.fixed, self.generate_at_bucket)
+        bucket = self.grid.nearest(mask_size)
+        return OutputSize(bucket, tuple(mask_size) if self.generate_at_bucket else bucket)
 
     def size_for(self, mask_size: tuple[int, int]) -> tuple[int, int]:
-        from ai.common.data import nearest_bucket
-
-        return self.fixed or nearest_bucket(mask_size, self.buckets)
+        """The size an image for this mask is saved at."""
+        return self.sizes_for(mask_size).saved
 
     @property
     def label(self) -> str:
         return f"{self.fixed[0]}x{self.fixed[1]}" if self.fixed else "auto"
+
+    @property
+    def description(self) -> str:
+        at_bucket = ", generated at the nearest bucket and resized" if self.generate_at_bucket else ""
+        size = (
+            self.label
+            if self.fixed
+            else ("each mask's size" if self.generate_at_bucket else "each mask's bucket")
+        )
+        return size + at_bucket
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -283,23 +224,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_controlnet_fits(
             inputs.controlnet_config, unet_config, str(inputs.controlnet), cfg.paths.base_model_path
         )
-    geometry = Geometry.for_model(cfg.paths, cfg.resolution.fixed)
+    geometry = Geometry.for_model(cfg.paths, cfg.resolution)
     if args.check:
         print(
             f"{args.config}: ok ({len(inputs.entries)} mask(s) x {cfg.images_per_prompt} image(s), ControlNet "
-            f"{inputs.controlnet} ({inputs.kind} input), resolution {geometry.label}, "
+            f"{inputs.controlnet} ({inputs.kind} input), resolution {geometry.description}, "
             f"LoRA {inputs.lora_file or 'none'})"
         )
         return 0
 
     state, device = setup_device(cfg.device, cfg.dtype)
     infer_path = Path(cfg.paths.infer_path)
-    entries = []  # each mask's output size, recorded with its images
+    entries = []  # each mask's sizes (generated at, saved at), recorded with its images
     for entry in inputs.entries:
-        width, height = geometry.size_for(tuple(entry.source["source_size"]))
-        entries.append(
-            PromptEntry(entry.text, {**entry.source, "width": width, "height": height}, entry.name)
-        )
+        sizes = geometry.sizes_for(tuple(entry.source["source_size"]))
+        entries.append(PromptEntry(entry.text, {**entry.source, **sizes.record()}, entry.name))
     if state.is_main_process:
         logger.info(
             "%d mask(s), %d process(es), device %s, ControlNet %s (%s), LoRA %s",
@@ -319,7 +258,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "controlnet_fingerprint": model_fingerprint(str(inputs.controlnet)),
     }
     settings = common_settings(
-        cfg, inputs.lora_file, cfg.lora_scale, size={"resolution": geometry.label}, method=controlnet_settings
+        cfg,
+        inputs.lora_file,
+        cfg.lora_scale,
+        size={"resolution": geometry.label, "generate_at_bucket": geometry.generate_at_bucket},
+        method=controlnet_settings,
     )
     info = common_info(
         cfg, inputs.lora_file, cfg.fuse_lora, args.config, method={"controlnet_path": str(inputs.controlnet)}
@@ -352,20 +295,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         inputs.lora_file,
         lora_scale=cfg.lora_scale,
         fuse_lora=cfg.fuse_lora,
-        size=geometry.fixed,  # None: each mask's bucket, all near the native size
+        # one size to check against the model's native size; buckets are all near it
+        size=geometry.sizes_for(geometry.fixed).generated if geometry.fixed else None,
     )
 
     def load_inputs(item):
         return read_ids(item.source["mask_path"])
 
     def generate(batch, masks):
-        """One pipeline call per output size in the batch; conditions as a (B, C, H, W) tensor."""
+        """One pipeline call per generation size in the batch; conditions as a (B, C, H, W) tensor; each image
+        resized to its saved size (a stretch, like the mask's: its geometry and the source boxes stay aligned)."""
         import torch
 
         images: list[Any] = [None] * len(batch)
         by_size: dict[tuple[int, int], list[int]] = {}
         for i, item in enumerate(batch):
-            by_size.setdefault((item.source["width"], item.source["height"]), []).append(i)
+            by_size.setdefault((item.source["generated_width"], item.source["generated_height"]), []).append(
+                i
+            )
         for size, positions in by_size.items():
             ids = [resize_ids(masks[i], size) for i in positions]
             condition = torch.stack([ids_to_tensor(x, inputs.kind) for x in ids])
@@ -379,10 +326,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 control_guidance_start=cfg.control_guidance_start,
                 control_guidance_end=cfg.control_guidance_end,
             )
-            for i, mask_ids, image in zip(positions, ids, made, strict=True):
-                images[i] = image
+            for i, image in zip(positions, made, strict=True):
+                saved = (batch[i].source["width"], batch[i].source["height"])
+                images[i] = resize_to(image, saved)
                 if cfg.side_by_side:
-                    write_sheet(sheets_dir, batch[i].file, mask_ids, image)
+                    write_sheet(sheets_dir, batch[i].file, resize_ids(masks[i], saved), images[i])
         return images
 
     summary = run_generation(

@@ -14,7 +14,6 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from PIL import Image
 
@@ -22,10 +21,8 @@ from ai.common.cli import UserError
 from ai.common.generation import METADATA_FILE, PromptEntry, png_bytes, read_captions_csv, read_jsonl
 from ai.common.io import atomic_write_bytes
 from ai.controlnet.conditioning import ids_to_preview, read_ids, resize_ids, side_by_side
+from ai.controlnet.infer_config import ControlNetInferConfig
 from convert import bdd
-
-if TYPE_CHECKING:
-    from ai.controlnet.infer_controlnet_sdxl import ControlNetInferConfig
 
 #: Mask modes read as label ids (ai/controlnet/conditioning.read_ids); checked from headers before the model loads.
 MASK_MODES = ("L", "P", "I;16", "I", "RGB", "RGBA")

@@ -6,8 +6,10 @@ Usage:
     python ai/lora/infer_lora_sdxl.py --config config/demo/lora_infer.yaml --check   # validate only, no torch
 
 Writes ``<paths.infer_path>/generations/<prompt_index>_<image_index>.png``, one record per image in
-``generations/metadata.jsonl`` (prompt, seed, settings, LoRA sha256, base model fingerprint, source frame when the
-prompt came from a captions CSV) and ``<paths.infer_path>/config.resolved.yaml``. A rerun skips finished images.
+``generations/metadata.jsonl`` (prompt, seed, settings, the size generated at and saved at, LoRA sha256, base model
+fingerprint, source frame when the prompt came from a captions CSV) and ``<paths.infer_path>/config.resolved.yaml``.
+With ``resolution.generate_at_bucket`` each image is generated at the SDXL bucket nearest the requested size
+(1344x768 for 1280x720) and resized to it. A rerun skips finished images.
 Under ``accelerate launch`` with N processes the work list is split across them; each image gets the same seed
 and noise as in a one-process run (with ``batch_size`` 1 the same pixels). Prompts, seeds, outputs (ai/common/generation.py), speed switches and LoRA loading
 (ai/common/pipelines.py) are shared with ControlNet inference; this file is the text-to-image recipe around them.
@@ -24,8 +26,6 @@ from ai.common.cli import run_main
 from ai.common.config import load_config, save_resolved_config
 from ai.common.generation import (
     GENERATIONS_DIR,
-    GenerationConfig,
-    GenerationPaths,
     PromptEntry,
     build_work_items,
     check_base_model,
@@ -34,9 +34,11 @@ from ai.common.generation import (
     parse_generation_args,
     plan_generation,
     read_prompts,
+    resize_to,
     resolve_lora_file,
     run_generation,
 )
+from ai.common.generation_config import BucketGrid, GenerationConfig, GenerationPaths
 from ai.common.pipelines import build_sdxl_pipeline, call_pipeline, prepare_pipeline, setup_device
 
 DEFAULT_CONFIG = "config/lora_infer.yaml"
@@ -46,6 +48,7 @@ logger = logging.getLogger("bdd-sdxl.lora_infer")
 
 class LoraInferPaths(GenerationPaths):
     lora_weights_path: str | None = None  # None: the base model alone (for comparisons)
+    infer_path: str = "inference_outputs/lora"
 
 
 class LoraInferConfig(GenerationConfig):
@@ -94,8 +97,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             lora_file,
         )
 
-    size = (cfg.resolution.width, cfg.resolution.height)
-    settings = common_settings(cfg, lora_file, cfg.lora_scale, size={"width": size[0], "height": size[1]})
+    resolution = cfg.resolution
+    size = {
+        "width": resolution.width,
+        "height": resolution.height,
+        "generate_at_bucket": resolution.generate_at_bucket,
+    }
+    settings = common_settings(cfg, lora_file, cfg.lora_scale, size=size)
     info = common_info(cfg, lora_file, cfg.fuse_lora, args.config)
     items = build_work_items(prompts, cfg.images_per_prompt, cfg.seed)
     plan = plan_generation(
@@ -109,14 +117,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     pipe = build_sdxl_pipeline(cfg.paths, cfg.dtype)
+    grid = BucketGrid.from_configs(pipe.unet.config, pipe.vae.config)
+    sizes = grid.output_size((resolution.width, resolution.height), resolution.generate_at_bucket)
     prepare_pipeline(
-        pipe, cfg, device, lora_file, lora_scale=cfg.lora_scale, fuse_lora=cfg.fuse_lora, size=size
+        pipe, cfg, device, lora_file, lora_scale=cfg.lora_scale, fuse_lora=cfg.fuse_lora, size=sizes.generated
     )
+    if state.is_main_process and sizes.generated != sizes.saved:
+        logger.info("generating at %dx%d, saved at %dx%d", *sizes.generated, *sizes.saved)
+
+    def generate(batch, _inputs):
+        return [
+            resize_to(image, sizes.saved) for image in call_pipeline(pipe, batch, cfg, size=sizes.generated)
+        ]
 
     summary = run_generation(
         plan,
-        lambda batch, _inputs: call_pipeline(pipe, batch, cfg),
-        info=info,
+        generate,
+        info={**info, **sizes.record()},
         batch_size=cfg.batch_size,
         on_error=cfg.on_error,
         state=state,
