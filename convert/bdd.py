@@ -1,15 +1,25 @@
 """BDD100K, read once: label schema, categories and their official ids, attributes, palette, name matching.
 
 Every stage that touches BDD100K data uses this module (captions, CSVs, ControlNet conditioning, YOLO labels,
-layout checks). Formats follow the official toolkit (bdd100k/bdd100k) and Scalabel:
+layout checks). Formats follow the official toolkit (bdd100k/bdd100k) and Scalabel, and what real files hold:
 
-* det_20 (``labels/det_20/det_{train,val}.json``): a top-level list of frames (``{"frames": [...]}`` also read),
-  string label ids, 13 category strings, ``trafficLightColor`` codes ``NA|G|R|Y``.
+* det_20 (``labels/det_20/det_{train,val}.json``): a top-level list of frames, string label ids, 13 category
+  strings, ``trafficLightColor`` codes ``NA|G|R|Y``.
 * legacy 2018 (``labels/bdd100k_labels_images_{train,val}.json``): integer ids, legacy names (``person``,
   ``bike``, ``motor``), ``poly2d`` lanes and drivable areas in the same list, lights ``red|green|yellow|none``.
-* ``labels`` may be absent, ``null`` or ``[]``; frame attributes may miss keys. Boxes are inclusive pixels.
-* semantic segmentation masks: mode ``L`` PNGs of trainIds 0-18 and 255 (ignore); colormaps: mode ``P`` with
-  the official palette (index = trainId).
+* the original 2018 per-image files (``labels/100k/{train,val}/<name>.json``, one image each): ``{"name":
+  "<name without .jpg>", "attributes": {...}, "frames": [{"timestamp": ..., "objects": [...]}]}`` with
+  categories ``area/drivable``, ``lane/single white``...; read as one frame whose labels are the objects.
+  :func:`load_frames` takes one such file or a folder of them.
+* Scalabel exports: ``{"frames": [...], "config": ..., "groups": ...}`` instead of a list, keys present with
+  ``null`` (``labels``, ``poly2d``, ``attributes``, attribute values), capitalised attribute keys (``Occluded``,
+  ``Truncated``, ``Traffic Light Color``), light colours as lists (``[1, "G"]``), a UTF-8 byte-order mark,
+  frame names that are URLs or end in ``.png`` (names match images by :func:`stem`).
+* ``labels`` may be absent, ``null`` or ``[]``; frame attributes may miss keys. Boxes are inclusive pixels and
+  may lie slightly past the image edge (clipped where used).
+* semantic segmentation masks: mode ``L`` PNGs of trainIds 0-18 and 255 (ignore); colormaps and some toolkit
+  masks are mode ``P`` whose palette *index* is the trainId, whatever the palette (official colours, a grey
+  identity palette): read as indices, never through RGB or luminance.
 
 Label files are decoded with msgspec into typed structs (no intermediate dicts): about 3x faster than
 ``json.load`` on the 69,863-frame det_train file, with JSON errors reported by file, line and column.
@@ -17,10 +27,12 @@ Label files are decoded with msgspec into typed structs (no intermediate dicts):
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+import urllib.parse
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +87,8 @@ LEGACY_NAME_MAP: dict[str, str] = {
 }
 #: Legacy polygon categories (lanes and drivable areas share the ``labels`` list with boxes).
 LEGACY_POLY_CATEGORIES: tuple[str, ...] = ("drivable area", "lane")
+#: The per-image 2018 files name them ``area/drivable``, ``area/alternative``, ``lane/road curb``, ...
+POLY_CATEGORY_PREFIXES: tuple[str, ...] = ("area/", "lane/")
 
 # ---------------------------------------------------------------------------------------------------------------
 # Frame attributes (identical vocabularies in det_20 and legacy)
@@ -177,9 +191,11 @@ def seg_palette() -> list[int]:
 # ---------------------------------------------------------------------------------------------------------------
 # Label files: typed structs decoded straight from JSON
 # ---------------------------------------------------------------------------------------------------------------
+# gc=False: decoded labels hold only scalars, strings and lists of their own kind, so they can never be part of a
+# reference cycle; untracked structs are smaller and faster to make (det_train: ~15% faster than tracked ones).
 
 
-class Box2D(msgspec.Struct, frozen=True):
+class Box2D(msgspec.Struct, frozen=True, gc=False):
     """Inclusive pixel box: width is x2 - x1 + 1 in the toolkit's convention."""
 
     x1: float
@@ -188,37 +204,78 @@ class Box2D(msgspec.Struct, frozen=True):
     y2: float
 
 
-class LabelAttributes(msgspec.Struct, frozen=True):
-    occluded: bool = False
-    truncated: bool = False
-    trafficLightColor: str | None = None  # noqa: N815 (the file's key)
+_RAW_NULL = msgspec.Raw(b"null")
+#: A light's colour as files write it: "G"/"green", or an older Scalabel export's [index, code] list.
+LightCode = str | list[str | int] | int | None
 
 
-class Label(msgspec.Struct, frozen=True):
-    category: str
+def _light_code(value: LightCode) -> str | None:
+    """The code (string) of a light colour value: [1, "G"] -> "G"; a bare list index stays unknown ("1")."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        strings = [v for v in value if isinstance(v, str)]
+        return strings[-1] if strings else str(value)
+    return str(value)
+
+
+class LabelAttributes(msgspec.Struct, frozen=True, gc=False):
+    """A label's attributes as the file spells them. Some Scalabel exports capitalise the keys (``Occluded``,
+    ``Traffic Light Color``), even mixed with lower-case ones in one file: read through :attr:`light`,
+    :attr:`is_occluded` and :attr:`is_truncated`, which take either spelling."""
+
+    occluded: bool | None = False
+    truncated: bool | None = False
+    trafficLightColor: LightCode = None  # noqa: N815 (the file's key)
+    occluded_capitalised: bool | None = msgspec.field(default=None, name="Occluded")
+    truncated_capitalised: bool | None = msgspec.field(default=None, name="Truncated")
+    light_capitalised: LightCode = msgspec.field(default=None, name="Traffic Light Color")
+
+    @property
+    def light(self) -> str | None:
+        """The light colour code as a string ("G", "green", "NA", ...), None when absent."""
+        code = self.trafficLightColor
+        if code is None:
+            code = self.light_capitalised
+        return code if code is None or type(code) is str else _light_code(code)
+
+    @property
+    def is_occluded(self) -> bool:
+        return bool(self.occluded or self.occluded_capitalised)
+
+    @property
+    def is_truncated(self) -> bool:
+        return bool(self.truncated or self.truncated_capitalised)
+
+
+class Label(msgspec.Struct, frozen=True, gc=False):
+    category: str | None = None  # Scalabel allows a label without one (null or absent)
     id: str | int | None = None
     attributes: LabelAttributes | None = None
     box2d: Box2D | None = None
-    # legacy lanes/drivable areas: kept undecoded (never needed, costly); UNSET when the key is absent
+    # legacy lanes/drivable areas: kept undecoded (never needed, costly); UNSET when the key is absent, and
+    # the raw ``null`` when an export writes every key (msgspec reads a Raw as any value, null included)
     poly2d: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
 
     @property
     def has_polygon(self) -> bool:
-        return self.poly2d is not msgspec.UNSET
+        return self.poly2d is not msgspec.UNSET and self.poly2d != _RAW_NULL
 
 
-class FrameAttributes(msgspec.Struct, frozen=True):
-    weather: str = "undefined"
-    scene: str = "undefined"
-    timeofday: str = "undefined"
+class FrameAttributes(msgspec.Struct, frozen=True, gc=False):
+    """Frame attributes; a value written as ``null`` reads as "undefined" through the Frame properties."""
+
+    weather: str | None = "undefined"
+    scene: str | None = "undefined"
+    timeofday: str | None = "undefined"
 
 
-class Frame(msgspec.Struct, frozen=True):
+class Frame(msgspec.Struct, frozen=True, gc=False):
     """One image's labels. ``labels`` is UNSET when the key is absent, None when null."""
 
     name: str
     attributes: FrameAttributes | None = None
-    timestamp: int | None = None
+    timestamp: int | float | None = None
     labels: list[Label] | None | msgspec.UnsetType = msgspec.UNSET
 
     @property
@@ -227,15 +284,18 @@ class Frame(msgspec.Struct, frozen=True):
 
     @property
     def weather(self) -> str:
-        return self.attributes.weather if self.attributes else "undefined"
+        value = self.attributes.weather if self.attributes else None
+        return "undefined" if value is None else value
 
     @property
     def scene(self) -> str:
-        return self.attributes.scene if self.attributes else "undefined"
+        value = self.attributes.scene if self.attributes else None
+        return "undefined" if value is None else value
 
     @property
     def timeofday(self) -> str:
-        return self.attributes.timeofday if self.attributes else "undefined"
+        value = self.attributes.timeofday if self.attributes else None
+        return "undefined" if value is None else value
 
     @property
     def labels_state(self) -> str:
@@ -250,44 +310,125 @@ class Frame(msgspec.Struct, frozen=True):
         return self.labels if isinstance(self.labels, list) else []
 
 
-class _FramesWrapper(msgspec.Struct):
-    frames: list[Frame]
+class _ImageFrame(msgspec.Struct, frozen=True, gc=False):
+    """One entry of a per-image 2018 file's ``frames``: its labels are called ``objects``."""
+
+    timestamp: int | float | None = None
+    objects: list[Label] | None | msgspec.UnsetType = msgspec.UNSET
 
 
-_DECODER = msgspec.json.Decoder(list[Frame] | _FramesWrapper)
+class _Document(msgspec.Struct):
+    """A JSON object at the top of a file: Scalabel's ``{"frames": [...], "config": ..., "groups": ...}``, or a
+    per-image 2018 file ``{"name": ..., "attributes": ..., "frames": [{"timestamp": ..., "objects": [...]}]}``
+    (told apart by its ``name``). ``frames`` is decoded afterwards, as the one or the other."""
+
+    frames: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+    name: str | msgspec.UnsetType = msgspec.UNSET
+    attributes: FrameAttributes | None = None
+
+
+_DECODER = msgspec.json.Decoder(list[Frame] | _Document)
+_FRAMES_DECODER = msgspec.json.Decoder(list[Frame])
+_IMAGE_FRAMES_DECODER = msgspec.json.Decoder(list[_ImageFrame])
+_UTF8_BOM = b"\xef\xbb\xbf"
+_FORMATS_HINT = (
+    'Expected a list of frames ({"name": ..., "attributes": ..., "labels": [...]}) as in '
+    'labels/det_20/det_train.json, {"frames": [...]} (Scalabel), or one image\'s 2018 file '
+    '({"name": ..., "attributes": ..., "frames": [{"objects": [...]}]}) as in labels/100k/train/<name>.json'
+)
 
 
 def decode_frames(data: bytes, source: str | os.PathLike = "<bytes>") -> list[Frame]:
-    """Decode a det_20 or legacy label file's bytes into frames.
+    """Decode a label file's bytes into frames: det_20, legacy, Scalabel ``{"frames": [...]}`` or one image's
+    2018 file (see the module docstring); a leading UTF-8 byte-order mark is skipped.
 
     Raises:
         UserError: malformed JSON (with line and column) or a value of the wrong type (with its JSON path).
     """
     # The collector would rescan the growing heap of new structs again and again (~40% of a large decode);
     # nothing decoded here can form a cycle, so it is paused and restored as it was.
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
+    with _gc_paused():
+        return _decode(data, source)
+
+
+def _decode(data: bytes, source: str | os.PathLike) -> list[Frame]:
+    if data[:3] == _UTF8_BOM:  # some exports start with one; JSON parsers refuse it
+        data = data[3:]
     try:
         out = _DECODER.decode(data)
     except msgspec.ValidationError as exc:
-        raise UserError(
-            f"{source}: not a BDD100K label file: {exc}. Expected a list of frames "
-            '({"name": ..., "attributes": ..., "labels": [...]}) as in labels/det_20/det_train.json'
-        ) from None
+        raise _not_a_label_file(source, str(exc)) from None
     except msgspec.DecodeError as exc:
         raise UserError(f"{source}: malformed JSON: {_describe_decode_error(exc, data)}") from None
+    if isinstance(out, list):  # det_20 and legacy files: the fast path
+        return out
+    if out.frames is msgspec.UNSET or out.frames == _RAW_NULL:
+        raise _not_a_label_file(source, 'a JSON object without "frames"')
+    try:
+        if out.name is msgspec.UNSET:  # Scalabel's {"frames": [...], "config": ..., "groups": ...}
+            return _FRAMES_DECODER.decode(out.frames)
+        image_frames = _IMAGE_FRAMES_DECODER.decode(out.frames)
+    except msgspec.ValidationError as exc:  # the path inside "frames", from the file's top
+        raise _not_a_label_file(source, str(exc).replace("`$", "`$.frames")) from None
+    return [_image_file_frame(out, image_frames, source)]
+
+
+def _not_a_label_file(source: str | os.PathLike, why: str) -> UserError:
+    return UserError(f"{source}: not a BDD100K label file: {why}. {_FORMATS_HINT}")
+
+
+def _image_file_frame(doc: _Document, frames: list[_ImageFrame], source: str | os.PathLike) -> Frame:
+    """A per-image 2018 file as one Frame (its name has no extension; names match images by stem)."""
+    if len(frames) > 1:
+        raise UserError(
+            f"{source}: a per-image label file with {len(frames)} frames; the 2018 files hold one frame per "
+            "image (the one at 10 s): pass the det_20 labels, or split the file"
+        )
+    first = frames[0] if frames else _ImageFrame()
+    return Frame(name=doc.name, attributes=doc.attributes, timestamp=first.timestamp, labels=first.objects)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
     finally:
-        if gc_was_enabled:
+        if was_enabled:
             gc.enable()
-    return out.frames if isinstance(out, _FramesWrapper) else out
 
 
 def load_frames(path: str | os.PathLike) -> list[Frame]:
-    """Read a det_20 or legacy label file (see :func:`decode_frames`)."""
+    """Read a label file (see :func:`decode_frames`), or a folder of per-image label files (``*.json``, in name
+    order: labels/100k/<split>/ of the 2018 release)."""
     path = Path(path)
+    if path.is_dir():
+        return load_label_folder(path)
     if not path.is_file():
         raise UserError(f"labels file not found: {path}")
     return decode_frames(path.read_bytes(), path)
+
+
+def label_folder_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() == ".json" and p.is_file())
+
+
+def load_label_folder(folder: str | os.PathLike) -> list[Frame]:
+    """Every ``*.json`` label file of ``folder`` (not its subfolders), in name order, as one list of frames."""
+    folder = Path(folder)
+    files = label_folder_files(folder)
+    if not files:
+        found = ", ".join(sorted(p.name for p in folder.iterdir())[:5]) or "nothing"
+        raise UserError(
+            f"no .json label files in {folder} (found: {found}); a labels folder holds one JSON per image "
+            "(labels/100k/<split>/<name>.json)"
+        )
+    frames: list[Frame] = []
+    with _gc_paused():
+        for file in files:
+            frames += _decode(file.read_bytes(), file)
+    return frames
 
 
 def _describe_decode_error(exc: msgspec.DecodeError, data: bytes) -> str:
@@ -310,7 +451,8 @@ def detect_format(frames: Sequence[Frame], sample: int = 2000) -> str:
         for label in frame.label_list():
             if isinstance(label.id, int) or label.has_polygon:
                 return "legacy"
-            if label.category in LEGACY_NAME_MAP or label.category in LEGACY_POLY_CATEGORIES:
+            cat = category_of(label)  # legacy names, or polygons (drivable area, lane, area/..., lane/...)
+            if label.category in LEGACY_NAME_MAP or (cat.known and cat.det_class is None):
                 return "legacy"
             seen += 1
         if seen >= sample:
@@ -327,15 +469,17 @@ class Category:
     known: bool  # False for a category string neither format defines
 
 
-def canonical_category(category: str) -> Category:
-    """Map a det_20 or legacy category string to the evaluated det_20 class."""
+def canonical_category(category: str | None) -> Category:
+    """Map a det_20, legacy or per-image 2018 category string to the evaluated det_20 class."""
+    if not isinstance(category, str):  # a Scalabel label without a category
+        return Category(None, False, False)
     if category in DET_CLASS_YOLO_ID:
         return Category(category, False, True)
     if category in DET20_IGNORED:
         return Category(DET20_IGNORED[category], True, True)
     if category in LEGACY_NAME_MAP:
         return Category(LEGACY_NAME_MAP[category], False, True)
-    if category in LEGACY_POLY_CATEGORIES:
+    if category in LEGACY_POLY_CATEGORIES or category.startswith(POLY_CATEGORY_PREFIXES):
         return Category(None, False, True)
     return Category(None, False, False)
 
@@ -353,9 +497,8 @@ def category_of(label: Label) -> Category:
 
 def light_color(label: Label) -> str | None:
     """'red', 'green', 'yellow' or None (not a light, unknown or NA)."""
-    if label.attributes is None or label.attributes.trafficLightColor is None:
-        return None
-    return LIGHT_COLORS.get(label.attributes.trafficLightColor)
+    code = label.attributes.light if label.attributes is not None else None
+    return None if code is None else LIGHT_COLORS.get(code)
 
 
 @dataclass
@@ -367,16 +510,15 @@ class LabelReport:
     unknown_light_colors: Counter = field(default_factory=Counter)
 
     def check_frame(self, frame: Frame) -> None:
-        attrs = frame.attributes or FrameAttributes()
         for key, allowed in FRAME_ATTRIBUTES.items():
-            value = getattr(attrs, key)
+            value = getattr(frame, key)  # Frame.weather etc.: null reads "undefined"
             if value not in allowed:
                 self.unknown_attributes[f"{key}={value}"] += 1
         for label in frame.label_list():
             if not category_of(label).known:
-                self.unknown_categories[label.category] += 1
+                self.unknown_categories[label.category if label.category is not None else "(none)"] += 1
             if label.attributes is not None:
-                code = label.attributes.trafficLightColor
+                code = label.attributes.light
                 if code is not None and code not in LIGHT_COLORS:
                     self.unknown_light_colors[code] += 1
 
@@ -408,8 +550,14 @@ LEGACY_STEM_SUFFIXES: tuple[str, ...] = ("_train_id", "_train_color", "_drivable
 
 
 def stem(name: str | os.PathLike) -> str:
-    """Base name without folder and extension, legacy ``_train_id``-style suffixes removed."""
-    base = os.path.basename(os.fspath(name))
+    """Base name without folder and extension, legacy ``_train_id``-style suffixes removed.
+
+    A URL (Scalabel frame names can be the image's address) gives its path's base name, query left out.
+    """
+    name = os.fspath(name)
+    if "://" in name:
+        name = urllib.parse.unquote(urllib.parse.urlsplit(name).path)
+    base = os.path.basename(name)
     base = os.path.splitext(base)[0]
     for suffix in LEGACY_STEM_SUFFIXES:
         if base.endswith(suffix):
@@ -418,26 +566,30 @@ def stem(name: str | os.PathLike) -> str:
 
 
 def label_file_candidates(bdd_data_dir: str | os.PathLike, split: str) -> list[Path]:
+    """Where a split's labels are looked for, in order: det_20, the legacy file, the per-image 2018 folder."""
     root = Path(bdd_data_dir)
     return [
         root / "labels" / "det_20" / f"det_{split}.json",
         root / "labels" / f"bdd100k_labels_images_{split}.json",
+        root / "labels" / "100k" / split,
     ]
 
 
 def find_label_file(bdd_data_dir: str | os.PathLike, split: str) -> Path:
-    """det_20 labels if present, else the legacy file; a clear error listing where it looked."""
+    """det_20 labels if present, else the legacy file, else the folder of per-image 2018 files
+    (labels/100k/<split>/<name>.json) when it holds any; a clear error listing where it looked."""
     root = Path(bdd_data_dir)
     if not root.is_dir():
         raise UserError(f"BDD100K folder not found: {root} (expected images/ and labels/ inside)")
     candidates = label_file_candidates(root, split)
     for path in candidates:
-        if path.is_file():
+        if path.is_file() or path.is_dir() and any(label_folder_files(path)):
             return path
     raise UserError(
         f"no {split} label file under {root}: looked for "
-        + " and ".join(str(p.relative_to(root)) for p in candidates)
-        + " (pass --labels_file to name one)"
+        + ", ".join(str(p.relative_to(root)) for p in candidates[:-1])
+        + f" and {candidates[-1].relative_to(root)}/*.json"
+        + " (pass --labels_file to name a file or a folder of per-image files)"
     )
 
 
@@ -489,7 +641,8 @@ def match_by_stem(left: Iterable[Path], right: Iterable[Path]) -> StemMatch:
 def read_label_mask(path: str | os.PathLike, expected_size: tuple[int, int] | None = None):
     """Read a trainId mask as a uint8 HxW array, checking mode and values.
 
-    Mode ``L`` masks are read as they are; mode ``P`` colormaps too (their palette index is the trainId).
+    Mode ``L`` masks are read as they are; mode ``P`` images too, as palette indices whatever the palette
+    (colormaps with the official colours, toolkit masks with a grey one): the index is the trainId.
     RGB(A) input is refused with a hint, since ids must never be parsed from colours by accident; use
     :func:`palette_rgb_to_ids` for palette RGB PNGs on purpose.
 
@@ -510,9 +663,15 @@ def read_label_mask(path: str | os.PathLike, expected_size: tuple[int, int] | No
     except OSError as exc:
         raise UserError(f"cannot read mask {path}: {exc}") from None
     if arr is None:
+        hint = (
+            "an RGB file is probably a colour rendering: use labels/sem_seg/masks (mode L) or the colormaps "
+            "(mode P)"
+            if mode.startswith("RGB")
+            else "save it as an 8-bit one-channel PNG"
+        )
         raise UserError(
-            f"mask {path} is mode {mode}, expected a one-channel label-id PNG (mode L, values 0-18 and 255); "
-            "an RGB file is probably a colour rendering: use labels/sem_seg/masks, not colormaps"
+            f"mask {path} is mode {mode}, expected a one-channel label-id PNG (mode L, values 0-18 and 255, "
+            f"or mode P whose palette index is the id); {hint}"
         )
     if expected_size is not None and size != tuple(expected_size):
         raise UserError(

@@ -317,12 +317,8 @@ class CaptionBuilder:
             if key:
                 counts[key] = counts.get(key, 0) + n
         if _LIGHT_CATEGORY in raw:  # the one category string (both formats) that means a traffic light
-            codes = Counter(
-                [
-                    lab.attributes.trafficLightColor
-                    for lab in labels
-                    if lab.category == _LIGHT_CATEGORY and lab.attributes
-                ]
+            codes = Counter(  # .light: either key spelling, list values ([1, "G"]) read as their code
+                [lab.attributes.light for lab in labels if lab.category == _LIGHT_CATEGORY and lab.attributes]
             )
             for code, n in codes.items():
                 color = bdd.LIGHT_COLORS.get(code) if code is not None else None

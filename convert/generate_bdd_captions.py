@@ -5,8 +5,12 @@ Usage:
         [--split train|val] [--labels_file F] [--workers K] [--templates FILE] [--include_unlabeled] \\
         [--overwrite] [--image_size 1280x720]
 
-Reads ``labels/det_20/det_<split>.json`` (or the legacy ``labels/bdd100k_labels_images_<split>.json``; the
-format is detected) and writes ``<caption_txt_output_folder>/<image base name>.txt`` (UTF-8, one line).
+Reads ``labels/det_20/det_<split>.json``, else the legacy ``labels/bdd100k_labels_images_<split>.json``, else
+the original 2018 per-image files ``labels/100k/<split>/<name>.json`` (a folder; the format is detected, and
+--labels_file names any such file or folder, Scalabel exports included), and writes
+``<caption_txt_output_folder>/<image base name>.txt`` (UTF-8, one line). The same scene gives the same caption in
+every format (legacy names such as ``person``/``bike``/``motor`` are det_20's classes; light words or codes are
+the same colours).
 A caption says time of day, weather and scene, counts objects by class in words (traffic lights by colour),
 and places the largest road users (left/ahead/right, near/far). For example, a det_20 frame at night in a
 city street with three cars, two red lights, a bus and a pedestrian gives::
@@ -327,7 +331,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--split", default="train", choices=("train", "val"), help="label split (default: train)"
     )
     parser.add_argument(
-        "--labels_file", help="label JSON to read instead of the one found under --bdd_data_dir"
+        "--labels_file",
+        help="label JSON (det_20, legacy, Scalabel or one image's 2018 file), or a folder of per-image JSON "
+        "files, to read instead of the labels found under --bdd_data_dir",
     )
     parser.add_argument(
         "--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)"
@@ -422,11 +428,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--caption_txt_output_folder {out_dir} is a file, not a folder")
     frames = bdd.load_frames(labels_file)  # decoded with the collector paused (see bdd.decode_frames)
     out_dir.mkdir(parents=True, exist_ok=True)  # only once the labels have parsed
+    kind = bdd.detect_format(frames)
     log.info(
         "read %d frames from %s (%s) in %.1f s",
         len(frames),
         labels_file,
-        bdd.detect_format(frames),
+        f"per-image files, {kind}" if labels_file.is_dir() else kind,
         time.perf_counter() - start,
     )
     gc.freeze()  # a million label structs: keep the collector (and forked workers' copy-on-write) off them

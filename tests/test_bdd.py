@@ -194,12 +194,18 @@ def test_stem_and_match_by_stem(tmp_path):
     assert [p.name for p in match.left_only] == ["c.png"] and [p.name for p in match.right_only] == ["z.png"]
 
 
-def test_find_label_file_prefers_det20_then_legacy(tmp_path):
+def test_find_label_file_prefers_det20_then_legacy_then_per_image_folder(tmp_path):
     (tmp_path / "labels" / "det_20").mkdir(parents=True)
+    per_image = tmp_path / "labels" / "100k" / "val"
+    per_image.mkdir(parents=True)  # empty: not a labels folder
     with pytest.raises(
-        UserError, match="looked for labels/det_20/det_val.json and labels/bdd100k_labels_images_val"
+        UserError,
+        match=r"looked for labels/det_20/det_val.json, labels/bdd100k_labels_images_val.json and "
+        r"labels/100k/val/\*.json",
     ):
         bdd.find_label_file(tmp_path, "val")
+    (per_image / "b1c66a42-6f7d68ca.json").write_text("{}")
+    assert bdd.find_label_file(tmp_path, "val") == per_image
     legacy = tmp_path / "labels" / "bdd100k_labels_images_val.json"
     legacy.write_text("[]")
     assert bdd.find_label_file(tmp_path, "val") == legacy

@@ -382,7 +382,8 @@ def test_rgb_mask_is_refused_with_the_hint(folders, capsys):
     )  # masks run in parallel: the first in row order is named
     msg = run_error(controlnet_csv.main, controlnet_args(folders), capsys)
     assert f"mask {folders['masks'] / 'b.png'} is mode RGB" in msg
-    assert "use labels/sem_seg/masks, not colormaps" in msg
+    # colormaps are mode P (index = id) and accepted: the hint names both one-channel forms
+    assert "use labels/sem_seg/masks (mode L) or the colormaps (mode P)" in msg
     assert not (folders["out"] / "bdd_hf_dataset_controlnet_train.csv").exists()
 
 

@@ -8,8 +8,11 @@ A label map (trainIds 0-18, 255 = ignore) becomes the ControlNet's input in one 
 The ignore value 255 is explicit in both: black in the palette form, all-zero in the one-hot form, so "no class
 here" and "no condition at all" (:func:`blank_condition`, zeros everywhere) read the same to the network.
 
-Masks are read as label ids (mode ``L``), colormaps (mode ``P``, index = trainId) or official-palette RGB
-renderings (stage 1's ``--palette_rgb``); anything else is a clear error naming the file. Resizing is left to the
+Masks are read as label ids (mode ``L``), palette images (mode ``P``: the palette *index* is the trainId, whatever
+the palette holds: the official colours of the colormaps, the grey identity palette of some toolkit masks, any
+other) or official-palette RGB renderings (stage 1's ``--palette_rgb``, mapped back by colour); anything else is a
+clear error naming the file. A P image is never converted to RGB or luminance: a palette that is not the official
+one (or the official colours at other indices) would give other ids. Resizing is left to the
 caller and must be nearest-neighbour (training: ai/common/data.py's crop plan; inference: before
 :func:`ids_to_tensor`), so no pixel ever gets a class that is not in the mask.
 """
@@ -62,8 +65,8 @@ def read_ids(
     """Read a segmentation mask as a mode ``L`` image of trainIds (0-18, 255 = ignore).
 
     Args:
-        src: a PNG path or its bytes: a label-id mask (mode L), a colormap (mode P, index = trainId) or an
-            official-palette RGB(A) rendering.
+        src: a PNG path or its bytes: a label-id mask (mode L), a palette image (mode P, index = trainId, any
+            palette) or an official-palette RGB(A) rendering.
         expected_size: (width, height) the mask must have, e.g. its image's size.
         name: the mask's name in messages (default: the path, or ``<bytes>``).
         image_name: the image it belongs to, named in the size error.
@@ -78,7 +81,7 @@ def read_ids(
             im.load()
             mode, size = im.mode, im.size
             if mode in ("L", "P", "I;16", "I"):
-                arr = np.asarray(im)
+                arr = np.asarray(im)  # P: the indices, not the palette's colours
             elif mode in ("RGB", "RGBA"):
                 arr = np.asarray(im.convert("RGB"))
             else:
