@@ -2,7 +2,9 @@
 
 The schema is built on :class:`ai.common.config.Section` (unknown keys are errors, all errors reported at once with
 their dotted key). Command-line flags are merged into the YAML data before validation, so a bad ``--conf`` is
-reported as ``predict.conf: ...`` just like a bad value in the file.
+reported as ``predict.conf: ...`` just like a bad value in the file. The file's values may name environment
+variables (``model: ${YOLO_MODEL:-yolov8n.pt}``): :func:`ai.common.config.read_yaml` loads ``.env`` and expands them
+(the flags come expanded from the shell); a class-map file is read the same way.
 """
 
 from __future__ import annotations

@@ -299,8 +299,8 @@ def png_bytes(image, text: dict[str, str] | None = None) -> bytes:
 def resize_to(image, size: tuple[int, int]):
     """``image`` stretched to ``size`` (Lanczos), or itself when it has that size already.
 
-    A resize, never a crop: a bucket-sized generation (1344x768) saved at 1280x720 keeps every point where the
-    mask and the source frame's boxes put it, scaled the same way in x and y as those.
+    A resize, never a crop: every point keeps its relative position, so the mask an image was generated from and
+    its frame's boxes, scaled to the saved size the same way (stage 4 does), still fall where the image shows them.
     """
     from PIL import Image
 

@@ -8,14 +8,16 @@ Usage:
 Inputs: a folder of masks (label-id PNGs, colormaps or official-palette renderings; ai/controlnet/conditioning.py),
 each with its caption matched by base name from a captions folder (``<name>.txt``) or the stage 1 ControlNet CSV
 (image,conditioning_image,text), or one ``prompt`` for all. Each mask is resized with nearest neighbour to the
-output size (by default the SDXL bucket nearest its aspect, at the model's native size), turned into the
+generation size (by default the SDXL bucket nearest its aspect, at the model's native size), turned into the
 ControlNet's input (palette RGB or one-hot, read from the ControlNet's ``conditioning_channels``) and passed to
-diffusers' ``StableDiffusionXLControlNetPipeline``; an optional LoRA adds a style.
+diffusers' ``StableDiffusionXLControlNetPipeline``; an optional LoRA adds a style. With
+``resolution.generate_at_bucket`` the image is then resized (stretched like the mask) to the requested size: the
+fixed one, or with none the mask's own, so a 1280x720 frame's boxes fit its generated image unscaled.
 
 Writes ``<infer_path>/generations/<mask name>_<image index>.png``, ``<infer_path>/side_by_side/`` (mask | image),
-``generations/metadata.jsonl`` (one record per image: prompt, seed, settings, ``mask_path``, ``source_frame`` =
-``<mask name>.jpg``, ``source_size``, ``source_labels``; stage 4 checks the layout against the source labels with
-them) and ``<infer_path>/config.resolved.yaml``. A rerun skips finished images; under ``accelerate launch`` with N
+``generations/metadata.jsonl`` (one record per image: prompt, seed, settings, ``width``/``height`` saved and
+``generated_width``/``generated_height``, ``mask_path``, ``source_frame`` = ``<mask name>.jpg``, ``source_size``,
+``source_labels``; stage 4 checks the layout against the source labels with them) and ``<infer_path>/config.resolved.yaml``. A rerun skips finished images; under ``accelerate launch`` with N
 processes the work list is split across them. Prompts, seeds, resume (ai/common/generation.py), speed switches
 and the optional LoRA (ai/common/pipelines.py) are shared with LoRA inference, masks, captions and side-by-side
 sheets are read and written by ai/controlnet/masks.py; this file adds the ControlNet, its checks and the output
@@ -183,8 +185,9 @@ def check_inputs(cfg: ControlNetInferConfig) -> Inputs:
         kind = conditioning_kind(cfg.conditioning, controlnet_config, str(controlnet))
     if cfg.paths.source_labels and not Path(cfg.paths.source_labels).is_file():
         raise UserError(
-            f"paths.source_labels not found: {cfg.paths.source_labels} (the det_20 labels of the masks' frames, "
-            "e.g. bdd100k/labels/det_20/det_val.json; null leaves it out of the metadata)"
+            f"paths.source_labels not found: {cfg.paths.source_labels} (the det_20 labels of the masks' frames; "
+            "config/controlnet_infer.yaml reads $BDD_DATA_DIR/labels/det_20/det_val.json, BDD_DATA_DIR from .env; "
+            "null leaves them out of the metadata and stage 4's layout check off)"
         )
     lora_file = resolve_lora_file(cfg.paths.lora_weights_path)
     entries, missing = read_captions(cfg, list_masks(cfg.paths.masks_path))

@@ -13,7 +13,8 @@
 #   ACCELERATE_CONFIG=config/accelerate_config_cpu.yaml bash ai/controlnet/run_controlnet_infer.sh config/demo/controlnet_infer.yaml
 #
 # Environment: ACCELERATE_CONFIG (default config/accelerate_config_a100_single.yaml), PYTHON, and .env at the repo
-# root. A rerun skips the images already made.
+# root (MODEL_DIR, VAE_DIR, BDD_DATA_DIR that the config names as ${MODEL_DIR} ...; a variable already set
+# wins over the file). A rerun skips the images already made.
 set -euo pipefail
 # shellcheck source=../common/launch.sh
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/common/launch.sh"

@@ -10,7 +10,8 @@
 #   ACCELERATE_CONFIG=config/accelerate_config_cpu.yaml bash ai/lora/run_lora_train.sh config/demo/lora_train.yaml
 #
 # Environment: ACCELERATE_CONFIG (default config/accelerate_config_a100_single.yaml), PYTHON, and .env at the repo
-# root (WANDB_API_KEY etc.). Resume a run with checkpoint.resume_from=latest.
+# root (MODEL_DIR and VAE_DIR, which the config names as ${MODEL_DIR}, and WANDB_API_KEY; a variable
+# already set wins over the file). Resume a run with checkpoint.resume_from=latest.
 set -euo pipefail
 # shellcheck source=../common/launch.sh
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/common/launch.sh"
