@@ -26,6 +26,10 @@ os.environ.setdefault("HF_DATASETS_CACHE", str(_TMP_HOME / "hf_datasets"))
 os.environ.setdefault("YOLO_CONFIG_DIR", str(_TMP_HOME / "yolo_config"))
 os.environ.setdefault("XDG_CACHE_HOME", str(_TMP_HOME / "xdg_cache"))
 os.environ.setdefault("MPLBACKEND", "Agg")
+# the user's .env and exported stage variables must not leak into the shipped-config tests
+os.environ["BDD_SDXL_ENV_FILE"] = ""
+for _name in ("MODEL_DIR", "VAE_DIR", "BDD_DATA_DIR", "YOLO_MODEL"):
+    os.environ.pop(_name, None)
 
 import pytest  # noqa: E402
 
