@@ -108,3 +108,25 @@ def test_training_noises_with_the_ddpm_forward_process_not_the_samplers_sigmas(t
     assert torch.equal(
         sched.alphas_cumprod, comps.scheduler.alphas_cumprod
     )  # same beta schedule as the model's
+
+
+def test_a_micro_batchs_draws_follow_its_place_in_the_global_order_not_the_process():
+    """run_loop keys a micro-batch's generator on (seed, epoch, k * n + r) for local batch k of rank r out of n: the
+    sampler deals the epoch's global batches round-robin, so that key names the same data (and so the same noise)
+    however many processes share the epoch; 1 process x 2 accumulation steps then trains what 2 processes do."""
+    from ai.common.data import BucketBatchSampler
+
+    buckets = [(64, 64)] * 5 + [(96, 48)] * 7
+    whole = BucketBatchSampler(buckets, 2, seed=3).batches(epoch=1)
+    for n in (2, 3):
+        for r in range(n):
+            for k, batch in enumerate(BucketBatchSampler(buckets, 2, 3, n, r).batches(epoch=1)):
+                assert batch == whole[k * n + r]
+
+    def draw(seed, epoch, micro_batch):
+        return torch.rand(3, generator=diffusion.step_generator(seed, epoch, micro_batch, "cpu"))
+
+    assert torch.equal(draw(0, 1, 5), draw(0, 1, 5))
+    keys = [(0, 1, 5), (0, 1, 6), (0, 2, 5), (1, 1, 5), (0, 0, 1_000_005)]
+    draws = [draw(*k) for k in keys]
+    assert all(not torch.equal(a, b) for i, a in enumerate(draws) for b in draws[i + 1 :])

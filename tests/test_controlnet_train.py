@@ -458,3 +458,61 @@ def test_latent_and_text_caches_are_shared_with_the_lora_trainer(tiny_sdxl, cont
                           train={"max_train_steps": 1}, checkpoint={"every_n_steps": 1})  # fmt: skip
     assert run_inprocess(cn_cfg) == 0
     assert {p.name for p in cache.rglob("*.safetensors")} == before
+
+
+_BF16_VALIDATION_DRIVER = """
+import functools, json, sys
+import torch, diffusers
+from ai.controlnet.train_controlnet_sdxl import main
+
+built, vae_autocast, residuals = [], [], []
+init = diffusers.ControlNetModel.__init__
+@functools.wraps(init)  # from_config reads the signature
+def counting_init(self, *args, **kwargs):
+    built.append(type(self).__name__)
+    init(self, *args, **kwargs)
+diffusers.ControlNetModel.__init__ = counting_init
+for name in ("encode", "decode"):
+    def watched(self, *args, _original=getattr(diffusers.AutoencoderKL, name), **kwargs):
+        vae_autocast.append(torch.is_autocast_enabled("cpu"))
+        return _original(self, *args, **kwargs)
+    setattr(diffusers.AutoencoderKL, name, watched)
+forward = diffusers.UNet2DConditionModel.forward
+def recording(self, *args, **kwargs):
+    residuals.extend(str(r.dtype) for r in kwargs.get("down_block_additional_residuals") or ())
+    return forward(self, *args, **kwargs)
+diffusers.UNet2DConditionModel.forward = recording
+rc = main(["--config", sys.argv[1]])
+print(json.dumps({"rc": rc, "built": built, "vae_autocast": vae_autocast, "residuals": sorted(set(residuals))}))
+"""
+
+
+@pytest.mark.slow
+def test_bf16_validation_reuses_the_trained_controlnet_and_runs_the_vae_in_fp32(tiny_sdxl, controlnet_csvs, tmp_path):  # noqa: F811
+    """bf16 with validation at steps 0 and 2: one ControlNet is ever constructed (the trained one; validation used to
+    build a fresh copy every time, 1.25B parameters at SDXL size), the UNet gets the ControlNet's residuals in bf16
+    in training and in the validation pipeline, and the VAE never runs under autocast (on CUDA fp16 autocast the
+    stock SDXL VAE overflows: black images, NaN losses)."""
+    train_csv, val_csv = controlnet_csvs
+    cfg = write_config(
+        tmp_path / "bf16.yaml", tiny_sdxl, train_csv, tmp_path / "runs", "bf16",
+        train={"max_train_steps": 2, "mixed_precision": "bf16"}, checkpoint={"every_n_steps": 2},
+        validation={"every_n_steps": 2, "loss_csv": str(val_csv), "num_images": 1, "num_inference_steps": 1},
+    )  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", _BF16_VALIDATION_DRIVER, str(cfg)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["rc"] == 0
+    assert seen["built"] == ["ControlNetModel"]
+    assert seen["vae_autocast"] and not any(seen["vae_autocast"]), seen["vae_autocast"]
+    assert seen["residuals"] == ["torch.bfloat16"]
+    run = tmp_path / "runs" / "bf16"
+    for step in ("step-000000", "step-000002"):
+        sheets = list((run / "validation" / step).glob("*.png"))
+        assert len(sheets) == 1
+        with Image.open(sheets[0]) as im:
+            generated = np.asarray(im.convert("RGB"))[:, im.width // 2 :]
+        assert generated.std() > 0  # not a constant image

@@ -102,3 +102,51 @@ def test_unknown_preset():
 
     with pytest.raises(UserError, match="unknown model preset 'huge'"):
         build_pipeline("huge")
+
+
+def test_frozen_parts_load_in_the_weight_dtype_with_the_values_of_an_fp32_load(tiny_folder):
+    """Trainers load UNet and text encoders in the mixed-precision dtype (half the host memory per process) and the
+    VAE in fp32: the same values as loading in fp32 and casting, which is what they did before."""
+    import torch
+
+    from ai.common.models import load_components
+
+    fp32 = load_components(tiny_folder)
+    bf16 = load_components(tiny_folder, dtype=torch.bfloat16, vae_dtype=torch.float32)
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        low, full = getattr(bf16, name), getattr(fp32, name)
+        assert {p.dtype for p in low.parameters()} == {torch.bfloat16}, name
+        assert all(
+            torch.equal(a, b.to(torch.bfloat16))
+            for a, b in zip(low.parameters(), full.parameters(), strict=True)
+        )
+    assert {p.dtype for p in bf16.vae.parameters()} == {torch.float32}
+    assert all(torch.equal(a, b) for a, b in zip(bf16.vae.parameters(), fp32.vae.parameters(), strict=True))
+    assert {p.dtype for p in load_components(tiny_folder, dtype=torch.bfloat16).vae.parameters()} == {
+        torch.bfloat16
+    }
+
+
+def test_weight_files_and_vae_config_are_found_without_torch(tiny_folder, tmp_path):
+    import json
+
+    from ai.common.models import safetensors_files, vae_config_path
+
+    assert safetensors_files(tiny_folder, "unet") == [
+        tiny_folder / "unet" / "diffusion_pytorch_model.safetensors"
+    ]
+    assert safetensors_files(tiny_folder, "unet", "fp16") is None  # no such variant
+    assert safetensors_files("stabilityai/stable-diffusion-xl-base-1.0", "unet") is None  # a hub id
+    sharded = tmp_path / "sharded" / "unet"
+    sharded.mkdir(parents=True)
+    index = {"weight_map": {"a": "diffusion_pytorch_model.fp16-00002-of-00002.safetensors",
+                            "b": "diffusion_pytorch_model.fp16-00001-of-00002.safetensors"}}  # fmt: skip
+    (sharded / "diffusion_pytorch_model.safetensors.index.fp16.json").write_text(json.dumps(index))
+    assert [p.name for p in safetensors_files(tmp_path / "sharded", "unet", "fp16")] == [
+        "diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
+        "diffusion_pytorch_model.fp16-00002-of-00002.safetensors",
+    ]
+    assert vae_config_path(tiny_folder, None) == tiny_folder / "vae" / "config.json"
+    assert vae_config_path(tiny_folder, tmp_path / "my_vae") == tmp_path / "my_vae" / "config.json"
+    assert vae_config_path("stabilityai/stable-diffusion-xl-base-1.0", None) is None
+    assert vae_config_path(tiny_folder, "madebyollin/sdxl-vae-fp16-fix") is None

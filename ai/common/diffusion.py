@@ -7,6 +7,7 @@
 * :func:`training_target`: epsilon or v-prediction.
 * :func:`diffusion_loss`: MSE, optionally Min-SNR-gamma weighted (Hang et al. 2023).
 * :func:`fixed_noise_loss`: the same loss at fixed noise and timesteps (deterministic validation loss).
+* :func:`scale_latents` / :func:`unscale_latents`: VAE posterior samples <-> the UNet's latent space.
 
 All randomness goes through an explicit ``torch.Generator`` so a step's draws depend only on the seed and the
 step, not on what ran before (exact resume).
@@ -48,7 +49,8 @@ def encode_prompts(
     """
     states, pooled = [], None
     for encoder, tok in zip(text_encoders, tokenizers, strict=True):
-        ids = tokenize(tok, prompts).to(encoder.device)
+        # the device of its weights: a DDP-wrapped encoder (text-encoder LoRA training) has no .device
+        ids = tokenize(tok, prompts).to(next(encoder.parameters()).device)
         out = encoder(ids, output_hidden_states=True)
         states.append(out.hidden_states[-2])  # penultimate layer, as SDXL was trained
         pooled = out.text_embeds if hasattr(out, "text_embeds") else out[0]
@@ -122,6 +124,35 @@ def diffusion_loss(
     return per_sample.mean()
 
 
+def _latent_stats(vae_config, like: torch.Tensor):
+    """The VAE config's per-channel ``latents_mean``/``latents_std`` (some SDXL-family VAEs have them), or None."""
+    mean, std = getattr(vae_config, "latents_mean", None), getattr(vae_config, "latents_std", None)
+    if mean is None or std is None:
+        return None
+    shape = (1, len(mean), 1, 1)
+    return torch.tensor(mean).view(shape).to(like), torch.tensor(std).view(shape).to(like)
+
+
+def scale_latents(vae_config, posterior_sample: torch.Tensor) -> torch.Tensor:
+    """A VAE posterior sample in the UNet's latent space: ``x * scaling_factor``, or
+    ``(x - latents_mean) * scaling_factor / latents_std`` for a VAE whose config has those (the inverse of
+    what the SDXL pipelines do before decoding)."""
+    stats = _latent_stats(vae_config, posterior_sample)
+    if stats is None:
+        return posterior_sample * vae_config.scaling_factor
+    mean, std = stats
+    return (posterior_sample - mean) * vae_config.scaling_factor / std
+
+
+def unscale_latents(vae_config, latents: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`scale_latents`: UNet latents -> the VAE decoder's input."""
+    stats = _latent_stats(vae_config, latents)
+    if stats is None:
+        return latents / vae_config.scaling_factor
+    mean, std = stats
+    return latents * std / vae_config.scaling_factor + mean
+
+
 def add_noise(scheduler, latents, noise, timesteps):
     return scheduler.add_noise(latents, noise, timesteps)
 
@@ -174,8 +205,14 @@ def fixed_noise_loss(
     return total / len(ts)
 
 
-def step_generator(seed: int, step: int, rank: int, device) -> torch.Generator:
-    """A generator for one micro-step on one process: draws depend on (seed, step, rank) only."""
+def step_generator(seed: int, epoch: int, micro_batch: int, device) -> torch.Generator:
+    """A generator for one micro-batch: its draws depend on (seed, epoch, micro-batch) only.
+
+    ``micro_batch`` is the position in the epoch's global order of micro-batches (see
+    :class:`ai.common.data.BucketBatchSampler`: local batch k of rank r out of n is global batch k * n + r), not the
+    process: the same data then gets the same noise and dropout however the global batch is split, so 1 process x
+    2 accumulation steps trains what 2 processes x 1 step do.
+    """
     g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + step) * 9_973 + rank)
+    g.manual_seed(((seed * 1_000_003 + epoch) * 1_000_000_007 + micro_batch) % 2**63)
     return g

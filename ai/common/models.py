@@ -259,20 +259,28 @@ class SDXLComponents:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
 
+_SAME = object()
+
+
 def load_components(
     base: str | os.PathLike,
     vae: str | os.PathLike | None = None,
     dtype=None,
     variant: str | None = None,
+    vae_dtype=_SAME,
 ) -> SDXLComponents:
     """Load SDXL parts from a local folder or (on an online host) a hub id.
 
     Args:
         base: diffusers-layout folder or hub id such as ``stabilityai/stable-diffusion-xl-base-1.0``.
         vae: optional separate VAE folder or hub id (e.g. an fp16-safe SDXL VAE).
-        dtype: torch dtype for the weights (None keeps what is stored).
+        dtype: torch dtype for the weights (None keeps what is stored). Each tensor is cast as it is read, so
+            loading in bf16 holds half the host memory of loading in fp32 and casting, with the same values.
         variant: weight variant such as ``fp16`` (hub folders that ship one).
+        vae_dtype: the VAE's dtype, if not ``dtype`` (the stock SDXL VAE stays fp32: it overflows in fp16).
     """
+    if vae_dtype is _SAME:
+        vae_dtype = dtype
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -303,10 +311,11 @@ def load_components(
             vae_model = AutoencoderKL.from_pretrained(
                 vae,
                 local_files_only=vae_local or kw["local_files_only"],
-                **({"torch_dtype": dtype} if dtype else {}),
+                **({"torch_dtype": vae_dtype} if vae_dtype is not None else {}),
             )
         else:
-            vae_model = AutoencoderKL.from_pretrained(base, subfolder="vae", **wkw)
+            vae_kw = dict(kw, **({"torch_dtype": vae_dtype} if vae_dtype is not None else {}))
+            vae_model = AutoencoderKL.from_pretrained(base, subfolder="vae", **vae_kw)
     except (OSError, ValueError) as exc:
         hint = (
             "the hub is unreachable here (HF_HUB_OFFLINE=1): pass a local folder"
@@ -317,6 +326,43 @@ def load_components(
     return SDXLComponents(
         tokenizer, tokenizer_2, text_encoder, text_encoder_2, vae_model, unet, scheduler, str(base)
     )
+
+
+def _with_variant(name: str, variant: str | None) -> str:
+    """diffusers' variant file names: the variant goes before the last suffix (``x.safetensors`` ->
+    ``x.fp16.safetensors``, ``x.safetensors.index.json`` -> ``x.safetensors.index.fp16.json``)."""
+    if not variant:
+        return name
+    stem, suffix = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{suffix}"
+
+
+def safetensors_files(
+    base: str | os.PathLike, subfolder: str, variant: str | None = None
+) -> list[Path] | None:
+    """The safetensors files holding a component's weights in a local diffusers folder (one file, or the shards
+    of its index), or None where there are none (a hub id, ``.bin`` weights)."""
+    import json
+
+    if not is_local(base):
+        return None
+    folder = Path(base) / subfolder
+    single = folder / _with_variant("diffusion_pytorch_model.safetensors", variant)
+    if single.is_file():
+        return [single]
+    index = folder / _with_variant("diffusion_pytorch_model.safetensors.index.json", variant)
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        return [folder / name for name in shards]
+    return None
+
+
+def vae_config_path(base: str | os.PathLike, vae: str | os.PathLike | None) -> Path | None:
+    """The config.json of the VAE a run loads (``vae`` folder, else ``base``/vae), or None for a hub id."""
+    source, sub = (vae, "") if vae is not None else (base, "vae")
+    if not is_local(source):
+        return None
+    return Path(source) / sub / "config.json"
 
 
 def main(argv=None) -> int:

@@ -3,6 +3,7 @@ ControlNet" forward pass (the config-level checks are in :mod:`ai.controlnet.arc
 
 * :func:`build_controlnet`: a fresh ControlNet copied from the UNet's encoder (zero convolutions, so it changes
   nothing until trained) or an existing ControlNet folder, with the conditioning channels the input kind needs.
+* :func:`own_forward`: the trained ControlNet without accelerate's fp32-output wrapper, for validation pipelines.
 * :class:`ControlledUNet`: wraps UNet + ControlNet behind the UNet's own call signature, so the shared numerics
   (``ai.common.diffusion.unet_forward`` / ``fixed_noise_loss``) work unchanged for ControlNet training and the
   blank-versus-real condition fidelity check.
@@ -12,12 +13,27 @@ ControlNet" forward pass (the config-level checks are in :mod:`ai.controlnet.arc
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
 import torch
 
 from ai.common import data
 from ai.common.cli import UserError
 from ai.controlnet import conditioning
 from ai.controlnet.architecture import check_controlnet_fits, read_model_config, resolve_controlnet
+
+#: The parts of a UNet that ``ControlNetModel.from_unet`` copies, under the same names in both models.
+UNET_PARTS = (
+    "conv_in",
+    "time_proj",
+    "time_embedding",
+    "class_embedding",
+    "add_embedding",
+    "down_blocks",
+    "mid_block",
+)
 
 
 def build_controlnet(
@@ -26,6 +42,7 @@ def build_controlnet(
     init_from: str | None = None,
     conditioning_embedding_out_channels: tuple[int, ...] | None = None,
     embedding_init: str = "kaiming",
+    unet_weights: Sequence[Path] | None = None,
 ):
     """A ControlNet for ``unet`` taking ``kind`` conditions (fresh from the UNet, or loaded from ``init_from``).
 
@@ -33,6 +50,10 @@ def build_controlnet(
     convolution) variance-preserving with zero biases: with PyTorch's default init the mask's signal shrinks
     about 100x through its 7 convolutions and drowns in the accumulated biases (~1 % of the features), so the
     ControlNet takes far longer to start following the mask.
+
+    A fresh ControlNet trains in fp32 from the UNet's fp32 weights. A UNet loaded in bf16/fp16 (to save host
+    memory) would give it rounded ones: with ``unet_weights`` (the UNet's safetensors files, holding what the UNet
+    was loaded from) the copied tensors are read from them one by one instead.
     """
     from diffusers import ControlNetModel
 
@@ -42,6 +63,8 @@ def build_controlnet(
         if conditioning_embedding_out_channels is not None:
             extra["conditioning_embedding_out_channels"] = tuple(conditioning_embedding_out_channels)
         controlnet = ControlNetModel.from_unet(unet, conditioning_channels=channels, **extra)
+        if unet_weights is not None and any(p.dtype != torch.float32 for p in unet.parameters()):
+            _copy_unet_parts(controlnet, unet_weights)
         if embedding_init == "kaiming":
             embedding = controlnet.controlnet_cond_embedding
             for conv in (embedding.conv_in, *embedding.blocks):
@@ -57,6 +80,42 @@ def build_controlnet(
             f"{conditioning.kind_for_channels(cfg.get('conditioning_channels', 3), init_from)}"
         )
     return ControlNetModel.from_pretrained(init_from)
+
+
+@torch.no_grad()
+def _copy_unet_parts(controlnet, files: Sequence[Path]) -> None:
+    """Overwrite the tensors ``from_unet`` copied with the UNet file's values (as stored: what an fp32 load gives)."""
+    from safetensors import safe_open
+
+    state = controlnet.state_dict()  # shares storage with the parameters
+    wanted = {k for k in state if k.split(".", 1)[0] in UNET_PARTS}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for key in wanted.intersection(fh.keys()):
+                state[key].copy_(fh.get_tensor(key))
+                wanted.discard(key)
+    if wanted:
+        raise UserError(
+            f"the UNet weights {', '.join(map(str, files))} lack {len(wanted)} tensor(s) a ControlNet copies, e.g. "
+            f"{sorted(wanted)[0]}: the model folder is incomplete or not an SDXL UNet"
+        )
+
+
+@contextmanager
+def own_forward(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Inside the block ``model`` runs its class's own forward.
+
+    Under mixed precision ``accelerator.prepare`` replaces a model's ``forward`` (an instance attribute) with one
+    that autocasts and returns fp32. In a validation pipeline those fp32 residuals would promote the bf16/fp16
+    UNet's skip connections to fp32 mid-network; the plain forward under the caller's autocast gives them in the
+    UNet's dtype, from the trained weights themselves (no copy of a 1.25B-parameter model per validation).
+    """
+    patched = model.__dict__.pop("forward", None)
+    try:
+        yield model
+    finally:
+        if patched is not None:
+            model.forward = patched
 
 
 def fuse_lora(comps, lora_path: str, scale: float = 1.0) -> None:

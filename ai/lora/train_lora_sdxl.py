@@ -83,6 +83,28 @@ class Config(TrainingConfig):
         return self
 
 
+def unread_text_encoder_modules(text_encoder, targets: list[str]) -> list[str]:
+    """The LoRA target modules in ``text_encoder``'s last layer, for text encoder 1 (a CLIPTextModel).
+
+    SDXL reads that encoder's penultimate hidden states, so its last layer never touches the result: LoRA weights
+    there would get no gradient, and DDP fails on parameters without one. Text encoder 2 needs all of its layers (its
+    pooled output comes from the last one).
+    """
+    import torch
+
+    stacks = [
+        (name, m)
+        for name, m in text_encoder.named_modules()
+        if isinstance(m, torch.nn.ModuleList) and name.endswith("layers") and len(m)
+    ]
+    last = f"{stacks[-1][0]}.{len(stacks[-1][1]) - 1}."
+    return [
+        name
+        for name, _ in text_encoder.named_modules()
+        if name.startswith(last) and any(name == t or name.endswith(f".{t}") for t in targets)
+    ]
+
+
 def check_inputs(cfg: Config) -> None:
     """Fast checks before accelerate starts (no torch import)."""
     check_common_inputs(cfg, Path(cfg.output.runs_dir) / cfg.output.name)
@@ -112,23 +134,28 @@ def train(cfg: Config) -> int:
     run = trainer.start_run(cfg)
     accelerator, device, weight_dtype = run.accelerator, run.device, run.weight_dtype
 
-    # --- models: frozen SDXL + LoRA ---
-    comps = load_components(cfg.model.pretrained_model, vae=cfg.model.vae, variant=cfg.model.variant)
+    # --- models: frozen SDXL (loaded in the precision it is frozen in, the VAE in fp32) + fp32 LoRA ---
+    comps = load_components(
+        cfg.model.pretrained_model, vae=cfg.model.vae, variant=cfg.model.variant, dtype=weight_dtype,
+        vae_dtype=trainer.vae_dtype_of(run, cfg.model.vae_fp16_safe),
+    )  # fmt: skip
     scheduler = trainer.noise_scheduler(comps)  # DDPM noising for training (the pipeline samples with Euler)
     vae_dtype = trainer.place_frozen_models(comps, run, cfg.model.vae_fp16_safe)
     unet, vae, te1, te2 = comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2
     lora_init = "gaussian" if cfg.lora.init == "gaussian" else True
 
-    def lora_config(targets: list[str]) -> PeftLoraConfig:
+    def lora_config(targets: list[str], exclude: list[str] | None = None) -> PeftLoraConfig:
         return PeftLoraConfig(
             r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-            init_lora_weights=lora_init, target_modules=list(targets),
+            init_lora_weights=lora_init, target_modules=list(targets), exclude_modules=exclude or None,
         )  # fmt: skip
 
     unet.add_adapter(lora_config(cfg.lora.target_modules))
     text_encoders = [te1, te2] if cfg.lora.train_text_encoder else []
+    te_targets = cfg.lora.text_encoder_target_modules
     for te in text_encoders:
-        te.add_adapter(lora_config(cfg.lora.text_encoder_target_modules))
+        unread = unread_text_encoder_modules(te, te_targets) if te is te1 else None
+        te.add_adapter(lora_config(te_targets, unread))
     trainable_models = [unet, *text_encoders]
     cast_training_params(
         trainable_models, dtype=torch.float32
@@ -140,12 +167,12 @@ def train(cfg: Config) -> int:
     use_xformers = trainer.enable_attention([unet], cfg.train.attention, device)
 
     # --- data and caches ---
-    def encode_text(prompts):
-        return diffusion.encode_prompts([te1, te2], [comps.tokenizer, comps.tokenizer_2], prompts)
+    tokenizers = [comps.tokenizer, comps.tokenizer_2]
+
+    def encode_text(prompts):  # the plain encoders: caches, validation (one process)
+        return diffusion.encode_prompts([te1, te2], tokenizers, prompts)
 
     train_data = trainer.build_train_data(cfg, comps, run, encode_text)
-    with torch.no_grad():
-        empty_prompt = encode_text([""])  # caption dropout target
 
     # --- optimizer, schedule, accelerate ---
     groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": cfg.optim.learning_rate}]
@@ -159,6 +186,11 @@ def train(cfg: Config) -> int:
     trainable_models = [unet, *text_encoders]
     accelerator.register_for_checkpointing(lr_scheduler)
     raw = [accelerator.unwrap_model(m) for m in trainable_models]  # PEFT models without DDP wrappers
+
+    def encode_text_train(prompts):
+        """The training forward through the prepared (DDP) text encoders: their LoRA gradients are averaged over
+        the processes like the UNet's."""
+        return diffusion.encode_prompts(text_encoders, tokenizers, prompts)
 
     def save_hook(models, weights, output_dir):  # checkpoint the LoRA only, not the frozen base weights
         if accelerator.is_main_process:
@@ -192,34 +224,45 @@ def train(cfg: Config) -> int:
     )
 
     # --- validation (main process): deterministic held-out loss and images from fixed prompts and seeds ---
-    val_set = None
+    val_set, val_prompts = [], []  # held-out rows and validation prompts, encoded
+
+    def encode_validation_inputs() -> None:
+        nonlocal val_set, val_prompts
+        with torch.no_grad(), run.autocast():
+            if train_data.held_rows and not val_set:  # the held-out latents once
+                val_set = validation.encode_loss_set(
+                    train_data.held_rows, train_data.geometry, vae, encode_text, device
+                )
+            elif text_encoders:  # trained text encoders: their current embeddings
+                val_set = validation.with_text(val_set, train_data.held_rows, encode_text)
+            val_prompts = [encode_text([p]) for p in cfg.validation.prompts]
+
+    if run.is_main and cfg.validation.every_n_steps:
+        encode_validation_inputs()  # now, while the text encoders are still on the device
+    if cfg.cache.text_embeddings:  # every caption is in the cache (and the encoders are frozen then)
+        trainer.offload_text_encoders(comps, run)
 
     def validate(step: int, bar) -> None:
         def body() -> None:
-            nonlocal val_set
-            if train_data.held_rows:
+            if text_encoders:
+                encode_validation_inputs()
+            if val_set:
                 with run.autocast():
-                    if val_set is None:  # encoded once
-                        val_set = validation.encode_loss_set(
-                            train_data.held_rows, train_data.geometry, vae, encode_text, device
-                        )
                     t_range = (cfg.loss.timestep_min, cfg.loss.timestep_max)
                     vl = validation.loss_on_set(
-                        accelerator.unwrap_model(unet), scheduler, val_set, cfg.train.seed, t_range,
-                        cfg.loss.prediction_type,
-                    )  # fmt: skip
+                        raw[0], scheduler, val_set, cfg.train.seed, t_range, cfg.loss.prediction_type
+                    )
                 metrics.log(step, val_loss=vl)
                 accelerator.log({"val_loss": vl}, step=step)
                 (bar.write if bar else logger.info)(f"step {step}: val_loss={vl:.5f}")
             if cfg.validation.prompts:
-                unwrap = accelerator.unwrap_model
-                pipe = validation.sdxl_pipeline(comps, unwrap(unet), unwrap(te1), unwrap(te2), vae)
+                pipe = validation.sdxl_pipeline(comps, raw[0], None, None, vae)  # prompts come encoded
                 v = cfg.validation
                 with run.autocast():
                     images, captions = validation.generate_images(
-                        pipe, v.prompts, v.seeds, run.run_dir / "validation" / f"step-{step:06d}", device,
-                        num_inference_steps=v.num_inference_steps, guidance_scale=v.guidance_scale, width=v.width,
-                        height=v.height,
+                        pipe, v.prompts, val_prompts, v.seeds, run.run_dir / "validation" / f"step-{step:06d}",
+                        device, num_inference_steps=v.num_inference_steps, guidance_scale=v.guidance_scale,
+                        width=v.width, height=v.height,
                     )  # fmt: skip
                 training_log.log_images(accelerator, images, captions, step)
 
@@ -251,8 +294,7 @@ def train(cfg: Config) -> int:
             vae,
             vae_dtype,
             weight_dtype,
-            encode_text,
-            empty_prompt,
+            encode_text_train if text_encoders else encode_text,
             bool(text_encoders),
         )
 
