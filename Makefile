@@ -11,7 +11,7 @@ export YOLO_AUTOINSTALL := false
 # CPU only: deepspeed, which accelerate imports when installed, would otherwise warn that it found no GPU
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install test demo lint bench clean-demo
+.PHONY: install test test-sdxl-base demo lint bench clean-demo
 
 install: $(STAMP)
 
@@ -23,6 +23,11 @@ $(STAMP): requirements.txt pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The full SDXL architecture (random weights) through the launchers on CPU, bf16: slow (10-30 min, ~20 GB RAM),
+# not part of `make test`. SDXL_BASE_DIR keeps the built model folder between runs.
+test-sdxl-base: $(STAMP)
+	SDXL_BASE_CHECK=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_sdxl_base.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check convert ai annotation tests bench

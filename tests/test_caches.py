@@ -125,7 +125,9 @@ def test_processes_sharing_a_build_write_the_bytes_of_one_process(components, tm
     """Two processes (shards) split the hashing and the fixed encoder batches between them; together they write
     exactly the entries and bytes of one process's build, latents (decoded in DataLoader workers) and text alike."""
     comps, _, geo = _setup(components, tmp_path, flip=True)
-    rows = data.load_rows(make_image_csv(tmp_path / "more", n=10)).rows  # 3 buckets x (plain, mirrored): 6 batches
+    rows = data.load_rows(
+        make_image_csv(tmp_path / "more", n=10)
+    ).rows  # 3 buckets x (plain, mirrored): 6 batches
     vae_id = caches.module_fingerprint(comps.vae)
     kwargs = dict(store_dtype=torch.float32, progress=False)
     one = caches.FeatureCache(tmp_path / "one", "latents")

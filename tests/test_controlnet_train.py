@@ -488,7 +488,11 @@ print(json.dumps({"rc": rc, "built": built, "vae_autocast": vae_autocast, "resid
 
 
 @pytest.mark.slow
-def test_bf16_validation_reuses_the_trained_controlnet_and_runs_the_vae_in_fp32(tiny_sdxl, controlnet_csvs, tmp_path):  # noqa: F811
+def test_bf16_validation_reuses_the_trained_controlnet_and_runs_the_vae_in_fp32(
+    tiny_sdxl,  # noqa: F811
+    controlnet_csvs,
+    tmp_path,
+):
     """bf16 with validation at steps 0 and 2: one ControlNet is ever constructed (the trained one; validation used to
     build a fresh copy every time, 1.25B parameters at SDXL size), the UNet gets the ControlNet's residuals in bf16
     in training and in the validation pipeline, and the VAE never runs under autocast (on CUDA fp16 autocast the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -168,6 +169,10 @@ def test_two_processes_on_one_node_and_on_two_nodes_train_the_same_weights(tiny_
     assert json.loads((ckpt / "train_state.json").read_text())["world_size"] == 2
     assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
     assert "x2 processes" in proc.stderr
+    # both processes built cache entries (6 rows: 3 encoder batches, dealt 2 + 1), none waited for the other
+    assert re.search(r"latents 0 reused, 6 built \(by 2 processes: [1-9]\d* \+ [1-9]\d*\)", proc.stderr), (
+        proc.stderr
+    )
     one_node = lora_tensors(tmp_path / "runs" / "ddp" / "pytorch_lora_weights.safetensors")
 
     # The shipped multi-node config as two 1-process "nodes" on localhost, each started like on its own host:
@@ -197,6 +202,14 @@ def test_two_processes_on_one_node_and_on_two_nodes_train_the_same_weights(tiny_
     nodes_ckpt = tmp_path / "runs" / "nodes" / "checkpoint-2"
     assert json.loads((nodes_ckpt / "train_state.json").read_text())["world_size"] == 2
     assert (nodes_ckpt / "random_states_0.pkl").is_file() and (nodes_ckpt / "random_states_1.pkl").is_file()
+
+    # each one-process node built every entry itself: the cache the two processes of one node split between them
+    # holds exactly the same entries and bytes
+    def entries(root):
+        return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*.safetensors"))}
+
+    split, whole = entries(tmp_path / "runs" / "cache"), entries(tmp_path / "shared_cache")
+    assert len(split) == 6 + 4 and split == whole  # a latent per image, a text entry per caption and ""
 
 
 @pytest.mark.slow
@@ -331,6 +344,43 @@ def test_resume_with_other_lora_rank_is_refused(check_config, tmp_path):
     )
 
 
+def test_process_group_timeout_reaches_accelerate_and_may_change_on_resume(
+    check_config, monkeypatch, tmp_path
+):
+    """train.process_group_timeout_minutes is the process group's timeout (torch's NCCL default, 10 min, is shorter
+    than a first cache build or a long validation the other processes wait for), and a resume may change it."""
+    from datetime import timedelta
+
+    import accelerate
+
+    from ai.common import trainer
+    from ai.common.config import config_to_yaml, load_config
+    from ai.lora.train_lora_sdxl import Config
+
+    cfg = load_config(Config, check_config, ["train.process_group_timeout_minutes=45"])
+    assert load_config(Config, check_config).train.process_group_timeout_minutes == 120  # the default
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def accelerator(**kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(accelerate, "Accelerator", accelerator)
+    with pytest.raises(Stop):
+        trainer.start_run(cfg)
+    (handler,) = seen["kwargs_handlers"]
+    assert handler.timeout == timedelta(minutes=45)
+
+    ckpt = tmp_path / "runs" / "bad" / "checkpoint-10"
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.resolved.yaml").write_text(config_to_yaml(cfg))
+    (ckpt / "train_state.json").write_text('{"step": 10, "epoch": 0, "batch": 10, "world_size": 1}')
+    assert run_inprocess(check_config, "--check", "checkpoint.resume_from=latest") == 0  # 45 -> 120 minutes
+
+
 @pytest.mark.slow
 def test_8bit_adamw_trains_checkpoints_and_resumes_exactly(tiny_sdxl, tmp_path):  # noqa: F811
     """bitsandbytes' AdamW8bit (it runs on CPU too): 8-bit moments in the checkpoint, exact mid-run resume."""
@@ -445,3 +495,100 @@ def test_bf16_mixed_precision_trains_and_validates(tiny_sdxl, tmp_path):  # noqa
     assert (run / "validation" / "step-000002" / "prompt00_seed0.png").is_file()
     weights = lora_tensors(run / "pytorch_lora_weights.safetensors")
     assert {str(v.dtype) for v in weights.values()} == {"torch.float32"}
+
+
+@pytest.mark.slow
+def test_text_encoders_leave_the_device_after_caching_and_validation_is_unchanged(
+    tiny_sdxl,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
+    """With the text cache full the frozen text encoders are moved off the device; nothing runs them afterwards
+    (validation gets the prompts and held-out captions encoded before), and the validation image at step 0 is still
+    exactly the pipeline's own image for that prompt and seed (the LoRA starts as a no-op)."""
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from PIL import Image
+
+    from ai.common import trainer
+
+    offloaded = []
+    original = trainer.offload_text_encoders
+
+    def offload_then_forbid(comps, run):
+        original(comps, run)
+        offloaded.append(comps.text_encoder.device)
+
+        def forbidden(module, args):
+            raise AssertionError("a text encoder ran after it was moved off the device")
+
+        for te in (comps.text_encoder, comps.text_encoder_2):
+            te.register_forward_pre_hook(forbidden)
+
+    monkeypatch.setattr(trainer, "offload_text_encoders", offload_then_forbid)
+    csv = make_image_csv(tmp_path / "data", n=4)
+    cfg = write_config(
+        tmp_path / "te.yaml", tiny_sdxl, csv, tmp_path / "runs", "te",
+        data={"caption_dropout": 0.5}, train={"max_train_steps": 2}, checkpoint={"every_n_steps": 2},
+        validation={"every_n_steps": 2, "loss_rows": 1, "prompts": ["a street"], "seeds": [4],
+                    "num_inference_steps": 2, "width": 64, "height": 48},
+    )  # fmt: skip
+    assert run_inprocess(cfg) == 0
+    assert offloaded == [torch.device("cpu")]
+    run = tmp_path / "runs" / "te"
+    val = [m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_loss" in m]
+    assert [m["step"] for m in val] == [0, 2]
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe("a street", num_inference_steps=2, width=64, height=48,
+                    generator=torch.Generator().manual_seed(4)).images[0]  # fmt: skip
+    with Image.open(run / "validation" / "step-000000" / "prompt00_seed4.png") as got:
+        np.testing.assert_array_equal(np.asarray(got.convert("RGB")), np.asarray(expected))
+
+
+@pytest.mark.slow
+def test_text_encoder_lora_two_processes_train_what_one_process_with_accumulation_trains(tiny_sdxl, tmp_path):  # noqa: F811
+    """lora.train_text_encoder with 2 DDP processes (gloo): the text encoders' LoRA gradients are averaged like the
+    UNet's, so the saved weights (UNet and both text encoders) equal one process with the same global batch
+    (1 process x 2 accumulation steps == 2 processes x 1), across an epoch boundary and with caption dropout. That
+    needs the same data (the sampler deals global batch k * 2 + r to rank r) with the same noise for it."""
+    import socket
+
+    import torch
+
+    csv = make_image_csv(tmp_path / "data", n=2)  # 2 batches of 1 an epoch: an optimizer step
+    runs = tmp_path / "runs"
+    cfg = write_config(
+        tmp_path / "te.yaml", tiny_sdxl, csv, runs, "one",
+        data={"caption_dropout": 0.3}, cache={"text_embeddings": False},
+        lora={"train_text_encoder": True, "text_encoder_learning_rate": 1.0e-3},
+        train={"max_train_steps": 2, "gradient_accumulation_steps": 2}, checkpoint={"every_n_steps": 2},
+    )  # fmt: skip
+    with socket.socket() as sock:  # a free port: other launches may be running
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # one thread per process in both runs (torchrun's default): other thread counts sum convolutions in another
+    # order, and Adam turns those last-bit differences of tiny gradients into visible ones
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = launch(cfg, "config/accelerate_config_cpu.yaml", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    env["ACCELERATE_ARGS"] = f"--main_process_port {port}"
+    proc = launch(cfg, "config/accelerate_config_cpu_2proc.yaml", "output.name=two",
+                  "train.gradient_accumulation_steps=1", env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"effective batch\s*= 2 \(x1 accumulation x2 processes\)", proc.stderr), proc.stderr[
+        -3000:
+    ]
+    one = lora_tensors(runs / "one" / "pytorch_lora_weights.safetensors")
+    two = lora_tensors(runs / "two" / "pytorch_lora_weights.safetensors")
+    assert one.keys() == two.keys()
+    for prefix in ("unet.", "text_encoder.", "text_encoder_2."):
+        b = [v for k, v in one.items() if k.startswith(prefix) and "lora_B" in k]
+        assert b and any(v.abs().max() > 0 for v in b), prefix  # trained (B starts at zero)
+    # Equal up to float rounding: 1 and 2 processes sum the same gradients, yet not bit for bit, and Adam divides
+    # each update by its gradient's size, which turns last-bit differences of near-zero gradients into up to ~1e-3
+    # of the learning rate. Gradients that are not averaged (or other noise) move weights by ~the learning rate.
+    lr = 1.0e-3
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=0.02 * lr, msg=k)

@@ -47,7 +47,9 @@ def test_streamed_file_has_the_bytes_of_save_file_then_canonicalize(tmp_path):
     back = load_file(tmp_path / "odd.safetensors")
     assert back.keys() == odd.keys()
     for name, tensor in odd.items():
-        want = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor  # ints and bools keep theirs
+        want = (
+            tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
+        )  # ints and bools keep theirs
         assert back[name].dtype == want.dtype and torch.equal(back[name], want), name
 
 
@@ -70,7 +72,10 @@ def test_saved_model_folder_loads_in_diffusers_and_back_into_the_model(tmp_path)
         for p in other.parameters():
             p.add_(1.0)
     io.load_safetensors_into(other, tmp_path / "fp32" / name)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True)
+    )
     wider = small_controlnet(cross_attention_dim=64)
     with pytest.raises(UserError, match="has shape"):
         io.load_safetensors_into(wider, tmp_path / "fp32" / name)

@@ -236,7 +236,10 @@ def build_latent_cache(
     if not todo:
         return hashes, stats
     loader = DataLoader(
-        _BatchPixels(rows, todo), batch_size=None, num_workers=num_workers, pin_memory=vae.device.type == "cuda"
+        _BatchPixels(rows, todo),
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=vae.device.type == "cuda",
     )
     batches = zip(todo, loader, strict=True)
     for chunk, pixels in tqdm(batches, total=len(todo), desc="cache latents", disable=not progress):

@@ -143,7 +143,10 @@ SAFETENSORS_DTYPES = {
 
 
 def save_safetensors(
-    path: str | os.PathLike, tensors: Mapping[str, Any], dtype: Any = None, metadata: dict[str, str] | None = None
+    path: str | os.PathLike,
+    tensors: Mapping[str, Any],
+    dtype: Any = None,
+    metadata: dict[str, str] | None = None,
 ) -> None:
     """Write ``tensors`` (e.g. a model's ``state_dict()``) as a canonical safetensors file, one tensor at a time.
 

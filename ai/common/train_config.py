@@ -89,6 +89,9 @@ class TrainConfig(Section):
     attention: Literal["auto", "sdpa", "xformers"] = "auto"
     allow_tf32: bool = True
     seed: int = 0
+    # how long a process waits for the others at a collective call (the cache build's barrier, validation and
+    # checkpoint exports on the main process) before the run fails; torch's default is 10 min with NCCL
+    process_group_timeout_minutes: int = Field(120, gt=0)
 
 
 class CheckpointConfig(Section):
@@ -143,6 +146,7 @@ class TrainingConfig(Section):
 # Keys that may change when resuming (everything else must match the checkpoint's config).
 RESUME_FREE_KEYS = (
     "train.max_train_steps", "checkpoint", "validation", "log", "data.num_workers", "cache.dir", "output",
+    "train.process_group_timeout_minutes",
 )  # fmt: skip
 
 
@@ -152,10 +156,20 @@ def check_common_inputs(cfg: TrainingConfig, run_dir) -> None:
 
     from ai.common.checkpoints import check_resume_compatible, resolve_resume
     from ai.common.cli import UserError
-    from ai.common.models import check_model_folder, is_local
+    from ai.common.models import check_model_folder, is_local, vae_config_path
 
     if is_local(cfg.model.pretrained_model):
         check_model_folder(cfg.model.pretrained_model)
+    vae_config = vae_config_path(cfg.model.pretrained_model, cfg.model.vae)
+    if cfg.model.vae_fp16_safe and vae_config is not None and vae_config.is_file():
+        import json
+
+        if json.loads(vae_config.read_text(encoding="utf-8")).get("force_upcast", False):
+            raise UserError(
+                f"model.vae_fp16_safe=true but {vae_config} says force_upcast: true: this VAE overflows in fp16 "
+                "(black images, NaN losses). Set model.vae_fp16_safe=false (the VAE then runs in fp32), or set "
+                "model.vae to an fp16-safe VAE (e.g. madebyollin/sdxl-vae-fp16-fix, force_upcast: false)"
+            )
     for key, value in (
         ("data.train_csv", cfg.data.train_csv),
         ("validation.loss_csv", getattr(cfg, "validation", None) and cfg.validation.loss_csv),

@@ -59,16 +59,18 @@ class Run:
     def autocast(self):
         """Mixed-precision autocast for the evaluation passes (validation loss, images).
 
-        Not ``accelerator.autocast()``: under DeepSpeed that is a no-op (DeepSpeed casts the trained model itself),
-        and a validation pipeline would then hand bf16 latents to the fp32 VAE.
+        Not ``accelerator.autocast()``: under DeepSpeed that is a no-op (DeepSpeed casts the trained model itself).
+        The VAE leaves it (:func:`ai.common.validation.vae_precision`): it computes in its own dtype.
         """
         enabled = self.weight_dtype != torch.float32
         return torch.autocast(self.device.type, dtype=self.weight_dtype, enabled=enabled)
 
 
 def start_run(cfg: TrainingConfig, resume_free_keys: Sequence[str] = RESUME_FREE_KEYS) -> Run:
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, parse_flag_from_env, set_seed
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, parse_flag_from_env, set_seed
 
     run_dir = run_dir_of(cfg)
     # DeepSpeed sets up its own process group (gloo on CPU); accelerate's cpu=True would silently drop DeepSpeed
@@ -84,6 +86,10 @@ def start_run(cfg: TrainingConfig, resume_free_keys: Sequence[str] = RESUME_FREE
         mixed_precision=cfg.train.mixed_precision,
         log_with=training_log.trackers_for(cfg.log.report_to) or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+        # how long collective calls wait (a process alone on validation or an export keeps the others waiting)
+        kwargs_handlers=[
+            InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.train.process_group_timeout_minutes))
+        ],
     )
     if accelerator.state.deepspeed_plugin is not None:
         # one source of truth: the training config's batch, accumulation and clipping, not the accelerate file's
@@ -110,15 +116,37 @@ def start_run(cfg: TrainingConfig, resume_free_keys: Sequence[str] = RESUME_FREE
     return Run(accelerator, run_dir, DTYPES[cfg.train.mixed_precision], resume)
 
 
+def vae_dtype_of(run: Run, vae_fp16_safe: bool) -> torch.dtype:
+    """The VAE's dtype: fp32 unless it is fp16-safe (the stock SDXL VAE overflows in fp16)."""
+    return run.weight_dtype if vae_fp16_safe else torch.float32
+
+
 def place_frozen_models(comps, run: Run, vae_fp16_safe: bool) -> torch.dtype:
-    """Freeze UNet, VAE and text encoders and move them to the device; returns the VAE's dtype."""
-    for m in (comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2):
+    """Freeze UNet, VAE and text encoders and move them to the device; returns the VAE's dtype.
+
+    Load them in these dtypes already (``load_components(dtype=run.weight_dtype, vae_dtype=...)``): every process
+    holds the frozen base on the host while loading, 14 GB per process for SDXL in fp32.
+    """
+    vae_dtype = vae_dtype_of(run, vae_fp16_safe)
+    for m, dtype in (
+        (comps.vae, vae_dtype),
+        *((m, run.weight_dtype) for m in (comps.unet, comps.text_encoder, comps.text_encoder_2)),
+    ):
         m.requires_grad_(False)
-    vae_dtype = run.weight_dtype if vae_fp16_safe else torch.float32  # the stock SDXL VAE overflows in fp16
-    comps.vae.to(run.device, dtype=vae_dtype)
-    for m in (comps.unet, comps.text_encoder, comps.text_encoder_2):
-        m.to(run.device, dtype=run.weight_dtype)
+        if any(p.dtype != dtype for p in m.parameters()):
+            m.to(run.device, dtype=dtype)
+        else:  # loaded in its dtype (a dtype here would make diffusers warn about casting)
+            m.to(run.device)
     return vae_dtype
+
+
+def offload_text_encoders(comps, run: Run) -> None:
+    """Move the frozen text encoders to the host once the text cache holds every caption and the validation
+    prompts are encoded: nothing runs them any more (1.6 GB of GPU memory for SDXL in bf16)."""
+    for m in (comps.text_encoder, comps.text_encoder_2):
+        m.to("cpu")
+    if run.device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def noise_scheduler(comps):
@@ -133,16 +161,25 @@ def noise_scheduler(comps):
 
 
 def enable_attention(models: Sequence[Any], setting: str, device: torch.device) -> bool:
-    """xformers when asked (or on CUDA with ``auto`` and installed), else PyTorch SDPA; returns "xformers used"."""
+    """xformers when asked (or on CUDA with ``auto``), else PyTorch SDPA; returns "xformers used".
+
+    ``auto`` falls back to SDPA on any failure (not installed, a build without kernels for this GPU or dtype, ...),
+    with one warning; the models that were switched already get their previous processors back, so no model is
+    left half on xformers.
+    """
     if setting == "sdpa" or (setting == "auto" and device.type != "cuda"):
         return False
+    before = [m.attn_processors for m in models]
     try:
         for m in models:
             m.enable_xformers_memory_efficient_attention()
-    except (ImportError, ModuleNotFoundError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 (auto: whatever xformers raises, SDPA works)
         if setting == "xformers":
             raise UserError(f"train.attention=xformers but xformers is unusable here: {exc}") from None
-        return False  # auto: SDPA
+        for m, processors in zip(models, before, strict=True):
+            m.set_attn_processor(processors)
+        logger.warning("train.attention=auto: xformers is unusable here (%s); using PyTorch SDPA", exc)
+        return False
     return True
 
 
@@ -177,7 +214,8 @@ def build_train_data(
     conditioning_column: str | None = None,
     **dataset_kwargs: Any,
 ) -> TrainData:
-    """Rows -> held-out split -> buckets -> caches (built by each node's main process) -> dataset and loader."""
+    """Rows -> held-out split -> buckets -> caches (split over each node's processes) -> dataset and loader."""
+    from accelerate.utils import gather_object
     from torch.utils.data import DataLoader
 
     d, accelerator = cfg.data, run.accelerator
@@ -204,38 +242,39 @@ def build_train_data(
     store_dtype = getattr(torch, cfg.cache.dtype)
 
     latent_lookup = text_lookup = None
-    notes = []
+    built: dict[str, caches.CacheStats] = {}
     if cfg.cache.latents or cfg.cache.text_embeddings:
-        with accelerator.local_main_process_first():  # local main builds; the others then only find hits
-            if cfg.cache.latents:
-                vae = comps.vae
-                vae_id = caches.module_fingerprint(vae)
-                latent_cache = caches.FeatureCache(cfg.cache.dir, "latents")
-                hashes, stats = caches.build_latent_cache(
-                    train_rows,
-                    geometry,
-                    latent_cache,
-                    vae,
-                    vae_id,
-                    store_dtype=store_dtype,
-                    progress=run.is_main,
-                )
-                latent_lookup = caches.LatentLookup(
-                    latent_cache, hashes, vae_id, str(vae.dtype).replace("torch.", "")
-                )
-                notes.append(f"latents {stats}")
-            if cfg.cache.text_embeddings:
-                te_id = (
-                    caches.module_fingerprint(comps.text_encoder, comps.text_encoder_2)
-                    + comps.tokenizer.name_or_path
-                )
-                text_cache = caches.FeatureCache(cfg.cache.dir, "text")
-                stats = caches.build_text_cache(
-                    [r.text for r in train_rows], text_cache, encode_text, te_id, store_dtype=store_dtype,
-                    progress=run.is_main,
-                )  # fmt: skip
-                text_lookup = caches.TextLookup(text_cache, te_id)
-                notes.append(f"text {stats}")
+        # every process encodes its share of the fixed encoder batches (same bytes whoever builds), then one barrier
+        shard = node_shard(accelerator)
+        if cfg.cache.latents:
+            vae = comps.vae
+            vae_id = caches.module_fingerprint(vae)
+            latent_cache = caches.FeatureCache(cfg.cache.dir, "latents")
+            # hashing reads every image: split over all processes (every node reads the same data) and gathered
+            hashes = caches.hash_images(
+                train_rows, caches.Shard(accelerator.process_index, accelerator.num_processes), gather_object,
+                progress=run.is_main,
+            )  # fmt: skip
+            _, built["latents"] = caches.build_latent_cache(
+                train_rows, geometry, latent_cache, vae, vae_id, store_dtype=store_dtype, progress=run.is_main,
+                image_hashes=hashes, shard=shard, num_workers=d.num_workers,
+            )  # fmt: skip
+            latent_lookup = caches.LatentLookup(
+                latent_cache, hashes, vae_id, str(vae.dtype).replace("torch.", "")
+            )
+        if cfg.cache.text_embeddings:
+            te_id = (
+                caches.module_fingerprint(comps.text_encoder, comps.text_encoder_2)
+                + comps.tokenizer.name_or_path
+            )
+            text_cache = caches.FeatureCache(cfg.cache.dir, "text")
+            built["text"] = caches.build_text_cache(
+                [r.text for r in train_rows], text_cache, encode_text, te_id, store_dtype=store_dtype,
+                progress=run.is_main, shard=shard,
+            )  # fmt: skip
+            text_lookup = caches.TextLookup(text_cache, te_id)
+        accelerator.wait_for_everyone()
+    notes = cache_notes(accelerator, built)
     dataset = data.SDXLDataset(train_rows, geometry, latent_lookup, text_lookup, **dataset_kwargs)
     sampler = data.BucketBatchSampler(
         dataset.buckets(),
@@ -255,36 +294,76 @@ def build_train_data(
     return TrainData(train_rows, held_rows, report.skipped, geometry, dataset, sampler, loader, cache_note)
 
 
+def node_shard(accelerator) -> caches.Shard:
+    """This process's share of a cache build: the processes of its node split the build, so every node writes every
+    entry. That works whether the nodes share ``cache.dir`` (they then write the same bytes, atomically) or each
+    has its own, and needs no assumption about which files another node can see.
+
+    A node is a host name; its share count is its highest local process index + 1 (two launchers on one host, as in
+    the two-node test on localhost, then both build everything, which is still right).
+    """
+    import socket
+
+    from accelerate.utils import gather_object
+
+    host, local = socket.gethostname(), accelerator.local_process_index
+    peers = gather_object([(host, local)])
+    return caches.Shard(local, 1 + max(i for h, i in peers if h == host))
+
+
+def cache_notes(accelerator, built: dict[str, caches.CacheStats]) -> list[str]:
+    """Banner lines for the cache build: totals over the main process's node, and what each process built."""
+    import socket
+
+    from accelerate.utils import gather_object
+
+    node = (socket.gethostname(), accelerator.process_index - accelerator.local_process_index)
+    stats = gather_object([(node, name, s.hits, s.built) for name, s in built.items()]) if built else []
+    notes = []
+    for name in built:
+        mine = [(hits, n) for key, kind, hits, n in stats if kind == name and key == node]
+        note = f"{name} {caches.CacheStats(sum(h for h, _ in mine), sum(n for _, n in mine))}"
+        if len(mine) > 1:
+            note += f" (by {len(mine)} processes: {' + '.join(str(n) for _, n in mine)})"
+        notes.append(note)
+    return notes
+
+
 def batch_latents(batch: dict, vae, vae_dtype: torch.dtype, gen: torch.Generator, device) -> torch.Tensor:
-    """Scaled latents of a batch: a posterior sample from the cached mean/std, or from encoding the pixels."""
+    """Scaled latents of a batch: a posterior sample from the cached mean/std, or from encoding the pixels (in
+    the VAE's own dtype, outside any autocast)."""
+    from ai.common.validation import vae_precision
+
     with torch.no_grad():
         if "latent_mean" in batch:
             mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
         else:
-            dist = vae.encode(batch["pixel_values"].to(device, vae_dtype)).latent_dist
+            with vae_precision(vae):
+                dist = vae.encode(batch["pixel_values"].to(device, vae_dtype)).latent_dist
             mean, std = dist.mean.float(), dist.std.float()
-        return (
-            mean + std * torch.randn(mean.shape, generator=gen, device=device)
-        ) * vae.config.scaling_factor
+        sample = mean + std * torch.randn(mean.shape, generator=gen, device=device)
+        return diffusion.scale_latents(vae.config, sample)
 
 
 def batch_prompt_embeds(
-    batch: dict,
-    drop: torch.Tensor,
-    empty: tuple[torch.Tensor, torch.Tensor],
-    encode_text: Callable,
-    grad: bool,
+    batch: dict, drop: torch.Tensor, encode_text: Callable, grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt embeddings of a batch with the rows in ``drop`` replaced by the empty prompt (caption dropout)."""
+    """Prompt embeddings of a batch with the rows in ``drop`` zeroed, prompt and pooled (caption dropout).
+
+    Zeros, not the encoded empty caption: the SDXL pipelines' unconditional is zeros when there is no negative
+    prompt (``force_zeros_for_empty_prompt``), so dropout trains the unconditional that guidance uses.
+    Trained text encoders still encode every row (the dropped ones get a zero gradient): under DDP every
+    process must use all of their parameters in every step.
+    """
     device = drop.device
     if "prompt_embeds" in batch:
         embeds, pooled = batch["prompt_embeds"].to(device), batch["pooled_prompt_embeds"].to(device)
-        embeds = torch.where(drop[:, None, None], empty[0].to(embeds.dtype), embeds)
-        pooled = torch.where(drop[:, None], empty[1].to(pooled.dtype), pooled)
-        return embeds, pooled
-    texts = ["" if d else t for d, t in zip(drop.tolist(), batch["text"], strict=True)]
-    with torch.set_grad_enabled(grad):
-        return encode_text(texts)
+    else:
+        with torch.set_grad_enabled(grad):
+            embeds, pooled = encode_text(list(batch["text"]))
+    embeds = torch.where(drop[:, None, None], torch.zeros((), dtype=embeds.dtype, device=device), embeds)
+    pooled = torch.where(drop[:, None], torch.zeros((), dtype=pooled.dtype, device=device), pooled)
+    return embeds, pooled
 
 
 def denoising_loss(
@@ -297,7 +376,6 @@ def denoising_loss(
     vae_dtype: torch.dtype,
     weight_dtype: torch.dtype,
     encode_text: Callable,
-    empty_prompt: tuple[torch.Tensor, torch.Tensor],
     train_text: bool = False,
 ) -> torch.Tensor:
     """One micro-batch's training loss: latents, caption dropout (redrawn every step), noise, timesteps, the
@@ -307,7 +385,7 @@ def denoising_loss(
     latents = batch_latents(batch, vae, vae_dtype, gen, device)
     bsz = latents.shape[0]
     drop = torch.rand(bsz, generator=gen, device=device) < cfg.data.caption_dropout
-    embeds, pooled = batch_prompt_embeds(batch, drop, empty_prompt, encode_text, train_text)
+    embeds, pooled = batch_prompt_embeds(batch, drop, encode_text, train_text)
     noise = diffusion.sample_noise(latents, gen, cfg.loss.noise_offset)
     timesteps = diffusion.sample_timesteps(bsz, cfg.loss.timestep_min, cfg.loss.timestep_max, gen, device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
@@ -413,8 +491,9 @@ def run_loop(
 ) -> LoopState:
     """Train until ``train.max_train_steps``; ``compute_loss(batch, gen)`` is the recipe's forward pass.
 
-    Every random draw of a micro-step comes from ``gen`` (seeded by seed, epoch, batch and process), so a resumed
-    run continues exactly as an uninterrupted one.
+    Every random draw of a micro-step comes from ``gen``, seeded by seed, epoch and the micro-batch's place in the
+    epoch's global order, so a resumed run continues exactly as an uninterrupted one, and N processes draw what
+    one process with N-fold gradient accumulation draws for the same data.
     """
     from tqdm.auto import tqdm
 
@@ -432,9 +511,9 @@ def run_loop(
         tick = time.perf_counter()
         for batch in train_data.loader:
             state.data_seconds += time.perf_counter() - tick
-            gen = diffusion.step_generator(
-                cfg.train.seed, state.epoch * 1_000_000 + state.batch, accelerator.process_index, device
-            )
+            # local batch k of rank r out of n is the epoch's global batch k * n + r (the sampler deals round-robin)
+            micro_batch = state.batch * accelerator.num_processes + accelerator.process_index
+            gen = diffusion.step_generator(cfg.train.seed, state.epoch, micro_batch, device)
             state.batch += 1
             with accelerator.accumulate(*trainable):
                 loss = compute_loss(batch, gen)

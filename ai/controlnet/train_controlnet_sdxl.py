@@ -126,14 +126,11 @@ def check_inputs(cfg: Config) -> None:
 
 
 def train(cfg: Config) -> int:
-    import copy
-
     import torch
-    from safetensors.torch import load_file
 
     from ai.common import data, diffusion, trainer, training_log, validation
-    from ai.common.io import canonicalize_safetensors
-    from ai.common.models import load_components
+    from ai.common.io import load_safetensors_into, save_model
+    from ai.common.models import load_components, safetensors_files
     from ai.controlnet import conditioning, control
 
     run = trainer.start_run(cfg)
@@ -141,13 +138,23 @@ def train(cfg: Config) -> int:
     kind = cfg.controlnet.conditioning
 
     # --- models: frozen SDXL (optionally with a style LoRA fused in) + trainable ControlNet ---
-    comps = load_components(cfg.model.pretrained_model, vae=cfg.model.vae, variant=cfg.model.variant)
+    # The frozen parts load in the precision they are frozen in (half the host memory of fp32), unless that rounds
+    # what the ControlNet starts from: a LoRA fuses in fp32, and a fresh ControlNet copies the UNet's encoder in fp32
+    # from its weight files (build_controlnet), else from an fp32 UNet.
+    fresh = cfg.controlnet.init_from is None
+    unet_files = safetensors_files(cfg.model.pretrained_model, "unet", cfg.model.variant) if fresh else None
+    exact = not cfg.controlnet.fuse_lora and (not fresh or unet_files is not None)
+    comps = load_components(
+        cfg.model.pretrained_model, vae=cfg.model.vae, variant=cfg.model.variant,
+        dtype=weight_dtype if exact else torch.float32,
+        vae_dtype=trainer.vae_dtype_of(run, cfg.model.vae_fp16_safe),
+    )  # fmt: skip
     scheduler = trainer.noise_scheduler(comps)  # DDPM noising for training (the pipeline samples with Euler)
     if cfg.controlnet.fuse_lora:
         control.fuse_lora(comps, cfg.controlnet.fuse_lora, cfg.controlnet.fuse_lora_scale)
     controlnet = control.build_controlnet(
         comps.unet, kind, cfg.controlnet.init_from, cfg.controlnet.conditioning_embedding_out_channels,
-        cfg.controlnet.conditioning_embedding_init,
+        cfg.controlnet.conditioning_embedding_init, unet_weights=unet_files if exact else None,
     )  # fmt: skip
     vae_dtype = trainer.place_frozen_models(comps, run, cfg.model.vae_fp16_safe)
     unet, vae, te1, te2 = comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2
@@ -171,8 +178,6 @@ def train(cfg: Config) -> int:
         conditioning_fn=row_condition,
     )
     control.check_mask_sizes([*train_data.rows, *train_data.held_rows])
-    with torch.no_grad():
-        empty_prompt = encode_text([""])  # caption dropout target
 
     # --- optimizer, schedule, accelerate ---
     optimizer, lr_scheduler = trainer.build_optimizer(
@@ -185,12 +190,11 @@ def train(cfg: Config) -> int:
     def save_hook(models, weights, output_dir):  # the ControlNet as a diffusers folder, the base stays out
         with trainer.master_weights(run, [raw]):  # every process saves state, so every process enters this
             if accelerator.is_main_process:
-                raw.save_pretrained(Path(output_dir) / "controlnet", safe_serialization=True)
+                save_model(raw, Path(output_dir) / "controlnet")  # fp32, streamed: no host copy of the model
         weights.clear()
 
     def load_hook(models, input_dir):
-        weights = Path(input_dir) / "controlnet" / "diffusion_pytorch_model.safetensors"
-        raw.load_state_dict(load_file(str(weights)))
+        load_safetensors_into(raw, Path(input_dir) / "controlnet" / "diffusion_pytorch_model.safetensors")
         models.clear()
 
     accelerator.register_save_state_pre_hook(save_hook)
@@ -211,12 +215,18 @@ def train(cfg: Config) -> int:
         nonlocal held
         if held is None:
             rows, geometry = train_data.held_rows, train_data.geometry
-            loss_set = validation.encode_loss_set(rows, geometry, vae, encode_text, device)
+            with run.autocast():
+                loss_set = validation.encode_loss_set(rows, geometry, vae, encode_text, device)
             plans = [data.plan_crop(r.size, geometry.bucket_of(r), "center", False) for r in rows]
             ids = [row_condition.ids(r, p) for r, p in zip(rows, plans, strict=True)]
             conds = [conditioning.ids_to_tensor(i, kind)[None].to(device) for i in ids]
             held = (loss_set, conds, ids)
         return held
+
+    if run.is_main and cfg.validation.every_n_steps:
+        held_out()  # now, while the text encoders are still on the device (their captions are the prompts too)
+    if cfg.cache.text_embeddings:  # every caption is in the cache
+        trainer.offload_text_encoders(comps, run)
 
     def fidelity() -> tuple[float, float]:
         loss_set, conds, _ = held_out()
@@ -242,50 +252,37 @@ def train(cfg: Config) -> int:
             (bar.write if bar else logger.info)(
                 f"step {step}: val_loss={real:.5f} blank-condition={blank:.5f} control_gap={gap:+.5f}"
             )
-            _, conds, ids = held_out()
+            loss_set, conds, ids = held_out()
             v, rows = cfg.validation, train_data.held_rows[: cfg.validation.num_images]
             if not rows:
                 return
-            pipe = validation.sdxl_pipeline(comps, unet, te1, te2, vae, controlnet=steering_copy())
+            # the trained ControlNet itself (no copy), with its own forward under autocast (control.own_forward);
+            # captions come encoded (the loss set's), the text encoders may have left the device
+            pipe = validation.sdxl_pipeline(comps, unet, None, None, vae, controlnet=raw)
             out = run.run_dir / "validation" / f"step-{step:06d}"
             out.mkdir(parents=True, exist_ok=True)
             sheets = []
-            for i, row in enumerate(rows):
-                cond = conds[i]
-                for seed in v.seeds:
-                    gen = torch.Generator(device=device).manual_seed(seed)
-                    with run.autocast():
-                        image = pipe(
-                            row.text, image=cond, width=cond.shape[-1], height=cond.shape[-2], generator=gen,
-                            num_inference_steps=v.num_inference_steps, guidance_scale=v.guidance_scale,
-                            controlnet_conditioning_scale=v.conditioning_scale,
-                        ).images[0]  # fmt: skip
-                    sheet = conditioning.side_by_side(conditioning.ids_to_preview(ids[i]), image)
-                    sheet.save(out / f"{Path(row.name or str(row.index)).stem}_seed{seed}.png")
-                    sheets.append(sheet)
+            with control.own_forward(raw):
+                for i, row in enumerate(rows):
+                    cond, embeds = conds[i], loss_set[i][1:3]
+                    for seed in v.seeds:
+                        with run.autocast():
+                            image = validation.generate_image(
+                                pipe, embeds, seed, device, image=cond, width=cond.shape[-1],
+                                height=cond.shape[-2], num_inference_steps=v.num_inference_steps,
+                                guidance_scale=v.guidance_scale, controlnet_conditioning_scale=v.conditioning_scale,
+                            )  # fmt: skip
+                        sheet = conditioning.side_by_side(conditioning.ids_to_preview(ids[i]), image)
+                        sheet.save(out / f"{Path(row.name or str(row.index)).stem}_seed{seed}.png")
+                        sheets.append(sheet)
             training_log.log_images(accelerator, sheets, [r.text for r in rows for _ in v.seeds], step)
 
         trainer.validation_pass(run, [controlnet], body)
 
-    def steering_copy():
-        """The ControlNet for the validation pipeline. Under mixed precision accelerate wraps its forward to return
-        fp32, which would promote the bf16 UNet's skip connections to fp32 mid-network: use a plain copy in the
-        UNet's dtype instead (validation only; the fp32 weights under training are untouched)."""
-        if weight_dtype == torch.float32:
-            return raw
-        from diffusers import ControlNetModel
-
-        plain = ControlNetModel.from_config(raw.config)
-        plain.load_state_dict(raw.state_dict())
-        return plain.to(device, weight_dtype).eval()
-
     def export_controlnet(folder: Path) -> list[Path]:
-        final = copy.deepcopy(raw).to("cpu", dtype=getattr(torch, cfg.controlnet.save_dtype))
-        final.save_pretrained(folder / "controlnet", safe_serialization=True)
-        for weights in (folder / "controlnet").glob("*.safetensors"):
-            # same weights, same bytes: inference reruns compare fingerprints
-            canonicalize_safetensors(weights)
-        return [folder / "controlnet"]
+        # tensor by tensor, each cast on the CPU (no second model in host memory: SDXL's is 5 GB in fp32), with
+        # sorted keys: same weights, same bytes (inference reruns compare fingerprints)
+        return [save_model(raw, folder / "controlnet", getattr(torch, cfg.controlnet.save_dtype))]
 
     # --- banner ---
     n_trainable = sum(p.numel() for p in raw.parameters() if p.requires_grad)
@@ -312,7 +309,6 @@ def train(cfg: Config) -> int:
             vae_dtype,
             weight_dtype,
             encode_text,
-            empty_prompt,
             False,
         )
 
