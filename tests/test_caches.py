@@ -84,7 +84,7 @@ def test_other_vae_or_flip_variants_get_their_own_entries(components, tmp_path):
     assert (stats.hits, stats.built) == (0, 8)
 
 
-def test_text_cache_stores_each_caption_once_plus_the_empty_prompt(components, tmp_path):
+def test_text_cache_stores_each_caption_once(components, tmp_path):
     comps, rows, _ = _setup(components, tmp_path)
     cache = caches.FeatureCache(tmp_path / "cache", "text")
     tes, toks = [comps.text_encoder, comps.text_encoder_2], [comps.tokenizer, comps.tokenizer_2]
@@ -93,16 +93,16 @@ def test_text_cache_stores_each_caption_once_plus_the_empty_prompt(components, t
     def encode(prompts):
         return diffusion.encode_prompts(tes, toks, prompts)
 
-    captions = [r.text for r in rows]  # 4 rows, 3 distinct captions
+    captions = [r.text for r in rows]  # 4 rows, 3 distinct captions: one entry each (none for dropout)
     stats = caches.build_text_cache(captions, cache, encode, te_id, progress=False)
-    assert (stats.hits, stats.built) == (0, 4) and len(cache.keys()) == 4
+    assert (stats.hits, stats.built) == (0, 3) and len(cache.keys()) == 3
     stats = caches.build_text_cache(captions + ["a new caption"], cache, encode, te_id, progress=False)
-    assert (stats.hits, stats.built) == (4, 1)
+    assert (stats.hits, stats.built) == (3, 1)
     # a rebuilt entry is encoded in its clean build's batch, so its bytes match (see the latent test above)
     before = entry_bytes(cache)
     cache.path(caches.text_key(captions[0], te_id)).unlink()
     stats = caches.build_text_cache(captions + ["a new caption"], cache, encode, te_id, progress=False)
-    assert (stats.hits, stats.built) == (4, 1)
+    assert (stats.hits, stats.built) == (3, 1)
     assert entry_bytes(cache) == before
     got = caches.TextLookup(cache, te_id)(captions[0])
     want_e, want_p = encode([captions[0]])
@@ -153,7 +153,7 @@ def test_processes_sharing_a_build_write_the_bytes_of_one_process(components, tm
 
     tes, toks = [comps.text_encoder, comps.text_encoder_2], [comps.tokenizer, comps.tokenizer_2]
     te_id = caches.module_fingerprint(*tes)
-    captions = [f"caption {i}" for i in range(7)]  # + "" = 8 captions: 4 batches of 2
+    captions = [f"caption {i}" for i in range(8)]  # 4 batches of 2
 
     def encode(prompts):
         return diffusion.encode_prompts(tes, toks, prompts)

@@ -428,6 +428,14 @@ def test_bad_inputs_give_clear_errors_before_any_output(model, controlnets, mask
     assert not out.exists()  # every error came before any output
     code, err = run_cli(capsys, *args, f"paths.controlnet_path={controlnets['steering_run']}", "--check")
     assert code == 0
+    # a folder of 2018 per-image label files is a source too (stage 4 reads it like det_20)
+    per_image = tmp_path / "labels_100k_val"
+    per_image.mkdir()
+    code, err = run_cli(
+        capsys, *args, f"paths.controlnet_path={controlnets['steering_run']}", f"paths.source_labels={per_image}",
+        "--check",
+    )  # fmt: skip
+    assert code == 0, err
 
 
 def test_optional_lora_changes_the_image_and_scale_zero_does_not(model, controlnets, one_mask, tmp_path):

@@ -8,7 +8,8 @@ Keys say exactly what an entry depends on, so a cache folder can be shared by ma
   the trainers refuse ``crop: random`` with latent caching instead of pairing stale latents with new crops.
   With ``random_flip`` both the plain and the mirrored latent are cached.
 * text: sha256 of the caption + both text encoders' identity; stored once per unique caption (BDD captions
-  repeat a lot), plus the empty caption used for caption dropout.
+  repeat a lot). Caption dropout needs no entry: dropped rows get zero embeddings, as the SDXL pipelines'
+  unconditional.
 
 Entries store the VAE posterior's mean and std (a fresh latent is sampled every step, as without the cache).
 Files are written atomically, so concurrent writers and killed runs never leave a half entry.
@@ -277,10 +278,10 @@ def build_text_cache(
     *,
     shard: Shard = Shard(),
 ) -> CacheStats:
-    """Encode each unique caption (plus "" for caption dropout) of this ``shard``'s batches whose entry is missing."""
+    """Encode each unique caption of this ``shard``'s batches whose entry is missing."""
     from tqdm import tqdm
 
-    unique = sorted(set(captions) | {""})
+    unique = sorted(set(captions))
     chunks = [unique[i : i + batch_size] for i in range(0, len(unique), batch_size)]
     todo, missing, stats = _missing_chunks(
         shard.take(chunks), cache, key=lambda caption: text_key(caption, text_encoder_id)

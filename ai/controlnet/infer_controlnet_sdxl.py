@@ -183,9 +183,12 @@ def check_inputs(cfg: ControlNetInferConfig) -> Inputs:
             unet = read_model_config(cfg.paths.base_model_path, "unet")
             check_controlnet_fits(controlnet_config, unet, str(controlnet), cfg.paths.base_model_path)
         kind = conditioning_kind(cfg.conditioning, controlnet_config, str(controlnet))
-    if cfg.paths.source_labels and not Path(cfg.paths.source_labels).is_file():
+    if (
+        cfg.paths.source_labels and not Path(cfg.paths.source_labels).exists()
+    ):  # a file, or a per-image folder
         raise UserError(
-            f"paths.source_labels not found: {cfg.paths.source_labels} (the det_20 labels of the masks' frames; "
+            f"paths.source_labels not found: {cfg.paths.source_labels} (the det_20 labels of the masks' frames, or a "
+            "folder of 2018 per-image label files; "
             "config/controlnet_infer.yaml reads $BDD_DATA_DIR/labels/det_20/det_val.json, BDD_DATA_DIR from .env; "
             "null leaves them out of the metadata and stage 4's layout check off)"
         )
