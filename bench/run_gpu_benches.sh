@@ -1,25 +1,27 @@
 #!/usr/bin/env bash
-# Take every GPU figure that bench/RESULTS.md still lacks, one named step at a time (sdxl-base, bf16, random weights).
+# The GPU figures and checks bench/RESULTS.md still lacks, as ONE prepared run that fits a lent GPU's budget.
 #
 # Usage (from anywhere; paths are relative to the repo root):
-#   bash bench/run_gpu_benches.sh [STEP ...]     # default: model lora_train inference controlnet_train
-#                                                #          controlnet_infer annotation
-#   OUT_DIR=$OUT LOG_DIR=/tmp/bench-logs bash bench/run_gpu_benches.sh lora_train   # on the lent GPU machine
-#   PRESET=tiny DEVICE=cpu bash bench/run_gpu_benches.sh     # smoke test of this script on a CPU (tiny model, 1-2 steps)
+#   bash bench/run_gpu_benches.sh                  # the default run: model precision lora_train inference (< 8 min)
+#   OUT_DIR=$OUT LOG_DIR=/tmp/bench-logs bash bench/run_gpu_benches.sh          # on the lent GPU machine
+#   PRESET=tiny DEVICE=cpu bash bench/run_gpu_benches.sh     # smoke test of this script on a CPU (tiny model)
+#   bash bench/run_gpu_benches.sh controlnet_train controlnet_infer annotation  # more figures, when time is left
 #   bash bench/run_gpu_benches.sh wheels          # on the dev machine (PyPI reachable): fetch the packages the GPU
 #                                                 # image lacks into bench/_data/wheels (carry that folder along)
+#
+# Default steps, in order (sdxl-base architecture, random weights):
+#   model       build the sdxl-base folder in bf16, its random weights drawn on the GPU (seconds, not minutes)
+#   precision   one LoRA step at fp16 and at bf16 with validation at 1344x768: finite losses, images not black,
+#               no VAE call under autocast (bench/bench_validation_precision.py)
+#   lora_train  LoRA step time and peak memory at 1024x1024, batch 1 and 4, bf16, gradient checkpointing, caches
+#   inference   s/image and peak memory at 1024x1024, 30 steps, bf16
+# BUDGET_S (default 420) guards the whole run: a step that would start after it is skipped and says so, so one
+# call of the device tool (15 minutes in all, machine start included) never runs out mid-step.
 #
 # Each step writes its stdout (Markdown tables and JSON lines for RESULTS.md) to $OUT_DIR/<step>.md (default
 # bench/_gpu_out/) and its stderr (logs, progress bars) to $LOG_DIR/<step>.log (default $OUT_DIR/logs); the
 # environment (nvidia-smi, versions) goes to $OUT_DIR/env.md. A failed step prints its log's tail and the others
 # still run; the exit status is that of the last failed step.
-#
-# Budget (30 min of GPU time per session, 10 min per command): the model folder (sdxl-base with random weights,
-# ~5 GB in bf16) is built once per machine (a few minutes on CPU) and reused; a fresh machine has to build it again.
-# Estimated: model 2-4 min, lora_train 5-7, inference 3-5, controlnet_train 5-7, controlnet_infer 2-3,
-# annotation 1. Suggested calls, each well inside 10 minutes:
-#   1. model lora_train           2. inference controlnet_infer annotation        3. model controlnet_train
-# Every step prints its wall time; re-plan from the first call's figures.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -38,14 +40,15 @@ export HF_HUB_OFFLINE=1 YOLO_OFFLINE=true PYTHONUNBUFFERED=1
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 
 if [[ $PRESET == sdxl-base ]]; then
-    PRECISION=bf16 DTYPE=bf16 RES=1024 TRAIN_STEPS=10 WARMUP=2 WORKERS=4
-    INFER_STEPS=30 INFER_IMAGES=4 ANNOTATE_FRAMES=64 SPEED=(--channels-last --compile)
+    RES=1024 TRAIN_STEPS=5 WARMUP=2 WORKERS=4 VAL_STEPS=10 PRECISIONS=(fp16 bf16) TRAIN_PRECISION=bf16 DTYPE=bf16
+    INFER_STEPS=30 INFER_IMAGES=2 ANNOTATE_FRAMES=64 SPEED=(--channels-last --compile)
     SQUARE=(--width 1024 --height 1024) WIDE=(--width 1344 --height 768) THREADS=()
-else  # smoke test: the same commands, tiny sizes and step counts
-    PRECISION=no DTYPE=fp32 RES=128 TRAIN_STEPS=2 WARMUP=1 WORKERS=0
+else  # smoke test: the same commands, tiny sizes and step counts (fp16 needs a GPU: bf16 only on a CPU)
+    RES=128 TRAIN_STEPS=2 WARMUP=1 WORKERS=0 VAL_STEPS=2 PRECISIONS=(bf16) TRAIN_PRECISION=no DTYPE=fp32
     INFER_STEPS=2 INFER_IMAGES=1 ANNOTATE_FRAMES=6 SPEED=(--channels-last)
     SQUARE=(--width 128 --height 128) WIDE=(--width 160 --height 96) THREADS=(--threads 1)
 fi
+BUDGET_S=${BUDGET_S:-420}
 if [[ $DEVICE == cpu ]]; then YOLO_DEVICE=cpu; else YOLO_DEVICE=0; fi
 
 # Packages the GPU image lacks, or has in another version than requirements.txt pins, as Python 3.12 wheels (the
@@ -54,7 +57,7 @@ if [[ $DEVICE == cpu ]]; then YOLO_DEVICE=cpu; else YOLO_DEVICE=0; fi
 DEVICE_WHEELS=(
     diffusers==0.42.1 transformers==5.23.0 peft==0.21.2 importlib-metadata==10.2.0
     pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5
-    typing-extensions==4.16.0 msgspec==0.22.0 orjson==3.13.0 open-clip-torch==3.3.0
+    typing-extensions==4.16.0 msgspec==0.22.0 orjson==3.13.0 open-clip-torch==3.3.0 python-dotenv==1.2.4
     datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 ultralytics==8.4.190 ultralytics-thop==2.2.3
 )
 
@@ -69,7 +72,7 @@ step_wheels() {  # run where PyPI is reachable, not on the GPU machine
 install_wheels() {  # on the GPU machine, if the image lacks what the benches import: carried wheels go first
     local site=/tmp/bench-site
     "$PYTHON" -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in sys.argv[1:]))" \
-        diffusers pydantic msgspec open_clip ultralytics datasets && return 0
+        diffusers pydantic msgspec open_clip ultralytics datasets dotenv && return 0
     if ! compgen -G "$WHEELS/*.whl" >/dev/null; then
         echo "missing packages and no wheels in $WHEELS: run 'bash bench/run_gpu_benches.sh wheels' where PyPI" \
             "is reachable and carry $WHEELS along" >&2
@@ -105,20 +108,30 @@ EOF
 }
 
 step_model() {
-    "$PYTHON" -m ai.common.build_model --preset "$PRESET" --out "$MODEL_DIR" --dtype bfloat16
+    "$PYTHON" -m ai.common.build_model --preset "$PRESET" --out "$MODEL_DIR" --dtype bfloat16 --device "$DEVICE"
+}
+
+step_precision() {
+    step_model >&2
+    echo "| run | validation losses | min image mean / std (0-255) | VAE calls under autocast | checks |"
+    echo "|---|---|---|---|---|"
+    local precision status=0
+    for precision in "${PRECISIONS[@]}"; do  # one process each: accelerate fixes a process's mixed precision
+        "$PYTHON" bench/bench_validation_precision.py --preset "$PRESET" --model "$MODEL_DIR" --resolution "$RES" \
+            --precision "$precision" --inference-steps "$VAL_STEPS" || status=$?
+    done
+    return "$status"
 }
 
 step_lora_train() {
     step_model >&2
     lora() {
         "$PYTHON" bench/bench_lora_train.py --preset "$PRESET" --model "$MODEL_DIR" --resolution "$RES" \
-            --precision "$PRECISION" --gradient-checkpointing --rank 16 --steps "$TRAIN_STEPS" \
-            --warmup-steps "$WARMUP" --workers "$WORKERS" "$@"
+            --precision "$TRAIN_PRECISION" --gradient-checkpointing --rank 16 --steps "$TRAIN_STEPS" \
+            --warmup-steps "$WARMUP" --workers "$WORKERS" --caches on --square "$@"
     }
-    lora --batch 1 --caches both  # 1344x768: caches off vs on
-    lora --batch 4 --caches on
-    lora --batch 1 --caches on --square  # 1024x1024
-    lora --batch 4 --caches on --square
+    lora --batch 1  # 1024x1024
+    lora --batch 4
 }
 
 infer() {
@@ -135,6 +148,10 @@ step_inference() {
     infer_header
     infer "${SQUARE[@]}" --images "$INFER_IMAGES"
     infer "${SQUARE[@]}" --images "$INFER_IMAGES" --lora-rank 16
+}
+
+step_inference_batched() {  # not in the default run: compiling takes minutes
+    infer_header
     infer "${SQUARE[@]}" --images $((2 * INFER_IMAGES)) --batch-size "$INFER_IMAGES" "${SPEED[@]}"
 }
 
@@ -142,7 +159,7 @@ step_controlnet_train() {
     step_model >&2
     controlnet() {
         "$PYTHON" bench/bench_controlnet_train.py --preset "$PRESET" --model "$MODEL_DIR" --resolution "$RES" \
-            --precision "$PRECISION" --gradient-checkpointing --steps "$TRAIN_STEPS" --warmup-steps "$WARMUP" \
+            --precision "$TRAIN_PRECISION" --gradient-checkpointing --steps "$TRAIN_STEPS" --warmup-steps "$WARMUP" \
             --workers "$WORKERS" "$@"
     }
     controlnet --batch 1 --kinds palette one_hot  # 1344x768
@@ -161,9 +178,10 @@ step_annotation() {
         --work "$WORK/annotation"
 }
 
-ALL=(model lora_train inference controlnet_train controlnet_infer annotation)
+DEFAULT=(model precision lora_train inference)
+ALL=("${DEFAULT[@]}" inference_batched controlnet_train controlnet_infer annotation)
 STEPS=("$@")
-[[ ${#STEPS[@]} -gt 0 ]] || STEPS=("${ALL[@]}")
+[[ ${#STEPS[@]} -gt 0 ]] || STEPS=("${DEFAULT[@]}")
 for step in "${STEPS[@]}"; do
     if ! declare -F "step_$step" >/dev/null; then
         echo "unknown step '$step'; choose from: ${ALL[*]} wheels" >&2
@@ -181,6 +199,10 @@ print_env | tee "$OUT_DIR/env.md"
 failed=0
 for step in "${STEPS[@]}"; do
     start=$SECONDS
+    if ((SECONDS > BUDGET_S)); then
+        echo "== $step SKIPPED: ${SECONDS} s used of BUDGET_S=$BUDGET_S (run it in the next call)"
+        continue
+    fi
     echo "== $step: stdout -> $OUT_DIR/$step.md, stderr -> $LOG_DIR/$step.log"
     set +e
     (set -e; "step_$step") 2>"$LOG_DIR/$step.log" | tee "$OUT_DIR/$step.md"

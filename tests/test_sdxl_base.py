@@ -51,7 +51,7 @@ def stage1(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("sdxl_base")
     bdd_dir = root / "bdd100k"
-    make_mini_bdd(bdd_dir, frames=6, size=(320, 180), seed=0)
+    make_mini_bdd(bdd_dir, frames=24, size=(320, 180), seed=0)
     for split in ("train", "val"):
         generate_bdd_captions.main(
             ["--bdd_data_dir", str(bdd_dir), "--caption_txt_output_folder", str(root / "captions" / split),
@@ -126,7 +126,7 @@ def test_lora_trains_exports_loads_in_diffusers_and_generates(sdxl_base, stage1,
         trained = {k.rsplit(".lora_A", 1)[0] for k in fh.keys() if ".lora_A" in k}  # noqa: SIM118
     for weight_name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"):
         pipe = StableDiffusionXLPipeline.from_pretrained(
-            sdxl_base, torch_dtype=torch.bfloat16, local_files_only=True
+            sdxl_base, dtype=torch.bfloat16, local_files_only=True
         )
         pipe.load_lora_weights(run, weight_name=weight_name)
         for component in ("unet", "text_encoder", "text_encoder_2"):

@@ -182,14 +182,20 @@ def _sharpen_random_vae(vae, seed: int) -> None:
         out_conv = vae.quant_conv if vae.quant_conv is not None else vae.encoder.conv_out
         out_conv.bias[channels:] -= 12.0  # posterior std ~exp(-6) instead of ~1
         gen = torch.Generator().manual_seed(seed)
-        coarse = torch.rand(8, 3, 8, 8, generator=gen) * 2 - 1
+        coarse = torch.rand(8, 3, 8, 8, generator=gen, device="cpu").to(vae.device) * 2 - 1
         images = torch.nn.functional.interpolate(coarse, size=(64, 64), mode="bilinear", align_corners=False)
         latents = vae.encode(images).latent_dist.mean
     vae.register_to_config(scaling_factor=round(float(1.0 / latents.std()), 5))
 
 
-def build_model_folder(preset: str, out: str | os.PathLike, seed: int = 0, dtype: str = "float32") -> Path:
-    """Write a diffusers-layout SDXL folder for ``preset`` (atomically; an existing complete folder is kept)."""
+def build_model_folder(
+    preset: str, out: str | os.PathLike, seed: int = 0, dtype: str = "float32", device: str = "cpu"
+) -> Path:
+    """Write a diffusers-layout SDXL folder for ``preset`` (atomically; an existing complete folder is kept).
+
+    ``device``: where the random weights are drawn (``cuda`` draws sdxl-base's 3.5B in seconds instead of
+    minutes on a CPU; the weights then differ from a CPU build of the same seed).
+    """
     import torch
 
     from ai.common.io import atomic_dir
@@ -199,7 +205,8 @@ def build_model_folder(preset: str, out: str | os.PathLike, seed: int = 0, dtype
         check_model_folder(out)
         logger.info("model folder %s already exists; keeping it", out)
         return out
-    pipe = build_pipeline(preset, seed=seed)
+    with torch.device(device):
+        pipe = build_pipeline(preset, seed=seed)
     if dtype != "float32":
         pipe.to(dtype=getattr(torch, dtype))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -290,7 +297,7 @@ def load_components(
     kw: dict[str, Any] = {"local_files_only": local_files_only(base)}
     if variant:
         kw["variant"] = variant
-    wkw = dict(kw, **({"torch_dtype": dtype} if dtype is not None else {}))
+    wkw = dict(kw, **({"dtype": dtype} if dtype is not None else {}))
     try:
         tokenizer = CLIPTokenizer.from_pretrained(
             base, subfolder="tokenizer", local_files_only=kw["local_files_only"]
@@ -311,10 +318,10 @@ def load_components(
             vae_model = AutoencoderKL.from_pretrained(
                 vae,
                 local_files_only=vae_local or kw["local_files_only"],
-                **({"torch_dtype": vae_dtype} if vae_dtype is not None else {}),
+                **({"dtype": vae_dtype} if vae_dtype is not None else {}),
             )
         else:
-            vae_kw = dict(kw, **({"torch_dtype": vae_dtype} if vae_dtype is not None else {}))
+            vae_kw = dict(kw, **({"dtype": vae_dtype} if vae_dtype is not None else {}))
             vae_model = AutoencoderKL.from_pretrained(base, subfolder="vae", **vae_kw)
     except (OSError, ValueError) as exc:
         hint = (
@@ -376,8 +383,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="folder to write (diffusers layout)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    parser.add_argument(
+        "--device", default="cpu", help="where to draw the random weights (cuda: seconds for sdxl-base)"
+    )
     args = parser.parse_args(argv)
-    out = build_model_folder(args.preset, args.out, seed=args.seed, dtype=args.dtype)
+    out = build_model_folder(args.preset, args.out, seed=args.seed, dtype=args.dtype, device=args.device)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"{args.preset} SDXL written to {out} ({size / 2**20:.1f} MiB)")
     return 0
