@@ -1,0 +1,297 @@
+"""Box layouts: a frame's 2D boxes rendered as a label map, the input of a box-conditioned ControlNet.
+
+Segmentation masks exist for BDD100K's 10K subset only; det_20 boxes for every 100K frame. A box layout is the
+boxes drawn in the spirit of a mask: one id per pixel, resized nearest-neighbour like a mask everywhere.
+
+Ids (uint8):
+
+* ``0-9``: the 10 detection classes in :data:`BOX_CLASSES` order (``bdd.DET_CLASSES``: stage 4's YOLO ids);
+* ``10`` (:data:`BOUNDARY_ID`): a box's outline, so touching or overlapping objects stay separate instances;
+* ``255`` (:data:`BACKGROUND_ID`): no box.
+
+Drawing rules (:func:`render_box_layout`):
+
+* Boxes are inclusive pixel boxes (det_20's convention, in the pixel space of ``size``). A pixel belongs to a box
+  when its centre lies inside the box's continuous extent ``[x1, x2 + 1] x [y1, y2 + 1]``, edges included. This
+  rule is mirror-exact: flipping a layout left-right gives the layout of the mirrored boxes
+  (:func:`mirror_box`), ties at half pixels included.
+* Boxes are clipped to the image; boxes wholly outside it, invalid ones (x2 < x1, NaN) and labels without a box
+  or outside the 10 classes (det_20's ignored ``other person``/``other vehicle``/``trailer``, legacy lanes and
+  drivable areas) are skipped. Legacy names (``person``, ``bike``, ``motor``) read as their det_20 classes.
+* Largest first: boxes are painted by pixel area descending (ties in input order), so small, usually far objects
+  lie on top of the large near ones that they overlap.
+* Each box is filled with its class, then outlined with :data:`BOUNDARY_ID`, :func:`boundary_width` pixels wide
+  (1 px up to 540 px short side, 2 px at BDD's 1280x720, 3 px at 1080p). The outline is drawn only on a box's
+  own edges, not where the image edge cut it, and never takes a box's last interior pixels: a box under
+  ``2 * width + 1`` px gets a thinner outline, and boxes under 3 px none, so every box keeps its class.
+
+Files (:func:`save_layout`, :func:`layout_png_bytes`): mode ``P`` PNGs whose palette *index* is the id (viewers
+show :data:`BOX_PALETTE`'s colours) with a ``bdd_layout=boxes`` text chunk. The ids overlap the segmentation
+trainIds numerically; the marker (read from the header by :func:`file_layout`) is what tells a box layout from a
+mask, and the ControlNet code refuses a file of the other kind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+from ai.common.cli import UserError
+from convert import bdd
+
+#: The 10 detection classes, in stage 4's order (ids 0-9): the one list in convert/bdd.py.
+BOX_CLASSES: tuple[str, ...] = bdd.DET_CLASSES
+NUM_BOX_CLASSES = len(BOX_CLASSES)
+BOX_CLASS_ID: dict[str, int] = {name: i for i, name in enumerate(BOX_CLASSES)}
+BOUNDARY_ID = NUM_BOX_CLASSES  # 10
+BACKGROUND_ID = 255
+#: Ids a box layout may hold.
+LAYOUT_IDS: tuple[int, ...] = (*range(NUM_BOX_CLASSES), BOUNDARY_ID, BACKGROUND_ID)
+#: One-hot channels: one per class, one for the outlines (background: all zeros, as a blank condition).
+NUM_ONE_HOT_CHANNELS = NUM_BOX_CLASSES + 1
+
+#: Colours: each class has the official BDD100K segmentation colour of the same thing, outlines are white,
+#: background black.
+CLASS_COLORS: dict[str, tuple[int, int, int]] = {
+    name: bdd.SEG_CLASSES[bdd.DET_CLASS_TO_SEG_ID[name]].rgb for name in BOX_CLASSES
+}
+BOUNDARY_COLOR = (255, 255, 255)
+BACKGROUND_COLOR = (0, 0, 0)
+
+
+def _palette_lut() -> np.ndarray:
+    lut = np.zeros((256, 3), dtype=np.uint8)
+    for name, i in BOX_CLASS_ID.items():
+        lut[i] = CLASS_COLORS[name]
+    lut[BOUNDARY_ID] = BOUNDARY_COLOR
+    lut[BACKGROUND_ID] = BACKGROUND_COLOR
+    return lut
+
+
+#: id -> RGB, 256 entries (unused ids black).
+BOX_PALETTE: np.ndarray = _palette_lut()
+
+#: PNG text chunk that marks a box layout file (and its renderer version and input key).
+MARKER_KEY, MARKER_VALUE = "bdd_layout", "boxes"
+VERSION_KEY, RENDER_VERSION = "bdd_layout_version", "1"
+SOURCE_KEY = "bdd_layout_key"
+
+#: Short image side per pixel of outline width (2 px at 720).
+_PX_PER_LINE = 360
+
+
+def boundary_width(size: tuple[int, int]) -> int:
+    """Outline width in pixels for an image of ``size`` (width, height): short side / 360, at least 1."""
+    return max(1, round(min(size) / _PX_PER_LINE))
+
+
+@dataclass(frozen=True)
+class LayoutBox:
+    """One drawable box: class id and its pixel rectangle (inclusive, clipped), with the edges clipping cut."""
+
+    class_id: int
+    x1: int
+    y1: int
+    x2: int
+    y2: int
+    index: int  # position among the input labels
+    cut: tuple[bool, bool, bool, bool] = (
+        False,
+        False,
+        False,
+        False,
+    )  # left, top, right, bottom at the image edge
+
+    @property
+    def area(self) -> int:
+        return (self.x2 - self.x1 + 1) * (self.y2 - self.y1 + 1)
+
+    @property
+    def category(self) -> str:
+        return BOX_CLASSES[self.class_id]
+
+
+def _parts(label: Any) -> tuple[str | None, Any]:
+    """(category, box) of a convert.bdd Label or a det_20-style dict."""
+    if isinstance(label, Mapping):
+        return label.get("category"), label.get("box2d")
+    return getattr(label, "category", None), getattr(label, "box2d", None)
+
+
+def _coords(box: Any) -> tuple[float, float, float, float] | None:
+    try:
+        if isinstance(box, Mapping):
+            values = (box["x1"], box["y1"], box["x2"], box["y2"])
+        else:
+            values = (box.x1, box.y1, box.x2, box.y2)
+        x1, y1, x2, y2 = (float(v) for v in values)
+    except (KeyError, AttributeError, TypeError, ValueError):
+        return None
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)) or x2 < x1 or y2 < y1:
+        return None
+    return x1, y1, x2, y2
+
+
+def _span(lo: float, hi: float, n: int) -> tuple[int, int, bool, bool] | None:
+    """Pixels whose centres lie in [lo, hi + 1] (inclusive box coordinates), clipped to 0..n-1, and which ends
+    were cut by the clipping; None when none of them is inside the image."""
+    first, last = math.ceil(lo - 0.5), math.floor(hi + 0.5)
+    if last < 0 or first > n - 1:
+        return None
+    return max(first, 0), min(last, n - 1), first < 0, last > n - 1
+
+
+def layout_boxes(labels: Iterable[Any], size: tuple[int, int]) -> list[LayoutBox]:
+    """The drawable boxes of ``labels`` in ``size`` = (width, height) pixels, in drawing order (largest first)."""
+    width, height = size
+    out = []
+    for index, label in enumerate(labels):
+        category, box = _parts(label)
+        cat = bdd.canonical_category(category)
+        if cat.det_class is None or cat.ignored or box is None:
+            continue
+        coords = _coords(box)
+        if coords is None:
+            continue
+        xs, ys = _span(coords[0], coords[2], width), _span(coords[1], coords[3], height)
+        if xs is None or ys is None:
+            continue
+        out.append(
+            LayoutBox(
+                BOX_CLASS_ID[cat.det_class], xs[0], ys[0], xs[1], ys[1], index, (xs[2], ys[2], xs[3], ys[3])
+            )
+        )
+    out.sort(key=lambda b: (-b.area, b.index))
+    return out
+
+
+def _draw(ids: np.ndarray, boxes: Sequence[LayoutBox], line: int) -> None:
+    for b in boxes:
+        ids[b.y1 : b.y2 + 1, b.x1 : b.x2 + 1] = b.class_id
+        t = min(line, (min(b.x2 - b.x1, b.y2 - b.y1)) // 2)  # leaves >= 1 interior pixel per axis
+        if t <= 0:
+            continue
+        left, top, right, bottom = b.cut
+        if not left:
+            ids[b.y1 : b.y2 + 1, b.x1 : b.x1 + t] = BOUNDARY_ID
+        if not right:
+            ids[b.y1 : b.y2 + 1, b.x2 - t + 1 : b.x2 + 1] = BOUNDARY_ID
+        if not top:
+            ids[b.y1 : b.y1 + t, b.x1 : b.x2 + 1] = BOUNDARY_ID
+        if not bottom:
+            ids[b.y2 - t + 1 : b.y2 + 1, b.x1 : b.x2 + 1] = BOUNDARY_ID
+
+
+def render_box_layout(
+    labels: Iterable[Any], size: tuple[int, int], line_width: int | None = None
+) -> np.ndarray:
+    """A frame's boxes as a (height, width) uint8 array of layout ids (see the module docstring).
+
+    Args:
+        labels: convert.bdd ``Label`` objects (any BDD100K label format) or det_20-style dicts
+            ``{"category": ..., "box2d": {"x1", "y1", "x2", "y2"}}``, in the pixel space of ``size``.
+        size: (width, height) of the frame.
+        line_width: outline width in pixels (default :func:`boundary_width`).
+    """
+    width, height = (int(v) for v in size)
+    if width <= 0 or height <= 0:
+        raise ValueError(f"layout size must be positive, got {size}")
+    ids = np.full((height, width), BACKGROUND_ID, dtype=np.uint8)
+    line = boundary_width((width, height)) if line_width is None else int(line_width)
+    _draw(ids, layout_boxes(labels, (width, height)), line)
+    return ids
+
+
+def mirror_box(box: Any, width: int) -> dict[str, float]:
+    """An inclusive box mirrored left-right in an image ``width`` pixels wide (det_20 ``box2d`` dict): rendering
+    the mirrored boxes gives exactly the mirrored layout."""
+    coords = _coords(box)
+    if coords is None:
+        raise ValueError(f"not a valid box: {box!r}")
+    x1, y1, x2, y2 = coords
+    return {"x1": width - 1 - x2, "y1": y1, "x2": width - 1 - x1, "y2": y2}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ids, previews and files
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def check_layout_ids(arr: np.ndarray, source: str | os.PathLike = "<array>") -> None:
+    """Raise if ``arr`` holds values other than the layout ids (0-10, 255)."""
+    bad = (arr > BOUNDARY_ID) & (arr != BACKGROUND_ID)
+    if bad.any():
+        values = np.unique(arr[bad])[:10].tolist()
+        raise UserError(
+            f"box layout {source} has values {values} outside the layout ids 0-{NUM_BOX_CLASSES - 1} (classes), "
+            f"{BOUNDARY_ID} (outline) and {BACKGROUND_ID} (background)"
+        )
+
+
+def layout_to_palette_rgb(ids) -> np.ndarray:
+    """HxW layout ids -> HxWx3 uint8 colours (:data:`BOX_PALETTE`)."""
+    return BOX_PALETTE[np.asarray(ids, dtype=np.uint8)]
+
+
+def layout_to_preview(ids) -> Image.Image:
+    """An RGB rendering of layout ids for people (sheets): class colours, white outlines, black background."""
+    arr = np.asarray(ids)
+    if arr.ndim != 2:
+        raise ValueError(f"layout ids must be HxW, got shape {arr.shape}")
+    return Image.fromarray(layout_to_palette_rgb(arr))
+
+
+def layout_key(labels: Iterable[Any], size: tuple[int, int], line_width: int | None = None) -> str:
+    """A short hash of everything the rendering depends on (renderer version, size, outline, drawable boxes):
+    equal keys give equal layouts, so a rerun can keep a file whose key matches without decoding it."""
+    line = boundary_width(size) if line_width is None else int(line_width)
+    boxes = layout_boxes(labels, size)
+    text = repr(
+        (RENDER_VERSION, tuple(size), line, [(b.class_id, b.x1, b.y1, b.x2, b.y2, b.cut) for b in boxes])
+    )
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def layout_png_bytes(ids: np.ndarray, key: str | None = None, compress_level: int = 3) -> bytes:
+    """A mode P PNG of layout ids (index = id, :data:`BOX_PALETTE` colours) marked ``bdd_layout=boxes``."""
+    arr = np.ascontiguousarray(ids, dtype=np.uint8)
+    check_layout_ids(arr)
+    image = Image.frombytes("P", (arr.shape[1], arr.shape[0]), arr.tobytes())
+    image.putpalette(BOX_PALETTE.tobytes())
+    info = PngImagePlugin.PngInfo()
+    info.add_text(MARKER_KEY, MARKER_VALUE)
+    info.add_text(VERSION_KEY, RENDER_VERSION)
+    if key is not None:
+        info.add_text(SOURCE_KEY, key)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info, compress_level=compress_level)
+    return buf.getvalue()
+
+
+def save_layout(ids: np.ndarray, path: str | os.PathLike, key: str | None = None) -> Path:
+    """Write a layout PNG atomically (see :func:`layout_png_bytes`)."""
+    from ai.common.io import atomic_write_bytes
+
+    path = Path(path)
+    atomic_write_bytes(path, layout_png_bytes(ids, key))
+    return path
+
+
+def header_info(src: str | os.PathLike | bytes) -> dict[str, Any]:
+    """The PNG's text chunks before its pixels (no decoding): where the layout marker is."""
+    with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+        return dict(im.info)
+
+
+def file_layout(src: str | os.PathLike | bytes) -> str:
+    """``"boxes"`` for a file marked as a box layout, ``"seg"`` for anything else (header only)."""
+    return "boxes" if header_info(src).get(MARKER_KEY) == MARKER_VALUE else "seg"
