@@ -11,6 +11,7 @@ API (all boxes are pixel ``xyxy`` in the original image):
 * :func:`read_yolo_labels` ground truth from a YOLO label file (``cls cx cy w h``, normalised).
 * :func:`predict_boxes` a YOLO model's predictions on a list of images, keyed by image path.
 * :func:`detection_map` map, map50, map75, per class and per size, over all images or a subset (``keys``).
+* :func:`size_bin` COCO's size bin of an area; :func:`ratio` a ratio that is None when undefined.
 """
 
 from __future__ import annotations
@@ -42,13 +43,23 @@ class Boxes:
     @staticmethod
     def empty(with_conf: bool = False) -> Boxes:
         return Boxes(
-            np.zeros((0, 4), np.float64),
-            np.zeros(0, np.int64),
-            np.zeros(0, np.float64) if with_conf else None,
+            np.zeros((0, 4), np.float64), np.zeros(0, np.int64), np.zeros(0, np.float64) if with_conf else None
         )
 
     def __len__(self) -> int:
         return len(self.cls)
+
+
+def size_bin(area: float) -> str:
+    """COCO's size bin of a box area in pixels² (small up to 32², medium up to 96², large above)."""
+    return next(name for name, (_, hi) in SIZE_RANGES.items() if area <= hi)
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """numerator / denominator, None when either is undefined or the denominator is 0."""
+    if numerator is None or denominator is None or denominator == 0:
+        return None
+    return numerator / denominator
 
 
 def read_yolo_labels(path: Path, width: int, height: int) -> Boxes:
@@ -69,12 +80,8 @@ def read_yolo_labels(path: Path, width: int, height: int) -> Boxes:
                 raise ValueError
             cls, cx, cy, w, h = int(parts[0]), *(float(p) for p in parts[1:])
         except ValueError:
-            raise ValueError(
-                f"{path}:{lineno}: not a YOLO box line 'cls cx cy w h': {line.strip()!r}"
-            ) from None
-        rows.append(
-            (cls, (cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height)
-        )
+            raise ValueError(f"{path}:{lineno}: not a YOLO box line 'cls cx cy w h': {line.strip()!r}") from None
+        rows.append((cls, (cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height))
     if not rows:
         return Boxes.empty()
     arr = np.asarray(rows, np.float64)
@@ -127,7 +134,7 @@ def _undefined_to_none(value: float) -> float | None:
 
 def _size_of(xyxy: np.ndarray) -> list[str]:
     areas = (xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1])
-    return [next(name for name, (lo, hi) in SIZE_RANGES.items() if lo <= a < hi) for a in areas]
+    return [size_bin(a) for a in areas]
 
 
 def detection_map(
