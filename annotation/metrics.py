@@ -99,13 +99,15 @@ def predict_boxes(
     conf: float = EVAL_CONF,
     iou: float = 0.7,
     max_det: int = EVAL_MAX_DET,
+    classes: Sequence[int] | None = None,
 ) -> dict[Path, Boxes]:
     """Predictions of ``model`` (a weights path/spec or an :class:`annotation.yolo_runtime.LoadedModel`) on
     ``images``, keyed by the resolved image path.
 
     Batched and streamed through ultralytics (``list_file`` is the image list it reads). Images ultralytics cannot
     read are missing from the result: the caller decides whether that is an error. The offline environment must be
-    prepared first (:func:`annotation.yolo_runtime.prepare_offline`).
+    prepared first (:func:`annotation.yolo_runtime.prepare_offline`). ``classes`` (model class ids) keeps only
+    those inside the model's NMS, so that a COCO model's unmapped classes take none of the ``max_det`` places.
     """
     from annotation import yolo_runtime
 
@@ -114,7 +116,7 @@ def predict_boxes(
     out: dict[Path, Boxes] = {}
     results = yolo_runtime.stream_predictions(
         loaded, resolved, list_file, conf=conf, iou=iou, imgsz=imgsz, batch=batch, device=device,
-        max_det=max_det, classes=None,
+        max_det=max_det, classes=sorted(classes) if classes is not None else None,
     )  # fmt: skip
     for r in results:
         if r.detections:
