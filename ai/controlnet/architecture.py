@@ -6,6 +6,11 @@ scripts call these before any weights are loaded.
 * :func:`resolve_controlnet`: a ControlNet folder, or a training run's ``controlnet/`` inside it.
 * :func:`read_model_config`: a diffusers model's config.json, from a local folder or a hub id.
 * :func:`check_controlnet_fits`: a ControlNet that cannot steer this UNet is refused with the differing keys.
+* :func:`conditioning_record` / :func:`recorded_layout`: which label maps a trained ControlNet takes. Training
+  writes ``"_bdd_conditioning": {"layout": "seg" | "boxes", "encoding": "palette" | "one_hot", ...}`` into its
+  config.json: diffusers ignores keys starting with ``_`` when it builds the model, keeps them on the loaded
+  model's config and writes them back on ``save_pretrained``, so the record travels with every copy of the
+  folder. ControlNets without it (made before box layouts existed, or elsewhere) take segmentation masks.
 """
 
 from __future__ import annotations
@@ -108,4 +113,59 @@ def check_controlnet_fits(controlnet: dict, unet: dict, controlnet_name: str, ba
             f"ControlNet {controlnet_name} does not fit the base model {base_name}: {'; '.join(differences)}. "
             "A ControlNet works only with the UNet architecture it was trained on (SDXL with SDXL); train one on "
             "this base model or point paths.base_model_path at the model it was trained on"
+        )
+
+
+#: The config.json key (a private one: diffusers loads such keys silently and saves them again) of the layout
+#: record.
+CONDITIONING_KEY = "_bdd_conditioning"
+LAYOUT_SOURCES = {"seg": "segmentation masks", "boxes": "box layouts"}
+
+
+def conditioning_record(layout: str, kind: str, channels: int) -> dict[str, Any]:
+    """What a trained ControlNet says about its input (``CONDITIONING_KEY`` in its config.json)."""
+    record: dict[str, Any] = {"layout": layout, "encoding": kind, "channels": channels}
+    if layout == "boxes":
+        from convert import box_layout
+
+        record["classes"] = list(box_layout.BOX_CLASSES)
+        record["ids"] = {"boundary": box_layout.BOUNDARY_ID, "background": box_layout.BACKGROUND_ID}
+        record["render_version"] = box_layout.RENDER_VERSION
+    return record
+
+
+def recorded_layout(controlnet: dict, controlnet_name: str) -> str:
+    """``seg`` or ``boxes``: the layout a ControlNet config records (none recorded: ``seg``)."""
+    record = controlnet.get(CONDITIONING_KEY)
+    if record is None:
+        return "seg"
+    layout = record.get("layout") if isinstance(record, dict) else None
+    if layout not in LAYOUT_SOURCES:
+        raise UserError(
+            f"{controlnet_name}: config.json has {CONDITIONING_KEY}={record!r}; its layout must be one of "
+            f"{', '.join(LAYOUT_SOURCES)} (written by ai/controlnet/train_controlnet_sdxl.py)"
+        )
+    return layout
+
+
+def layout_of(controlnet: dict, controlnet_name: str) -> str:
+    """:func:`recorded_layout`, phrased for messages: "box layouts (recorded in its config.json)"."""
+    layout = recorded_layout(controlnet, controlnet_name)
+    how = (
+        f"its config.json says {CONDITIONING_KEY}.layout={layout}"
+        if CONDITIONING_KEY in controlnet
+        else ("no layout recorded in its config.json: a ControlNet trained on masks")
+    )
+    return f"{LAYOUT_SOURCES[layout]} ({how})"
+
+
+def check_init_layout(controlnet: dict, init_from: str, layout: str) -> None:
+    """A ControlNet to continue training from must have been trained on the layout this run trains on: a mask
+    ControlNet would read a box layout's ids as mask classes (and the other way round)."""
+    recorded = recorded_layout(controlnet, init_from)
+    if recorded != layout:
+        raise UserError(
+            f"controlnet.init_from {init_from} was trained on {layout_of(controlnet, init_from)}, but "
+            f"controlnet.layout={layout} trains on {LAYOUT_SOURCES[layout]}: set controlnet.layout={recorded} (with "
+            "a CSV of that layout), or start a fresh ControlNet (controlnet.init_from=null)"
         )

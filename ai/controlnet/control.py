@@ -2,13 +2,16 @@
 ControlNet" forward pass (the config-level checks are in :mod:`ai.controlnet.architecture`).
 
 * :func:`build_controlnet`: a fresh ControlNet copied from the UNet's encoder (zero convolutions, so it changes
-  nothing until trained) or an existing ControlNet folder, with the conditioning channels the input kind needs.
+  nothing until trained) or an existing ControlNet folder, with the conditioning channels the input kind needs,
+  recording its layout (masks or box layouts) in its config (saved with it; architecture.py reads it back).
 * :func:`own_forward`: the trained ControlNet without accelerate's fp32-output wrapper, for validation pipelines.
 * :class:`ControlledUNet`: wraps UNet + ControlNet behind the UNet's own call signature, so the shared numerics
   (``ai.common.diffusion.unet_forward`` / ``fixed_noise_loss``) work unchanged for ControlNet training and the
   blank-versus-real condition fidelity check.
-* :class:`RowCondition`: a training row's mask -> condition tensor, cropped with the image's own plan (nearest
-  neighbour), for :class:`ai.common.data.SDXLDataset` (picklable, so data workers can run it).
+* :class:`RowCondition`: a training row's mask or box layout -> condition tensor, cropped with the image's own
+  plan (nearest neighbour), for :class:`ai.common.data.SDXLDataset` (picklable, so data workers can run it).
+* :func:`check_mask_sizes`: before training, every row's condition file has its image's size and the layout the
+  run trains on (header reads only).
 """
 
 from __future__ import annotations
@@ -22,7 +25,14 @@ import torch
 from ai.common import data
 from ai.common.cli import UserError
 from ai.controlnet import conditioning
-from ai.controlnet.architecture import check_controlnet_fits, read_model_config, resolve_controlnet
+from ai.controlnet.architecture import (
+    CONDITIONING_KEY,
+    check_controlnet_fits,
+    check_init_layout,
+    conditioning_record,
+    read_model_config,
+    resolve_controlnet,
+)
 
 #: The parts of a UNet that ``ControlNetModel.from_unet`` copies, under the same names in both models.
 UNET_PARTS = (
@@ -43,8 +53,11 @@ def build_controlnet(
     conditioning_embedding_out_channels: tuple[int, ...] | None = None,
     embedding_init: str = "kaiming",
     unet_weights: Sequence[Path] | None = None,
+    layout: str = "seg",
 ):
-    """A ControlNet for ``unet`` taking ``kind`` conditions (fresh from the UNet, or loaded from ``init_from``).
+    """A ControlNet for ``unet`` taking ``kind`` conditions of ``layout`` (fresh from the UNet, or loaded from
+    ``init_from``, which must have been trained on the same layout). Its config records the layout and encoding
+    (:func:`record_conditioning`), so its saved folders say what they take.
 
     ``embedding_init="kaiming"`` re-initialises the condition encoder's hidden convolutions (not its zero output
     convolution) variance-preserving with zero biases: with PyTorch's default init the mask's signal shrinks
@@ -57,7 +70,7 @@ def build_controlnet(
     """
     from diffusers import ControlNetModel
 
-    channels = conditioning.channels_for(kind)
+    channels = conditioning.channels_for(kind, layout)
     if init_from is None:
         extra = {}
         if conditioning_embedding_out_channels is not None:
@@ -70,16 +83,24 @@ def build_controlnet(
             for conv in (embedding.conv_in, *embedding.blocks):
                 torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
                 torch.nn.init.zeros_(conv.bias)
-        return controlnet
+        return record_conditioning(controlnet, layout, kind)
     cfg = read_model_config(resolve_controlnet(init_from))
+    check_init_layout(cfg, init_from, layout)
     check_controlnet_fits(cfg, dict(unet.config), init_from, "model.pretrained_model")
     if cfg.get("conditioning_channels", 3) != channels:
         raise UserError(
             f"ControlNet {init_from} takes {cfg.get('conditioning_channels', 3)} conditioning channels but "
             f"controlnet.conditioning={kind} gives {channels}: set controlnet.conditioning="
-            f"{conditioning.kind_for_channels(cfg.get('conditioning_channels', 3), init_from)}"
+            f"{conditioning.kind_for_channels(cfg.get('conditioning_channels', 3), init_from, layout)}"
         )
-    return ControlNetModel.from_pretrained(init_from)
+    return record_conditioning(ControlNetModel.from_pretrained(init_from), layout, kind)
+
+
+def record_conditioning(controlnet, layout: str, kind: str):
+    """Write the layout and encoding into the ControlNet's config (saved into config.json with it)."""
+    channels = conditioning.channels_for(kind, layout)
+    controlnet.register_to_config(**{CONDITIONING_KEY: conditioning_record(layout, kind, channels)})
+    return controlnet
 
 
 @torch.no_grad()
@@ -164,45 +185,58 @@ class ControlledUNet(torch.nn.Module):
 
 
 class RowCondition:
-    """(row, crop plan) -> condition tensor: the row's mask read as ids, cropped like its image, nearest-neighbour."""
+    """(row, crop plan) -> condition tensor: the row's mask or box layout read as ids (refused when of the other
+    layout), cropped like its image, nearest-neighbour."""
 
-    def __init__(self, kind: str):
-        conditioning.channels_for(kind)  # validates the kind
-        self.kind = kind
+    def __init__(self, kind: str, layout: str = "seg"):
+        conditioning.channels_for(kind, layout)  # validates the kind and the layout
+        self.kind, self.layout = kind, layout
 
     def ids(self, row: data.Row, plan: data.CropPlan):
         name = row.conditioning if isinstance(row.conditioning, str) else f"row {row.index} conditioning"
         ids = conditioning.read_ids(
-            row.conditioning, expected_size=row.size, name=name, image_name=row.name or None
+            row.conditioning,
+            expected_size=row.size,
+            name=name,
+            image_name=row.name or None,
+            layout=self.layout,
         )
         return data.apply_plan(ids, plan, data.Image.Resampling.NEAREST)
 
     def __call__(self, row: data.Row, plan: data.CropPlan) -> torch.Tensor:
-        return conditioning.ids_to_tensor(self.ids(row, plan), self.kind)
+        return conditioning.ids_to_tensor(self.ids(row, plan), self.kind, self.layout)
 
 
-def check_mask_sizes(rows, limit: int = 10) -> None:
-    """Every row's mask must have its image's size (read from the PNG headers, fast); lists the mismatches."""
+def check_mask_sizes(rows, limit: int = 10, layout: str = "seg") -> None:
+    """Every row's condition file must have its image's size and be of ``layout`` (box layouts are marked in
+    their PNG header; everything else reads as a mask): read from the headers, fast; lists the mismatches."""
     from PIL import Image
 
-    bad = []
+    from convert import box_layout
+
+    bad, other = [], []
     for row in rows:
         if not isinstance(row.conditioning, str):
             continue
         try:
             with Image.open(row.conditioning) as im:
                 size = im.size
+                marked = im.info.get(box_layout.MARKER_KEY) == box_layout.MARKER_VALUE
         except FileNotFoundError:
             bad.append(f"{row.conditioning}: not found (mask of {row.name or row.image})")
             continue
         except OSError as exc:
             bad.append(f"{row.conditioning}: unreadable ({exc})")
             continue
+        if marked != (layout == "boxes"):
+            other.append(str(row.conditioning))
         if tuple(size) != tuple(row.size):
             bad.append(
                 f"mask {row.conditioning} is {size[0]}x{size[1]} but its image {row.name or row.image} is "
                 f"{row.size[0]}x{row.size[1]}"
             )
+    if other:
+        raise conditioning.training_layout_error(other, len(rows), layout, limit)
     if bad:
         more = f" (and {len(bad) - limit} more)" if len(bad) > limit else ""
         raise UserError(

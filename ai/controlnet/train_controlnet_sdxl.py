@@ -1,4 +1,4 @@
-"""Train an SDXL ControlNet on BDD100K segmentation masks from a YAML config, under accelerate.
+"""Train an SDXL ControlNet on BDD100K segmentation masks or box layouts from a YAML config, under accelerate.
 
 Usage::
 
@@ -8,10 +8,14 @@ Usage::
     python -m ai.controlnet.train_controlnet_sdxl --config config/controlnet_train.yaml --check   # validate only
 
 Data: the stage 1 ControlNet CSV (``image,conditioning_image,text``; ``convert/controlnet_bdd_to_huggingface_csv.py``)
-or a Hugging Face dataset with those columns. Masks are label ids (mode L), colormaps (mode P) or palette RGB
-renderings; they get exactly their image's bucket, crop and flip, resampled nearest-neighbour, so no pixel gets a
-class its mask does not have. The ControlNet sees them as the official palette (3 channels) or one-hot classes
-(19 channels), with the ignore id 255 black / all-zero. UNet, VAE and text encoders stay frozen; latents and text
+or a Hugging Face dataset with those columns. ``controlnet.layout`` says what the conditioning images are:
+``seg``, segmentation masks (label ids (mode L), colormaps (mode P) or palette RGB renderings), or ``boxes``, box
+layouts rendered from det_20 boxes (``--conditions boxes``; convert/box_layout.py), for every labeled frame of
+the 100K set. Either gets exactly its image's bucket, crop and flip, resampled nearest-neighbour, so no pixel gets
+a class its map does not have. The ControlNet sees them as a palette (3 channels) or one-hot ids (19 channels for
+masks, 11 for box layouts), with the ignore/background id 255 black / all-zero. The saved ControlNet records its
+layout and encoding in its config.json (``_bdd_conditioning``); inference and ``controlnet.init_from`` refuse a
+ControlNet of the other layout, and training refuses condition files of the other layout. UNet, VAE and text encoders stay frozen; latents and text
 embeddings come from the same on-disk caches as the LoRA trainer's.
 
 Control fidelity: at every validation the held-out rows' loss is measured with fixed noise and timesteps twice,
@@ -58,7 +62,9 @@ class ControlNetDataConfig(DataConfig):
 
 
 class ControlNetConfig(Section):
-    # palette: 3 channels (official colours); one_hot: 19 (one per class)
+    # seg: segmentation masks; boxes: box layouts (convert/box_layout.py)
+    layout: Literal["seg", "boxes"] = "seg"
+    # palette: 3 channels (a colour per id); one_hot: one per id (19 for masks, 11 for box layouts)
     conditioning: Literal["palette", "one_hot"] = "palette"
     init_from: str | None = None  # an existing ControlNet folder; None: a fresh copy of the UNet's encoder
     # None: diffusers' (16, 32, 96, 256), x8 down like the SDXL VAE
@@ -104,6 +110,13 @@ class Config(TrainingConfig):
 def check_inputs(cfg: Config) -> None:
     """Fast checks before accelerate starts (no torch import)."""
     check_common_inputs(cfg, Path(cfg.output.runs_dir) / cfg.output.name)
+    from ai.controlnet import conditioning
+
+    for csv_path in (cfg.data.train_csv, cfg.validation.loss_csv):
+        if (
+            csv_path
+        ):  # masks where box layouts are expected, or the other way round: refused now, not at step 0
+            conditioning.check_csv_layout(csv_path, cfg.data.conditioning_column, cfg.controlnet.layout)
     if cfg.controlnet.init_from is not None and not Path(cfg.controlnet.init_from).exists():
         raise UserError(f"controlnet.init_from: not found: {cfg.controlnet.init_from}")
     # a LoRA folder without weights, or a wrong ControlNet folder or architecture, fails here, before accelerate
@@ -113,6 +126,7 @@ def check_inputs(cfg: Config) -> None:
         from ai.controlnet import architecture
 
         cn_config = architecture.read_model_config(architecture.resolve_controlnet(cfg.controlnet.init_from))
+        architecture.check_init_layout(cn_config, cfg.controlnet.init_from, cfg.controlnet.layout)
         if is_local(cfg.model.pretrained_model):
             unet_config = architecture.read_model_config(cfg.model.pretrained_model, "unet")
             architecture.check_controlnet_fits(
@@ -135,7 +149,7 @@ def train(cfg: Config) -> int:
 
     run = trainer.start_run(cfg)
     accelerator, device, weight_dtype = run.accelerator, run.device, run.weight_dtype
-    kind = cfg.controlnet.conditioning
+    kind, layout = cfg.controlnet.conditioning, cfg.controlnet.layout
 
     # --- models: frozen SDXL (optionally with a style LoRA fused in) + trainable ControlNet ---
     # The frozen parts load in the precision they are frozen in (half the host memory of fp32), unless that rounds
@@ -154,7 +168,7 @@ def train(cfg: Config) -> int:
         control.fuse_lora(comps, cfg.controlnet.fuse_lora, cfg.controlnet.fuse_lora_scale)
     controlnet = control.build_controlnet(
         comps.unet, kind, cfg.controlnet.init_from, cfg.controlnet.conditioning_embedding_out_channels,
-        cfg.controlnet.conditioning_embedding_init, unet_weights=unet_files if exact else None,
+        cfg.controlnet.conditioning_embedding_init, unet_weights=unet_files if exact else None, layout=layout,
     )  # fmt: skip
     vae_dtype = trainer.place_frozen_models(comps, run, cfg.model.vae_fp16_safe)
     unet, vae, te1, te2 = comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2
@@ -168,7 +182,7 @@ def train(cfg: Config) -> int:
     def encode_text(prompts):
         return diffusion.encode_prompts([te1, te2], [comps.tokenizer, comps.tokenizer_2], prompts)
 
-    row_condition = control.RowCondition(kind)
+    row_condition = control.RowCondition(kind, layout)
     train_data = trainer.build_train_data(
         cfg,
         comps,
@@ -177,7 +191,7 @@ def train(cfg: Config) -> int:
         conditioning_column=cfg.data.conditioning_column,
         conditioning_fn=row_condition,
     )
-    control.check_mask_sizes([*train_data.rows, *train_data.held_rows])
+    control.check_mask_sizes([*train_data.rows, *train_data.held_rows], layout=layout)
 
     # --- optimizer, schedule, accelerate ---
     optimizer, lr_scheduler = trainer.build_optimizer(
@@ -219,7 +233,7 @@ def train(cfg: Config) -> int:
                 loss_set = validation.encode_loss_set(rows, geometry, vae, encode_text, device)
             plans = [data.plan_crop(r.size, geometry.bucket_of(r), "center", False) for r in rows]
             ids = [row_condition.ids(r, p) for r, p in zip(rows, plans, strict=True)]
-            conds = [conditioning.ids_to_tensor(i, kind)[None].to(device) for i in ids]
+            conds = [conditioning.ids_to_tensor(i, kind, layout)[None].to(device) for i in ids]
             held = (loss_set, conds, ids)
         return held
 
@@ -272,7 +286,7 @@ def train(cfg: Config) -> int:
                                 height=cond.shape[-2], num_inference_steps=v.num_inference_steps,
                                 guidance_scale=v.guidance_scale, controlnet_conditioning_scale=v.conditioning_scale,
                             )  # fmt: skip
-                        sheet = conditioning.side_by_side(conditioning.ids_to_preview(ids[i]), image)
+                        sheet = conditioning.side_by_side(conditioning.ids_to_preview(ids[i], layout), image)
                         sheet.save(out / f"{Path(row.name or str(row.index)).stem}_seed{seed}.png")
                         sheets.append(sheet)
             training_log.log_images(accelerator, sheets, [r.text for r in rows for _ in v.seeds], step)
@@ -290,7 +304,8 @@ def train(cfg: Config) -> int:
         **trainer.common_banner(cfg, run, train_data, state),
         "precision": f"{cfg.train.mixed_precision} (VAE {str(vae_dtype).replace('torch.', '')}, ControlNet fp32)",
         "attention": "xformers" if use_xformers else "SDPA",
-        "conditioning": f"{kind} ({conditioning.channels_for(kind)} channels, label ids resized nearest-neighbour)",
+        "conditioning": f"{conditioning.LAYOUT_NAMES[layout]} as {kind} ({conditioning.channels_for(kind, layout)} "
+        "channels, ids resized nearest-neighbour)",
         "ControlNet": f"{n_trainable:,} trainable parameters, from {cfg.controlnet.init_from or 'the UNet encoder'}"
         f"{f' (UNet with LoRA {cfg.controlnet.fuse_lora} fused)' if cfg.controlnet.fuse_lora else ''}",
     })  # fmt: skip
@@ -345,7 +360,8 @@ def main(argv=None) -> int:
     return trainer_main(
         argv,
         prog="python -m ai.controlnet.train_controlnet_sdxl",
-        description="Train an SDXL ControlNet on segmentation masks from a YAML config (launch with ai/controlnet/run_controlnet_train.sh).",
+        description="Train an SDXL ControlNet on segmentation masks or box layouts from a YAML config (launch with "
+        "ai/controlnet/run_controlnet_train.sh).",
         config_cls=Config,
         check_inputs=check_inputs,
         train=train,
