@@ -1,9 +1,13 @@
-"""Write the ControlNet training CSV (columns image,conditioning_image,text) from images, captions and masks.
+"""Write the ControlNet training CSV (columns image,conditioning_image,text) from images, captions and masks
+or boxes.
 
 Usage:
     python convert/controlnet_bdd_to_huggingface_csv.py --images_path bdd100k/images/10k/train \\
         --captions_path captions/train --conditions_path bdd100k/labels/sem_seg/masks/train \\
         --output_folder csv --type train [--relative_paths] [--palette_rgb] [--skip_mask_check] [--overwrite]
+    python convert/controlnet_bdd_to_huggingface_csv.py --conditions boxes --images_path bdd100k/images/100k/train \\
+        --captions_path captions/train --labels_file bdd100k/labels/det_20/det_train.json \\
+        --output_folder csv --type train [--relative_paths] [--overwrite]
 
 Writes ``<output_folder>/bdd_hf_dataset_controlnet_<type>.csv`` (rows sorted by image name) and
 ``<output_folder>/unmatched_controlnet_<type>.txt`` (one '<reason>\\t<file>' line per file without a row).
@@ -17,6 +21,15 @@ that want RGB (a rerun skips renderings newer than their mask).
 
 Every mask is checked against its image: mode (L or P; RGB colour renderings are refused), size (read from
 the image's header, pixels are not decoded) and values (decoded; --skip_mask_check skips the values).
+
+``--conditions boxes``: box layouts instead of masks, for every labeled frame (the 100K set, not only the 10K
+masks). Reads ``--labels_file`` (det_20, the legacy 2018 file, Scalabel exports or a folder of 2018 per-image
+files: convert/bdd.py reads them all), renders each image's frame at the image's size (read from its header) with
+convert/box_layout.py into ``<output_folder>/box_layouts/<type>/<name>.png`` (mode P, index = layout id, marked
+``bdd_layout=boxes``) and writes ``<output_folder>/bdd_hf_dataset_controlnet_boxes_<type>.csv`` and
+``unmatched_controlnet_boxes_<type>.txt``. A row needs an image, its caption and its frame in the labels file. A
+rerun rewrites only layouts whose boxes, size or rendering rules changed (a key in each PNG's header). Boxes
+wholly outside their frame are counted: many of them mean the labels are not in the images' pixels.
 """
 
 from __future__ import annotations
@@ -27,6 +40,7 @@ import os
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
@@ -34,7 +48,7 @@ from tqdm import tqdm
 
 from ai.common.cli import UserError, run_main
 from ai.common.io import atomic_write_bytes
-from convert import bdd, hf_csv
+from convert import bdd, box_layout, hf_csv
 
 COLUMNS = ("image", "conditioning_image", "text")
 MAX_WORKERS = 8  # PIL decodes PNGs with the GIL released: threads scale to the cores
@@ -46,9 +60,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     hf_csv.add_common_args(parser)
     parser.add_argument(
+        "--conditions",
+        choices=("masks", "boxes"),
+        default="masks",
+        help="masks: segmentation masks from --conditions_path (default); boxes: box layouts rendered from "
+        "--labels_file",
+    )
+    parser.add_argument(
         "--conditions_path",
-        required=True,
-        help="folder of <image name>.png label-id masks (labels/sem_seg/masks/<split>)",
+        help="(masks) folder of <image name>.png label-id masks (labels/sem_seg/masks/<split>)",
+    )
+    parser.add_argument(
+        "--labels_file",
+        help="(boxes) the frames' labels: det_20 (labels/det_20/det_<split>.json), the legacy 2018 file, a Scalabel "
+        "export or a folder of 2018 per-image JSONs, in the images' pixels",
     )
     parser.add_argument("--type", required=True, help="name in the output file names, e.g. train or val")
     parser.add_argument(
@@ -61,7 +86,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="check masks' mode and size only (headers), not their values (faster on the full 7,000 masks)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.conditions == "masks":
+        if not args.conditions_path:
+            raise UserError(
+                "--conditions_path is required (the masks folder), or pass --conditions boxes --labels_file F"
+            )
+        if args.labels_file:
+            raise UserError("--labels_file is for --conditions boxes; masks come from --conditions_path")
+    else:
+        if not args.labels_file:
+            raise UserError(
+                "--conditions boxes needs --labels_file (e.g. bdd100k/labels/det_20/det_train.json)"
+            )
+        masks_only = [flag for flag, on in (
+            ("--conditions_path", args.conditions_path), ("--palette_rgb", args.palette_rgb),
+            ("--skip_mask_check", args.skip_mask_check),
+        ) if on]  # fmt: skip
+        if masks_only:
+            raise UserError(
+                f"{', '.join(masks_only)}: for --conditions masks only; box layouts are rendered from --labels_file"
+            )
+    return args
 
 
 def image_header(path: Path, what: str) -> tuple[str, tuple[int, int]]:
@@ -114,9 +160,115 @@ def check_masks(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Box layouts
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayoutResult:
+    written: bool
+    drawn: int  # boxes on the layout
+    outside: int  # boxes of the 10 classes that lie wholly outside the frame (or are invalid)
+
+
+def write_layout(sample: hf_csv.Sample, frame: bdd.Frame, path: Path) -> LayoutResult:
+    """Render one frame's boxes at its image's size into ``path``, unless the file there has the same key."""
+    _, size = image_header(sample.image, "image")
+    labels = frame.label_list()
+    boxes = box_layout.layout_boxes(labels, size)
+    candidates = sum(
+        1
+        for label in labels
+        if label.box2d is not None
+        and (cat := bdd.category_of(label)).det_class is not None
+        and not cat.ignored
+    )
+    key = box_layout.layout_key(labels, size)
+    result = LayoutResult(False, len(boxes), candidates - len(boxes))
+    if path.is_file():
+        try:
+            with Image.open(path) as im:
+                if im.info.get(box_layout.SOURCE_KEY) == key and im.size == size:
+                    return result  # up to date: the same boxes, size and rendering rules
+        except OSError:
+            pass  # unreadable: rendered again
+    box_layout.save_layout(box_layout.render_box_layout(labels, size), path, key=key)
+    result.written = True
+    return result
+
+
+def write_layouts(
+    samples: Sequence[hf_csv.Sample], frames: dict[str, bdd.Frame], paths: Sequence[Path]
+) -> list[LayoutResult]:
+    """All layouts in parallel (PNG encoding releases the GIL); the first error (in row order) stops the run."""
+    workers = min(MAX_WORKERS, os.cpu_count() or 1)
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        jobs = pool.map(write_layout, samples, [frames[bdd.stem(s.image)] for s in samples], paths)
+        return list(tqdm(jobs, total=len(samples), desc="box layouts", unit="frame"))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def index_frames(labels_file: str) -> tuple[dict[str, bdd.Frame], list[Path]]:
+    """Frames by base name (the first of duplicates) and one pseudo path per frame (``<labels file>/<frame name>``:
+    matched by base name, listed so in the unmatched report)."""
+    frames: dict[str, bdd.Frame] = {}
+    entries = []
+    for frame in bdd.load_frames(labels_file):
+        frames.setdefault(frame.stem, frame)
+        entries.append(Path(labels_file).absolute() / frame.name.lstrip("/"))
+    return frames, entries
+
+
+def main_boxes(args: argparse.Namespace, kind: str) -> int:
+    images = bdd.list_images(args.images_path)
+    captions = hf_csv.list_captions(args.captions_path)
+    frames, entries = index_frames(args.labels_file)
+    result = hf_csv.match_samples(images, captions, entries, condition="labels")
+    hf_csv.attach_captions(result)
+    folders = {"images": args.images_path, "captions": args.captions_path, "labeled frames": args.labels_file}
+    hf_csv.require_rows(result, folders)
+
+    out = hf_csv.prepare_output(args.output_folder)
+    csv_path = out / f"bdd_hf_dataset_controlnet_boxes_{kind}.csv"
+    layout_dir = out / "box_layouts" / kind
+    paths = [layout_dir / f"{bdd.stem(s.image)}.png" for s in result.samples]
+    rows = [
+        (
+            hf_csv.csv_path_value(s.image, out, args.relative_paths),
+            hf_csv.csv_path_value(p, out, args.relative_paths),
+            s.caption,
+        )
+        for s, p in zip(result.samples, paths, strict=True)
+    ]
+    text = hf_csv.csv_text(COLUMNS, rows)
+    needs_write = hf_csv.csv_needs_write(csv_path, text, args.overwrite)  # refused before anything is written
+
+    layout_dir.mkdir(parents=True, exist_ok=True)
+    done = write_layouts(result.samples, frames, paths)
+    hf_csv.finish(csv_path, text, needs_write, result, out / f"unmatched_controlnet_boxes_{kind}.txt")
+    written = sum(r.written for r in done)
+    drawn, outside = sum(r.drawn for r in done), sum(r.outside for r in done)
+    empty = sum(r.drawn == 0 for r in done)
+    print(
+        f"box layouts: {written} written, {len(done) - written} up to date in {layout_dir}; {drawn} boxes drawn, "
+        f"{empty} frame(s) without a box"
+    )
+    if outside:
+        print(
+            f"warning: {outside} box(es) lie wholly outside their frames and were left out; many of them mean "
+            f"{args.labels_file} is not in the pixels of the images in {args.images_path}"
+        )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     kind = hf_csv.check_output_name(args.type, "--type")
+    if args.conditions == "boxes":
+        return main_boxes(args, kind)
 
     # Inputs, matched by base name; captions read and checked.
     images = bdd.list_images(args.images_path)

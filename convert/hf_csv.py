@@ -1,7 +1,8 @@
 """Shared steps of the two CSV scripts: list inputs, match them by base name, read captions, write CSV + report.
 
 ``lora_bdd_to_huggingface_csv.py`` (image,text) and ``controlnet_bdd_to_huggingface_csv.py``
-(image,conditioning_image,text) differ only in the masks; everything else lives here once:
+(image,conditioning_image,text) differ only in the conditions (masks, or the labeled frames box layouts are drawn
+from); everything else lives here once:
 
 * matching by :func:`convert.bdd.stem` (``x.jpg`` pairs with ``x.txt`` and ``x.png``), with every file left
   out listed with its reason (partial matches are normal: the 10K segmentation names differ from the 100K's);
@@ -97,7 +98,7 @@ def list_masks(folder: str | os.PathLike) -> list[Path]:
 
 @dataclass(frozen=True)
 class Sample:
-    """One future CSV row: an image, its caption file and (ControlNet) its mask."""
+    """One future CSV row: an image, its caption file and (ControlNet) its mask or its labels' entry."""
 
     image: Path
     caption_file: Path
@@ -110,6 +111,7 @@ class MatchResult:
     samples: list[Sample]
     unmatched: list[tuple[str, Path]] = field(default_factory=list)  # (reason, file)
     counts: dict[str, int] = field(default_factory=dict)  # files found per kind: images, captions, masks
+    condition: str = "mask"  # what the third input is called in reasons: "mask" or "labels"
 
 
 def _drop_duplicates(paths: Sequence[Path], reason: str, unmatched: list[tuple[str, Path]]) -> list[Path]:
@@ -126,12 +128,21 @@ def _drop_duplicates(paths: Sequence[Path], reason: str, unmatched: list[tuple[s
     return kept
 
 
+#: How each condition is counted in reports.
+CONDITION_COUNTS = {"mask": "masks", "labels": "labeled frames"}
+
+
 def match_samples(
-    images: Sequence[Path], captions: Sequence[Path], masks: Sequence[Path] | None = None
+    images: Sequence[Path],
+    captions: Sequence[Path],
+    masks: Sequence[Path] | None = None,
+    condition: str = "mask",
 ) -> MatchResult:
     """Pair images with captions (and masks) by base name; rows sorted by image name.
 
     Every file without a row is listed with its reason; duplicate base names keep the first file.
+    ``condition`` names the third input in the reasons (``labels``: ``masks`` are one entry per labeled frame,
+    e.g. ``<labels file>:<frame name>``, as the box layout CSV passes them).
     """
     unmatched: list[tuple[str, Path]] = []
     counts = {"images": len(images), "captions": len(captions)}
@@ -143,11 +154,11 @@ def match_samples(
 
     mask_of: dict[str, Path] | None = None
     if masks is not None:
-        counts["masks"] = len(masks)
-        masks = _drop_duplicates(masks, DUPLICATE_MASK, unmatched)
+        counts[CONDITION_COUNTS[condition]] = len(masks)
+        masks = _drop_duplicates(masks, f"duplicate {condition} name", unmatched)
         with_mask = bdd.match_by_stem(images, masks)
         mask_of = {bdd.stem(img): mask for img, mask in with_mask.pairs}
-        unmatched += [(MASK_WITHOUT_IMAGE, p) for p in with_mask.right_only]
+        unmatched += [(f"{condition} without image", p) for p in with_mask.right_only]
 
     samples = []
     for image in images:
@@ -158,13 +169,13 @@ def match_samples(
         if caption is None:
             missing.append("caption")
         if mask_of is not None and mask is None:
-            missing.append("mask")
+            missing.append(condition)
         if missing:  # "image without caption", "... without mask", "... without caption and mask"
             unmatched.append((f"image without {' and '.join(missing)}", image))
             continue
         samples.append(Sample(image, caption, mask))
     samples.sort(key=lambda s: s.image.name)
-    return MatchResult(samples, unmatched, counts)
+    return MatchResult(samples, unmatched, counts, condition)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -208,14 +219,15 @@ def require_rows(result: MatchResult, folders: dict[str, Path]) -> None:
     if by_reason[EMPTY_CAPTION]:  # everything that matched had an empty caption
         raise UserError(f"no rows: all {by_reason[EMPTY_CAPTION]} matched captions are empty ({found})")
     examples = []
-    reasons = (IMAGE_WITHOUT_CAPTION_AND_MASK, IMAGE_WITHOUT_CAPTION, IMAGE_WITHOUT_MASK)
-    for reason in (*reasons, CAPTION_WITHOUT_IMAGE, MASK_WITHOUT_IMAGE):
+    c = result.condition
+    reasons = (f"image without caption and {c}", IMAGE_WITHOUT_CAPTION, f"image without {c}")
+    for reason in (*reasons, CAPTION_WITHOUT_IMAGE, f"{c} without image"):
         names = [p.name for r, p in result.unmatched if r == reason][:3]
         if names:
             examples.append(f"{reason}: {', '.join(names)}")
     hint = "; ".join(examples) if examples else "a folder is empty"
     raise UserError(
-        f"no rows: no image has a matching {'caption and mask' if 'masks' in result.counts else 'caption'} "
+        f"no rows: no image has a matching {'caption and ' + c if len(result.counts) > 2 else 'caption'} "
         f"by base name ({found}). {hint}. Check that the folders belong to the same split; note that the 10K "
         "segmentation images (and their masks) only partly share names with the 100K images"
     )

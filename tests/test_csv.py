@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from ai.common.cli import run_main
+from convert import bdd, hf_csv
 from convert import controlnet_bdd_to_huggingface_csv as controlnet_csv
-from convert import hf_csv
 from convert import lora_bdd_to_huggingface_csv as lora_csv
 
 SIZE = (32, 18)  # (width, height)
@@ -489,3 +489,141 @@ def test_scripts_run_from_the_command_line(folders, repo_root, command):
     proc = subprocess.run(command + argv, cwd=repo_root, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == f"error: image folder not found: {missing}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --conditions boxes: box layouts rendered from the labels of every labeled frame
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def box_args(images: Path, captions: Path, labels: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--conditions", "boxes", "--images_path", str(images), "--captions_path", str(captions),
+        "--labels_file", str(labels), "--output_folder", str(out), "--type", "train", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def box_inputs(mini_bdd: Path, tmp_path: Path) -> dict[str, Path]:
+    """The mini-BDD100K's 100K train images, a caption for each, and a copy of det_train (editable)."""
+    images = mini_bdd / "images" / "100k" / "train"
+    for image in bdd.list_images(images):
+        write_caption(tmp_path / "captions" / f"{image.stem}.txt", f"a street, frame {image.stem}")
+    import json
+
+    frames = json.loads((mini_bdd / "labels" / "det_20" / "det_train.json").read_text())
+    frames.append(
+        {
+            "name": "0000-no-image.jpg",
+            "labels": [{"id": "1", "category": "car", "box2d": {"x1": 1, "y1": 1, "x2": 9, "y2": 9}}],
+        }
+    )
+    labels = tmp_path / "det_train.json"
+    labels.write_text(json.dumps(frames))
+    return {"images": images, "captions": tmp_path / "captions", "labels": labels, "out": tmp_path / "csv"}
+
+
+def test_box_csv_renders_one_layout_per_labeled_frame(box_inputs, capsys):
+    from convert import box_layout
+
+    f = box_inputs
+    assert controlnet_csv.main(box_args(f["images"], f["captions"], f["labels"], f["out"])) == 0
+    frames = {fr.stem: fr for fr in bdd.load_frames(f["labels"]) if fr.stem != "0000-no-image"}
+    images = bdd.list_images(f["images"])
+    labeled = [p for p in images if p.stem in frames]
+    assert 0 < len(labeled) < len(images)  # the mini set has images without a frame in det_train
+    rows = read_rows(f["out"] / "bdd_hf_dataset_controlnet_boxes_train.csv")
+    layouts = f["out"] / "box_layouts" / "train"
+    assert rows == [
+        {
+            "image": str(p),
+            "conditioning_image": str(layouts / f"{p.stem}.png"),
+            "text": f"a street, frame {p.stem}",
+        }
+        for p in labeled
+    ]
+    drawn = 0
+    for p in labeled:
+        with Image.open(p) as im:
+            size = im.size
+        with Image.open(layouts / f"{p.stem}.png") as lay:
+            assert lay.mode == "P" and lay.size == size and lay.info["bdd_layout"] == "boxes"
+            ids = np.asarray(lay)
+        assert np.array_equal(ids, box_layout.render_box_layout(frames[p.stem].label_list(), size))
+        drawn += len(box_layout.layout_boxes(frames[p.stem].label_list(), size))
+    unmatched = (f["out"] / "unmatched_controlnet_boxes_train.txt").read_text().splitlines()
+    assert {line.split("\t")[0] for line in unmatched} <= {"image without labels", "labels without image"}
+    listed = {Path(line.split("\t")[1]).name for line in unmatched if line.startswith("image without labels")}
+    assert listed == {p.name for p in images} - {p.name for p in labeled}
+    assert len(rows) == len(frames) == len(labeled)  # every labeled frame with an image, empty ones too
+    assert f"labels without image\t{f['labels']}/0000-no-image.jpg" in unmatched  # a frame without its image
+    out = capsys.readouterr().out
+    assert f"found {len(images)} images, {len(images)} captions, {len(frames) + 1} labeled frames" in out
+    assert f"box layouts: {len(labeled)} written, 0 up to date in {layouts}; {drawn} boxes drawn" in out
+    assert "warning" not in out
+    # the masks CSV of the same folder is another file: both kinds can live in one csv/ folder
+    assert not (f["out"] / "bdd_hf_dataset_controlnet_train.csv").exists()
+
+
+def test_box_csv_rerun_rewrites_only_changed_frames(box_inputs, capsys):
+    import json
+
+    f = box_inputs
+    argv = box_args(f["images"], f["captions"], f["labels"], f["out"], "--relative_paths")
+    assert controlnet_csv.main(argv) == 0
+    layouts = f["out"] / "box_layouts" / "train"
+    stamps = {p.name: p.stat().st_mtime_ns for p in layouts.iterdir()}
+    capsys.readouterr()
+    assert controlnet_csv.main(argv) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in layouts.iterdir()} == stamps
+    assert f"box layouts: 0 written, {len(stamps)} up to date" in capsys.readouterr().out
+
+    data = json.loads(f["labels"].read_text())
+    frame = next(fr for fr in data if fr.get("labels") and f"{Path(fr['name']).stem}.png" in stamps)
+    frame["labels"][0]["box2d"]["x1"] -= 3  # one box moved: only its frame's layout changes
+    frame["labels"].append(
+        {"id": "x", "category": "car", "box2d": {"x1": 5000, "y1": 10, "x2": 5100, "y2": 50}}
+    )
+    f["labels"].write_text(json.dumps(data))
+    assert controlnet_csv.main(argv) == 0
+    changed = sorted(p.name for p in layouts.iterdir() if p.stat().st_mtime_ns != stamps[p.name])
+    assert changed == [f"{Path(frame['name']).stem}.png"]
+    out = capsys.readouterr().out
+    assert f"box layouts: 1 written, {len(stamps) - 1} up to date" in out
+    assert (
+        f"warning: 1 box(es) lie wholly outside their frames and were left out; many of them mean {f['labels']}"
+        in out
+    )
+    for row in read_rows(f["out"] / "bdd_hf_dataset_controlnet_boxes_train.csv"):
+        assert not os.path.isabs(row["conditioning_image"])
+        assert (f["out"] / row["conditioning_image"]).resolve().parent == layouts.resolve()
+    assert not [p for p in layouts.iterdir() if ".tmp" in p.name]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--conditions", "boxes"), "error: --conditions boxes needs --labels_file"),
+        (
+            ("--conditions", "boxes", "--labels_file", "L", "--conditions_path", "M"),
+            "error: --conditions_path: for",
+        ),
+        (
+            ("--conditions", "boxes", "--labels_file", "L", "--palette_rgb"),
+            "error: --palette_rgb: for --conditions",
+        ),
+        ((), "error: --conditions_path is required (the masks folder)"),
+        (("--conditions_path", "M", "--labels_file", "L"), "error: --labels_file is for --conditions boxes"),
+    ],
+)
+def test_box_csv_flags_are_checked(folders, capsys, extra, message):
+    argv = ["--images_path", str(folders["images"]), "--captions_path", str(folders["captions"]),
+            "--output_folder", str(folders["out"]), "--type", "train", *extra]  # fmt: skip
+    assert run_error(controlnet_csv.main, argv, capsys).startswith(message)
+
+
+def test_box_csv_missing_labels_file_is_named(folders, capsys):
+    missing = folders["images"].parent / "det_train.json"
+    argv = box_args(folders["images"], folders["captions"], missing, folders["out"])
+    assert run_error(controlnet_csv.main, argv, capsys) == f"error: labels file not found: {missing}"
+    assert not folders["out"].exists()
