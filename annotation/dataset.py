@@ -1,8 +1,9 @@
 """Per-image records and the YOLO dataset they become.
 
 A record (one line of manifest.jsonl) holds what inference found, keyed by the image's relative path ``key``
-(``<input folder name>/<path inside it>``); the decision fields (accepted, split, layout scores) are recomputed
-from it on every run, so changing a threshold and rerunning re-filters without re-running the detector.
+(``<input folder name>/<path inside it>``); the decision fields (labels and their provenance, accepted, split,
+layout scores) are recomputed from it and the image's layout on every run, so changing a threshold or
+``labels.source`` and rerunning re-filters and relabels without re-running the detector.
 :func:`sync_dataset_files` then makes images/, labels/ and confidences/ match the decisions: idempotent, atomic
 writes, no appends, files of images that moved split or became rejected removed.
 """
@@ -22,13 +23,19 @@ from typing import Any
 import yaml
 
 from ai.common.io import atomic_write_text
-from annotation.layout import LayoutSources, match_boxes
+from annotation import consensus
+from annotation.layout import LayoutSources
 from annotation.settings import AnnotationConfig
 from convert import bdd
 
 SPLITS = ("train", "val")
 MANIFEST_JSONL = "manifest.jsonl"
 MANIFEST_CSV = "manifest.csv"
+#: what :func:`decide` recomputes on every run (everything else in a record is what inference found)
+DECISION_FIELDS = (
+    "reasons", "status", "split", "kept", "n_labels", "counts", "min_confidence", "mean_confidence", "layout",
+    "layout_note", "labels", "provenance", "labels_source", "labels_note",
+)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -68,60 +75,91 @@ def split_of(key: str, seed: int, val_fraction: float) -> str:
 def decide(
     record: dict[str, Any], cfg: AnnotationConfig, layout: LayoutSources, output_classes: set[int]
 ) -> None:
-    """Fill a record's decision fields in place: kept detections, counts, layout scores, status, reasons, split."""
-    flt = cfg.filter
-    for field in ("reasons", "layout", "layout_note"):
+    """Fill a record's decision fields in place from its detections and its layout (never the detector):
+    labels and their provenance, counts, layout scores, status, reasons, split."""
+    flt, lab = cfg.filter, cfg.labels
+    for field in DECISION_FIELDS:
         record.pop(field, None)
     if record.get("error"):
-        record.update(status="rejected", reasons=["unreadable"], split=None, kept=0, counts={})
+        record.update(status="rejected", reasons=["unreadable"], split=None, kept=0, n_labels=0, counts={})
         record.update(min_confidence=None, mean_confidence=None, layout=None, layout_note=None)
+        record.update(labels=[], provenance=None, labels_source=None, labels_note=None)
         return
     kept = [d for d in record["detections"] if d["confidence"] >= flt.min_confidence]
     confs = [d["confidence"] for d in kept]
     record["kept"] = len(kept)
-    record["counts"] = dict(Counter(d["class"] for d in kept))
     record["min_confidence"] = round(min(confs), 6) if confs else None
     record["mean_confidence"] = round(sum(confs) / len(confs), 6) if confs else None
 
     reasons = []
-    if len(kept) < flt.min_detections:
-        reasons.append("too_few_detections")
-    record["layout"], record["layout_note"] = None, None
+    record.update(layout=None, layout_note=None, provenance=None, labels_note=None)
+    sources, note = None, "no metadata.jsonl record"
     ref = layout.ref_for(Path(record["source"]))
     if ref is not None:
         sources, note = layout.source_boxes(
             ref, (record["width"], record["height"]), output_classes, flt.layout_min_box_size
         )
         record["layout_note"] = note
-        if sources is not None:
-            result = match_boxes(
-                [(d["class_id"], d["confidence"], d["box_xyxy"]) for d in kept], sources, flt.layout_iou
-            )
-            record["layout"] = {
-                "source_frame": ref.source_frame,
-                "recall": round(result.recall, 4),
-                "precision": round(result.precision, 4),
-                "score": round(result.score, 4),
-                "matched": result.matched,
-                "n_source": result.n_source,
-                "n_detected": result.n_detected,
-            }
-            if result.recall < flt.min_recall:
+    if sources is None:  # no source layout (a LoRA generation): detector labels whatever labels.source says
+        labels = consensus.detector_labels(record["detections"], flt.min_confidence)
+        record["labels_source"] = "detector"
+        if lab.source != "detector":
+            record["labels_note"] = f"no source layout ({note}): detector labels instead of {lab.source}"
+    else:
+        detections = [(d["class_id"], d["confidence"], d["box_xyxy"]) for d in record["detections"]]
+        boxes = consensus.match_provenance(
+            detections, sources, flt.layout_iou, flt.min_confidence, lab.confirm_min_confidence
+        )
+        n = consensus.counts_of(boxes)
+        confirmed, n_detected = n["confirmed"], n["confirmed"] + n["detector_only"]
+        recall = confirmed / len(sources) if sources else 1.0
+        precision = confirmed / n_detected if n_detected else 1.0
+        record["layout"] = {
+            "source_frame": ref.source_frame,
+            "recall": round(recall, 4),
+            "precision": round(precision, 4),
+            "score": round(2 * recall * precision / (recall + precision) if recall + precision else 0.0, 4),
+            "matched": confirmed,
+            "n_source": len(sources),
+            "n_detected": n_detected,
+            **{f"n_{p}": n[p] for p in consensus.PROVENANCES},
+            "disagreement": round(consensus.disagreement_share(n), 4),
+        }
+        chosen, policy_reasons = consensus.select_labels(
+            boxes,
+            lab.source,
+            min_confidence=flt.min_confidence,
+            policy=lab.policy,
+            geometry=lab.geometry,
+            detector_only_min_confidence=lab.detector_only_min_confidence,
+            max_disagreement=lab.max_disagreement,
+        )
+        labels = [consensus.label_of(boxes[i], geometry) for i, geometry in chosen]
+        is_label = {i for i, _ in chosen}
+        record["provenance"] = [{**b.to_json(), "label": i in is_label} for i, b in enumerate(boxes)]
+        record["labels_source"] = lab.source
+        if lab.source != "layout":  # layout labels trust the layout: the detector's scores never reject
+            if recall < flt.min_recall:
                 reasons.append("low_layout_recall")
-            if result.precision < flt.min_precision:
+            if precision < flt.min_precision:
                 reasons.append("low_layout_precision")
+        reasons += policy_reasons
+    if len(labels) < flt.min_detections:
+        reasons.insert(0, "too_few_detections")
+    record["labels"] = labels
+    record["n_labels"] = len(labels)
+    record["counts"] = dict(Counter(label["class"] for label in labels))
     record["reasons"] = reasons
     record["status"] = "rejected" if reasons else "accepted"
     record["split"] = None if reasons else split_of(record["key"], cfg.split.seed, cfg.split.val_fraction)
 
 
-def label_lines(record: dict[str, Any], min_confidence: float) -> tuple[str, str]:
-    """(YOLO label text, confidence sidecar text): one line per kept detection, in the same order."""
+def label_lines(record: dict[str, Any]) -> tuple[str, str]:
+    """(YOLO label text, confidence sidecar text): one line per label, in the same order; a label from the
+    layout alone has no detector confidence (``nan``)."""
     w, h = record["width"], record["height"]
     labels, confs = [], []
-    for d in record["detections"]:
-        if d["confidence"] < min_confidence:
-            continue
+    for d in record["labels"]:
         x1, y1, x2, y2 = d["box_xyxy"]
         x1, x2 = (min(max(v, 0.0), w) for v in (x1, x2))
         y1, y2 = (min(max(v, 0.0), h) for v in (y1, y2))
@@ -129,7 +167,7 @@ def label_lines(record: dict[str, Any], min_confidence: float) -> tuple[str, str
             continue
         cx, cy, bw, bh = (x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h
         labels.append(f"{d['class_id']} {cx:.6f} {cy:.6f} {bw:.6f} {bh:.6f}\n")
-        confs.append(f"{d['confidence']:.6f}\n")
+        confs.append("nan\n" if d["confidence"] is None else f"{d['confidence']:.6f}\n")
     return "".join(labels), "".join(confs)
 
 
@@ -160,7 +198,7 @@ def sync_dataset_files(out: Path, record: dict[str, Any], cfg: AnnotationConfig,
         if record["status"] == "accepted" and record["split"] == split:
             if fresh or not image.exists():
                 place_image(Path(record["source"]), image, cfg.output.image_mode)
-            label_text, conf_text = label_lines(record, cfg.filter.min_confidence)
+            label_text, conf_text = label_lines(record)
             write_if_changed(label, label_text)
             if cfg.output.confidence_sidecars:
                 write_if_changed(conf, conf_text)
@@ -270,13 +308,20 @@ def write_manifests(out: Path, records: dict[str, dict[str, Any]]) -> None:
         "width",
         "height",
         "kept",
+        "labels_source",
+        "n_labels",
         *(f"n_{c.replace(' ', '_')}" for c in bdd.DET_CLASSES),
         "min_confidence",
         "mean_confidence",
         "layout_recall",
         "layout_precision",
         "layout_score",
+        "n_confirmed",
+        "n_layout_only",
+        "n_detector_only",
+        "disagreement",
         "layout_note",
+        "labels_note",
         "detections",
         "source",
         "sha256",
@@ -300,13 +345,18 @@ def write_manifests(out: Path, records: dict[str, dict[str, Any]]) -> None:
                 r.get("width"),
                 r.get("height"),
                 r.get("kept"),
+                r.get("labels_source") or "",
+                _blank(r.get("n_labels")),
                 *(counts.get(c, 0) for c in bdd.DET_CLASSES),
                 _blank(r.get("min_confidence")),
                 _blank(r.get("mean_confidence")),
                 _blank(layout.get("recall")),
                 _blank(layout.get("precision")),
                 _blank(layout.get("score")),
+                *(_blank(layout.get(f"n_{p}")) for p in consensus.PROVENANCES),
+                _blank(layout.get("disagreement")),
                 r.get("layout_note") or "",
+                r.get("labels_note") or "",
                 dets,
                 r.get("source"),
                 r.get("sha256"),

@@ -5,10 +5,14 @@ Generation writes ``metadata.jsonl`` beside the images, one JSON record per imag
     {"file": "000001.png", "source_frame": "b1c66a42-6f7d68ca.jpg",
      "source_labels": "/data/bdd100k/labels/det_20/det_val.json", "mask_path": "...", "source_size": [1280, 720]}
 
-``file`` is required; the rest is optional. Relative paths are resolved against the metadata file's folder. The
-source frame's size comes from ``source_size``, else from the mask at ``mask_path`` (masks have their frame's
-size), else it is BDD100K's 1280x720. Source boxes are scaled to the generated image's size, then detections and
-source boxes are matched class by class, greedily by confidence, at IoU >= a threshold (:func:`match_boxes`).
+``file`` is required; the rest is optional. Relative paths are resolved against the metadata file's folder. A
+record may carry its layout inline instead, as a ``labels`` list in det_20 form (``[{"category": "car", "box2d":
+{"x1": .., "y1": .., "x2": .., "y2": ..}, "attributes": {..}}, ...]``, in the pixels of ``source_size``: a
+generation plan's boxes); then those are the source boxes and ``source_labels`` is not read. The source size
+comes from ``source_size``, else from the mask at ``mask_path`` (masks have their frame's size), else it is
+BDD100K's 1280x720. Source boxes are scaled to the generated image's size, then detections and source boxes are
+matched class by class, greedily by confidence, at IoU >= a threshold (:func:`match_boxes`,
+:func:`annotation.consensus.pair_boxes`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
+
 from ai.common.cli import UserError
+from annotation.consensus import pair_boxes
 from convert import bdd
 
 METADATA_FILE = "metadata.jsonl"
@@ -35,6 +42,7 @@ class SourceRef:
     source_labels: Path | None = None
     mask_path: Path | None = None
     source_size: tuple[int, int] | None = None
+    labels: tuple[bdd.Label, ...] | None = None  # an inline layout (det_20 labels): read, not source_labels
 
 
 @dataclass(frozen=True)
@@ -72,20 +80,7 @@ def match_boxes(
 
     Each detection, highest confidence first, takes the unmatched reference box of its class with the highest IoU.
     """
-    free: dict[int, list[Sequence[float]]] = {}
-    for cls, box in sources:
-        free.setdefault(cls, []).append(box)
-    matched = 0
-    for cls, _conf, box in sorted(detections, key=lambda d: -d[1]):
-        candidates = free.get(cls)
-        if not candidates:
-            continue
-        ious = [bdd.box_iou(box, ref) for ref in candidates]
-        best = max(range(len(ious)), key=ious.__getitem__)
-        if ious[best] >= iou_threshold:
-            candidates.pop(best)
-            matched += 1
-    return MatchResult(matched, len(sources), len(detections))
+    return MatchResult(len(pair_boxes(detections, sources, iou_threshold)), len(sources), len(detections))
 
 
 class LayoutSources:
@@ -109,17 +104,23 @@ class LayoutSources:
 
         Only classes in ``keep_classes`` (what the detector can output) count; det_20's ignored categories
         (other person, other vehicle, trailer) and boxes smaller than ``min_box_size`` pixels are left out.
+        An inline ``labels`` layout wins over ``source_frame``/``source_labels``.
         """
-        if ref.source_frame is None or ref.source_labels is None:
-            return None, "no source_frame/source_labels in metadata"
-        frames = self._frames(ref.source_labels)
-        frame = frames.get(ref.source_frame) or frames.get(bdd.stem(ref.source_frame))
-        if frame is None:
-            return None, f"frame {ref.source_frame} not in {ref.source_labels}"
+        if ref.labels is not None:
+            labels = ref.labels
+            origin = f"inline labels of {ref.source_frame}" if ref.source_frame else "inline labels"
+        elif ref.source_frame is None or ref.source_labels is None:
+            return None, "no source_frame/source_labels (nor inline labels) in metadata"
+        else:
+            frames = self._frames(ref.source_labels)
+            frame = frames.get(ref.source_frame) or frames.get(bdd.stem(ref.source_frame))
+            if frame is None:
+                return None, f"frame {ref.source_frame} not in {ref.source_labels}"
+            labels, origin = frame.label_list(), ref.source_frame
         src_w, src_h = self._source_size(ref)
         sx, sy = image_size[0] / src_w, image_size[1] / src_h
         out = []
-        for label in frame.label_list():
+        for label in labels:
             category = bdd.category_of(label)
             if label.box2d is None or category.det_class is None or category.ignored:
                 continue
@@ -131,7 +132,7 @@ class LayoutSources:
             if min(box[2] - box[0], box[3] - box[1]) < min_box_size:
                 continue
             out.append((cls, box))
-        return out, f"{len(out)} source boxes from {ref.source_frame}"
+        return out, f"{len(out)} source boxes from {origin}"
 
     def _frames(self, path: Path) -> dict[str, bdd.Frame]:
         if path not in self._labels:
@@ -185,8 +186,25 @@ def read_metadata(path: Path) -> dict[str, SourceRef]:
             source_labels=_resolve(base, rec.get("source_labels")),
             mask_path=_resolve(base, rec.get("mask_path")),
             source_size=tuple(size) if size else None,
+            labels=_inline_labels(rec.get("labels"), f"{path}:{lineno}"),
         )
     return out
+
+
+_LABELS_DECODER = msgspec.json.Decoder(list[bdd.Label])
+
+
+def _inline_labels(value: object, where: str) -> tuple[bdd.Label, ...] | None:
+    """A record's ``labels`` list (det_20 form) as labels; None when the record has none."""
+    if value is None:
+        return None
+    try:
+        return tuple(_LABELS_DECODER.decode(msgspec.json.encode(value)))
+    except msgspec.ValidationError as exc:
+        raise UserError(
+            f'{where}: "labels" must be a list of det_20 labels such as {{"category": "car", "box2d": '
+            f'{{"x1": 10, "y1": 20, "x2": 50, "y2": 60}}}}: {str(exc).replace("`$", "`labels")}'
+        ) from None
 
 
 def _resolve(base: Path, value: str | None) -> Path | None:

@@ -71,6 +71,17 @@ class FilterSettings(Section):
     layout_min_box_size: float = Field(0.0, ge=0.0)
 
 
+class LabelsSettings(Section):
+    """Where an image's labels come from when its metadata names a source layout (annotation/consensus.py)."""
+
+    source: Literal["detector", "layout", "consensus"] = "consensus"
+    policy: Literal["keep_layout", "confirmed", "strict"] = "keep_layout"
+    geometry: Literal["layout", "detector"] = "layout"
+    confirm_min_confidence: float | None = Field(None, ge=0.0, le=1.0)
+    detector_only_min_confidence: float | None = Field(0.5, ge=0.0, le=1.0)
+    max_disagreement: float = Field(0.5, ge=0.0, le=1.0)
+
+
 class SplitSettings(Section):
     val_fraction: float = Field(0.1, ge=0.0, le=1.0)
     seed: int = 0
@@ -93,6 +104,7 @@ class AnnotationConfig(Section):
     class_map: ClassMapValue = None
     classes: list[str] | None = None
     filter: FilterSettings = FilterSettings()
+    labels: LabelsSettings = LabelsSettings()
     split: SplitSettings = SplitSettings()
     output: OutputSettings = OutputSettings()
 

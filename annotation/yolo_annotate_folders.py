@@ -8,13 +8,17 @@ Usage::
 
 Input folders are walked recursively for jpg/jpeg/png/webp. Detections are mapped to the 10 BDD100K detection
 classes (COCO -> BDD by default, identity for a detector already trained on BDD classes, or --class_map),
-filtered by confidence, count and, where a ``metadata.jsonl`` beside the images names each image's source frame
-and det_20 labels, by layout consistency (recall/precision of the detections against the source boxes).
+filtered by confidence, count and, where a ``metadata.jsonl`` beside the images names each image's source layout
+(its source frame and det_20 labels, or an inline ``labels`` list), by layout consistency. Such an image's labels
+come from ``labels.source`` (--labels_source): the detector, the layout, or their consensus (annotation/consensus.py:
+boxes both agree on, plus the disagreements a policy keeps; every box's provenance goes to the manifest and the
+summary reports agreement per class and size). Images without a layout keep the detector's labels.
 
 Outputs in --output_folder: images/{train,val}/ (hardlinks or copies of accepted images), labels/{train,val}/
 (YOLO txt, an empty file for an accepted image without detections), confidences/{train,val}/ (one confidence per
 label line), data.yaml (absolute path, BDD class names), previews/ and contact_sheet.jpg, manifest.jsonl and
-manifest.csv (every image: detections, counts, confidences, layout scores, accepted or why not), summary.json.
+manifest.csv (every image: detections, labels and their provenance, counts, confidences, layout scores, accepted
+or why not), summary.json (and agreement.png when images have layouts).
 
 Nothing goes online: ultralytics is imported only after its offline switches are set, weights are only ever
 read from a local file. A rerun into the same folder skips images already processed (same relative path and
@@ -40,9 +44,9 @@ from tqdm import tqdm
 
 from ai.common.cli import UserError, run_main, setup_logging
 from ai.common.config import read_yaml, save_resolved_config, validate_config
-from ai.common.io import atomic_write_text, sha256_bytes
-from annotation import dataset
-from annotation.layout import LayoutSources
+from ai.common.io import atomic_write_bytes, atomic_write_text, sha256_bytes
+from annotation import consensus, dataset
+from annotation.layout import METADATA_FILE, LayoutSources
 from annotation.settings import AnnotationConfig, parse_class_map_arg, resolve_class_map
 from convert import bdd
 
@@ -62,6 +66,8 @@ FLAG_KEYS: dict[str, str] = {
     "min_confidence": "filter.min_confidence",
     "min_recall": "filter.min_recall",
     "min_precision": "filter.min_precision",
+    "labels_source": "labels.source",
+    "labels_policy": "labels.policy",
     "val_fraction": "split.val_fraction",
     "seed": "split.seed",
 }
@@ -92,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min_confidence", help="detections below become no label")
     p.add_argument("--min_recall", help="reject below this layout recall (images with source metadata)")
     p.add_argument("--min_precision", help="reject below this layout precision (images with source metadata)")
+    p.add_argument(
+        "--labels_source",
+        help="labels of images with a source layout: detector, layout or consensus (images without one: detector)",
+    )
+    p.add_argument("--labels_policy", help="consensus disagreements: keep_layout, confirmed or strict")
     p.add_argument("--val_fraction", help="share of accepted images in val (stable per image)")
     p.add_argument("--seed", help="seed of the train/val split")
     p.add_argument("--log_level", default=None, help="DEBUG, INFO, WARNING")
@@ -170,6 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = merged_config(args)
     out = Path(args.output_folder)
     images = scan_inputs(args.input_folder, out)
+    layout = LayoutSources()
+    if cfg.labels.source == "layout":
+        require_some_layout(images, layout)
     from annotation import yolo_runtime  # no ultralytics import yet: that waits for prepare_offline()
 
     yolo_runtime.check_model_spec(cfg.model)
@@ -200,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # --- resume: which images still need the detector --------------------------------------------------------
     records = dataset.load_manifest(out)
-    previous = {k: (r.get("status"), r.get("split"), r.get("reasons")) for k, r in records.items()}
+    previous = {k: decision_of(r) for k, r in records.items()}
     taken = {r["out_stem"] for r in records.values()}
     pending, skipped = [], 0
     for key, path in images:
@@ -295,7 +309,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     elapsed = time.perf_counter() - t0
 
     # --- save: decisions for every record, dataset files, previews, data.yaml, manifests, summary --------------
-    layout = LayoutSources()
     from annotation import previews
 
     sheet_items = []
@@ -303,19 +316,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         rec = records[key]
         dataset.decide(rec, cfg, layout, output_classes)
         dataset.sync_dataset_files(out, rec, cfg, fresh=key in fresh)
-        changed = key in fresh or previous.get(key) != (
-            rec.get("status"),
-            rec.get("split"),
-            rec.get("reasons"),
-        )
+        changed = key in fresh or previous.get(key) != decision_of(rec)
         preview = out / "previews" / f"{rec['out_stem']}.jpg"
         if cfg.output.previews and not rec.get("error") and (changed or not preview.exists()):
             preview.parent.mkdir(exist_ok=True)
-            ref = layout.ref_for(Path(rec["source"]))
-            boxes = None
-            if ref is not None and rec.get("layout"):
-                boxes, _ = layout.source_boxes(ref, (rec["width"], rec["height"]), output_classes)
-            image = previews.draw_preview(rec, cfg.filter.min_confidence, cfg.output.preview_max_side, boxes)
+            image = previews.draw_preview(rec, cfg.filter.min_confidence, cfg.output.preview_max_side)
             previews.save_jpeg(image, preview)
         if key in fresh and preview.exists() and len(sheet_items) < cfg.output.contact_sheet_max_images:
             sheet_items.append((preview, rec))
@@ -330,10 +335,99 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning(warning)
 
     summary = build_summary(records, len(images), n_inferred, skipped, unreadable, elapsed, data_yaml)
+    summary.update(labels_summary(records, cfg))
+    if summary["images_without_layout"] and cfg.labels.source != "detector":
+        warnings.append(
+            f"labels.source is {cfg.labels.source}, but {summary['images_without_layout']} image(s) have no source "
+            "layout: they keep the detector's labels (labels_note in the manifest says why)"
+        )
+        log.warning(warnings[-1])
+    summary["agreement_plot"] = None
+    if summary["agreement"]["all"]["total"]:
+        plot_agreement(summary["agreement"], out / "agreement.png")
+        summary["agreement_plot"] = str((out / "agreement.png").resolve())
     summary.update(model=loaded.description, class_map=map_origin, warnings=warnings)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print_summary(summary)
     return 0
+
+
+def require_some_layout(images: Sequence[tuple[str, Path]], layout: LayoutSources) -> None:
+    """labels.source: layout with no image that has a source layout is a mistake (a LoRA folder, a missing
+    metadata.jsonl or labels file): refuse before anything is written. Some images without one keep detector
+    labels (said in the manifest and the summary)."""
+    first_note = "no metadata.jsonl beside the images"
+    for _key, path in images:
+        ref = layout.ref_for(path)
+        if ref is None:
+            continue
+        boxes, note = layout.source_boxes(ref, (1, 1), set(range(len(bdd.DET_CLASSES))))
+        if boxes is not None:
+            return
+        first_note = f"{path.name}: {note}"
+    raise UserError(
+        f"labels.source is layout, but none of the {len(images)} images has a source layout ({first_note}). "
+        f"Layouts come from a {METADATA_FILE} beside the images (source_frame + source_labels, or inline labels, "
+        "as ControlNet generation writes it); for images without one use --labels_source detector"
+    )
+
+
+def decision_of(record: dict[str, Any]) -> tuple:
+    """What a preview shows that a rerun may change."""
+    fields = ("status", "split", "reasons", "labels", "labels_source", "provenance", "layout")
+    return tuple(json.dumps(record.get(f), sort_keys=True) for f in fields)
+
+
+def labels_summary(records: dict[str, dict[str, Any]], cfg: AnnotationConfig) -> dict[str, Any]:
+    """Where labels came from and how layout and detector agree (images with a layout, accepted or not)."""
+    readable = [r for r in records.values() if not r.get("error")]
+    with_layout = [r for r in readable if r.get("provenance") is not None]
+    by_provenance = Counter(
+        label["provenance"] for r in readable if r["status"] == "accepted" for label in r["labels"]
+    )
+    return {
+        "labels_source": cfg.labels.source,
+        "labels_policy": cfg.labels.policy if cfg.labels.source == "consensus" else None,
+        "images_by_labels_source": dict(Counter(r["labels_source"] for r in readable).most_common()),
+        "images_without_layout": len(readable) - len(with_layout),
+        "dataset_labels_by_provenance": {
+            p: by_provenance[p] for p in (*consensus.PROVENANCES, "detector") if by_provenance[p]
+        },
+        "agreement": consensus.agreement_stats(r["provenance"] for r in with_layout),
+    }
+
+
+def plot_agreement(agreement: dict[str, Any], path: Path) -> None:
+    """Stacked bars: the share of confirmed, layout-only and detector-only boxes overall, per class, per size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from annotation.previews import PROVENANCE_RGB
+
+    groups = [("all", agreement["all"])]
+    groups += [(c, v) for c, v in agreement["per_class"].items()]
+    groups += [(f"size: {s}", v) for s, v in agreement["per_size"].items()]
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(groups) + 1.2))
+    y = list(range(len(groups)))[::-1]
+    left = [0.0] * len(groups)
+    for p in consensus.PROVENANCES:
+        shares = [g[f"{p}_rate"] or 0.0 for _, g in groups]
+        ax.barh(y, shares, left=left, color=[c / 255 for c in PROVENANCE_RGB[p]], label=p.replace("_", "-"))
+        left = [a + b for a, b in zip(left, shares, strict=True)]
+    ax.set_yticks(y, [f"{name} (n={g['total']})" for name, g in groups])
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("share of boxes")
+    ax.set_title(
+        f"layout vs detector agreement, {agreement['images']} images (sizes: COCO areas)", fontsize=9
+    )
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.06), ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def build_summary(records, n_seen, n_inferred, n_skipped, unreadable, elapsed, data_yaml) -> dict[str, Any]:
@@ -380,6 +474,28 @@ def print_summary(s: dict[str, Any]) -> None:
     )
     classes = ", ".join(f"{k}: {v}" for k, v in s["detections_by_class"].items()) or "none"
     print(f"labels by class: {classes}")
+    sources = ", ".join(f"{k}: {v}" for k, v in s["images_by_labels_source"].items()) or "none"
+    policy = f", policy {s['labels_policy']}" if s["labels_policy"] else ""
+    print(f"labels.source {s['labels_source']}{policy}; images by label source: {sources}")
+    if s["dataset_labels_by_provenance"]:
+        prov = ", ".join(f"{k.replace('_', '-')}: {v}" for k, v in s["dataset_labels_by_provenance"].items())
+        print(f"dataset labels by provenance: {prov}")
+    agreement = s["agreement"]
+    if agreement["all"]["total"]:
+        print(
+            f"layout vs detector agreement over {agreement['images']} images with a source layout "
+            "(sizes: COCO areas in generated pixels, small < 32^2 <= medium < 96^2 <= large):"
+        )
+        print(f"  {'':<16}{'confirmed':>10}{'layout-only':>12}{'detector-only':>14}{'conf. rate':>11}")
+        rows = [("all", agreement["all"]), *agreement["per_class"].items()]
+        rows += [(f"size {k}", v) for k, v in agreement["per_size"].items()]
+        for name, g in rows:
+            print(
+                f"  {name:<16}{g['confirmed']:>10}{g['layout_only']:>12}{g['detector_only']:>14}"
+                f"{g['confirmed_rate']:>11.2f}"
+            )
+        if s.get("agreement_plot"):
+            print(f"  plot: {s['agreement_plot']}")
     if s["accepted"]:
         print(f"train with: yolo train data={s['data_yaml']}")
     else:  # an empty dataset is a result (nothing passed the filters), not a crash: say where and why to look
