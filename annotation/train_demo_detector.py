@@ -14,7 +14,8 @@ Usage::
     python annotation/yolo_annotate_folders.py --input_folder G --output_folder A --model F.pt --imgsz 256
 
 What it does: det_20 boxes of the chosen classes (big enough, det_20's ignored categories left out) become a YOLO
-training set (train frames with such boxes; all val frames) in ``<out folder>/<out stem>_train/data``; ultralytics
+training set (train frames with such boxes; all labelled val frames) in ``<out folder>/<out stem>_train/data``,
+written by convert/bdd_to_yolo.py (images hard-linked; the same ids, names and box conversion); ultralytics
 trains there (``.../runs/detector``: results.csv, args.yaml); the last weights are copied atomically to ``--out``
 with ``<out stem>.json`` beside it (content key, settings, training time, val recall/precision). The weights carry
 the 10 BDD100K class names, so the annotation script maps them by identity.
@@ -111,41 +112,34 @@ def training_boxes(
 
 
 def write_yolo_training_set(bdd_root: Path, out: Path, params: DetectorParams) -> tuple[Path, dict[str, int]]:
-    """mini-BDD (images/100k + det_20) -> YOLO folders + data.yaml; returns its path and image/box counts."""
-    from PIL import Image
+    """mini-BDD (images/100k + det_20) -> a YOLO dataset via convert/bdd_to_yolo.py; its data.yaml and counts.
+
+    Only ``params.classes`` boxes with a side of at least ``params.min_box_side`` (the boxes of
+    :func:`training_boxes`); train frames without such a box are left out, val frames are all kept.
+    """
+    from convert import bdd_to_yolo
 
     if out.exists():
         shutil.rmtree(out)  # ours alone; also drops ultralytics' stale labels/*.cache
-    counts = {"train_images": 0, "train_boxes": 0, "val_images": 0, "val_boxes": 0}
+    counts = {}
     for split in SPLITS:
-        frames = {f.name: f for f in bdd.load_frames(det20_file(bdd_root, split))}
-        (out / "images" / split).mkdir(parents=True)
-        (out / "labels" / split).mkdir(parents=True)
-        for image in split_images(bdd_root, split):
-            frame = frames.get(image.name)
-            if frame is None:
-                continue
-            with Image.open(image) as im:
-                width, height = im.size
-            boxes = training_boxes(frame, width, height, params)
-            if split == "train" and not boxes:
-                continue  # frames without the learned classes only slow the memorising down
-            lines = []
-            for _label, (cls, box) in boxes:
-                cx, cy, w, h = bdd.box_to_yolo(box, width, height)
-                lines.append(f"{cls} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}\n")
-            shutil.copyfile(image, out / "images" / split / image.name)
-            (out / "labels" / split / f"{image.stem}.txt").write_text("".join(lines))
-            counts[f"{split}_images"] += 1
-            counts[f"{split}_boxes"] += len(lines)
-    if not counts["train_images"]:
-        raise UserError(
-            f"no train frame under {bdd_root} has a {'/'.join(params.classes)} box with a side of at least "
-            f"{params.min_box_side:g} px; pass other --classes or a smaller --min_box_side"
+        options = bdd_to_yolo.Options(
+            classes=params.classes, min_box_side=params.min_box_side, skip_empty=split == "train"
         )
-    names = "\n".join(f"  {i}: {name}" for i, name in enumerate(bdd.DET_CLASSES))
-    data = out / "data.yaml"
-    data.write_text(f"path: {out.resolve()}\ntrain: images/train\nval: images/val\nnames:\n{names}\n")
+        try:
+            report = bdd_to_yolo.convert_split(
+                bdd_root, split, out, options, det20_file(bdd_root, split), bdd_root / "images" / "100k" / split
+            )
+        except bdd_to_yolo.NothingToWrite as exc:
+            if split == "train" and exc.report.no_boxes_skipped:
+                raise UserError(
+                    f"no train frame under {bdd_root} has a {'/'.join(params.classes)} box with a side of at "
+                    f"least {params.min_box_side:g} px; pass other --classes or a smaller --min_box_side"
+                ) from None
+            raise
+        counts[f"{split}_images"] = report.written
+        counts[f"{split}_boxes"] = sum(report.counts.boxes.values())
+    data, _ = bdd_to_yolo.write_data_yaml(out)
     return data, counts
 
 

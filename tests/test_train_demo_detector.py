@@ -19,6 +19,7 @@ from annotation.train_demo_detector import (
     info_path,
     main,
     training_boxes,
+    write_yolo_training_set,
 )
 from convert import bdd
 
@@ -58,6 +59,36 @@ def test_bad_inputs_are_one_clear_line(mini_bdd, tmp_path, capsys):
     code, _, err = run(capsys, "--bdd_data_dir", mini_bdd, "--out", out, "--min_box_side", "5000")
     assert code == 2 and "has a car box with a side of at least 5000 px" in err
     assert not out.exists()
+
+
+def test_training_set_is_the_converters_with_the_trained_classes_only(mini_bdd, tmp_path):
+    """convert/bdd_to_yolo.py writes it: exactly training_boxes' boxes (what evaluate() scores), hard-linked images,
+    train frames without such a box left out, every labelled val frame kept, frames.csv beside it."""
+    params = replace(DetectorParams(), classes=("car", "truck"))
+    data, counts = write_yolo_training_set(mini_bdd, tmp_path / "data", params)
+    for split in ("train", "val"):
+        frames = {f.stem: f for f in bdd.load_frames(mini_bdd / "labels" / "det_20" / f"det_{split}.json")}
+        expected = {}
+        for image in bdd.list_images(mini_bdd / "images" / "100k" / split):
+            frame = frames.get(image.stem)
+            if frame is None or frame.labels_state != "ok":
+                continue
+            w, h = Image.open(image).size
+            boxes = [
+                (cls, bdd.box_to_yolo(box, w, h)) for _, (cls, box) in training_boxes(frame, w, h, params)
+            ]
+            if boxes or split == "val":
+                expected[image.stem] = "".join(
+                    f"{c} {x:.6f} {y:.6f} {bw:.6f} {bh:.6f}\n" for c, (x, y, bw, bh) in boxes
+                )
+            if image.stem in expected:
+                linked = tmp_path / "data" / "images" / split / image.name
+                assert os.stat(linked).st_ino == os.stat(image).st_ino
+        written = {p.stem: p.read_text() for p in (tmp_path / "data" / "labels" / split).glob("*.txt")}
+        assert written == expected and counts[f"{split}_images"] == len(expected)
+        assert counts[f"{split}_boxes"] == sum(len(t.splitlines()) for t in expected.values()) > 0
+    assert {line.split()[0] for t in written.values() for line in t.splitlines()} <= {"2", "3"}
+    assert (tmp_path / "data" / "frames.csv").is_file() and data == tmp_path / "data" / "data.yaml"
 
 
 def test_cli_reuses_the_fixture_weights_for_the_same_data_and_settings(mini_bdd, tmp_path, capsys):

@@ -1,0 +1,572 @@
+"""Write real BDD100K frames as a YOLO detection dataset, in the form stage 4 writes generated ones.
+
+Usage:
+    python convert/bdd_to_yolo.py --bdd_data_dir bdd100k --split val --out real_yolo [--max_frames N] \\
+        [--labels_file F] [--images_dir D] [--copy] [--overwrite] [--classes car bus] [--min_box_side PX] \\
+        [--include_unlabeled]
+    python -m convert.bdd_to_yolo ...   (the same)
+
+Reads the split's labels as every stage does (``labels/det_20/det_<split>.json``, else the legacy 2018 file, else
+the per-image 2018 folder ``labels/100k/<split>/``; --labels_file names any of them, Scalabel exports included)
+and the images in ``images/100k/<split>`` (else ``images/10k/<split>``; --images_dir names another folder).
+Writes, under --out:
+
+    images/<split>/<stem>.jpg    the frame's image, hard-linked (no copy, no extra disk; --copy copies; across
+                                 file systems it is copied, and the summary says so)
+    labels/<split>/<stem>.txt    YOLO ``cls cx cy w h`` (normalised, %.6f), stage 4's ids (convert.bdd.DET_CLASSES:
+                                 0 pedestrian ... 9 traffic sign); empty for a frame without boxes of those classes
+    frames.csv                   ``split,image,weather,timeofday,scene``: one row per frame written, ``image``
+                                 relative to --out (``images/val/<stem>.jpg``), for evaluations sliced by condition
+    data.yaml                    absolute ``path``, ``train``/``val`` (and ``test``) for the splits present, the 10
+                                 names in stage 4's order, no download key
+
+Run it once per split into the same --out to get several splits (frames.csv and data.yaml cover every split present;
+ultralytics needs both ``train`` and ``val``, so with one split written both name it, and data.yaml says so).
+
+What goes in: boxes of the 10 detection classes (legacy names mapped: person -> pedestrian, bike -> bicycle, ...),
+clipped to the image (counted); det_20's ignored categories (other person, other vehicle, trailer) are dropped and
+counted by category, as are boxes wholly outside the image and (with --min_box_side) boxes whose clipped side is
+shorter. Frames whose ``labels`` are absent, null or [] are skipped (counted by reason) unless --include_unlabeled
+(then they get an empty label file); frames whose image is missing are skipped, counted and a few are listed.
+--classes keeps only those classes' boxes (ids stay stage 4's). --max_frames N keeps the first N frames by name
+(image stem) of those that would be written: deterministic, and a larger N extends a smaller one's set.
+
+Reruns: identical outputs are left alone; a frame whose label, image or frames.csv row differs, and frames of this
+split on disk that this run would not write (a smaller --max_frames, say), stop the run before anything is written
+unless --overwrite (which replaces or removes them and drops ultralytics' stale ``labels/<split>.cache``). Every
+file is written atomically. Ends with a summary; bad input is one ``error:`` line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import errno
+import filecmp
+import io
+import logging
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ai.common.cli import UserError, run_main, setup_logging
+from ai.common.io import atomic_write_text
+from convert import bdd
+
+log = logging.getLogger("bdd-sdxl.convert")
+FRAMES_CSV = "frames.csv"
+FRAMES_COLUMNS = ("split", "image", "weather", "timeofday", "scene")
+DATA_YAML = "data.yaml"
+YAML_SPLITS = ("train", "val", "test")
+#: errors of os.link that mean "no hard link here" (another file system, or one without links): copy instead
+LINK_FALLBACK_ERRNOS = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP}
+SHOW = 5  # how many names a summary line lists
+
+
+@dataclass(frozen=True)
+class Options:
+    """What is written (all of it is the CLI's flags; the demo detector's trainer passes its own)."""
+
+    classes: tuple[str, ...] | None = None  # None: all 10
+    min_box_side: float = 0.0  # clipped box side in pixels below which a box is left out
+    skip_empty: bool = False  # leave out frames without a kept box (the demo trainer's train split)
+    include_unlabeled: bool = False
+    max_frames: int | None = None
+    copy: bool = False
+    overwrite: bool = False
+
+
+class NothingToWrite(UserError):
+    """No frame of the split passes the filters (the report says why)."""
+
+    def __init__(self, message: str, report: Report):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass
+class Planned:
+    """One frame to write."""
+
+    stem: str
+    source: Path
+    image: Path  # under out
+    label: Path
+    text: str
+    row: tuple[str, str, str, str, str]
+
+
+@dataclass
+class BoxCounts:
+    """What happened to the boxes of the frames written."""
+
+    boxes: Counter = field(default_factory=Counter)  # class -> boxes written
+    ignored: Counter = field(default_factory=Counter)  # det_20 ignored category -> boxes dropped
+    dropped: Counter = field(default_factory=Counter)  # reason -> boxes dropped (outside, small, class)
+    clipped: int = 0
+
+    def add(self, other: BoxCounts) -> None:
+        self.boxes.update(other.boxes)
+        self.ignored.update(other.ignored)
+        self.dropped.update(other.dropped)
+        self.clipped += other.clipped
+
+
+@dataclass
+class Report:
+    split: str
+    labels_file: Path
+    images_dir: Path
+    frames: int = 0
+    written: int = 0
+    unchanged: int = 0
+    replaced: int = 0
+    removed: int = 0
+    copied: int = 0
+    linked: int = 0
+    copy_reason: str = ""
+    empty_labels: int = 0
+    not_selected: int = 0
+    no_boxes_skipped: int = 0
+    missing_images: list[str] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)  # reason -> frames
+    counts: BoxCounts = field(default_factory=BoxCounts)
+    label_report: bdd.LabelReport = field(default_factory=bdd.LabelReport)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Labels of one frame
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def label_text(frame: bdd.Frame, width: int, height: int, options: Options, counts: BoxCounts) -> str:
+    """The frame's YOLO label file: one ``cls cx cy w h`` line per kept box, in the label file's order."""
+    keep = set(options.classes) if options.classes is not None else None
+    lines = []
+    for label in frame.label_list():
+        if label.box2d is None:
+            continue
+        cat = bdd.category_of(label)
+        if cat.det_class is None:
+            continue  # polygons (lanes, drivable areas) and unknown categories (reported by the LabelReport)
+        if cat.ignored:
+            counts.ignored[label.category] += 1
+            continue
+        if keep is not None and cat.det_class not in keep:
+            counts.dropped["class not in --classes"] += 1
+            continue
+        b = label.box2d
+        if b.x1 > width - 1 or b.y1 > height - 1 or b.x2 < 0 or b.y2 < 0 or b.x2 < b.x1 or b.y2 < b.y1:
+            counts.dropped["outside the image or inverted"] += 1
+            continue
+        x1, y1, x2, y2 = bdd.clip_box(b, width, height)
+        if min(x2 - x1 + 1, y2 - y1 + 1) < options.min_box_side:
+            counts.dropped[f"side under {options.min_box_side:g} px"] += 1
+            continue
+        counts.clipped += (x1, y1, x2, y2) != (b.x1, b.y1, b.x2, b.y2)
+        counts.boxes[cat.det_class] += 1
+        cx, cy, w, h = bdd.box_to_yolo(b, width, height)
+        lines.append(f"{bdd.DET_CLASS_YOLO_ID[cat.det_class]} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}\n")
+    return "".join(lines)
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the image header (pixels are not decoded)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except OSError as exc:
+        raise UserError(f"cannot read image {path}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plan: which frames, with what content
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def default_images_dir(root: Path, split: str) -> Path:
+    for sub in ("100k", "10k"):
+        folder = root / "images" / sub / split
+        if folder.is_dir():
+            return folder
+    raise UserError(
+        f"no image folder for {split} under {root}: looked for images/100k/{split} and images/10k/{split} "
+        "(pass --images_dir)"
+    )
+
+
+def plan_split(
+    frames: Sequence[bdd.Frame], images_dir: Path, out: Path, report: Report, options: Options
+) -> list[Planned]:
+    """Frames that have an image (and labels, unless include_unlabeled), selected and rendered as files."""
+    images = {}
+    for path in bdd.list_images(images_dir):
+        images.setdefault(path.stem, path)
+    candidates: dict[str, tuple[bdd.Frame, Path]] = {}
+    for frame in frames:
+        stem = frame.stem
+        state = frame.labels_state
+        if not stem:
+            report.skipped["empty frame name"] += 1
+        elif stem in candidates:
+            report.skipped["duplicate frame name (first kept)"] += 1
+        elif state != "ok" and not options.include_unlabeled:
+            report.skipped[
+                {"absent": "no 'labels' key", "null": "'labels': null", "empty": "'labels': []"}[state]
+            ] += 1
+        elif stem not in images:
+            report.missing_images.append(frame.name)
+        else:
+            candidates[stem] = (frame, images[stem])
+    split = report.split
+    planned = []
+    for stem in sorted(candidates):
+        if options.max_frames is not None and len(planned) >= options.max_frames:
+            report.not_selected += 1
+            continue
+        frame, source = candidates[stem]
+        width, height = image_size(source)
+        counts = BoxCounts()
+        text = label_text(frame, width, height, options, counts)
+        if options.skip_empty and not text:
+            report.no_boxes_skipped += 1
+            continue
+        report.counts.add(counts)
+        report.label_report.check_frame(frame)
+        report.empty_labels += not text
+        image = out / "images" / split / f"{stem}{source.suffix.lower()}"
+        rel = image.relative_to(out).as_posix()
+        planned.append(
+            Planned(
+                stem, source, image, out / "labels" / split / f"{stem}.txt", text,
+                (split, rel, frame.weather, frame.timeofday, frame.scene),
+            )
+        )  # fmt: skip
+    return planned
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files: compare, then write
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def same_image(src: Path, dest: Path) -> bool:
+    try:
+        return os.path.samefile(src, dest) or filecmp.cmp(src, dest, shallow=False)
+    except OSError:
+        return False
+
+
+def read_frames_csv(out: Path) -> list[tuple[str, ...]]:
+    path = out / FRAMES_CSV
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))
+    if not rows or tuple(rows[0]) != FRAMES_COLUMNS:
+        raise UserError(
+            f"{path} is not this converter's frames file (header {rows[0] if rows else 'missing'}, expected "
+            f"{','.join(FRAMES_COLUMNS)}); --out must be a folder this script wrote, or a new one"
+        )
+    return [tuple(r) for r in rows[1:] if r]
+
+
+def frames_csv_text(rows: list[tuple[str, ...]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(FRAMES_COLUMNS)
+    writer.writerows(sorted(rows))
+    return buf.getvalue()
+
+
+def split_files(out: Path, kind: str, split: str) -> dict[str, Path]:
+    folder = out / kind / split
+    if not folder.is_dir():
+        return {}
+    return {p.stem: p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")}
+
+
+def place_image(src: Path, dest: Path, options: Options, report: Report) -> None:
+    """Hard-link ``src`` as ``dest`` (a copy with --copy or where links are impossible), atomically."""
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        if not options.copy:
+            try:
+                os.link(src, tmp)
+                report.linked += 1
+                os.replace(tmp, dest)
+                return
+            except OSError as exc:
+                if exc.errno not in LINK_FALLBACK_ERRNOS:
+                    raise
+                report.copy_reason = report.copy_reason or (
+                    f"hard links from {src.parent} into {dest.parent} are impossible ({exc.strerror}): copied"
+                )
+        shutil.copyfile(src, tmp)
+        report.copied += 1
+        os.replace(tmp, dest)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {dest}: {exc.strerror or exc}") from None
+
+
+def write_split(out: Path, planned: list[Planned], report: Report, options: Options) -> list[Path]:
+    """Compare with what is on disk; refuse differences without --overwrite; write. Returns the written files."""
+    split = report.split
+    images_on_disk = split_files(out, "images", split)
+    labels_on_disk = split_files(out, "labels", split)
+    old_rows = read_frames_csv(out)
+    old_split_rows = {r[1]: r for r in old_rows if r and r[0] == split}
+    wanted = {p.stem for p in planned}
+
+    conflicts: list[str] = []
+    todo: list[tuple[Planned, bool, bool]] = []  # (frame, write image, write label)
+    for p in planned:
+        has_image, has_label = p.image.exists(), p.label.exists()
+        image_ok = has_image and same_image(p.source, p.image)
+        label_ok = has_label and p.label.read_text(encoding="utf-8") == p.text
+        row_ok = old_split_rows.get(p.row[1]) == p.row
+        if image_ok and label_ok and row_ok:
+            report.unchanged += 1
+            continue
+        if (
+            (has_image and not image_ok)
+            or (has_label and not label_ok)
+            or (p.row[1] in old_split_rows and not row_ok)
+        ):
+            conflicts.append(p.stem)
+        if image_ok and label_ok:  # a killed run wrote the files but not frames.csv
+            report.unchanged += 1
+        todo.append((p, not image_ok, not label_ok))
+    extra = sorted((set(images_on_disk) | set(labels_on_disk)) - wanted)
+    extra_rows = sorted(set(old_split_rows) - {p.row[1] for p in planned})
+    if (conflicts or extra or extra_rows) and not options.overwrite:
+        parts = []
+        if conflicts:
+            parts.append(f"{len(conflicts)} frame(s) differ from what is there ({_few(conflicts)})")
+        if extra or extra_rows:
+            names = extra or [Path(r).stem for r in extra_rows]
+            parts.append(f"{len(names)} frame(s) of {split} there would not be written now ({_few(names)})")
+        raise UserError(
+            f"{out}: "
+            + "; ".join(parts)
+            + ". Nothing was written; pass --overwrite to replace them, or another --out"
+        )
+
+    for kind in ("images", "labels"):
+        (out / kind / split).mkdir(parents=True, exist_ok=True)
+    written = []
+    for p, do_image, do_label in todo:
+        if do_image:
+            place_image(p.source, p.image, options, report)
+        if do_label:
+            atomic_write_text(p.label, p.text)
+        if not (do_image or do_label):
+            continue
+        written.append(p.label)
+        if p.stem in conflicts:
+            report.replaced += 1
+        else:
+            report.written += 1
+    for stem in extra:
+        for path in (images_on_disk.get(stem), labels_on_disk.get(stem)):
+            if path is not None:
+                path.unlink()
+        report.removed += 1
+    rows = [r for r in old_rows if r[0] != split] + [p.row for p in planned]
+    text = frames_csv_text(rows)
+    path = out / FRAMES_CSV
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        atomic_write_text(path, text)
+    if todo or extra:
+        (out / "labels" / f"{split}.cache").unlink(missing_ok=True)  # ultralytics' index of the old files
+    return written
+
+
+def write_data_yaml(out: Path) -> tuple[Path, str]:
+    """data.yaml for the splits present under out/images; returns it and a note when one split stands for two."""
+    present = {s: f"images/{s}" for s in YAML_SPLITS if split_files(out, "images", s)}
+    note = ""
+    for missing, other in (("train", "val"), ("val", "train")):
+        if missing not in present and other in present:
+            note = f"no {missing} split written yet: {missing} names {present[other]} (ultralytics needs both keys)"
+    data: dict = {
+        "path": str(out.resolve()),
+        "train": present.get("train") or present.get("val"),
+        "val": present.get("val") or present.get("train"),
+    }
+    if "test" in present:
+        data["test"] = present["test"]
+    data["nc"] = len(bdd.DET_CLASSES)
+    data["names"] = dict(enumerate(bdd.DET_CLASSES))
+    header = "# Written by convert/bdd_to_yolo.py (real BDD100K frames; ids as in stage 4's datasets).\n"
+    if note:
+        header += f"# {note}\n"
+    text = header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    path = out / DATA_YAML
+    if path.is_file():
+        old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if old.get("names") not in (None, data["names"], list(bdd.DET_CLASSES)):
+            raise UserError(
+                f"{path} names other classes ({old.get('names')}); --out holds another dataset: use another --out"
+            )
+        if path.read_text(encoding="utf-8") == text:
+            return path, note
+    atomic_write_text(path, text)
+    return path, note
+
+
+def _few(names: Sequence[str]) -> str:
+    names = list(names)
+    return ", ".join(names[:SHOW]) + (f", ... ({len(names)} in all)" if len(names) > SHOW else "")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The conversion as a function (the demo detector's trainer calls it) and the command line
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def convert_split(
+    bdd_data_dir: Path | None,
+    split: str,
+    out: Path,
+    options: Options = Options(),
+    labels_file: Path | None = None,
+    images_dir: Path | None = None,
+) -> Report:
+    """Write one split of a BDD100K folder into the YOLO dataset at ``out`` (see the module docstring)."""
+    if bdd_data_dir is not None and not Path(bdd_data_dir).is_dir():
+        raise UserError(f"BDD100K folder not found: {bdd_data_dir} (expected images/ and labels/ inside)")
+    if labels_file is None:
+        if bdd_data_dir is None:
+            raise UserError("pass --bdd_data_dir or --labels_file")
+        labels_file = bdd.find_label_file(bdd_data_dir, split)
+    if images_dir is None:
+        if bdd_data_dir is None:
+            raise UserError("pass --bdd_data_dir or --images_dir")
+        images_dir = default_images_dir(Path(bdd_data_dir), split)
+    if not Path(images_dir).is_dir():
+        raise UserError(f"image folder not found: {images_dir}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    if options.classes is not None:
+        for name in options.classes:
+            if name not in bdd.DET_CLASS_YOLO_ID:
+                raise UserError(
+                    f"--classes: {name!r} is not a BDD100K detection class ({', '.join(bdd.DET_CLASSES)})"
+                )
+    report = Report(split, Path(labels_file), Path(images_dir))
+    frames = bdd.load_frames(labels_file)
+    report.frames = len(frames)
+    planned = plan_split(frames, Path(images_dir), out, report, options)
+    if not planned:
+        why = [f"{n} {reason}" for reason, n in report.skipped.items()]
+        if report.missing_images:
+            why.append(
+                f"{len(report.missing_images)} without an image in {images_dir} ({_few(report.missing_images)})"
+            )
+        if report.no_boxes_skipped:
+            why.append(f"{report.no_boxes_skipped} frame(s) without a kept box")
+        raise NothingToWrite(
+            f"nothing to write for {split}: {report.frames} frame(s) in {labels_file}, " + "; ".join(why),
+            report,
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    write_split(out, planned, report, options)
+    return report
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bdd_data_dir", help="BDD100K root (holding images/ and labels/)")
+    p.add_argument("--split", required=True, choices=bdd.SPLITS, help="the split to write")
+    p.add_argument("--out", required=True, help="dataset folder (several splits can share it)")
+    p.add_argument("--max_frames", type=int, help="write only the first N frames by name")
+    p.add_argument("--labels_file", help="label JSON or folder of per-image JSONs, instead of the one found")
+    p.add_argument(
+        "--images_dir", help="image folder (default: images/100k/<split>, else images/10k/<split>)"
+    )
+    p.add_argument("--copy", action="store_true", help="copy images instead of hard-linking them")
+    p.add_argument("--overwrite", action="store_true", help="replace differing files, remove stale frames")
+    p.add_argument("--classes", nargs="+", help="keep only these classes' boxes (default: all 10)")
+    p.add_argument("--min_box_side", type=float, default=0.0, help="leave out boxes with a shorter side (px)")
+    p.add_argument(
+        "--include_unlabeled", action="store_true", help="write frames without labels (empty files)"
+    )
+    args = p.parse_args(argv)
+    if not args.bdd_data_dir and not (args.labels_file and args.images_dir):
+        p.error("pass --bdd_data_dir (or both --labels_file and --images_dir)")
+    if args.max_frames is not None and args.max_frames < 1:
+        p.error(f"--max_frames must be at least 1, got {args.max_frames}")
+    return args
+
+
+def print_summary(report: Report, out: Path, data_yaml: Path, note: str, seconds: float) -> None:
+    r = report
+    n = r.written + r.replaced + r.unchanged
+    print(f"{r.split}: {n} frame(s) in {out} from {r.labels_file} and {r.images_dir} ({seconds:.1f} s)")
+    print(
+        f"  new {r.written}, replaced {r.replaced}, unchanged {r.unchanged}, removed {r.removed}; "
+        f"images hard-linked {r.linked}, copied {r.copied}"
+    )
+    if r.copy_reason:
+        print(f"  note: {r.copy_reason}")
+    skipped = dict(r.skipped)
+    if r.missing_images:
+        skipped[f"image missing ({_few(r.missing_images)})"] = len(r.missing_images)
+    if r.not_selected:
+        skipped["beyond --max_frames"] = r.not_selected
+    if r.no_boxes_skipped:
+        skipped["no kept box"] = r.no_boxes_skipped
+    if skipped:
+        print("  frames skipped: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    c = r.counts
+    boxes = ", ".join(f"{name} {c.boxes[name]}" for name in bdd.DET_CLASSES if c.boxes[name])
+    print(f"  boxes: {sum(c.boxes.values())} ({boxes or 'none'}); {r.empty_labels} empty label file(s)")
+    dropped = [f"{k} {v}" for k, v in c.ignored.most_common()] + [f"{k} {v}" for k, v in c.dropped.items()]
+    if dropped or c.clipped:
+        print(f"  boxes clipped to the image: {c.clipped}; dropped: {', '.join(dropped) or 'none'}")
+    for line in r.label_report.lines():
+        print(f"  {line}")
+    print(f"  {out / FRAMES_CSV} (weather, time of day, scene per frame)")
+    print(f"  {data_yaml}" + (f" ({note})" if note else "") + f": yolo train data={data_yaml}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    start = time.perf_counter()
+    options = Options(
+        classes=tuple(args.classes) if args.classes else None,
+        min_box_side=args.min_box_side,
+        include_unlabeled=args.include_unlabeled,
+        max_frames=args.max_frames,
+        copy=args.copy,
+        overwrite=args.overwrite,
+    )
+    out = Path(args.out)
+    report = convert_split(
+        Path(args.bdd_data_dir) if args.bdd_data_dir else None,
+        args.split,
+        out,
+        options,
+        labels_file=Path(args.labels_file) if args.labels_file else None,
+        images_dir=Path(args.images_dir) if args.images_dir else None,
+    )
+    data_yaml, note = write_data_yaml(out)
+    print_summary(report, out, data_yaml, note, time.perf_counter() - start)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
