@@ -64,6 +64,7 @@ class ControlNetInferConfig(GenerationConfig):
     paths: ControlNetInferPaths = ControlNetInferPaths()
     resolution: ControlNetResolution = ControlNetResolution()
     conditioning: Literal["auto", "palette", "one_hot"] = "auto"
+    layout: Literal["auto", "seg", "boxes"] = "auto"  # auto: what the ControlNet's config.json records
     controlnet_conditioning_scale: float = Field(1.0, ge=0)
     control_guidance_start: float = Field(0.0, ge=0, le=1)
     control_guidance_end: float = Field(1.0, ge=0, le=1)

@@ -1,4 +1,4 @@
-"""Generate traffic scenes whose layout follows BDD100K segmentation masks, with an SDXL ControlNet.
+"""Generate traffic scenes whose layout follows BDD100K segmentation masks or box layouts, with an SDXL ControlNet.
 
 Usage:
     bash ai/controlnet/run_controlnet_infer.sh [config/controlnet_infer.yaml] [key=value ...]
@@ -9,7 +9,8 @@ Inputs: a folder of masks (label-id PNGs, colormaps or official-palette renderin
 each with its caption matched by base name from a captions folder (``<name>.txt``) or the stage 1 ControlNet CSV
 (image,conditioning_image,text), or one ``prompt`` for all. Each mask is resized with nearest neighbour to the
 generation size (by default the SDXL bucket nearest its aspect, at the model's native size), turned into the
-ControlNet's input (palette RGB or one-hot, read from the ControlNet's ``conditioning_channels``) and passed to
+ControlNet's input (palette RGB or one-hot, read from the ControlNet's ``conditioning_channels``; masks or box
+layouts, as its config.json records: a folder of the other layout is refused) and passed to
 diffusers' ``StableDiffusionXLControlNetPipeline``; an optional LoRA adds a style. With
 ``resolution.generate_at_bucket`` the image is then resized (stretched like the mask) to the requested size: the
 fixed one, or with none the mask's own, so a 1280x720 frame's boxes fit its generated image unscaled.
@@ -17,7 +18,7 @@ fixed one, or with none the mask's own, so a 1280x720 frame's boxes fit its gene
 Writes ``<infer_path>/generations/<mask name>_<image index>.png``, ``<infer_path>/side_by_side/`` (mask | image),
 ``generations/metadata.jsonl`` (one record per image: prompt, seed, settings, ``width``/``height`` saved and
 ``generated_width``/``generated_height``, ``mask_path``, ``source_frame`` = ``<mask name>.jpg``, ``source_size``,
-``source_labels``; stage 4 checks the layout against the source labels with them) and ``<infer_path>/config.resolved.yaml``. A rerun skips finished images; under ``accelerate launch`` with N
+``source_labels``, ``layout`` (seg or boxes); stage 4 checks the layout against the source labels with them) and ``<infer_path>/config.resolved.yaml``. A rerun skips finished images; under ``accelerate launch`` with N
 processes the work list is split across them. Prompts, seeds, resume (ai/common/generation.py), speed switches
 and the optional LoRA (ai/common/pipelines.py) are shared with LoRA inference, masks, captions and side-by-side
 sheets are read and written by ai/controlnet/masks.py; this file adds the ControlNet, its checks and the output
@@ -29,7 +30,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,14 @@ from ai.common.pipelines import (
     prepare_pipeline,
     setup_device,
 )
-from ai.controlnet.architecture import check_controlnet_fits, read_model_config, resolve_controlnet
+from ai.controlnet.architecture import (
+    LAYOUT_SOURCES,
+    check_controlnet_fits,
+    layout_of,
+    read_model_config,
+    recorded_layout,
+    resolve_controlnet,
+)
 from ai.controlnet.conditioning import channels_for, ids_to_tensor, kind_for_channels, read_ids, resize_ids
 from ai.controlnet.infer_config import (  # noqa: F401 (the schema, importable from the script as before)
     UNUSED_PROMPT_KEYS,
@@ -64,7 +72,13 @@ from ai.controlnet.infer_config import (  # noqa: F401 (the schema, importable f
     ControlNetInferPaths,
     ControlNetResolution,
 )
-from ai.controlnet.masks import fill_missing_sheets, list_masks, read_captions, write_sheet
+from ai.controlnet.masks import (
+    check_mask_layouts,
+    fill_missing_sheets,
+    list_masks,
+    read_captions,
+    write_sheet,
+)
 
 DEFAULT_CONFIG = "config/controlnet_infer.yaml"
 SIDE_BY_SIDE_DIR = "side_by_side"
@@ -94,13 +108,24 @@ def parse_args(argv: Sequence[str] | None):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def conditioning_kind(cfg_kind: str, controlnet: dict, controlnet_name: str) -> str:
+def controlnet_layout(cfg_layout: str, controlnet: dict, controlnet_name: str) -> str:
+    """seg or boxes, as the ControlNet's config.json records it (none: seg); an explicit setting must agree."""
+    layout = recorded_layout(controlnet, controlnet_name)
+    if cfg_layout not in ("auto", layout):
+        raise UserError(
+            f"layout={cfg_layout} needs a ControlNet trained on {LAYOUT_SOURCES[cfg_layout]}, but {controlnet_name} "
+            f"was trained on {layout_of(controlnet, controlnet_name)}; set layout={layout} or layout=auto"
+        )
+    return layout
+
+
+def conditioning_kind(cfg_kind: str, controlnet: dict, controlnet_name: str, layout: str = "seg") -> str:
     """palette or one_hot, from the ControlNet's ``conditioning_channels``; an explicit setting must agree."""
     channels = int(controlnet.get("conditioning_channels", 3))
-    kind = kind_for_channels(channels, controlnet_name)
+    kind = kind_for_channels(channels, controlnet_name, layout)
     if cfg_kind not in ("auto", kind):
         raise UserError(
-            f"conditioning={cfg_kind} needs a ControlNet with {channels_for(cfg_kind)} conditioning channels, but "
+            f"conditioning={cfg_kind} needs a ControlNet with {channels_for(cfg_kind, layout)} conditioning channels, but "
             f"{controlnet_name} has conditioning_channels={channels} (it takes {kind} input); set "
             f"conditioning={kind} or conditioning=auto"
         )
@@ -168,6 +193,8 @@ class Inputs:
     controlnet_config: dict[str, Any]
     kind: str
     lora_file: Path | None
+    layout: str = "seg"  # seg or boxes: what the ControlNet was trained on and the masks folder holds
+    masks: list = field(default_factory=list)  # the folder's masks (ai/controlnet/masks.Mask)
 
 
 def check_inputs(cfg: ControlNetInferConfig) -> Inputs:
@@ -178,11 +205,13 @@ def check_inputs(cfg: ControlNetInferConfig) -> Inputs:
     controlnet = resolve_controlnet(cfg.paths.controlnet_path)
     controlnet_config = read_model_config(controlnet) if isinstance(controlnet, Path) else {}
     kind = "palette" if cfg.conditioning == "auto" else cfg.conditioning  # hub ControlNets: refined in main
+    layout = "seg" if cfg.layout == "auto" else cfg.layout
     if controlnet_config:
         if is_local(cfg.paths.base_model_path):
             unet = read_model_config(cfg.paths.base_model_path, "unet")
             check_controlnet_fits(controlnet_config, unet, str(controlnet), cfg.paths.base_model_path)
-        kind = conditioning_kind(cfg.conditioning, controlnet_config, str(controlnet))
+        layout = controlnet_layout(cfg.layout, controlnet_config, str(controlnet))
+        kind = conditioning_kind(cfg.conditioning, controlnet_config, str(controlnet), layout)
     if (
         cfg.paths.source_labels and not Path(cfg.paths.source_labels).exists()
     ):  # a file, or a per-image folder
@@ -193,8 +222,17 @@ def check_inputs(cfg: ControlNetInferConfig) -> Inputs:
             "null leaves them out of the metadata and stage 4's layout check off)"
         )
     lora_file = resolve_lora_file(cfg.paths.lora_weights_path)
-    entries, missing = read_captions(cfg, list_masks(cfg.paths.masks_path))
-    return Inputs(entries, missing, controlnet, controlnet_config, kind, lora_file)
+    masks = list_masks(cfg.paths.masks_path)
+    if controlnet_config:
+        check_mask_layouts(
+            masks,
+            layout,
+            str(controlnet),
+            layout_of(controlnet_config, str(controlnet)),
+            cfg.paths.masks_path,
+        )
+    entries, missing = read_captions(cfg, masks)
+    return Inputs(entries, missing, controlnet, controlnet_config, kind, lora_file, layout, masks)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -222,7 +260,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     inputs = check_inputs(cfg)
     if not inputs.controlnet_config:  # a hub ControlNet: its config comes through diffusers
         inputs.controlnet_config = read_model_config(inputs.controlnet)
-        inputs.kind = conditioning_kind(cfg.conditioning, inputs.controlnet_config, str(inputs.controlnet))
+        name = str(inputs.controlnet)
+        inputs.layout = controlnet_layout(cfg.layout, inputs.controlnet_config, name)
+        inputs.kind = conditioning_kind(cfg.conditioning, inputs.controlnet_config, name, inputs.layout)
+        how = layout_of(inputs.controlnet_config, name)
+        check_mask_layouts(inputs.masks, inputs.layout, name, how, cfg.paths.masks_path)
     from ai.common.models import is_local
 
     if not is_local(cfg.paths.base_model_path):
@@ -234,7 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check:
         print(
             f"{args.config}: ok ({len(inputs.entries)} mask(s) x {cfg.images_per_prompt} image(s), ControlNet "
-            f"{inputs.controlnet} ({inputs.kind} input), resolution {geometry.description}, "
+            f"{inputs.controlnet} ({LAYOUT_SOURCES[inputs.layout]} as {inputs.kind} input), resolution "
+            f"{geometry.description}, "
             f"LoRA {inputs.lora_file or 'none'})"
         )
         return 0
@@ -270,9 +313,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         size={"resolution": geometry.label, "generate_at_bucket": geometry.generate_at_bucket},
         method=controlnet_settings,
     )
-    info = common_info(
-        cfg, inputs.lora_file, cfg.fuse_lora, args.config, method={"controlnet_path": str(inputs.controlnet)}
-    )
+    info = common_info(  # the layout is the ControlNet's (its fingerprint is compared on reruns)
+        cfg, inputs.lora_file, cfg.fuse_lora, args.config,
+        method={"controlnet_path": str(inputs.controlnet), "layout": inputs.layout},
+    )  # fmt: skip
     items = build_work_items(entries, cfg.images_per_prompt, cfg.seed)
     out_dir = infer_path / GENERATIONS_DIR
     sheets_dir = infer_path / SIDE_BY_SIDE_DIR
@@ -306,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     def load_inputs(item):
-        return read_ids(item.source["mask_path"])
+        return read_ids(item.source["mask_path"], layout=inputs.layout)
 
     def generate(batch, masks):
         """One pipeline call per generation size in the batch; conditions as a (B, C, H, W) tensor; each image
@@ -321,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         for size, positions in by_size.items():
             ids = [resize_ids(masks[i], size) for i in positions]
-            condition = torch.stack([ids_to_tensor(x, inputs.kind) for x in ids])
+            condition = torch.stack([ids_to_tensor(x, inputs.kind, inputs.layout) for x in ids])
             made = call_pipeline(
                 pipe,
                 [batch[i] for i in positions],
@@ -336,7 +380,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 saved = (batch[i].source["width"], batch[i].source["height"])
                 images[i] = resize_to(image, saved)
                 if cfg.side_by_side:
-                    write_sheet(sheets_dir, batch[i].file, resize_ids(masks[i], saved), images[i])
+                    write_sheet(
+                        sheets_dir, batch[i].file, resize_ids(masks[i], saved), images[i], inputs.layout
+                    )
         return images
 
     summary = run_generation(

@@ -1,7 +1,10 @@
 """Masks in and out of ControlNet inference: the mask folder, each mask's caption, and mask | image sheets.
 
-* :func:`list_masks`: the folder's PNG masks with sizes from their headers (no pixels read); unreadable files and
-  unsupported modes are listed in one error before the model loads.
+"Masks" here are the condition images of either layout: segmentation masks or box layouts (convert/box_layout.py).
+
+* :func:`list_masks`: the folder's PNG masks with sizes and layouts (box layouts are marked) from their headers
+  (no pixels read); unreadable files and unsupported modes are listed in one error before the model loads.
+* :func:`check_mask_layouts`: every mask is of the layout the ControlNet was trained on, else one clear error.
 * :func:`read_captions`: one :class:`~ai.common.generation.PromptEntry` per mask, matched by base name from a
   captions folder (``<mask name>.txt``), the stage 1 ControlNet CSV or the one ``prompt``; the entry's source
   carries what stage 4 needs (``mask_path``, ``source_frame``, ``source_size``, ``source_labels``).
@@ -22,7 +25,7 @@ from ai.common.generation import METADATA_FILE, PromptEntry, png_bytes, read_cap
 from ai.common.io import atomic_write_bytes
 from ai.controlnet.conditioning import ids_to_preview, read_ids, resize_ids, side_by_side
 from ai.controlnet.infer_config import ControlNetInferConfig
-from convert import bdd
+from convert import bdd, box_layout
 
 #: Mask modes read as label ids (ai/controlnet/conditioning.read_ids); checked from headers before the model loads.
 MASK_MODES = ("L", "P", "I;16", "I", "RGB", "RGBA")
@@ -39,6 +42,7 @@ logger = logging.getLogger("bdd-sdxl.controlnet_infer")  # the script's logger: 
 class Mask:
     path: Path
     size: tuple[int, int]
+    layout: str = "seg"  # "boxes" for a marked box layout PNG
 
     @property
     def name(self) -> str:
@@ -62,12 +66,13 @@ def list_masks(folder: str) -> list[Mask]:
         try:
             with Image.open(path) as im:
                 mode, size = im.mode, im.size
+                marked = im.info.get(box_layout.MARKER_KEY) == box_layout.MARKER_VALUE
         except OSError as exc:
             bad.append(f"{path.name} ({exc})")
             continue
         if mode not in MASK_MODES:
             bad.append(f"{path.name} (mode {mode})")
-        masks.append(Mask(path, size))
+        masks.append(Mask(path, size, "boxes" if marked else "seg"))
     if bad:
         raise UserError(
             f"{len(bad)} file(s) in {root} are not readable label masks: {', '.join(bad[:10])}"
@@ -75,6 +80,34 @@ def list_masks(folder: str) -> list[Mask]:
             + "; masks are PNGs of trainIds (mode L), colormaps (mode P) or palette renderings (RGB)"
         )
     return masks
+
+
+def check_mask_layouts(
+    masks: Sequence[Mask], layout: str, controlnet_name: str, how: str, folder: str
+) -> None:
+    """Refuse masks of the other layout than the ControlNet's (``how``: what it was trained on, in words): their
+    ids overlap, so a box layout would steer a mask ControlNet as some other classes (and the other way round)."""
+    other = [m.path.name for m in masks if m.layout != layout]
+    if not other:
+        return
+    found = (
+        "box layouts (marked bdd_layout=boxes)"
+        if layout == "seg"
+        else "not box layouts (no bdd_layout=boxes marker)"
+    )
+    hint = (
+        "point paths.masks_path at segmentation masks (labels/sem_seg/masks/<split>), or use a ControlNet trained on "
+        "box layouts"
+        if layout == "seg"
+        else "point paths.masks_path at box layouts (convert/controlnet_bdd_to_huggingface_csv.py --conditions boxes "
+        "writes them to <output_folder>/box_layouts/<type>/), or use a ControlNet trained on segmentation masks"
+    )
+    raise UserError(
+        f"ControlNet {controlnet_name} was trained on {how}, but {len(other)} of {len(masks)} file(s) in "
+        f"paths.masks_path {folder} are {found}: {', '.join(other[:5])}"
+        + (f" and {len(other) - 5} more" if len(other) > 5 else "")
+        + f"; {hint}"
+    )
 
 
 def read_captions(cfg: ControlNetInferConfig, masks: Sequence[Mask]) -> tuple[list[PromptEntry], list[str]]:
@@ -152,9 +185,9 @@ def read_captions(cfg: ControlNetInferConfig, masks: Sequence[Mask]) -> tuple[li
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def write_sheet(folder: Path, file: str, ids, image) -> None:
-    """``folder/file``: the mask's palette preview | the generated image, written atomically."""
-    atomic_write_bytes(folder / file, png_bytes(side_by_side(ids_to_preview(ids), image)))
+def write_sheet(folder: Path, file: str, ids, image, layout: str = "seg") -> None:
+    """``folder/file``: the mask's (or box layout's) palette preview | the generated image, written atomically."""
+    atomic_write_bytes(folder / file, png_bytes(side_by_side(ids_to_preview(ids, layout), image)))
 
 
 def fill_missing_sheets(out_dir: Path, sheets_dir: Path) -> int:
@@ -165,13 +198,14 @@ def fill_missing_sheets(out_dir: Path, sheets_dir: Path) -> int:
         image_path = out_dir / record["file"]
         if (sheets_dir / record["file"]).is_file() or not image_path.is_file() or not record.get("mask_path"):
             continue
+        layout = record.get("layout", "seg")  # records before box layouts: masks
         try:
-            ids = read_ids(record["mask_path"])
+            ids = read_ids(record["mask_path"], layout=layout)
         except UserError as exc:
             logger.warning("no side-by-side sheet for %s: %s", record["file"], exc)
             continue
         with Image.open(image_path) as im:
             image = im.convert("RGB")
-        write_sheet(sheets_dir, record["file"], resize_ids(ids, image.size), image)
+        write_sheet(sheets_dir, record["file"], resize_ids(ids, image.size), image, layout)
         made += 1
     return made
