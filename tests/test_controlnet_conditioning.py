@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from ai.common.cli import UserError
 from ai.controlnet import conditioning as cond
@@ -174,3 +175,91 @@ def test_resize_ids_is_nearest_neighbour_and_keeps_only_the_masks_classes():
     assert np.array_equal(np.asarray(doubled), three_class_ids().repeat(2, axis=0).repeat(2, axis=1))
     odd = np.asarray(cond.resize_ids(ids, (5, 7)))  # non-integer factors: no blended ids at class borders
     assert odd.shape == (7, 5) and set(np.unique(odd)) == {ROAD, CAR, IGNORE}
+
+
+# --- box layouts ------------------------------------------------------------------------------------------------
+
+
+def box_ids() -> np.ndarray:
+    """A 6x8 box layout: a car (outlined) on background, a pedestrian on top of it."""
+    from convert import box_layout
+
+    labels = [
+        {"category": "car", "box2d": {"x1": 0, "y1": 0, "x2": 5, "y2": 4}},
+        {"category": "pedestrian", "box2d": {"x1": 6, "y1": 1, "x2": 6, "y2": 3}},
+    ]
+    return box_layout.render_box_layout(labels, (8, 6), line_width=1)
+
+
+def test_box_layout_channels_and_kinds():
+    assert cond.channels_for("palette", "boxes") == 3 and cond.channels_for("one_hot", "boxes") == 11
+    assert cond.kind_for_channels(11, layout="boxes") == "one_hot" and cond.kind_for_channels(
+        3, layout="boxes"
+    )
+    with pytest.raises(UserError, match="cn has conditioning_channels=19; box layouts give 3 .* or 11"):
+        cond.kind_for_channels(19, "cn", layout="boxes")
+    with pytest.raises(UserError, match="unknown layout 'bbox'; use one of seg, boxes"):
+        cond.channels_for("palette", "bbox")
+
+
+def test_box_layout_tensors_palette_one_hot_and_blank():
+    from convert import box_layout
+
+    ids = box_ids()
+    car, ped = box_layout.BOX_CLASS_ID["car"], box_layout.BOX_CLASS_ID["pedestrian"]
+    assert ids[2, 2] == car and ids[0, 0] == box_layout.BOUNDARY_ID and ids[2, 6] == ped and ids[5, 7] == 255
+    t = cond.ids_to_tensor(Image.fromarray(ids), "palette", "boxes")
+    assert t.shape == (3, 6, 8) and t.dtype == torch.float32
+    assert torch.equal(t[:, 2, 2], torch.tensor(box_layout.CLASS_COLORS["car"]) / 255.0)
+    assert torch.equal(t[:, 0, 0], torch.ones(3)) and torch.equal(
+        t[:, 5, 7], torch.zeros(3)
+    )  # outline, background
+    one_hot = cond.ids_to_tensor(ids, "one_hot", "boxes")
+    assert one_hot.shape == (11, 6, 8) and set(torch.unique(one_hot).tolist()) == {0.0, 1.0}
+    drawn = torch.from_numpy(ids != 255)
+    assert torch.equal(one_hot.sum(0), drawn.float())  # one channel per drawn pixel, background all zeros
+    assert torch.equal(one_hot.argmax(0)[drawn], torch.from_numpy(ids.astype(np.int64))[drawn])
+    empty = np.full((6, 8), 255, np.uint8)  # a frame without boxes is the blank condition
+    for kind in ("palette", "one_hot"):
+        assert torch.equal(
+            cond.ids_to_tensor(empty, kind, "boxes"), cond.blank_condition(kind, 6, 8, "boxes")
+        )
+    # the mask palette would give these ids other colours: the layout decides the colours
+    assert not torch.equal(t, cond.ids_to_tensor(np.where(ids == 10, 0, ids), "palette"))
+    preview = cond.ids_to_preview(ids, "boxes")
+    assert (
+        preview.getpixel((2, 2)) == box_layout.CLASS_COLORS["car"] and preview.getpixel((0, 0)) == (255,) * 3
+    )
+
+
+def test_a_box_layout_is_never_read_as_a_mask_nor_a_mask_as_a_box_layout(mini_bdd: Path, tmp_path: Path):
+    """The ids overlap (2: car / building): only the PNG marker tells them apart, and the other layout is refused."""
+    from convert import box_layout
+
+    ids = box_ids()
+    bdd.check_label_ids(ids)  # numerically a valid segmentation mask: values alone cannot tell
+    layout = box_layout.save_layout(ids, tmp_path / "layout.png")
+    assert np.array_equal(np.asarray(cond.read_ids(layout, layout="boxes")), ids)
+    assert np.array_equal(np.asarray(cond.read_ids(layout.read_bytes(), layout="boxes")), ids)
+    with pytest.raises(UserError) as err:
+        cond.read_ids(layout)  # the default: a mask
+    assert str(err.value).startswith(f"{layout} is a box layout (its PNG says bdd_layout=boxes")
+    assert "segmentation masks were expected" in str(err.value)
+    mask = sorted((mini_bdd / "labels/sem_seg/masks/val").glob("*.png"))[0]
+    with pytest.raises(UserError, match=r"is not a box layout \(no bdd_layout=boxes marker"):
+        cond.read_ids(mask, layout="boxes")
+    unmarked = save(tmp_path / "unmarked.png", Image.fromarray(ids))  # the same ids without the marker
+    with pytest.raises(UserError, match="but box layouts were expected"):
+        cond.read_ids(unmarked, layout="boxes")
+    assert cond.file_layout(layout) == "boxes" and cond.file_layout(mask) == "seg"
+
+    arr = ids.copy()
+    arr[0, 0] = 12  # marked, but not a layout id
+    path = tmp_path / "bad.png"
+    info = PngInfo()
+    info.add_text("bdd_layout", "boxes")
+    Image.fromarray(arr).save(path, pnginfo=info)
+    with pytest.raises(UserError, match=rf"box layout {path} has values \[12\] outside the layout ids"):
+        cond.read_ids(path, layout="boxes")
+    with pytest.raises(UserError, match=r"box layout .* is 8x6 but its image a.jpg is 16x12"):
+        cond.read_ids(layout, expected_size=(16, 12), image_name="a.jpg", layout="boxes")
