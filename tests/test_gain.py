@@ -1,0 +1,414 @@
+"""annotation/evaluate_gain.py: real vs real + synthetic at equal iterations, over seeds, resumable.
+
+The real data set is the session's mini-BDD100K through convert/bdd_to_yolo.py (data.yaml, frames.csv); the
+synthetic set is stage 4's layout (images/{train,val}, labels, data.yaml from annotation/dataset.py's writer).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from ai.common.cli import UserError, run_main
+from annotation import evaluate_gain as gain
+from annotation.dataset import make_dirs, write_data_yaml
+from convert import bdd, bdd_to_yolo
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny data sets in the contract's layout
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def yolo_lines(frame: bdd.Frame, width: int, height: int) -> str:
+    lines = []
+    for label in frame.label_list():
+        cat = bdd.category_of(label)
+        if label.box2d is None or cat.ignored or cat.det_class is None:
+            continue
+        cx, cy, w, h = bdd.box_to_yolo(label.box2d, width, height)
+        lines.append(f"{bdd.DET_CLASS_YOLO_ID[cat.det_class]} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}\n")
+    return "".join(lines)
+
+
+def real_set(bdd_root: Path, out: Path) -> Path:
+    """mini-BDD train and val frames through convert/bdd_to_yolo.py (data.yaml, frames.csv), as a user runs it."""
+    for split in ("train", "val"):
+        code = run_main(
+            bdd_to_yolo.main, ["--bdd_data_dir", str(bdd_root), "--split", split, "--out", str(out)]
+        )
+        assert code == 0
+    return out / "data.yaml"
+
+
+def synthetic_set(bdd_root: Path, out: Path, n: int) -> Path:
+    """Stage 4's layout: ``n`` 'generations' (mirrored mini-BDD train frames, boxes mirrored) in train and val."""
+    frames = {f.name: f for f in bdd.load_frames(bdd_root / "labels" / "det_20" / "det_train.json")}
+    images = [p for p in bdd.list_images(bdd_root / "images" / "100k" / "train") if p.name in frames]
+    counts = {"train": 0, "val": 0}
+    for i in range(n):
+        src = images[i % len(images)]
+        split = "val" if i % 4 == 3 else "train"
+        (out / "images" / split).mkdir(parents=True, exist_ok=True)
+        (out / "labels" / split).mkdir(parents=True, exist_ok=True)
+        with Image.open(src) as im:
+            width, height = im.size
+            im.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(out / "images" / split / f"gen__{i:04d}.png")
+        lines = []
+        for line in yolo_lines(frames[src.name], width, height).splitlines():
+            c, cx, cy, w, h = line.split()
+            lines.append(f"{c} {1 - float(cx):.6f} {cy} {w} {h}\n")
+        (out / "labels" / split / f"gen__{i:04d}.txt").write_text("".join(lines))
+        counts[split] += 1
+    return write_data_yaml(out, counts["train"], counts["val"])[0]
+
+
+@pytest.fixture(scope="module")
+def sets(mini_bdd, tmp_path_factory):
+    root = tmp_path_factory.mktemp("gain_sets")
+    return real_set(mini_bdd, root / "real"), synthetic_set(mini_bdd, root / "synthetic", 12)
+
+
+def items(n: int, prefix: str) -> list[gain.Item]:
+    return [
+        gain.Item(f"{prefix}{i:03d}.jpg", Path(f"/{prefix}{i:03d}.jpg"), Path(f"/{prefix}{i:03d}.txt"))
+        for i in range(n)
+    ]
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = run_main(gain.main, [str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The equal-iteration rule
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_real", [None, 7])
+def test_every_arm_trains_the_same_list_length_on_the_same_real_images(max_real):
+    real, synthetic = items(10, "r"), items(30, "s")
+    shares = [0, 25, 50, 100, 250]
+    for seed in (0, 1):
+        arms = gain.plan_arms(real, synthetic, shares, seed, max_real)
+        n_real = max_real or 10
+        assert [len(a.synthetic) for a in arms] == [gain.synthetic_count(s, n_real) for s in shares]
+        assert [len(a.synthetic) for a in arms] == ([0, 3, 5, 10, 25] if n_real == 10 else [0, 2, 4, 7, 18])
+        assert len({a.real for a in arms}) == 1 and len(arms[0].real) == n_real  # the same real images
+        for small, big in zip(arms, arms[1:], strict=False):  # a share's draw contains every smaller share's
+            assert set(small.synthetic) <= set(big.synthetic)
+        schedule = gain.plan_schedule(max(len(a.images) for a in arms), batch=4, epochs=3)
+        assert schedule.batches_per_epoch == math.ceil(len(arms[-1].images) / 4)  # the largest arm, once
+        for arm in arms:
+            entries = gain.epoch_list(arm, schedule.list_length)
+            assert len(entries) == schedule.list_length  # every arm: the same list, the same iterations
+            counts = {i.key: entries.count(i) for i in arm.images}
+            assert set(counts) == {i.key for i in arm.images}  # every image of the arm, nothing else
+            assert max(counts.values()) - min(counts.values()) <= 1  # repeated evenly
+            assert min(counts.values()) == schedule.list_length // len(arm.images)
+        assert schedule.iterations == 3 * schedule.batches_per_epoch
+    # the seeded draws are reproducible and differ between seeds
+    assert gain.plan_arms(real, synthetic, shares, 0, 7) == gain.plan_arms(real, synthetic, shares, 0, 7)
+    assert (
+        gain.plan_arms(real, synthetic, shares, 0, 7)[0].real
+        != gain.plan_arms(real, synthetic, shares, 1, 7)[0].real
+    )
+
+
+def test_real_only_arm_repeats_its_images_to_the_largest_arms_length():
+    real, synthetic = items(6, "r"), items(6, "s")
+    arms = gain.plan_arms(real, synthetic, [0, 100], seed=0, max_real=None)
+    schedule = gain.plan_schedule(12, batch=4, epochs=2)
+    assert (schedule.list_length, schedule.iterations, schedule.images_seen) == (12, 6, 24)
+    base = gain.epoch_list(arms[0], 12)
+    assert sorted({base.count(i) for i in arms[0].real}) == [2]  # 6 real images twice each
+    mix = gain.epoch_list(arms[1], 12)
+    assert sorted({mix.count(i) for i in arms[1].images}) == [1]  # 12 images once each
+    # a list length that is no multiple: counts differ by one, the extra copies a seeded draw
+    odd = gain.epoch_list(arms[0], 16)
+    assert sorted(odd.count(i) for i in arms[0].real) == [2, 2, 3, 3, 3, 3]
+
+
+def test_schedule_rounds_up_to_full_batches_and_iterations_are_exact():
+    assert gain.plan_schedule(10, batch=4, epochs=5) == gain.Schedule(5, 3, 4)  # list 12, 15 iterations
+    s = gain.plan_schedule(37 * 16 - 5, batch=16, iterations=1000)  # nb 37 -> E 25, nb 40
+    assert (s.epochs, s.batches_per_epoch, s.iterations) == (25, 40, 1000)
+    prime = gain.plan_schedule(100, batch=10, iterations=997)  # prime: one long epoch, still exact
+    assert (prime.epochs, prime.iterations) == (1, 997)
+    short = gain.plan_schedule(100, batch=10, iterations=4)  # fewer than one pass: a seeded subset per arm
+    assert (short.epochs, short.batches_per_epoch, short.list_length) == (1, 4, 40)
+    for n in (1, 7, 60, 360, 1001):
+        assert gain.plan_schedule(50, batch=8, iterations=n).iterations == n
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mean ± spread over seeds, paired gains
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_spread_and_paired_gain_against_hand_computed_values():
+    s = gain.spread([0.30, 0.32, 0.34])
+    assert (s.n, s.mean, s.min, s.max) == (3, pytest.approx(0.32), 0.30, 0.34)
+    assert s.std == pytest.approx(0.02)  # sqrt((0.02² + 0 + 0.02²) / (3 - 1))
+    s = gain.spread([0.1, 0.4, None])
+    assert s.mean == pytest.approx(0.25) and s.std == pytest.approx(math.sqrt(0.045))  # (0.15²·2)/1
+    one = gain.spread([0.5])
+    assert one.std is None and gain.fmt_spread(one) == "50.00"
+    assert gain.spread([None]) is None
+    assert gain.fmt_spread(gain.spread([0.30, 0.32, 0.34])) == "32.00 ± 2.00 [30.00, 34.00]"
+    rows = [
+        {"share": 0, "seed": 0, "map": 0.30},
+        {"share": 0, "seed": 1, "map": 0.34},
+        {"share": 50, "seed": 0, "map": 0.31},
+        {"share": 50, "seed": 1, "map": 0.38},
+        {"share": 50, "seed": 2, "map": 0.90},  # no baseline at seed 2: not paired
+    ]
+    g = gain.paired_gain(rows, 50)
+    assert g.n == 2 and g.mean == pytest.approx(0.025) and g.std == pytest.approx(math.sqrt(2 * 0.015**2))
+    assert (g.min, g.max) == (pytest.approx(0.01), pytest.approx(0.04))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Conditions from frames.csv
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_conditions_group_val_frames_by_weather_and_time_of_day(tmp_path):
+    root = tmp_path / "val"
+    (root / "images" / "val").mkdir(parents=True)
+    (root / "labels" / "val").mkdir(parents=True)
+    attrs = {
+        "a": ("clear", "daytime"),
+        "b": ("rainy", "night"),
+        "c": ("clear", "night"),
+        "d": ("", "daytime"),
+    }
+    for stem in attrs:
+        Image.new("RGB", (32, 32)).save(root / "images" / "val" / f"{stem}.jpg")
+    data = {"path": str(root), "train": "images/val", "val": "images/val", "names": list(bdd.DET_CLASSES)}
+    (root / "data.yaml").write_text(yaml.safe_dump(data))
+    with (root / "frames.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["split", "image", "weather", "timeofday", "scene"])
+        w.writerow(["train", "images/train/zzz.jpg", "snowy", "night", "highway"])  # another split: ignored
+        for stem, (weather, tod) in attrs.items():
+            w.writerow(["val", f"images/val/{stem}.jpg", weather, tod, "city street"])
+    spec = gain.load_data_yaml(root / "data.yaml", "--val")
+    val = gain.split_items(spec, "val")
+    conditions = gain.read_conditions(spec, val)
+    assert conditions == {
+        "images/val/a.jpg": ("clear", "daytime"),
+        "images/val/b.jpg": ("rainy", "night"),
+        "images/val/c.jpg": ("clear", "night"),
+        "images/val/d.jpg": ("undefined", "daytime"),  # an empty attribute reads as BDD's 'undefined'
+    }
+    groups = gain.condition_groups(conditions)
+    assert groups["clear|daytime"] == ["images/val/a.jpg"]
+    assert groups["clear|*"] == ["images/val/a.jpg", "images/val/c.jpg"]
+    assert groups["*|night"] == ["images/val/b.jpg", "images/val/c.jpg"]
+    assert groups["*|daytime"] == ["images/val/a.jpg", "images/val/d.jpg"]
+    assert list(groups) == [  # cells, then weather margins, then time-of-day margins
+        "clear|daytime", "clear|night", "rainy|night", "undefined|daytime",
+        "clear|*", "rainy|*", "undefined|*", "*|daytime", "*|night",
+    ]  # fmt: skip
+    (root / "images" / "val" / "e.jpg").write_bytes((root / "images" / "val" / "a.jpg").read_bytes())
+    with pytest.raises(
+        UserError, match=r"1 of 5 val images have no row in .*frames.csv \(first: images/val/e.jpg\)"
+    ):
+        gain.read_conditions(spec, gain.split_items(spec, "val"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad inputs: one clear line each, nothing trained
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_are_clear_errors(sets, tmp_path, capsys):
+    real, synthetic = sets
+    out = tmp_path / "out"
+    base = ["--real", real, "--synthetic", synthetic, "--val", real, "--out", out, "--device", "cpu"]
+
+    code, _, err = run(capsys, *base, "--model", tmp_path / "missing.pt")
+    assert (
+        code == 2
+        and f"model weights not found: {tmp_path / 'missing.pt'}" in err
+        and "--model yolov8n.yaml" in err
+    )
+
+    no_attrs = tmp_path / "no_attrs"
+    shutil.copytree(real.parent, no_attrs)
+    (no_attrs / "frames.csv").unlink()
+    data = yaml.safe_load((no_attrs / "data.yaml").read_text())
+    (no_attrs / "data.yaml").write_text(yaml.safe_dump({**data, "path": str(no_attrs)}))
+    code, _, err = run(capsys, *base[:4], "--val", no_attrs / "data.yaml", "--out", out)
+    assert code == 2 and f"val set without attributes: {no_attrs / 'frames.csv'} not found" in err
+    assert "convert/bdd_to_yolo.py" in err and "--skip_conditions" in err
+
+    empty = tmp_path / "empty_syn"
+    make_dirs(empty)
+    write_data_yaml(empty, 0, 0)  # stage 4 accepted nothing
+    code, _, err = run(
+        capsys, "--real", real, "--synthetic", empty / "data.yaml", "--val", real, "--out", out
+    )
+    assert code == 2 and "the synthetic set is empty" in err
+
+    coco = tmp_path / "coco.yaml"
+    coco.write_text(
+        yaml.safe_dump(
+            {
+                "path": str(real.parent),
+                "train": "images/train",
+                "val": "images/val",
+                "names": ["person", "car"],
+            }
+        )
+    )
+    code, _, err = run(capsys, "--real", coco, "--synthetic", synthetic, "--val", real, "--out", out)
+    assert code == 2 and f"--real: {coco}: names must be the 10 BDD100K classes in stage 4's order" in err
+
+    for shares, message in (
+        ("0,-10", "--shares must be percentages >= 0"),
+        ("25,50", "--shares must include 0"),
+        ("0,abc", "--shares: expected comma-separated numbers"),
+        ("0,50,50", "--shares: repeated value"),
+        ("0,10000", "needs"),  # more synthetic images than the set has
+    ):
+        code, _, err = run(capsys, *base, "--shares", shares)
+        assert code == 2 and message in err, (shares, err)
+
+    code, _, err = run(capsys, *base, "--train_args", "epochs=3")
+    assert (
+        code == 2
+        and "--train_args: 'epochs=3' is not KEY=VALUE with one of the training hyperparameters" in err
+    )
+    code, _, err = run(capsys, *base, "--device", "0,1")
+    assert code == 2 and "--device takes one device" in err
+    code, _, err = run(capsys, *base, "--max_real", "1000")
+    assert code == 2 and "--max_real 1000: the real train split has only" in err
+    code, _, err = run(capsys, *base, "--val", tmp_path / "nope.yaml")
+    assert code == 2 and f"--val: data yaml not found: {tmp_path / 'nope.yaml'}" in err
+    assert not (out / "runs").exists()  # nothing trained
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# End to end on CPU: two arms, one seed, a crash in the middle, resume, refused settings change
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_gain_run_end_to_end_resumes_after_a_crash(sets, tmp_path, capsys, monkeypatch):
+    real, synthetic = sets
+    out = tmp_path / "gain"
+    argv = [
+        "--real", real, "--synthetic", synthetic, "--val", real, "--out", out, "--shares", "0,50",
+        "--seeds", "0", "--epochs", "1", "--imgsz", "64", "--batch", "4", "--device", "cpu", "--workers", "0",
+        "--model", "yolov8n.yaml",
+    ]  # fmt: skip
+    trained: list[str] = []
+    real_train = gain.train_run
+
+    def crash_on_second(run_dir, *a, **k):
+        trained.append(run_dir.name)
+        if len(trained) == 2:  # killed mid-training: a half-written run folder, no result.json
+            (run_dir / "ultralytics" / "train" / "weights").mkdir(parents=True)
+            (run_dir / "ultralytics" / "train" / "weights" / "last.pt").write_bytes(b"half a checkpoint")
+            raise KeyboardInterrupt
+        return real_train(run_dir, *a, **k)
+
+    monkeypatch.setattr(gain, "train_run", crash_on_second)
+    code, _, err = run(capsys, *argv)
+    assert code == 130 and "interrupted" in err
+    assert trained == ["share0_seed0", "share50_seed0"]
+    first = out / "runs" / "share0_seed0" / "result.json"
+    assert first.is_file() and not (out / "runs" / "share50_seed0" / "result.json").exists()
+    first_bytes, first_mtime = first.read_bytes(), first.stat().st_mtime_ns
+
+    # rerun: the finished arm is kept (not retrained), the crashed one restarts from scratch
+    trained.clear()
+    monkeypatch.setattr(
+        gain,
+        "train_run",
+        lambda run_dir, *a, **k: trained.append(run_dir.name) or real_train(run_dir, *a, **k),
+    )
+    code, stdout, err = run(capsys, *argv)
+    assert code == 0, err
+    assert trained == ["share50_seed0"]
+    assert first.read_bytes() == first_bytes and first.stat().st_mtime_ns == first_mtime
+    assert "[1/2] 0 % synthetic, seed 0: kept (finished" in stdout
+    weights = out / "runs" / "share50_seed0" / "ultralytics" / "train" / "weights" / "last.pt"
+    assert weights.read_bytes() != b"half a checkpoint"
+
+    # equal iterations: both arms ran one epoch over a list as long as the 50 % arm, in full batches of 4
+    results = [
+        json.loads((out / "runs" / n / "result.json").read_text()) for n in ("share0_seed0", "share50_seed0")
+    ]
+    n_real = len(list((real.parent / "images" / "train").iterdir()))
+    n_syn = gain.synthetic_count(50, n_real)
+    length = math.ceil((n_real + n_syn) / 4) * 4
+    for r, syn in zip(results, (0, n_syn), strict=True):
+        assert (r["real_images"], r["synthetic_images"]) == (n_real, syn)
+        assert (r["list_length"], r["iterations"], r["images_seen"]) == (length, length // 4, length)
+    composition = {
+        share: list(csv.DictReader((out / "runs" / f"share{share}_seed0" / "composition.csv").open()))
+        for share in (0, 50)
+    }
+    real_of = {
+        share: {r["source"] for r in rows if r["kind"] == "real"} for share, rows in composition.items()
+    }
+    assert real_of[0] == real_of[50] and len(real_of[0]) == n_real  # the same real images in both arms
+    assert sum(int(r["copies_per_epoch"]) for r in composition[0]) == length
+    assert sum(int(r["copies_per_epoch"]) for r in composition[50]) == length
+
+    # outputs: rows, tables, plot, summary
+    rows = list(csv.DictReader((out / "gain.csv").open()))
+    assert [(r["share"], r["seed"]) for r in rows] == [("0", "0"), ("50", "0")]
+    assert all(r["iterations"] == str(length // 4) and r["settings_key"] == results[0]["key"] for r in rows)
+    assert {"map", "map50", "map_car", "map50_car", "map@*|daytime"} <= set(rows[0])
+    assert float(rows[0]["map"]) == pytest.approx(results[0]["metrics"]["map"])
+    val_frames = len(list((real.parent / "images" / "val").iterdir()))
+    assert results[0]["metrics"]["images"] == val_frames
+    md = (out / "gain.md").read_text()
+    assert f"{length // 4} iterations" in md and "| 50 % |" in md and "## Per weather / time of day" in md
+    assert (out / "gain.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "gain summary" in stdout and str(out / "gain.md") in stdout
+
+    # a third run with the same settings trains nothing; other settings are refused, not mixed
+    trained.clear()
+    code, stdout, _ = run(capsys, *argv)
+    assert code == 0 and trained == [] and stdout.count("kept (finished") == 2
+    code, _, err = run(capsys, *[a if a != "64" else "96" for a in argv])
+    assert (
+        code == 2 and "holds gain runs made under other settings (imgsz: 64 -> 96)" in err and trained == []
+    )
+
+
+def test_a_list_entry_ultralytics_drops_is_refused_before_training(sets, tmp_path):
+    """ultralytics silently drops unreadable images; that arm would train fewer iterations, so it is an error."""
+    real, _ = sets
+    frames = gain.split_items(gain.load_data_yaml(real, "--real"), "train")[:3]
+    broken = tmp_path / "gen" / "images" / "train" / "gen.png"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"not a png")
+    label = tmp_path / "gen" / "labels" / "train" / "gen.txt"
+    label.parent.mkdir(parents=True)
+    label.write_text("2 0.5 0.5 0.2 0.2\n")
+    arm = gain.Arm(100, 0, tuple(frames), (gain.Item("images/train/gen.png", broken, label),))
+    schedule = gain.plan_schedule(len(arm.images), batch=2, epochs=1)
+    run_dir = tmp_path / "run"
+    data_yaml, entries = gain.write_run_data(run_dir, arm, schedule.list_length, frames[:1])
+    assert len(entries) == schedule.list_length == 4
+    with pytest.raises(
+        UserError, match=r"ultralytics kept 3 of the 4 training list entries .*s__images__train__gen"
+    ):
+        gain.train_run(
+            run_dir, data_yaml, "yolov8n.yaml", schedule, 0, imgsz=64, device="cpu", workers=0, train_args={},
+            progress=False,
+        )  # fmt: skip
+    assert not (run_dir / "ultralytics" / "train" / "weights" / "last.pt").exists()
