@@ -778,7 +778,6 @@ def write_markdown(
                 "(baseline)" if share == 0 else fmt_spread(paired_gain(flat, share, field), signed=True)
             )
         lines.append(f"| {share:g} % | {real} | {syn} | {len(rows)} | {' | '.join(cells)} |")
-    base = {f: spread(r["metrics"][f] for r in by_share.get(0, [])) for f in ("map", "map50")}
 
     def table(title: str, labels: list[tuple[str, str, int]], getter) -> list[str]:
         head = "| " + title + " | val boxes | " + " | ".join(f"{s:g} %" for s in shares) + " |"
@@ -828,7 +827,6 @@ def write_markdown(
         "--max_real for the low-data regime). A toy model on a few images gives noise, not a finding.",
         "",
     ]
-    _ = base
     atomic_write_text(path, "\n".join(lines))
 
 

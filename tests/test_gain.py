@@ -412,3 +412,29 @@ def test_a_list_entry_ultralytics_drops_is_refused_before_training(sets, tmp_pat
             progress=False,
         )  # fmt: skip
     assert not (run_dir / "ultralytics" / "train" / "weights" / "last.pt").exists()
+
+
+def test_evaluate_run_scores_a_trained_detector_by_class_and_condition(mini_bdd, sets, tmp_path):
+    """The demo detector memorised the cars of the mini-BDD train frames: scored on those frames (as if they were
+    the val set) it finds them, so predictions reach the right images' labels (a wrong pairing scores ~0)."""
+    from yolo_fixture import DetectorParams, cached_detector
+
+    real, _ = sets
+    spec = gain.load_data_yaml(real, "--val")
+    items = gain.split_items(spec, "train")
+    val = gain.ValSet(
+        items, gain.load_val_truths(items), gain.condition_groups(gain.read_conditions(spec, items))
+    )
+    params = DetectorParams()
+    weights = cached_detector(mini_bdd, tmp_path / "work", params)
+    m = gain.evaluate_run(weights, val, tmp_path, imgsz=params.imgsz, batch=4, device="cpu")
+    assert m["images"] == len(items) and m["per_class"]["car"]["gt_boxes"] > 0
+    assert m["per_class"]["car"]["map50"] > 0.3
+    assert m["per_class"]["pedestrian"]["map"] in (0.0, None)  # never trained on pedestrians
+    margins = [g for g in m["per_condition"] if g.startswith(gain.ANY)]
+    assert sum(m["per_condition"][g]["images"] for g in margins) == len(
+        items
+    )  # the time-of-day margins partition
+    assert all(
+        m["per_condition"][g]["map50"] is not None for g in margins if m["per_condition"][g]["gt_boxes"]
+    )
