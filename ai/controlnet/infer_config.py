@@ -23,6 +23,7 @@ class ControlNetInferPaths(GenerationPaths):
     masks_path: str = "bdd100k/labels/sem_seg/masks/val"
     captions_path: str | None = "captions/val"
     source_labels: str | None = None
+    plan: str | None = None  # a generation plan (plan.jsonl): used instead of masks_path/captions_path
     infer_path: str = "inference_outputs/controlnet"
 
 

@@ -79,6 +79,7 @@ from ai.controlnet.masks import (
     read_captions,
     write_sheet,
 )
+from ai.controlnet.plans import check_plan_controlnet, plan_entries, plan_layout
 
 DEFAULT_CONFIG = "config/controlnet_infer.yaml"
 SIDE_BY_SIDE_DIR = "side_by_side"
@@ -212,9 +213,9 @@ def check_inputs(cfg: ControlNetInferConfig) -> Inputs:
             check_controlnet_fits(controlnet_config, unet, str(controlnet), cfg.paths.base_model_path)
         layout = controlnet_layout(cfg.layout, controlnet_config, str(controlnet))
         kind = conditioning_kind(cfg.conditioning, controlnet_config, str(controlnet), layout)
-    if (
-        cfg.paths.source_labels and not Path(cfg.paths.source_labels).exists()
-    ):  # a file, or a per-image folder
+    if (  # a file, or a per-image folder; a plan's records carry their labels
+        cfg.paths.source_labels and not cfg.paths.plan and not Path(cfg.paths.source_labels).exists()
+    ):
         raise UserError(
             f"paths.source_labels not found: {cfg.paths.source_labels} (the det_20 labels of the masks' frames, or a "
             "folder of 2018 per-image label files; "
@@ -222,6 +223,10 @@ def check_inputs(cfg: ControlNetInferConfig) -> Inputs:
             "null leaves them out of the metadata and stage 4's layout check off)"
         )
     lora_file = resolve_lora_file(cfg.paths.lora_weights_path)
+    if cfg.paths.plan:  # planned scenes instead of masks and captions (ai/controlnet/plans.py)
+        if controlnet_config:
+            check_plan_controlnet(cfg.paths.plan, layout, controlnet_config, str(controlnet))
+        return Inputs(plan_entries(cfg), [], controlnet, controlnet_config, kind, lora_file, layout)
     masks = list_masks(cfg.paths.masks_path)
     if controlnet_config:
         check_mask_layouts(
@@ -265,6 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         inputs.kind = conditioning_kind(cfg.conditioning, inputs.controlnet_config, name, inputs.layout)
         how = layout_of(inputs.controlnet_config, name)
         check_mask_layouts(inputs.masks, inputs.layout, name, how, cfg.paths.masks_path)
+        if cfg.paths.plan:
+            check_plan_controlnet(cfg.paths.plan, inputs.layout, inputs.controlnet_config, name)
     from ai.common.models import is_local
 
     if not is_local(cfg.paths.base_model_path):
@@ -275,7 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     geometry = Geometry.for_model(cfg.paths, cfg.resolution)
     if args.check:
         print(
-            f"{args.config}: ok ({len(inputs.entries)} mask(s) x {cfg.images_per_prompt} image(s), ControlNet "
+            f"{args.config}: ok ({len(inputs.entries)} {'planned scene(s)' if cfg.paths.plan else 'mask(s)'} x "
+            f"{cfg.images_per_prompt} image(s), ControlNet "
             f"{inputs.controlnet} ({LAYOUT_SOURCES[inputs.layout]} as {inputs.kind} input), resolution "
             f"{geometry.description}, "
             f"LoRA {inputs.lora_file or 'none'})"
@@ -350,6 +358,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     def load_inputs(item):
+        if cfg.paths.plan:  # the planned boxes, drawn as a box layout at the plan's size
+            return plan_layout(item.source)
         return read_ids(item.source["mask_path"], layout=inputs.layout)
 
     def generate(batch, masks):

@@ -25,6 +25,7 @@ from ai.common.generation import METADATA_FILE, PromptEntry, png_bytes, read_cap
 from ai.common.io import atomic_write_bytes
 from ai.controlnet.conditioning import ids_to_preview, read_ids, resize_ids, side_by_side
 from ai.controlnet.infer_config import ControlNetInferConfig
+from ai.controlnet.plans import plan_layout
 from convert import bdd, box_layout
 
 #: Mask modes read as label ids (ai/controlnet/conditioning.read_ids); checked from headers before the model loads.
@@ -196,11 +197,14 @@ def fill_missing_sheets(out_dir: Path, sheets_dir: Path) -> int:
     path = out_dir / METADATA_FILE
     for record in read_jsonl(path) if path.is_file() else []:
         image_path = out_dir / record["file"]
-        if (sheets_dir / record["file"]).is_file() or not image_path.is_file() or not record.get("mask_path"):
+        planned = record.get("plan_id") is not None and record.get("labels") is not None  # a plan's scene
+        if (sheets_dir / record["file"]).is_file() or not image_path.is_file():
+            continue
+        if not record.get("mask_path") and not planned:
             continue
         layout = record.get("layout", "seg")  # records before box layouts: masks
         try:
-            ids = read_ids(record["mask_path"], layout=layout)
+            ids = plan_layout(record) if planned else read_ids(record["mask_path"], layout=layout)
         except UserError as exc:
             logger.warning("no side-by-side sheet for %s: %s", record["file"], exc)
             continue
