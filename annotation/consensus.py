@@ -9,11 +9,11 @@ of COCO's evaluation), and gives every box a provenance:
 * ``layout_only``: a source box that no detection confirms;
 * ``detector_only``: a confident detection (>= ``filter.min_confidence``) that matches no source box.
 
-:func:`resolve_labels` turns them into the image's labels for a ``labels.source`` (detector, layout, consensus)
-and, for consensus, a policy (strict, keep_layout, confirmed), and says whether the disagreement rejects the
-image. :func:`agreement_stats` sums provenance per class and per COCO size (small < 32², medium < 96², large, by
-area in the generated image's pixels). Everything here is a pure function of the recorded detections and the
-layout, so a rerun re-applies it from the manifest without the detector.
+:func:`select_labels` (:func:`resolve_labels`) turns them into the image's labels for a ``labels.source``
+(detector, layout, consensus) and, for consensus, a policy (keep_layout, confirmed, strict), and says whether the
+disagreement rejects the image. :func:`agreement_stats` sums provenance per class and per COCO size (small < 32²,
+medium < 96², large, by area in the generated image's pixels). Everything here is a pure function of the
+recorded detections and the layout, so a rerun re-applies it from the manifest without the detector.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ SIZES = ("small", "medium", "large")
 SMALL_AREA, LARGE_AREA = 32**2, 96**2
 LABEL_SOURCES = ("detector", "layout", "consensus")
 POLICIES = ("keep_layout", "confirmed", "strict")
-GEOMETRIES = ("layout", "detector")
 
 Detection = tuple[int, float, Sequence[float]]  # (BDD YOLO id, confidence, continuous xyxy)
 SourceBox = tuple[int, Sequence[float]]  # (BDD YOLO id, continuous xyxy)

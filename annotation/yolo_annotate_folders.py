@@ -346,6 +346,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if summary["agreement"]["all"]["total"]:
         plot_agreement(summary["agreement"], out / "agreement.png")
         summary["agreement_plot"] = str((out / "agreement.png").resolve())
+    elif (out / "agreement.png").exists():  # a previous run's, from layouts that are gone now
+        (out / "agreement.png").unlink()
     summary.update(model=loaded.description, class_map=map_origin, warnings=warnings)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print_summary(summary)

@@ -119,7 +119,9 @@ def test_config_file_loads_through_schema_and_matches_defaults(repo_root):
     cfg = load_config(AnnotationConfig, repo_root / "config" / "annotation.yaml")
     assert cfg == AnnotationConfig()
     text = (repo_root / "config" / "annotation.yaml").read_text()
-    for key in ("conf", "iou", "imgsz", "batch", "device", "max_det", "min_confidence", "min_detections"):
+    keys = ("conf", "iou", "imgsz", "batch", "device", "max_det", "min_confidence", "min_detections")
+    labels = ("source", "policy", "geometry", "confirm_min_confidence", "detector_only_min_confidence")
+    for key in (*keys, *labels, "max_disagreement"):
         assert re.search(rf"#[^\n]*\n\s*{key}:", text) or f"# {key}" in text, f"{key} has no comment"
 
 

@@ -119,6 +119,27 @@ def test_one_detection_over_two_source_boxes_and_two_detections_of_one():
     assert boxes[0].confidence == 0.8 and boxes[1].confidence == 0.4 and boxes[1].detection_index == 0
 
 
+@pytest.mark.parametrize("confirm", [None, 0.1, 0.5])
+def test_detector_labels_with_a_layout_are_the_labels_without_one(confirm):
+    """labels.source detector: a layout changes scores and provenance, never which detections become labels."""
+    detections = [
+        (CAR, 0.9, [0, 0, 10, 10]), (CAR, 0.3, [20, 0, 30, 10]), (CAR, 0.15, [40, 0, 50, 10]),
+        (PED, 0.6, [0, 20, 5, 30]), (CAR, 0.7, [0, 0, 10, 9]),
+    ]  # fmt: skip
+    sources = [(CAR, [0, 0, 10, 10]), (CAR, [40, 0, 50, 10]), (PED, [100, 0, 105, 10])]
+    boxes = match_provenance(detections, sources, 0.5, 0.25, confirm_min_confidence=confirm)
+    labels, reasons = resolve_labels(boxes, "detector", min_confidence=0.25)
+    as_records = [
+        {"class": bdd.DET_CLASSES[c], "class_id": c, "confidence": conf, "box_xyxy": box}
+        for c, conf, box in detections
+    ]
+    without = consensus.detector_labels(as_records, 0.25)
+    assert [(x["class_id"], x["confidence"], x["box_xyxy"]) for x in labels] == [
+        (x["class_id"], x["confidence"], x["box_xyxy"]) for x in without
+    ] and reasons == []
+    assert [x["confidence"] for x in without] == [0.9, 0.3, 0.6, 0.7]  # detection order, >= min_confidence
+
+
 def test_disagreement_threshold_and_strict_policy():
     sources = [(CAR, [0, 0, 10, 10]), (CAR, [20, 0, 30, 10]), (PED, [40, 0, 45, 10])]
     detections = [(CAR, 0.9, [0, 0, 10, 10]), (CAR, 0.6, [60, 0, 70, 10])]
@@ -372,7 +393,8 @@ def test_decide_consensus_records_provenance_layout_scores_and_policy(tmp_path):
     )
     assert rec["status"] == "accepted" and rec["layout"]["recall"] == 0.0 and rec["n_labels"] == 2
     rec = record(tmp_path, "a.png", (320, 180), [])
-    dataset.decide(rec, AnnotationConfig.model_validate({"filter": {"min_detections": 3}, "labels": {"source": "layout"}}), layout, set(range(10)))  # fmt: skip
+    strict_count = {"filter": {"min_detections": 3}, "labels": {"source": "layout"}}
+    dataset.decide(rec, AnnotationConfig.model_validate(strict_count), layout, set(range(10)))
     assert rec["reasons"] == ["too_few_detections"]
 
 
