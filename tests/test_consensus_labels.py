@@ -416,6 +416,25 @@ def test_inline_labels_errors_name_file_line_and_key(tmp_path):
     )
 
 
+def test_a_generation_plans_record_is_a_layout(tmp_path):
+    """The record ControlNet inference writes for a planned scene (ai/controlnet/plans.py): the plan's labels
+    inline, source_frame/source_labels/mask_path null, plan fields alongside."""
+    label = {
+        "id": "0",
+        "category": "bus",
+        "attributes": {"occluded": False, "truncated": True, "trafficLightColor": "NA"},
+        "box2d": {"x1": 639.5, "y1": 200.0, "x2": 959.25, "y2": 499.0},
+    }
+    meta = {"file": "p-0001_00.png", "mask_path": None, "source_frame": None, "source_labels": None,
+            "source_size": [1280, 720], "plan_id": "p-0001", "plan_source_frame": "b1c66a42-6f7d68ca.jpg",
+            "plan_edits": ["mirror"], "attributes": {"weather": "rainy"}, "labels": [label]}  # fmt: skip
+    (tmp_path / "metadata.jsonl").write_text(json.dumps(meta) + "\n")
+    ref = read_metadata(tmp_path / "metadata.jsonl")["p-0001_00.png"]
+    boxes, note = LayoutSources().source_boxes(ref, (640, 360), set(range(10)))
+    assert note == "1 source boxes from inline labels"
+    assert boxes == [(bdd.DET_CLASS_YOLO_ID["bus"], [319.75, 100.0, 480.125, 250.0])]  # (x2 + 1) / 2
+
+
 def test_labels_settings_are_checked_with_their_keys(tmp_path, capsys):
     (tmp_path / "in").mkdir()
     Image.new("RGB", (32, 32)).save(tmp_path / "in" / "a.png")
