@@ -40,6 +40,7 @@ file is written atomically. Ends with a summary; bad input is one ``error:`` lin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import errno
 import filecmp
@@ -50,7 +51,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -395,6 +396,11 @@ def write_split(out: Path, planned: list[Planned], report: Report, options: Opti
 
 def write_data_yaml(out: Path) -> tuple[Path, str]:
     """data.yaml for the splits present under out/images; returns it and a note when one split stands for two."""
+    with out_lock(out):
+        return _write_data_yaml(out)
+
+
+def _write_data_yaml(out: Path) -> tuple[Path, str]:
     present = {s: f"images/{s}" for s in YAML_SPLITS if split_files(out, "images", s)}
     note = ""
     for missing, other in (("train", "val"), ("val", "train")):
@@ -482,8 +488,19 @@ def convert_split(
             report,
         )
     out.mkdir(parents=True, exist_ok=True)
-    write_split(out, planned, report, options)
+    with out_lock(out):  # two splits converted at once into one --out share frames.csv
+        write_split(out, planned, report, options)
     return report
+
+
+@contextlib.contextmanager
+def out_lock(out: Path) -> Iterator[None]:
+    """An exclusive lock on ``out`` for a read-modify-write of its shared files (frames.csv, data.yaml)."""
+    import fcntl
+
+    with open(out / ".bdd_to_yolo.lock", "a") as fh:  # "a": no truncation, the mtime stays
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
