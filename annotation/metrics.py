@@ -43,7 +43,9 @@ class Boxes:
     @staticmethod
     def empty(with_conf: bool = False) -> Boxes:
         return Boxes(
-            np.zeros((0, 4), np.float64), np.zeros(0, np.int64), np.zeros(0, np.float64) if with_conf else None
+            np.zeros((0, 4), np.float64),
+            np.zeros(0, np.int64),
+            np.zeros(0, np.float64) if with_conf else None,
         )
 
     def __len__(self) -> int:
@@ -80,8 +82,12 @@ def read_yolo_labels(path: Path, width: int, height: int) -> Boxes:
                 raise ValueError
             cls, cx, cy, w, h = int(parts[0]), *(float(p) for p in parts[1:])
         except ValueError:
-            raise ValueError(f"{path}:{lineno}: not a YOLO box line 'cls cx cy w h': {line.strip()!r}") from None
-        rows.append((cls, (cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height))
+            raise ValueError(
+                f"{path}:{lineno}: not a YOLO box line 'cls cx cy w h': {line.strip()!r}"
+            ) from None
+        rows.append(
+            (cls, (cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height)
+        )
     if not rows:
         return Boxes.empty()
     arr = np.asarray(rows, np.float64)

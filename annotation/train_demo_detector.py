@@ -128,7 +128,12 @@ def write_yolo_training_set(bdd_root: Path, out: Path, params: DetectorParams) -
         )
         try:
             report = bdd_to_yolo.convert_split(
-                bdd_root, split, out, options, det20_file(bdd_root, split), bdd_root / "images" / "100k" / split
+                bdd_root,
+                split,
+                out,
+                options,
+                det20_file(bdd_root, split),
+                bdd_root / "images" / "100k" / split,
             )
         except bdd_to_yolo.NothingToWrite as exc:
             if split == "train" and exc.report.no_boxes_skipped:
