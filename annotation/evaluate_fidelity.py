@@ -118,16 +118,8 @@ def image_size(path: Path) -> tuple[int, int] | None:
         return None
 
 
-def collect_pairs(
-    generations: Path,
-    real_index: dict[str, Path],
-    real_where: str,
-    keep_classes: set[int],
-    min_box_size: float,
-    max_images: int | None,
-    allow_missing_real: bool,
-) -> tuple[list[Pair], Counter, dict[str, list[str]]]:
-    """Pairs to score, skip counts by reason and a few names per reason."""
+def read_refs(generations: Path) -> dict[str, SourceRef]:
+    """file name -> SourceRef of the generations' metadata.jsonl; an error unless some record names a layout."""
     if not generations.is_dir():
         raise UserError(f"--generations folder not found: {generations}")
     metadata = generations / METADATA_FILE
@@ -142,6 +134,20 @@ def collect_pairs(
             f"{metadata}: none of its {len(refs)} record(s) names a source layout (source_frame and source_labels); "
             "LoRA generations have none, ControlNet generation records them when paths.source_labels is set"
         )
+    return refs
+
+
+def collect_pairs(
+    generations: Path,
+    refs: dict[str, SourceRef],
+    real_index: dict[str, Path],
+    real_where: str,
+    keep_classes: set[int],
+    min_box_size: float,
+    max_images: int | None,
+    allow_missing_real: bool,
+) -> tuple[list[Pair], Counter, dict[str, list[str]]]:
+    """Pairs to score, skip counts by reason and a few names per reason."""
     layout = LayoutSources()
     skipped: Counter = Counter()
     examples: dict[str, list[str]] = {}
@@ -596,7 +602,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
     started = time.perf_counter()
-
+    refs = read_refs(generations)  # bad generations fail before --out is made
     real_index, real_where = real_frame_index(
         Path(args.bdd_data_dir) if args.bdd_data_dir else None,
         Path(args.real_images) if args.real_images else None,
@@ -607,7 +613,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     class_map = parse_class_map_arg(args.class_map) if args.class_map else None
     mapping, origin = metrics_classes(loaded, class_map, args.classes)
     pairs, skipped, examples = collect_pairs(
-        generations, real_index, real_where, set(mapping.values()), args.min_box_size, args.max_images,
+        generations, refs, real_index, real_where, set(mapping.values()), args.min_box_size, args.max_images,
         args.allow_missing_real,
     )  # fmt: skip
 

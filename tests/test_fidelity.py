@@ -190,6 +190,7 @@ def test_bad_inputs_are_one_clear_line(mini_bdd, detector, tmp_path, capsys):
     assert (
         code == 2 and "none of its 1 record(s) names a source layout (source_frame and source_labels)" in err
     )
+    assert not (tmp_path / "o").exists()  # each refused before the report folder was made
 
     elsewhere = tmp_path / "real_elsewhere"
     elsewhere.mkdir()
