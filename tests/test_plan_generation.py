@@ -59,7 +59,11 @@ FRAMES = [
         "clear",
         "night",
         "highway",
-        [label("car", (0, 300, 99, 379)), label("car", (700, 300, 799, 379))],
+        [
+            label("car", (0, 300, 99, 379)),
+            label("car", (700, 300, 799, 379)),
+            label("car", (1300, 300, 1350, 350)),  # wholly outside the image: not a box of this frame
+        ],
     ),
     frame(
         "f3",
