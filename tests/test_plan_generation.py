@@ -441,6 +441,8 @@ def test_shipped_targets_file_documents_every_key_and_plans(tmp_path, mini_bdd):
         spec.targets[0].require == {"pedestrian": 2}
         and spec.targets[1].values("weather") == pg.DEFINED["weather"]
     )
+    demo = pg.load_targets(REPO / "config" / "demo" / "plan_targets.yaml")  # make demo's: the emptiest cells
+    assert demo.scenes == 4 and demo.targets[0].values("timeofday") == pg.DEFINED["timeofday"]
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     assert set(data) == set(pg.PlanTargets.model_fields)
     assert set(data["edits"]) == set(pg.Edits.model_fields)
