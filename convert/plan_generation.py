@@ -1159,7 +1159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     atomic_write_bytes(out / PLOT_FILE, plot_png(real, planned))
 
-    print(f"planned {len(scenes)} scenes ({len(old)} kept from the plan on disk) -> {out / PLAN_FILE}")
+    kept = len(old) if old == lines[: len(old)] else 0  # 0: replaced (--overwrite)
+    print(f"planned {len(scenes)} scenes ({kept} kept from the plan on disk) -> {out / PLAN_FILE}")
     for s in planner.states:
         changed = [
             f"{cell_name(c)} {r} -> {r + p}"
