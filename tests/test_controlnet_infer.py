@@ -607,3 +607,142 @@ def test_user_config_documents_every_key(monkeypatch):
         stripped = line.strip()
         if stripped and not stripped.startswith("#") and not stripped.endswith(":"):
             assert "#" in line, f"uncommented key line: {line!r}"
+
+
+# --- box layouts ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def box_controlnets(model, tmp_path_factory) -> dict[str, Path]:
+    """Box-layout ControlNets as training saves them (the layout recorded in config.json): one-hot with random
+    output convolutions (so the layout steers) and a fresh palette one."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from ai.controlnet import control
+
+    root = tmp_path_factory.mktemp("box_controlnets")
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", local_files_only=True)
+    one_hot = ControlNetModel.from_unet(unet, conditioning_channels=11)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in one_hot.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block")):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    control.record_conditioning(one_hot, "boxes", "one_hot").save_pretrained(root / "one_hot")
+    palette = ControlNetModel.from_unet(unet, conditioning_channels=3)
+    control.record_conditioning(palette, "boxes", "palette").save_pretrained(root / "palette")
+    return {"one_hot": root / "one_hot", "palette": root / "palette"}
+
+
+@pytest.fixture(scope="module")
+def box_layouts(mini_bdd, tmp_path_factory) -> Path:
+    """Box layouts of two val frames (rendered from det_val at their images' size) and captions:
+    <root>/masks/*.png, <root>/captions/*.txt."""
+    from convert import bdd, box_layout
+
+    root = tmp_path_factory.mktemp("box_layouts")
+    (root / "masks").mkdir()
+    (root / "captions").mkdir()
+    frames = [f for f in bdd.load_frames(mini_bdd / "labels/det_20/det_val.json") if len(f.label_list()) >= 3]
+    for frame, caption in zip(frames[:2], CAPTIONS, strict=True):
+        with Image.open(mini_bdd / "images/100k/val" / frame.name) as im:
+            size = im.size
+        box_layout.save_layout(
+            box_layout.render_box_layout(frame.label_list(), size), root / "masks" / f"{frame.stem}.png"
+        )
+        (root / "captions" / f"{frame.stem}.txt").write_text(caption + "\n", encoding="utf-8")
+    return root
+
+
+def test_generates_from_box_layouts_with_stage4_metadata(
+    model, box_controlnets, box_layouts, mini_bdd, tmp_path, monkeypatch
+):
+    """The layout reaches the ControlNet as the 11-channel one-hot of the resized ids; sheets show the box preview;
+    each record says the layout and the source frame, so stage 4 checks the image against the frame's boxes."""
+    from annotation.layout import LayoutSources, read_metadata
+    from convert import bdd, box_layout
+
+    seen: list[torch.Tensor] = []
+    load_controlnet = infer_controlnet_sdxl.load_controlnet
+
+    def load_and_watch(*a, **kw):
+        controlnet = load_controlnet(*a, **kw)
+        controlnet.register_forward_pre_hook(
+            lambda _m, _a, k: seen.append(k["controlnet_cond"].clone()), with_kwargs=True
+        )
+        return controlnet
+
+    monkeypatch.setattr(infer_controlnet_sdxl, "load_controlnet", load_and_watch)
+    labels = mini_bdd / "labels/det_20/det_val.json"
+    gen = infer(
+        model, box_controlnets["one_hot"], box_layouts, tmp_path / "boxes", f"paths.source_labels={labels}",
+        "batch_size=1", "num_inference_steps=1",
+    )  # fmt: skip
+    names = mask_names(box_layouts)
+    recs = records(gen)
+    assert [r["file"] for r in recs] == [f"{n}_00.png" for n in names]
+    for rec, name in zip(recs, names, strict=True):
+        assert rec["layout"] == "boxes" and rec["conditioning"] == "one_hot"
+        assert rec["mask_path"] == str((box_layouts / "masks" / f"{name}.png").resolve())
+        assert rec["source_frame"] == f"{name}.jpg" and rec["source_size"] == [320, 180]
+        assert rec["source_labels"] == str(labels.resolve())
+    # the condition the ControlNet saw (CFG doubles the batch): the one-hot of the layout at the 160x96 bucket
+    assert len(seen) == 2
+    for cond_seen, name in zip(seen, names, strict=True):
+        ids = cond.resize_ids(cond.read_ids(box_layouts / "masks" / f"{name}.png", layout="boxes"), (160, 96))
+        expected = cond.ids_to_tensor(ids, "one_hot", "boxes")
+        assert cond_seen.shape == (2, 11, 96, 160) and torch.equal(cond_seen[0], expected)
+        sheet = pixels(gen.parent / "side_by_side" / f"{name}_00.png")
+        assert np.array_equal(sheet[:, :160], np.asarray(box_layout.layout_to_preview(np.asarray(ids))))
+    # stage 4 reads the records and finds each source frame's boxes, scaled to the generated image
+    refs = read_metadata(gen / "metadata.jsonl")
+    boxes, why = LayoutSources().source_boxes(refs[f"{names[0]}_00.png"], (160, 96), set(range(10)))
+    assert boxes, why
+    frame = next(f for f in bdd.load_frames(labels) if f.stem == names[0])
+    assert len(boxes) == len([lab for lab in frame.label_list() if lab.category in bdd.DET_CLASSES])
+    # a lost sheet is remade from the record's layout with the box preview, nothing generated
+    sheet_path = gen.parent / "side_by_side" / f"{names[1]}_00.png"
+    before = pixels(sheet_path)
+    sheet_path.unlink()
+    infer(
+        model, box_controlnets["one_hot"], box_layouts, tmp_path / "boxes", f"paths.source_labels={labels}",
+        "batch_size=1", "num_inference_steps=1",
+    )  # fmt: skip
+    assert np.array_equal(pixels(sheet_path), before)
+
+
+def test_a_box_controlnet_refuses_masks_and_a_mask_controlnet_refuses_box_layouts(
+    model, controlnets, box_controlnets, masks, box_layouts, tmp_path, capsys
+):
+    out = tmp_path / "o"
+    boxes_cn, seg_cn = box_controlnets["palette"], controlnets["palette"]
+    code, err = run_cli(capsys, *base_args(model, boxes_cn, masks, out))
+    assert code == 2
+    assert (
+        f"ControlNet {boxes_cn} was trained on box layouts (its config.json says _bdd_conditioning.layout=boxes), "
+        f"but 2 of 2 file(s) in paths.masks_path {masks / 'masks'} are not box layouts (no bdd_layout=boxes marker)"
+    ) in err
+    assert "--conditions boxes" in err
+    code, err = run_cli(capsys, *base_args(model, seg_cn, box_layouts, out))
+    assert code == 2
+    assert (
+        f"ControlNet {seg_cn} was trained on segmentation masks (no layout recorded in its config.json: a "
+        f"ControlNet trained on masks), but 2 of 2 file(s) in paths.masks_path {box_layouts / 'masks'} are box "
+        "layouts (marked bdd_layout=boxes)"
+    ) in err
+    code, err = run_cli(capsys, *base_args(model, seg_cn, masks, out), "layout=boxes")
+    assert code == 2
+    assert (
+        f"layout=boxes needs a ControlNet trained on box layouts, but {seg_cn} was trained on segmentation"
+        in err
+    )
+    code, err = run_cli(capsys, *base_args(model, boxes_cn, box_layouts, out), "layout=seg")
+    assert code == 2 and "set layout=boxes or layout=auto" in err
+    code, err = run_cli(
+        capsys, *base_args(model, box_controlnets["one_hot"], box_layouts, out), "conditioning=palette"
+    )
+    assert code == 2 and "conditioning=palette needs a ControlNet with 3 conditioning channels" in err
+    assert not out.exists()  # every refusal came before any output
+    args = [*base_args(model, boxes_cn, box_layouts, out), "layout=boxes", "--check"]
+    assert run_main(infer_controlnet_sdxl.main, args) == 0
+    assert "(box layouts as palette input)" in capsys.readouterr().out

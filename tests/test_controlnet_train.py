@@ -520,3 +520,184 @@ def test_bf16_validation_reuses_the_trained_controlnet_and_runs_the_vae_in_fp32(
         with Image.open(sheets[0]) as im:
             generated = np.asarray(im.convert("RGB"))[:, im.width // 2 :]
         assert generated.std() > 0  # not a constant image
+
+
+# --- box layouts ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def box_csv(mini_bdd, tmp_path_factory) -> Path:
+    """Stage 1's box-layout CSV over the mini-BDD100K's 100K train images (one layout per labeled frame)."""
+    from ai.common.cli import run_main
+    from convert import controlnet_bdd_to_huggingface_csv
+
+    root = tmp_path_factory.mktemp("box_csv")
+    images = mini_bdd / "images" / "100k" / "train"
+    (root / "captions").mkdir()
+    for image in bdd.list_images(images):
+        (root / "captions" / f"{image.stem}.txt").write_text(
+            "a dashcam photo of a street\n", encoding="utf-8"
+        )
+    argv = [
+        "--conditions", "boxes", "--images_path", str(images), "--captions_path", str(root / "captions"),
+        "--labels_file", str(mini_bdd / "labels/det_20/det_train.json"), "--output_folder", str(root / "csv"),
+        "--type", "train",
+    ]  # fmt: skip
+    assert run_main(controlnet_bdd_to_huggingface_csv.main, argv) == 0
+    return root / "csv" / "bdd_hf_dataset_controlnet_boxes_train.csv"
+
+
+def test_a_box_layout_controlnet_trains_and_its_folders_record_the_layout(tiny_sdxl, box_csv, tmp_path):  # noqa: F811
+    from diffusers import ControlNetModel
+
+    from ai.controlnet import architecture
+
+    cfg = write_config(
+        tmp_path / "boxes.yaml", tiny_sdxl, box_csv, tmp_path / "runs", "boxes",
+        controlnet={"layout": "boxes", "conditioning": "one_hot", "save_dtype": "float32"},
+        train={"max_train_steps": 2}, checkpoint={"every_n_steps": 2},
+        validation={"every_n_steps": 2, "loss_rows": 2, "num_images": 2, "num_inference_steps": 1},
+    )  # fmt: skip
+    assert run_inprocess(cfg) == 0
+    run = tmp_path / "runs" / "boxes"
+    for folder in (run / "controlnet", run / "checkpoint-2" / "controlnet"):
+        config = json.loads((folder / "config.json").read_text())
+        assert config["conditioning_channels"] == 11
+        record = config[architecture.CONDITIONING_KEY]
+        assert record["layout"] == "boxes" and record["encoding"] == "one_hot" and record["channels"] == 11
+        assert record["classes"] == list(bdd.DET_CLASSES)
+        assert architecture.recorded_layout(config, str(folder)) == "boxes"
+    # diffusers loads the folder (the private key is not an init argument) and keeps the record on a re-save
+    loaded = ControlNetModel.from_pretrained(run / "controlnet")
+    loaded.save_pretrained(tmp_path / "resaved")
+    resaved = json.loads((tmp_path / "resaved" / "config.json").read_text())
+    assert resaved[architecture.CONDITIONING_KEY]["layout"] == "boxes"
+    # the validation sheet shows the held-out layout in the box palette (mask colours would differ)
+    from ai.common import data
+    from ai.controlnet import conditioning
+
+    sheets = sorted((run / "validation" / "step-000002").glob("*.png"))
+    assert len(sheets) == 2
+    bucket, drawn = (80, 48), 0  # 320x180 at base 64 px
+    for sheet in sheets:
+        layout = box_csv.parent / "box_layouts" / "train" / f"{sheet.stem.rsplit('_seed', 1)[0]}.png"
+        ids = conditioning.read_ids(layout, layout="boxes")
+        plan = data.plan_crop(ids.size, bucket, "center", False)
+        held = np.asarray(data.apply_plan(ids, plan, Image.Resampling.NEAREST))
+        with Image.open(sheet) as im:
+            assert im.size == (2 * bucket[0], bucket[1])
+            left = np.asarray(im.convert("RGB"))[:, : bucket[0]]
+        assert np.array_equal(left, np.asarray(conditioning.ids_to_preview(held, "boxes")))
+        drawn += len(np.unique(held)) >= 3
+    assert drawn  # at least one held-out frame with boxes, not only empty ones
+
+
+def test_a_mask_controlnet_records_seg(tiny_sdxl):  # noqa: F811
+    from ai.common.models import load_components
+    from ai.controlnet import architecture, control
+
+    comps = load_components(tiny_sdxl)
+    cn = control.build_controlnet(comps.unet, "palette")
+    assert cn.config[architecture.CONDITIONING_KEY] == {"layout": "seg", "encoding": "palette", "channels": 3}
+
+
+def test_init_from_must_match_the_layout(tiny_sdxl, tmp_path):  # noqa: F811
+    """A ControlNet trained on the other layout would read the ids as other classes: refused when building."""
+    from ai.common.cli import UserError
+    from ai.common.models import load_components
+    from ai.controlnet import architecture, control
+
+    comps = load_components(tiny_sdxl)
+    control.build_controlnet(comps.unet, "one_hot", layout="boxes").save_pretrained(tmp_path / "boxes")
+    again = control.build_controlnet(comps.unet, "one_hot", str(tmp_path / "boxes"), layout="boxes")
+    assert again.config[architecture.CONDITIONING_KEY]["layout"] == "boxes"
+    with pytest.raises(UserError, match="set controlnet.conditioning=one_hot"):
+        control.build_controlnet(comps.unet, "palette", str(tmp_path / "boxes"), layout="boxes")
+    with pytest.raises(UserError) as err:
+        control.build_controlnet(comps.unet, "one_hot", str(tmp_path / "boxes"), layout="seg")
+    assert str(err.value).startswith(
+        f"controlnet.init_from {tmp_path / 'boxes'} was trained on box layouts (its config.json says "
+        "_bdd_conditioning.layout=boxes), but controlnet.layout=seg trains on segmentation masks"
+    )
+    old = tmp_path / "old"  # a mask ControlNet from before the record: 3 channels, nothing recorded
+    from diffusers import ControlNetModel
+
+    ControlNetModel.from_unet(comps.unet, conditioning_channels=3).save_pretrained(old)
+    assert architecture.CONDITIONING_KEY not in json.loads((old / "config.json").read_text())
+    with pytest.raises(
+        UserError, match="was trained on segmentation masks \\(no layout recorded in its config.json"
+    ):
+        control.build_controlnet(comps.unet, "palette", str(old), layout="boxes")
+    assert (
+        control.build_controlnet(comps.unet, "palette", str(old)).config[architecture.CONDITIONING_KEY][
+            "layout"
+        ]
+        == "seg"
+    )
+
+
+def fake_controlnet(tiny_sdxl: Path, folder: Path, record: dict | None) -> Path:  # noqa: F811
+    """A ControlNet folder whose config fits the tiny UNet (weights never read: the checks come first)."""
+    unet_cfg = json.loads((tiny_sdxl / "unet" / "config.json").read_text())
+    config = dict(unet_cfg, _class_name="ControlNetModel", conditioning_channels=3)
+    if record is not None:
+        config["_bdd_conditioning"] = record
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"never read")
+    return folder
+
+
+def test_layout_mismatches_are_refused_before_training(tiny_sdxl, box_csv, controlnet_csvs, tmp_path):  # noqa: F811
+    seg_csv, _ = controlnet_csvs
+    masks_cfg = write_config(tmp_path / "m.yaml", tiny_sdxl, seg_csv, tmp_path / "runs", "m")
+    boxes_cfg = write_config(tmp_path / "b.yaml", tiny_sdxl, box_csv, tmp_path / "runs", "b")
+    assert check_config(masks_cfg) == "" and check_config(boxes_cfg, "controlnet.layout=boxes") == ""
+    message = check_config(masks_cfg, "controlnet.layout=boxes")
+    assert (
+        "conditioning image(s) are segmentation masks (by their PNG marker), but controlnet.layout=boxes"
+        in message
+    )
+    assert "--conditions boxes writes bdd_hf_dataset_controlnet_boxes_<type>.csv" in message
+    message = check_config(boxes_cfg)
+    assert "conditioning image(s) are box layouts (by their PNG marker), but controlnet.layout=seg" in message
+    assert "set controlnet.layout=boxes" in message
+
+    boxes_cn = fake_controlnet(tiny_sdxl, tmp_path / "boxes_cn", {"layout": "boxes", "encoding": "palette"})
+    message = check_config(masks_cfg, f"controlnet.init_from={boxes_cn}")
+    assert message.startswith(f"controlnet.init_from {boxes_cn} was trained on box layouts") and (
+        "set controlnet.layout=boxes" in message
+    )
+    old_cn = fake_controlnet(tiny_sdxl, tmp_path / "old_cn", None)
+    message = check_config(boxes_cfg, "controlnet.layout=boxes", f"controlnet.init_from={old_cn}")
+    assert f"{old_cn} was trained on segmentation masks (no layout recorded in its config.json" in message
+    assert check_config(boxes_cfg, "controlnet.layout=boxes", f"controlnet.init_from={boxes_cn}") == ""
+    bad_cn = fake_controlnet(tiny_sdxl, tmp_path / "bad_cn", {"layout": "bbox"})
+    assert "its layout must be one of seg, boxes" in check_config(masks_cfg, f"controlnet.init_from={bad_cn}")
+
+
+def test_every_row_is_checked_for_its_layout(box_csv, mini_bdd):
+    """Training reads every row's header: a mask among box layouts (past the launcher's first rows) is refused."""
+    from ai.common import data
+    from ai.common.cli import UserError
+    from ai.controlnet import control
+
+    rows = data.load_rows(box_csv, conditioning_column="conditioning_image").rows
+    control.check_mask_sizes(rows, layout="boxes")
+    mask = sorted((mini_bdd / "labels/sem_seg/masks/train").glob("*.png"))[0]
+    size = Image.open(mask).size
+    mixed = [*rows, data.Row(len(rows), "/x/frame.jpg", "x", size, str(mask), "frame.jpg")]
+    with pytest.raises(UserError, match=rf"1 of {len(mixed)} conditioning image\(s\) are segmentation masks"):
+        control.check_mask_sizes(mixed, layout="boxes")
+    with pytest.raises(
+        UserError, match=rf"{len(rows)} of {len(mixed)} conditioning image\(s\) are box layouts"
+    ):
+        control.check_mask_sizes(mixed, layout="seg")
+    # and a row read in a data worker refuses the other layout too
+    plan = data.plan_crop(
+        rows[0].size, (rows[0].size[0] // 16 * 16, rows[0].size[1] // 16 * 16), "center", True
+    )
+    tensor = control.RowCondition("one_hot", "boxes")(rows[0], plan)
+    assert tensor.shape[0] == 11
+    with pytest.raises(UserError, match="is a box layout"):
+        control.RowCondition("one_hot")(rows[0], plan)
