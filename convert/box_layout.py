@@ -104,12 +104,8 @@ class LayoutBox:
     x2: int
     y2: int
     index: int  # position among the input labels
-    cut: tuple[bool, bool, bool, bool] = (
-        False,
-        False,
-        False,
-        False,
-    )  # left, top, right, bottom at the image edge
+    # which edges (left, top, right, bottom) the image edge cut: no outline there
+    cut: tuple[bool, bool, bool, bool] = (False, False, False, False)
 
     @property
     def area(self) -> int:
