@@ -167,3 +167,35 @@ def test_streamed_canonicalisation_gives_the_bytes_of_the_whole_file_rewrite(tmp
     before = got.stat().st_mtime_ns
     io.canonicalize_safetensors(got)
     assert got.stat().st_mtime_ns == before and got.read_bytes() == want.read_bytes()
+
+
+def test_resume_accepts_a_key_added_after_the_checkpoint_only_at_its_default(tmp_path):
+    """A checkpoint written before a key existed (here controlnet.layout) resumes when the run leaves that key at
+    its default (the behaviour the checkpoint trained with), and is refused when the run sets it otherwise."""
+    import json
+
+    import yaml
+
+    from ai.common import checkpoints
+    from ai.common.train_config import RESUME_FREE_KEYS
+    from ai.controlnet.train_controlnet_sdxl import Config
+
+    base = {"data": {"train_csv": "train.csv"}, "validation": {"loss_rows": 2}}
+    cfg = Config.model_validate(base)
+    old = cfg.model_dump(mode="json")
+    del old["controlnet"]["layout"]  # as written before the key existed
+    ckpt = tmp_path / "checkpoint-10"
+    ckpt.mkdir()
+    (ckpt / checkpoints.CONFIG_FILE).write_text(yaml.safe_dump(old))
+    (ckpt / checkpoints.STATE_FILE).write_text(
+        json.dumps({"step": 10, "epoch": 0, "batch": 10, "world_size": 1})
+    )
+
+    checkpoints.check_resume_compatible(ckpt, cfg.model_dump(mode="json"), RESUME_FREE_KEYS, 1, schema=Config)
+    boxes = Config.model_validate({**base, "controlnet": {"layout": "boxes"}})
+    with pytest.raises(UserError, match=r"controlnet.layout \(None -> 'boxes'\)"):
+        checkpoints.check_resume_compatible(
+            ckpt, boxes.model_dump(mode="json"), RESUME_FREE_KEYS, 1, schema=Config
+        )
+    with pytest.raises(UserError, match="controlnet.layout"):  # without the schema: every difference counts
+        checkpoints.check_resume_compatible(ckpt, cfg.model_dump(mode="json"), RESUME_FREE_KEYS, 1)

@@ -73,15 +73,27 @@ def read_train_state(checkpoint: Path) -> dict[str, Any]:
 
 
 def check_resume_compatible(
-    checkpoint: Path, resolved: dict[str, Any], free_keys: Sequence[str], world_size: int | None = None
+    checkpoint: Path,
+    resolved: dict[str, Any],
+    free_keys: Sequence[str],
+    world_size: int | None = None,
+    schema: Any = None,
 ) -> None:
-    """Refuse to resume when a config key outside ``free_keys`` (dotted prefixes) differs from the checkpoint's."""
+    """Refuse to resume when a config key outside ``free_keys`` (dotted prefixes) differs from the checkpoint's.
+
+    A key the checkpoint's config does not have (added to the schema after it was written) counts as unchanged
+    when this run leaves it at its default (``schema``: the config's pydantic class): defaults of new keys keep
+    the behaviour the checkpoint was trained with.
+    """
     saved_path = checkpoint / CONFIG_FILE
     if not saved_path.is_file():
         raise UserError(f"{checkpoint} has no {CONFIG_FILE}; cannot check that the config matches")
     saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
     differing = [
-        k for k in config_diff(saved, resolved) if not any(k == f or k.startswith(f + ".") for f in free_keys)
+        k
+        for k in config_diff(saved, resolved)
+        if not any(k == f or k.startswith(f + ".") for f in free_keys)
+        and not (schema is not None and not _has(saved, k) and _get(resolved, k) == _default(schema, k))
     ]
     if differing:
         details = ", ".join(f"{k} ({_get(saved, k)!r} -> {_get(resolved, k)!r})" for k in differing)
@@ -95,6 +107,35 @@ def check_resume_compatible(
             f"cannot resume from {checkpoint}: it was written by {state['world_size']} process(es), this run has "
             f"{world_size}; the data order depends on the process count. Launch with the same number of processes"
         )
+
+
+def _has(tree: dict[str, Any], dotted: str) -> bool:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+_NO_DEFAULT = object()
+
+
+def _default(schema: Any, dotted: str) -> Any:
+    """The schema's default of a dotted key, as the resolved (JSON) config holds it; a sentinel when there is none."""
+    from pydantic import BaseModel
+
+    model = schema
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None or field.is_required():
+            return _NO_DEFAULT
+        value = field.get_default(call_default_factory=True)
+        if i == len(parts) - 1:
+            return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+        model = type(value) if isinstance(value, BaseModel) else field.annotation
+    return _NO_DEFAULT
 
 
 def _get(tree: dict[str, Any], dotted: str) -> Any:

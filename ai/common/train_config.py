@@ -178,7 +178,7 @@ def check_common_inputs(cfg: TrainingConfig, run_dir) -> None:
             raise UserError(f"{key}: file not found: {value}")
     ckpt = resolve_resume(run_dir, cfg.checkpoint.resume_from)
     if ckpt is not None:
-        check_resume_compatible(ckpt, cfg.model_dump(mode="json"), RESUME_FREE_KEYS)
+        check_resume_compatible(ckpt, cfg.model_dump(mode="json"), RESUME_FREE_KEYS, schema=type(cfg))
 
 
 def trainer_main(argv, *, prog: str, description: str, config_cls, check_inputs, train, example: str) -> int:

@@ -108,7 +108,7 @@ def start_run(cfg: TrainingConfig, resume_free_keys: Sequence[str] = RESUME_FREE
     resume = checkpoints.resolve_resume(run_dir, cfg.checkpoint.resume_from)
     if resume is not None:
         checkpoints.check_resume_compatible(
-            resume, cfg.model_dump(mode="json"), resume_free_keys, accelerator.num_processes
+            resume, cfg.model_dump(mode="json"), resume_free_keys, accelerator.num_processes, schema=type(cfg)
         )
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
