@@ -40,6 +40,15 @@ LORA_TRAIN_PATHS = $(TRAIN_PATHS) data.train_csv=$(D)/csv/bdd_hf_dataset_lora_tr
 CONTROLNET_TRAIN_PATHS = $(TRAIN_PATHS) data.train_csv=$(D)/csv/bdd_hf_dataset_controlnet_train.csv
 LORA_INFER_PATHS = paths.base_model_path=$(D)/models/tiny-sdxl paths.lora_weights_path=$(D)/lora_train \
     paths.infer_path=$(D)/lora_infer
+BOXES_TRAIN_PATHS = $(TRAIN_PATHS) data.train_csv=$(D)/csv/bdd_hf_dataset_controlnet_boxes_train.csv \
+    controlnet.layout=boxes output.name=controlnet_boxes_train
+BOXES_INFER_PATHS = paths.base_model_path=$(D)/models/tiny-sdxl \
+    paths.controlnet_path=$(D)/controlnet_boxes_train/controlnet paths.masks_path=$(D)/csv/box_layouts/val \
+    paths.captions_path=$(D)/captions/val paths.source_labels=$(D)/bdd100k/labels/det_20/det_val.json \
+    paths.infer_path=$(D)/controlnet_boxes_infer
+PLAN_INFER_PATHS = paths.base_model_path=$(D)/models/tiny-sdxl \
+    paths.controlnet_path=$(D)/controlnet_boxes_train/controlnet paths.plan=$(D)/plan/plan.jsonl \
+    paths.infer_path=$(D)/plan_infer
 CONTROLNET_INFER_PATHS = paths.base_model_path=$(D)/models/tiny-sdxl \
     paths.controlnet_path=$(D)/controlnet_train/controlnet paths.masks_path=$(D)/bdd100k/labels/sem_seg/masks/val \
     paths.captions_path=$(D)/captions/val paths.source_labels=$(D)/bdd100k/labels/det_20/det_val.json \
@@ -58,6 +67,12 @@ demo: $(STAMP)
 	$(PY) -m convert.controlnet_bdd_to_huggingface_csv --images_path $(DEMO_DIR)/bdd100k/images/10k/train \
 	    --captions_path $(DEMO_DIR)/captions/train --conditions_path $(DEMO_DIR)/bdd100k/labels/sem_seg/masks/train \
 	    --output_folder $(DEMO_DIR)/csv --type train
+	for split in train val; do $(PY) -m convert.controlnet_bdd_to_huggingface_csv --conditions boxes \
+	    --images_path $(DEMO_DIR)/bdd100k/images/100k/$$split --captions_path $(DEMO_DIR)/captions/$$split \
+	    --labels_file $(DEMO_DIR)/bdd100k/labels/det_20/det_$$split.json --output_folder $(DEMO_DIR)/csv --type $$split \
+	    || exit 1; done
+	for split in train val; do $(PY) -m convert.bdd_to_yolo --bdd_data_dir $(DEMO_DIR)/bdd100k --split $$split \
+	    --out $(DEMO_DIR)/real || exit 1; done
 	@echo "== model: tiny SDXL-architecture model built locally ($(DEMO_DIR)/models/tiny-sdxl) =="
 	$(PY) -m ai.common.build_model --preset tiny --out $(DEMO_DIR)/models/tiny-sdxl
 	@echo "== stage 2A/3A: LoRA training and generation on CPU =="
@@ -68,23 +83,51 @@ demo: $(STAMP)
 	    $(CONTROLNET_TRAIN_PATHS)
 	ACCELERATE_CONFIG=config/accelerate_config_cpu.yaml bash ai/controlnet/run_controlnet_infer.sh config/demo/controlnet_infer.yaml \
 	    $(CONTROLNET_INFER_PATHS)
+	@echo "== stage 2C/3C: ControlNet on box layouts (every labeled frame), a generation plan for the rarest conditions =="
+	ACCELERATE_CONFIG=config/accelerate_config_cpu.yaml bash ai/controlnet/run_controlnet_train.sh config/demo/controlnet_train.yaml \
+	    $(BOXES_TRAIN_PATHS)
+	ACCELERATE_CONFIG=config/accelerate_config_cpu.yaml bash ai/controlnet/run_controlnet_infer.sh config/demo/controlnet_infer.yaml \
+	    $(BOXES_INFER_PATHS)
+	$(PY) -m convert.plan_generation --bdd_data_dir $(DEMO_DIR)/bdd100k --split train \
+	    --targets config/demo/plan_targets.yaml --out $(DEMO_DIR)/plan
+	ACCELERATE_CONFIG=config/accelerate_config_cpu.yaml bash ai/controlnet/run_controlnet_infer.sh config/demo/controlnet_infer.yaml \
+	    $(PLAN_INFER_PATHS)
 	@echo "== stage 4: YOLO auto-annotation with a demo detector trained on the mini-BDD100K (CPU) =="
 	$(PY) -m annotation.train_demo_detector --bdd_data_dir $(DEMO_DIR)/bdd100k --out $(DEMO_DIR)/detector/detector.pt
 	$(PY) -m annotation.yolo_annotate_folders --config config/demo/annotation.yaml --model $(DEMO_DIR)/detector/detector.pt \
 	    --input_folder $(DEMO_DIR)/lora_infer/generations --output_folder $(DEMO_DIR)/annotated/lora
 	$(PY) -m annotation.yolo_annotate_folders --config config/demo/annotation.yaml --model $(DEMO_DIR)/detector/detector.pt \
 	    --input_folder $(DEMO_DIR)/controlnet_infer/generations --output_folder $(DEMO_DIR)/annotated/controlnet
+	$(PY) -m annotation.yolo_annotate_folders --config config/demo/annotation.yaml --model $(DEMO_DIR)/detector/detector.pt \
+	    --input_folder $(DEMO_DIR)/plan_infer/generations --output_folder $(DEMO_DIR)/annotated/plan
 	@echo "-- control: the same detector on the mini-BDD val frames (real scenes it was not trained on) --"
 	$(PY) -m annotation.yolo_annotate_folders --config config/demo/annotation.yaml --model $(DEMO_DIR)/detector/detector.pt \
 	    --input_folder $(DEMO_DIR)/bdd100k/images/100k/val --output_folder $(DEMO_DIR)/annotated/bdd_val
+	@echo "-- the box-layout generations labelled by their layouts (the synthetic set of the gain run below) --"
+	$(PY) -m annotation.yolo_annotate_folders --config config/demo/annotation.yaml --model $(DEMO_DIR)/detector/detector.pt \
+	    --input_folder $(DEMO_DIR)/controlnet_boxes_infer/generations --output_folder $(DEMO_DIR)/annotated/boxes_layout \
+	    --labels_source layout
+	@echo "== stage 5: what the synthetic data is worth: layout fidelity and detector gain =="
+	$(PY) -m annotation.evaluate_fidelity --generations $(DEMO_DIR)/controlnet_infer/generations \
+	    --detector $(DEMO_DIR)/detector/detector.pt --bdd_data_dir $(DEMO_DIR)/bdd100k --classes car --imgsz 256 \
+	    --device cpu --out $(DEMO_DIR)/fidelity
+	$(PY) -m annotation.evaluate_gain --real $(DEMO_DIR)/real/data.yaml --val $(DEMO_DIR)/real/data.yaml \
+	    --synthetic $(DEMO_DIR)/annotated/boxes_layout/data.yaml --out $(DEMO_DIR)/gain --shares 0,50 --seeds 0,1 \
+	    --max_real 8 --epochs 2 --imgsz 128 --batch 4 --device cpu --workers 0 --model yolov8n.yaml
+	@echo "NOTE: the demo's SDXL is a tiny random model that paints noise: a generation fidelity ratio near 0 and a zero or"
+	@echo "      negative gain are what it should get. The run shows the method end to end, not a result."
 	@echo "demo outputs under $(DEMO_DIR)/:"
 	@echo "  stage 1   bdd100k/ (mini-BDD100K), captions/, csv/"
 	@echo "  LoRA      lora_train/ (checkpoints, pytorch_lora_weights.safetensors, loss_curve.png)"
 	@echo "  generate  lora_infer/generations/ (*.png + metadata.jsonl)"
 	@echo "  ControlNet controlnet_train/ (controlnet/, loss_curve.png with the control gap, validation/ sheets)"
 	@echo "  generate  controlnet_infer/generations/ and side_by_side/ (mask | image)"
+	@echo "  boxes     controlnet_boxes_train/ (box-layout ControlNet), controlnet_boxes_infer/generations/"
+	@echo "  plan      plan/ (plan.jsonl, report.md, distribution.png), plan_infer/generations/ (labels in metadata.jsonl)"
 	@echo "  annotate  detector/detector.pt (+ detector.json: val recall/precision)"
-	@echo "            annotated/{lora,controlnet,bdd_val}/: data.yaml, labels/, previews/, contact_sheet.jpg, manifest.csv, summary.json"
+	@echo "            annotated/{lora,controlnet,plan,bdd_val,boxes_layout}/: data.yaml, labels/, previews/, contact_sheet.jpg,"
+	@echo "            manifest.csv (label provenance), summary.json, agreement.png"
+	@echo "  evaluate  real/ (mini-BDD as YOLO + frames.csv), fidelity/fidelity.md, gain/gain.md + gain.png + gain.csv"
 
 bench: $(STAMP)
 	$(PY) bench/bench_captions.py
