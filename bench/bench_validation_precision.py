@@ -64,7 +64,9 @@ def main(argv=None) -> int:
     )
     _train_bench.add_arguments(parser, batch=1)
     parser.add_argument("--images", type=int, default=4, help="training images")
-    parser.add_argument("--inference-steps", type=int, default=10, help="denoising steps of the validation image")
+    parser.add_argument(
+        "--inference-steps", type=int, default=10, help="denoising steps of the validation image"
+    )
     parser.set_defaults(steps=1, warmup_steps=0, workers=0)
     args = parser.parse_args(argv)
 
