@@ -424,10 +424,9 @@ def write_run_data(run_dir: Path, arm: Arm, length: int, probe: Sequence[Item]) 
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["source", "kind", "copies_per_epoch"])
-    for item in arm.images:
-        writer.writerow(
-            [str(item.image), "real" if item in arm.real else "synthetic", counts.get(item.key, 0)]
-        )
+    for kind, kind_items in (("real", arm.real), ("synthetic", arm.synthetic)):
+        for item in kind_items:
+            writer.writerow([str(item.image), kind, counts.get(item.key, 0)])
     atomic_write_text(run_dir / "composition.csv", buf.getvalue())
     names_yaml = {"path": str(data.resolve()), "train": "train.txt", "val": "val_probe.txt"}
     names_yaml["names"] = dict(enumerate(bdd.DET_CLASSES))

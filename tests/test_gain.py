@@ -414,6 +414,22 @@ def test_a_list_entry_ultralytics_drops_is_refused_before_training(sets, tmp_pat
     assert not (run_dir / "ultralytics" / "train" / "weights" / "last.pt").exists()
 
 
+def test_run_data_is_linear_in_the_arm_size(tmp_path, monkeypatch):
+    """composition.csv says which images are real without searching the real tuple per image (quadratic: at
+    70k real frames half an hour of comparisons per arm); counted as Item comparisons, not timed."""
+    real, synthetic = items(300, "r"), items(300, "s")
+    arm = gain.Arm(100, 0, tuple(real), tuple(synthetic))
+    calls = []
+    eq = gain.Item.__eq__
+    monkeypatch.setattr(gain.Item, "__eq__", lambda a, b: calls.append(1) or eq(a, b))
+    gain.write_run_data(tmp_path / "run", arm, len(arm.images), real[:1])
+    assert len(calls) <= len(arm.images)
+    rows = list(csv.DictReader((tmp_path / "run" / "composition.csv").open()))
+    assert [(r["source"], r["kind"], r["copies_per_epoch"]) for r in rows] == [
+        (str(i.image), kind, "1") for kind, its in (("real", real), ("synthetic", synthetic)) for i in its
+    ]
+
+
 def test_evaluate_run_scores_a_trained_detector_by_class_and_condition(mini_bdd, sets, tmp_path):
     """The demo detector memorised the cars of the mini-BDD train frames: scored on those frames (as if they were
     the val set) it finds them, so predictions reach the right images' labels (a wrong pairing scores ~0)."""
