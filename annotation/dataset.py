@@ -24,7 +24,7 @@ import yaml
 
 from ai.common.io import atomic_write_text
 from annotation import consensus
-from annotation.layout import LayoutSources
+from annotation.layout import LayoutSources, MatchResult
 from annotation.settings import AnnotationConfig
 from convert import bdd
 
@@ -111,17 +111,15 @@ def decide(
             detections, sources, flt.layout_iou, flt.min_confidence, lab.confirm_min_confidence
         )
         n = consensus.counts_of(boxes)
-        confirmed, n_detected = n["confirmed"], n["confirmed"] + n["detector_only"]
-        recall = confirmed / len(sources) if sources else 1.0
-        precision = confirmed / n_detected if n_detected else 1.0
+        match = MatchResult(n["confirmed"], len(sources), n["confirmed"] + n["detector_only"])
         record["layout"] = {
             "source_frame": ref.source_frame,
-            "recall": round(recall, 4),
-            "precision": round(precision, 4),
-            "score": round(2 * recall * precision / (recall + precision) if recall + precision else 0.0, 4),
-            "matched": confirmed,
-            "n_source": len(sources),
-            "n_detected": n_detected,
+            "recall": round(match.recall, 4),
+            "precision": round(match.precision, 4),
+            "score": round(match.score, 4),
+            "matched": match.matched,
+            "n_source": match.n_source,
+            "n_detected": match.n_detected,
             **{f"n_{p}": n[p] for p in consensus.PROVENANCES},
             "disagreement": round(consensus.disagreement_share(n), 4),
         }
@@ -139,9 +137,9 @@ def decide(
         record["provenance"] = [{**b.to_json(), "label": i in is_label} for i, b in enumerate(boxes)]
         record["labels_source"] = lab.source
         if lab.source != "layout":  # layout labels trust the layout: the detector's scores never reject
-            if recall < flt.min_recall:
+            if match.recall < flt.min_recall:
                 reasons.append("low_layout_recall")
-            if precision < flt.min_precision:
+            if match.precision < flt.min_precision:
                 reasons.append("low_layout_precision")
         reasons += policy_reasons
     if len(labels) < flt.min_detections:
