@@ -41,12 +41,11 @@ def draw_preview(
     record: dict[str, Any],
     min_confidence: float,
     max_side: int,
-    source_boxes: Sequence[tuple[int, Sequence[float]]] | None = None,
 ) -> Image.Image:
     """The image with its labels (thick, captioned) and the boxes that are no label (thin).
 
     An image with a layout is coloured by provenance (:data:`PROVENANCE_RGB`: confirmed, layout-only,
-    detector-only, with a legend); one without by class. ``source_boxes`` (optional) are drawn thin and white.
+    detector-only, with a legend); one without by class.
     """
     with Image.open(record["source"]) as im:
         image = im.convert("RGB")
@@ -56,8 +55,6 @@ def draw_preview(
     draw = ImageDraw.Draw(image)
     font = _font(max(10, round(image.height / 36)))
     width = max(1, round(image.height / 240))
-    for _cls, box in source_boxes or ():
-        draw.rectangle([v * scale for v in box], outline=(255, 255, 255), width=1)
     provenance = record.get("provenance")
     in_pairs = {tuple(b["detector_xyxy"]) for b in provenance or () if b["detector_xyxy"] is not None}
     for d in record["detections"]:  # near-misses: returned by the detector, no label, no part of a pair
