@@ -130,9 +130,15 @@ def read_refs(generations: Path) -> dict[str, SourceRef]:
         )
     refs = read_metadata(metadata)
     if not any(r.source_frame and r.source_labels for r in refs.values()):
+        planned = sum(r.labels is not None for r in refs.values())
+        why = (
+            f"{planned} carry a generation plan's inline layout, which has no real frame to compare with"
+            if planned
+            else "LoRA generations have none, ControlNet generation records them when paths.source_labels is set"
+        )
         raise UserError(
             f"{metadata}: none of its {len(refs)} record(s) names a source layout (source_frame and source_labels); "
-            "LoRA generations have none, ControlNet generation records them when paths.source_labels is set"
+            + why
         )
     return refs
 

@@ -190,6 +190,13 @@ def test_bad_inputs_are_one_clear_line(mini_bdd, detector, tmp_path, capsys):
     assert (
         code == 2 and "none of its 1 record(s) names a source layout (source_frame and source_labels)" in err
     )
+    # a generation plan's images: their layout is inline, there is no real frame (not a missing config key)
+    planned = {"file": "a.jpg", "source_frame": None, "source_labels": None, "source_size": [320, 180],
+               "labels": [{"category": "car", "box2d": {"x1": 10, "y1": 20, "x2": 50, "y2": 60}}]}  # fmt: skip
+    (bare / "metadata.jsonl").write_text(json.dumps(planned) + "\n")
+    code, _, err = evaluate(capsys, *base[2:], "--generations", bare, "--detector", detector)
+    assert code == 2 and "1 carry a generation plan's inline layout, which has no real frame" in err
+    assert "paths.source_labels" not in err
     assert not (tmp_path / "o").exists()  # each refused before the report folder was made
 
     elsewhere = tmp_path / "real_elsewhere"
