@@ -151,7 +151,7 @@ class Edits(Section):
 
 class PlanTargets(Section):
     scenes: int | None = Field(None, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0)  # numpy's seed sequences take non-negative integers
     targets: list[Target] = Field(min_length=1)
     edits: Edits = Edits()
 
@@ -1020,6 +1020,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("pass --bdd_data_dir (or --labels_file)")
     if args.scenes is not None and args.scenes < 1:
         parser.error("--scenes must be >= 1")
+    if args.seed is not None and args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
     return args
 
 

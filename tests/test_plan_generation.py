@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
 from ai.common.cli import run_main
@@ -411,6 +412,10 @@ def test_bad_targets_and_targets_the_data_cannot_supply(tmp_path, capsys):
         ),
         ({"targets": [{"name": "x"}]}, "how many scenes? Set scenes: N in the file or pass --scenes N"),
         (
+            {"targets": [{"name": "x"}], "scenes": 1, "seed": -1},
+            "seed: Input should be greater than or equal to 0",
+        ),
+        (
             {"targets": [{"name": "trains", "require": {"train": 1}}], "scenes": 3},
             f"target 'trains': no frame in {labels} has boxes of every required class (train); copies are made",
         ),
@@ -431,6 +436,12 @@ def test_bad_targets_and_targets_the_data_cannot_supply(tmp_path, capsys):
         pg.main, ["--labels_file", str(tmp_path / "no.json"), "--targets", str(path), "--out", "x"]
     )
     assert code == 2 and "labels file not found" in capsys.readouterr().err
+    # a negative --seed is refused with the usage, not a numpy traceback from the planner
+    path.write_text(yaml.safe_dump({"targets": [{"name": "x"}], "scenes": 1}), encoding="utf-8")
+    with pytest.raises(SystemExit) as exc:
+        pg.main(["--labels_file", str(labels), "--targets", str(path), "--out", str(out), "--seed", "-1"])
+    assert exc.value.code == 2 and "--seed must be >= 0, got -1" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_shipped_targets_file_documents_every_key_and_plans(tmp_path, mini_bdd):
