@@ -212,13 +212,16 @@ def write_layouts(
 
 
 def index_frames(labels_file: str) -> tuple[dict[str, bdd.Frame], list[Path]]:
-    """Frames by base name (the first of duplicates) and one pseudo path per frame (``<labels file>/<frame name>``:
-    matched by base name, listed so in the unmatched report)."""
+    """Frames by base name (the first of duplicates) and one pseudo path per frame, ``<labels file>/<base
+    name><extension>`` (``.json`` for the 2018 per-image files' extensionless names): matched by base name, listed
+    so in the unmatched report. Built from the frame's own base name, so it matches as the frame does (a URL's
+    decoded file name, as its caption is named), whatever the name's folders, query or escapes."""
     frames: dict[str, bdd.Frame] = {}
     entries = []
+    root = Path(labels_file).absolute()
     for frame in bdd.load_frames(labels_file):
         frames.setdefault(frame.stem, frame)
-        entries.append(Path(labels_file).absolute() / frame.name.lstrip("/"))
+        entries.append(root / f"{frame.stem}{os.path.splitext(frame.name)[1] or '.json'}")
     return frames, entries
 
 

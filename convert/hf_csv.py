@@ -142,7 +142,7 @@ def match_samples(
 
     Every file without a row is listed with its reason; duplicate base names keep the first file.
     ``condition`` names the third input in the reasons (``labels``: ``masks`` are one entry per labeled frame,
-    e.g. ``<labels file>:<frame name>``, as the box layout CSV passes them).
+    e.g. ``<labels file>/<frame's base name>.jpg``, as the box layout CSV passes them).
     """
     unmatched: list[tuple[str, Path]] = []
     counts = {"images": len(images), "captions": len(captions)}

@@ -600,6 +600,44 @@ def test_box_csv_rerun_rewrites_only_changed_frames(box_inputs, capsys):
     assert not [p for p in layouts.iterdir() if ".tmp" in p.name]
 
 
+def test_box_csv_matches_url_and_extensionless_frame_names_as_their_captions_are_named(tmp_path, capsys):
+    """Scalabel frame names that are URLs pair with the image named by the URL's decoded file name (as stage 1
+    names their captions: bdd.stem), query and escapes included; a 2018 per-image name has no extension."""
+    import json
+
+    from convert import box_layout
+
+    images, captions = tmp_path / "images", tmp_path / "captions"
+    for name in ("c d", "plain", "a%20b"):
+        write_image(images / f"{name}.jpg")
+        write_caption(captions / f"{name}.txt", f"frame {name}")
+    car = [{"id": "1", "category": "car", "box2d": {"x1": 2, "y1": 2, "x2": 20, "y2": 12}}]
+    bus = [{"id": "2", "category": "bus", "box2d": {"x1": 5, "y1": 4, "x2": 30, "y2": 20}}]
+    frames = [
+        {"name": "https://host/img/c%20d.jpg?sig=1.2", "labels": car},
+        {"name": "plain", "labels": bus},
+        {"name": "https://host/img/a%20b.jpg", "labels": car},  # its image would be "a b.jpg"
+    ]
+    labels = tmp_path / "export.json"
+    labels.write_text(json.dumps({"frames": frames, "config": {}}), encoding="utf-8")
+    out = tmp_path / "csv"
+    assert controlnet_csv.main(box_args(images, captions, labels, out)) == 0
+    layouts = out / "box_layouts" / "train"
+    assert [
+        (r["image"], r["conditioning_image"])
+        for r in read_rows(out / "bdd_hf_dataset_controlnet_boxes_train.csv")
+    ] == [(str(images / f"{name}.jpg"), str(layouts / f"{name}.png")) for name in ("c d", "plain")]
+    for name, boxes in (("c d", car), ("plain", bus)):
+        with Image.open(layouts / f"{name}.png") as lay:
+            assert np.array_equal(np.asarray(lay), box_layout.render_box_layout(boxes, SIZE))
+    unmatched = (out / "unmatched_controlnet_boxes_train.txt").read_text().splitlines()
+    assert unmatched == [
+        f"image without labels\t{images / 'a%20b.jpg'}",
+        f"labels without image\t{labels}/a b.jpg",
+    ]
+    capsys.readouterr()
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
