@@ -719,9 +719,9 @@ def fmt_cell(values: list[float | None], base: Spread | None) -> str:
 def summarize(results: Sequence[dict[str, Any]], shares: Sequence[float]) -> dict[str, Any]:
     """Per share: spreads of map/map50 over seeds and the seed-paired gains vs 0 %."""
     out = {}
+    flat = [{"share": r["share"], "seed": r["seed"], **r["metrics"]} for r in results]
     for share in shares:
         rows = [r for r in results if r["share"] == share]
-        flat = [{"share": r["share"], "seed": r["seed"], **r["metrics"]} for r in results]
         entry = {
             "seeds": sorted(r["seed"] for r in rows),
             "real_images": sorted({r["real_images"] for r in rows}),
