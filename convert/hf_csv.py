@@ -31,16 +31,13 @@ from ai.common.cli import UserError
 from ai.common.io import atomic_write_text
 from convert import bdd
 
-# Reasons a file gets no row (the first words of each line of the unmatched list).
+# Reasons a file gets no row (the first words of each line of the unmatched list); those of the ControlNet
+# condition are built from its name (MatchResult.condition): "image without mask", "mask without image", ...
 IMAGE_WITHOUT_CAPTION = "image without caption"
-IMAGE_WITHOUT_MASK = "image without mask"
-IMAGE_WITHOUT_CAPTION_AND_MASK = "image without caption and mask"
 CAPTION_WITHOUT_IMAGE = "caption without image"
-MASK_WITHOUT_IMAGE = "mask without image"
 EMPTY_CAPTION = "empty caption"
 DUPLICATE_IMAGE = "duplicate image name"
 DUPLICATE_CAPTION = "duplicate caption name"
-DUPLICATE_MASK = "duplicate mask name"
 
 SHOWN_PER_REASON = 5  # names printed per reason; the unmatched file has them all
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
