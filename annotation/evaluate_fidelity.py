@@ -310,9 +310,8 @@ def torch_device(spec: str | None):
 
 
 def load_segmenter(folder: Path):
-    """A local transformers semantic segmentation model whose 19 classes are Cityscapes' (BDD100K's) trainIds."""
-    if not folder.is_dir():
-        raise UserError(f"segmentation model folder not found: {folder}; {SEG_MODEL_HELP}")
+    """A local transformers semantic segmentation model whose 19 classes are Cityscapes' (BDD100K's) trainIds
+    (the folder exists: :func:`check_args`)."""
     from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
     try:
@@ -391,9 +390,8 @@ def segmentation_fidelity(pairs: list[Pair], folder: Path, args) -> dict[str, An
 
 
 def distribution_distance(pairs: list[Pair], weights: Path, dims: int, args) -> dict[str, Any]:
-    """FID and KID (torchmetrics, InceptionV3 features from a local torch-fidelity weights file)."""
-    if not weights.is_file():
-        raise UserError(f"--fid_features file not found: {weights}; {FID_HELP}")
+    """FID and KID (torchmetrics, InceptionV3 features from a local torch-fidelity weights file, which
+    :func:`check_args` found)."""
     import numpy as np
     import torch
     from PIL import Image
