@@ -170,7 +170,13 @@ def layout_boxes(labels: Iterable[Any], size: tuple[int, int]) -> list[LayoutBox
     return out
 
 
-def _draw(ids: np.ndarray, boxes: Sequence[LayoutBox], line: int) -> None:
+def draw_layout(
+    boxes: Sequence[LayoutBox], size: tuple[int, int], line_width: int | None = None
+) -> np.ndarray:
+    """:func:`layout_boxes`' boxes for ``size`` drawn as a (height, width) uint8 array of layout ids."""
+    width, height = size
+    ids = np.full((height, width), BACKGROUND_ID, dtype=np.uint8)
+    line = boundary_width(size) if line_width is None else int(line_width)
     for b in boxes:
         ids[b.y1 : b.y2 + 1, b.x1 : b.x2 + 1] = b.class_id
         t = min(line, (min(b.x2 - b.x1, b.y2 - b.y1)) // 2)  # leaves >= 1 interior pixel per axis
@@ -185,6 +191,7 @@ def _draw(ids: np.ndarray, boxes: Sequence[LayoutBox], line: int) -> None:
             ids[b.y1 : b.y1 + t, b.x1 : b.x2 + 1] = BOUNDARY_ID
         if not bottom:
             ids[b.y2 - t + 1 : b.y2 + 1, b.x1 : b.x2 + 1] = BOUNDARY_ID
+    return ids
 
 
 def render_box_layout(
@@ -201,10 +208,7 @@ def render_box_layout(
     width, height = (int(v) for v in size)
     if width <= 0 or height <= 0:
         raise ValueError(f"layout size must be positive, got {size}")
-    ids = np.full((height, width), BACKGROUND_ID, dtype=np.uint8)
-    line = boundary_width((width, height)) if line_width is None else int(line_width)
-    _draw(ids, layout_boxes(labels, (width, height)), line)
-    return ids
+    return draw_layout(layout_boxes(labels, (width, height)), (width, height), line_width)
 
 
 def mirror_box(box: Any, width: int) -> dict[str, float]:
@@ -249,8 +253,12 @@ def layout_to_preview(ids) -> Image.Image:
 def layout_key(labels: Iterable[Any], size: tuple[int, int], line_width: int | None = None) -> str:
     """A short hash of everything the rendering depends on (renderer version, size, outline, drawable boxes):
     equal keys give equal layouts, so a rerun can keep a file whose key matches without decoding it."""
+    return boxes_key(layout_boxes(labels, size), size, line_width)
+
+
+def boxes_key(boxes: Sequence[LayoutBox], size: tuple[int, int], line_width: int | None = None) -> str:
+    """:func:`layout_key` of :func:`layout_boxes`' boxes for ``size`` (made once by a caller that draws them)."""
     line = boundary_width(size) if line_width is None else int(line_width)
-    boxes = layout_boxes(labels, size)
     text = repr(
         (RENDER_VERSION, tuple(size), line, [(b.class_id, b.x1, b.y1, b.x2, b.y2, b.cut) for b in boxes])
     )

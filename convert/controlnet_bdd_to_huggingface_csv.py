@@ -184,7 +184,7 @@ def write_layout(sample: hf_csv.Sample, frame: bdd.Frame, path: Path) -> LayoutR
         and (cat := bdd.category_of(label)).det_class is not None
         and not cat.ignored
     )
-    key = box_layout.layout_key(labels, size)
+    key = box_layout.boxes_key(boxes, size)
     result = LayoutResult(False, len(boxes), candidates - len(boxes))
     if path.is_file():
         try:
@@ -193,7 +193,7 @@ def write_layout(sample: hf_csv.Sample, frame: bdd.Frame, path: Path) -> LayoutR
                     return result  # up to date: the same boxes, size and rendering rules
         except OSError:
             pass  # unreadable: rendered again
-    box_layout.save_layout(box_layout.render_box_layout(labels, size), path, key=key)
+    box_layout.save_layout(box_layout.draw_layout(boxes, size), path, key=key)
     result.written = True
     return result
 
