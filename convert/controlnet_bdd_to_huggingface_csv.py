@@ -38,10 +38,11 @@ import argparse
 import io
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 from tqdm import tqdm
@@ -146,18 +147,22 @@ def check_mask(sample: hf_csv.Sample, check_values: bool, rgb_path: Path | None)
         atomic_write_bytes(rgb_path, buf.getvalue())
 
 
+def map_rows(fn: Callable[..., Any], desc: str, unit: str, *columns: Sequence[Any]) -> list[Any]:
+    """``fn`` over the rows' columns in threads (PIL decodes and encodes PNGs with the GIL released), results in
+    row order; the first error (in row order) stops the run, the rows not started are cancelled."""
+    workers = min(MAX_WORKERS, os.cpu_count() or 1)
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        return list(tqdm(pool.map(fn, *columns), total=len(columns[0]), desc=desc, unit=unit))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def check_masks(
     samples: Sequence[hf_csv.Sample], check_values: bool, rgb_paths: Sequence[Path | None]
 ) -> None:
     """All masks in parallel; the first bad one (in row order) stops the run with its error."""
-    workers = min(MAX_WORKERS, os.cpu_count() or 1)
-    pool = ThreadPoolExecutor(max_workers=workers)
-    try:
-        jobs = pool.map(check_mask, samples, [check_values] * len(samples), rgb_paths)
-        for _ in tqdm(jobs, total=len(samples), desc="masks", unit="mask"):
-            pass
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    map_rows(check_mask, "masks", "mask", samples, [check_values] * len(samples), rgb_paths)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -201,14 +206,9 @@ def write_layout(sample: hf_csv.Sample, frame: bdd.Frame, path: Path) -> LayoutR
 def write_layouts(
     samples: Sequence[hf_csv.Sample], frames: dict[str, bdd.Frame], paths: Sequence[Path]
 ) -> list[LayoutResult]:
-    """All layouts in parallel (PNG encoding releases the GIL); the first error (in row order) stops the run."""
-    workers = min(MAX_WORKERS, os.cpu_count() or 1)
-    pool = ThreadPoolExecutor(max_workers=workers)
-    try:
-        jobs = pool.map(write_layout, samples, [frames[bdd.stem(s.image)] for s in samples], paths)
-        return list(tqdm(jobs, total=len(samples), desc="box layouts", unit="frame"))
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    """All layouts in parallel; the first error (in row order) stops the run."""
+    row_frames = [frames[bdd.stem(s.image)] for s in samples]
+    return map_rows(write_layout, "box layouts", "frame", samples, row_frames, paths)
 
 
 def index_frames(labels_file: str) -> tuple[dict[str, bdd.Frame], list[Path]]:
