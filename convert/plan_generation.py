@@ -1043,8 +1043,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if n is None:
         if any(t.scenes is None for t in spec.targets):
             raise UserError(
-                f"{args.targets}: how many scenes? Set scenes: N in the file or pass --scenes N (only when every "
-                "target has its own scenes: N is their sum the default)"
+                f"{args.targets}: how many scenes? Set scenes: N in the file or pass --scenes N (without either, "
+                "every target needs its own scenes: N, and their sum is the default)"
             )
         n = sum(t.scenes for t in spec.targets)
     templates = load_templates(args.templates)
