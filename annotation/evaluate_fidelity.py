@@ -25,7 +25,8 @@ Optional, with local models (nothing is ever downloaded):
 * ``--seg_model FOLDER``: a transformers semantic segmentation model trained on Cityscapes' 19 classes (BDD100K's
   sem_seg ids are Cityscapes' trainIds), e.g. a SegFormer folder. Its prediction on each generated image is scored
   against the conditioning mask (``mask_path``) as mIoU (torchmetrics' MulticlassJaccardIndex, 255 ignored), and
-  its prediction on the real frame the same way; their ratio is the segmentation fidelity.
+  its prediction on the real frame the same way; their ratio is the segmentation fidelity. Box layouts (what a
+  box-conditioned ControlNet records as ``mask_path``) are no masks and are left out.
 * ``--fid_features FILE``: torch-fidelity's InceptionV3 weights (``weights-inception-2015-12-05-6726825d.pth``);
   FID and KID (torchmetrics) between the generated images and their unique real source frames.
 
@@ -338,11 +339,20 @@ def segmentation_fidelity(pairs: list[Pair], folder: Path, args) -> dict[str, An
     import torch
     from torchmetrics.classification import MulticlassJaccardIndex
 
-    with_mask = [p for p in pairs if p.ref.mask_path is not None and p.ref.mask_path.is_file()]
+    from convert.box_layout import file_layout
+
+    conditioned = [p for p in pairs if p.ref.mask_path is not None and p.ref.mask_path.is_file()]
+    # a box layout (box-conditioned ControlNet) is recorded as mask_path too; its ids (detection classes,
+    # outlines) are valid trainIds by value, so only its file marker keeps it out of the mask mIoU
+    with_mask = [p for p in conditioned if file_layout(p.ref.mask_path) == "seg"]
     if not with_mask:
         raise UserError(
-            "--seg_model: no scored generation's record names an existing mask_path (ControlNet generation records "
-            "each image's conditioning mask there)"
+            "--seg_model: no scored generation's record names an existing segmentation mask as mask_path "
+            + (
+                f"(all {len(conditioned)} name box layouts, whose ids are detection classes, not Cityscapes' ones)"
+                if conditioned
+                else "(ControlNet generation records each image's conditioning mask there)"
+            )
         )
     processor, model = load_segmenter(folder)
     device = torch_device(args.device)
@@ -371,7 +381,11 @@ def segmentation_fidelity(pairs: list[Pair], folder: Path, args) -> dict[str, An
             for pred, mask in zip(preds, masks, strict=True):
                 for metric in scores[side].values():
                     metric.update(pred.cpu().reshape(1, -1), mask.reshape(1, -1))
-    result: dict[str, Any] = {"model": str(folder), "images": len(with_mask)}
+    result: dict[str, Any] = {
+        "model": str(folder),
+        "images": len(with_mask),
+        "box_layouts_left_out": len(conditioned) - len(with_mask),
+    }
     for side in ("generated", "real"):
         result[f"miou_{side}"] = float(scores[side]["miou"].compute())
     result["ratio"] = metrics.ratio(result["miou_generated"], result["miou_real"])
@@ -487,7 +501,12 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [
             "",
             f"Segmentation fidelity ({seg['images']} images, `{seg['model']}`): mIoU against the conditioning masks "
-            f"{_f(seg['miou_generated'])} generated, {_f(seg['miou_real'])} real, ratio {_f(seg['ratio'], 2)}.",
+            f"{_f(seg['miou_generated'])} generated, {_f(seg['miou_real'])} real, ratio {_f(seg['ratio'], 2)}"
+            + (
+                f" ({seg['box_layouts_left_out']} box layouts left out)."
+                if seg["box_layouts_left_out"]
+                else "."
+            ),
         ]
     dist = result.get("distribution")
     if dist and "fid" in dist:

@@ -233,6 +233,47 @@ def test_bad_inputs_are_one_clear_line(mini_bdd, detector, tmp_path, capsys):
     assert code == 2 and f"--generations folder not found: {tmp_path / 'nope'}" in err
 
 
+def test_box_layouts_are_left_out_of_the_mask_miou(mini_bdd, detector, tmp_path, capsys):
+    """A box-layout ControlNet records its layout PNG as mask_path; its ids (detection classes, outlines) pass as
+    trainIds by value, so without its marker they would be scored as a Cityscapes mask."""
+    from convert.box_layout import render_box_layout, save_layout
+
+    masks = mini_bdd / "labels" / "sem_seg" / "masks" / "train"
+    frames = [f for f in train_frames(mini_bdd) if (masks / f"{f.stem}.png").is_file()][:2]
+    gen = tmp_path / "gen"
+    records = make_generations(mini_bdd, gen, frames)
+    seg = tmp_path / "segformer"
+    tiny_segformer(seg)
+
+    def with_box_layouts(n: int) -> None:
+        for i, (record, frame) in enumerate(zip(records[:n], frames, strict=False)):
+            layout = render_box_layout(frame.label_list(), tuple(record["source_size"]))
+            record["mask_path"] = str(save_layout(layout, tmp_path / f"layout{i}.png"))
+        (gen / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    with_box_layouts(1)
+    argv = [
+        "--generations",
+        gen,
+        "--detector",
+        detector,
+        "--bdd_data_dir",
+        mini_bdd,
+        *RUN,
+        "--seg_model",
+        seg,
+    ]
+    code, _, err = evaluate(capsys, *argv, "--out", tmp_path / "mixed")
+    assert code == 0, err
+    segm = json.loads((tmp_path / "mixed" / "fidelity.json").read_text())["segmentation"]
+    assert (segm["images"], segm["box_layouts_left_out"]) == (1, 1)
+    assert "(1 box layouts left out)" in (tmp_path / "mixed" / "fidelity.md").read_text()
+
+    with_box_layouts(2)
+    code, _, err = evaluate(capsys, *argv, "--out", tmp_path / "boxes")
+    assert code == 2 and "(all 2 name box layouts, whose ids are detection classes" in err
+
+
 def test_a_segmentation_model_of_other_classes_is_refused(mini_bdd, detector, tmp_path, capsys):
     from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor
 
