@@ -593,12 +593,18 @@ def overlap_stats(frames: Sequence[RealFrame]) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def in_cell(attributes: dict[str, str], cell: dict[str, str]) -> bool:
+    return all(attributes.get(k) == v for k, v in cell.items())
+
+
+def holds(counts: Counter, require: dict[str, int]) -> bool:
+    return all(counts[c] >= n for c, n in require.items())
+
+
 def matches(
     attributes: dict[str, str], counts: Counter, cell: dict[str, str], require: dict[str, int]
 ) -> bool:
-    return all(attributes.get(k) == v for k, v in cell.items()) and all(
-        counts[c] >= n for c, n in require.items()
-    )
+    return in_cell(attributes, cell) and holds(counts, require)
 
 
 def cell_name(cell: dict[str, str]) -> str:
@@ -694,7 +700,10 @@ class Planner:
     def _target_state(self, index: int, target: Target, labels_file: str) -> TargetState:
         cells = target.cells()
         require = dict(target.require)
-        real = [sum(matches(f.attributes, f.counts, c, require) for f in self.frames) for c in cells]
+        # real frames holding the required counts per attribute combination, then summed per cell: one pass over
+        # the frames, not one per cell (every weather, time of day and scene are 108 cells)
+        holding = Counter(tuple(f.attributes.items()) for f in self.frames if holds(f.counts, require))
+        real = [sum(n for attrs, n in holding.items() if in_cell(dict(attrs), c)) for c in cells]
         has_all = [i for i, f in enumerate(self.frames) if f.boxes and all(f.counts[c] for c in require)]
         if not has_all:
             needs = ", ".join(f"{c}" for c in require)
