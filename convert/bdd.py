@@ -210,7 +210,8 @@ LightCode = str | list[str | int] | int | None
 
 
 def _light_code(value: LightCode) -> str | None:
-    """The code (string) of a light colour value: [1, "G"] -> "G"; a bare list index stays unknown ("1")."""
+    """The code (string) of a light colour value: [1, "G"] -> "G"; an index without its code stays unknown
+    ([1] -> "[1]", 1 -> "1", reported as such)."""
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, list):
