@@ -1021,7 +1021,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--templates", help="caption templates YAML (default: config/caption_templates.yaml)")
     parser.add_argument(
         "--image_size",
-        help="WxH of the layouts (default: the first image's size under images/, else 1280x720)",
+        help="WxH of the layouts: the size the labels' boxes refer to, not a generation size (boxes are not "
+        "scaled; generation scales the layouts). Default: the first image's size under images/, else 1280x720",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a plan made from other inputs")
     args = parser.parse_args(argv)
