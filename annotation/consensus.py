@@ -25,9 +25,7 @@ from typing import Any
 from convert import bdd
 
 PROVENANCES = ("confirmed", "layout_only", "detector_only")
-SIZES = ("small", "medium", "large")
-#: COCO's area thresholds (pixels²): small < 32², medium < 96², large >= 96²
-SMALL_AREA, LARGE_AREA = 32**2, 96**2
+SIZES = bdd.COCO_SIZES
 LABEL_SOURCES = ("detector", "layout", "consensus")
 POLICIES = ("keep_layout", "confirmed", "strict")
 
@@ -37,8 +35,7 @@ SourceBox = tuple[int, Sequence[float]]  # (BDD YOLO id, continuous xyxy)
 
 def size_of(box: Sequence[float]) -> str:
     """COCO size bucket of a continuous xyxy box by its area in pixels: small, medium or large."""
-    area = max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
-    return "small" if area < SMALL_AREA else "medium" if area < LARGE_AREA else "large"
+    return bdd.coco_size(max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1]))
 
 
 def pair_boxes(

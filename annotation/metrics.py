@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from convert import bdd
+
 #: COCO's area ranges (pixels²) for the per-size figures, as pycocotools defines them.
 SIZE_RANGES = {"small": (0.0, 32.0**2), "medium": (32.0**2, 96.0**2), "large": (96.0**2, math.inf)}
 #: Predictions for mAP keep everything down to this confidence (COCO-style evaluation ranks all boxes).
@@ -53,8 +55,8 @@ class Boxes:
 
 
 def size_bin(area: float) -> str:
-    """COCO's size bin of a box area in pixels² (small up to 32², medium up to 96², large above)."""
-    return next(name for name, (_, hi) in SIZE_RANGES.items() if area <= hi)
+    """COCO's size bin of a box area in pixels² (:func:`convert.bdd.coco_size`, the bins every report shares)."""
+    return bdd.coco_size(area)
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:

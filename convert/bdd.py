@@ -127,6 +127,17 @@ LEGACY_LIGHT_WORDS: tuple[str, ...] = ("none", "green", "red", "yellow")
 
 #: BDD100K images are 1280x720.
 IMAGE_WIDTH, IMAGE_HEIGHT = 1280, 720
+#: COCO's box size bins by area in pixels², used by every report that splits boxes by size (plans, labels,
+#: fidelity): small < 32², medium < 96², large from 96² on. (pycocotools counts a box of exactly 32² or 96² in both
+#: neighbouring bins when it scores; one bin per box needs a side, and this is the usual one.)
+COCO_SIZES: tuple[str, ...] = ("small", "medium", "large")
+COCO_SMALL_AREA, COCO_LARGE_AREA = 32**2, 96**2
+
+
+def coco_size(area: float) -> str:
+    """COCO size bin of a box area in pixels²: ``small``, ``medium`` or ``large``."""
+    return "small" if area < COCO_SMALL_AREA else "medium" if area < COCO_LARGE_AREA else "large"
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Semantic segmentation: 19 classes (Cityscapes trainIds) and the official palette (bdd100k/label/label.py)

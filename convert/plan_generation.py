@@ -69,8 +69,7 @@ DEFINED: dict[str, tuple[str, ...]] = {
 #: Road users: what placement and the "free road" spans are about (lights and signs are not on the road).
 ROAD_USERS: tuple[str, ...] = bdd.DET_CLASSES[:8]
 #: COCO's area thresholds (pixels) for small / medium / large boxes.
-SMALL_AREA, MEDIUM_AREA = 32**2, 96**2
-SIZE_BUCKETS = ("small", "medium", "large")
+SIZE_BUCKETS = bdd.COCO_SIZES
 LIGHT_CODES = {"red": "R", "green": "G", "yellow": "Y"}
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -503,10 +502,6 @@ def read_real_frames(frames: Sequence[bdd.Frame], size: tuple[int, int]) -> list
     return out
 
 
-def size_bucket(area: float) -> str:
-    return "small" if area < SMALL_AREA else "medium" if area < MEDIUM_AREA else "large"
-
-
 @dataclass
 class Distribution:
     """Frames, boxes per class and box sizes per (weather, timeofday, scene) cell.
@@ -530,7 +525,7 @@ class Distribution:
                 continue
             key = (cell, b.det_class)
             self.boxes[key] += 1
-            self.sizes[(cell, b.det_class, size_bucket(b.area))] += 1
+            self.sizes[(cell, b.det_class, bdd.coco_size(b.area))] += 1
             self.heights.setdefault(key, []).append(b.height)
             seen.add(b.det_class)
         for cls in seen:
