@@ -247,6 +247,20 @@ def test_changed_settings_refuse_then_overwrite(tmp_path):
     assert [r["steps"] for r in read_jsonl(tmp_path / METADATA_FILE)] == [3, 3]
 
 
+def test_a_folder_begun_before_generate_at_bucket_resumes(tmp_path):
+    """Records written before the generate_at_bucket setting existed were all made without it: a rerun with it
+    off resumes them (it was refused image by image, and overwrite=true regenerated the whole folder); with it on
+    they are other settings."""
+    items = build_work_items([PromptEntry("a"), PromptEntry("b")], 1, seed=0)
+    old = {"width": 1280, "height": 720}  # what the records held before the key existed
+    run_generation(plan_generation(items[:1], tmp_path, old), solid_images)
+    now = {**old, "generate_at_bucket": False}
+    plan = plan_generation(items, tmp_path, now)
+    assert [it.file for it in plan.todo] == ["00001_00.png"]  # only the new prompt's image
+    with pytest.raises(UserError, match=r"00000_00\.png: generate_at_bucket: False -> True"):
+        plan_generation(items, tmp_path, {**old, "generate_at_bucket": True})
+
+
 def test_unreadable_input_stops_or_is_skipped(tmp_path):
     items = build_work_items([PromptEntry("a"), PromptEntry("b"), PromptEntry("c")], 1, seed=0)
 

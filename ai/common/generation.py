@@ -329,8 +329,17 @@ class GenerationSummary:
         return out
 
 
+#: Settings that records gained after images were first written, with the value every older image was made with:
+#: a record without the key holds that value, so a folder begun before the key existed resumes (instead of every
+#: image being refused, and regenerated only with overwrite=true).
+SETTINGS_ADDED_LATER = {"generate_at_bucket": False}
+
+
 def _mismatch(record: dict[str, Any], expected: dict[str, Any]) -> list[str]:
-    return [f"{k}: {record.get(k)!r} -> {v!r}" for k, v in expected.items() if record.get(k) != v]
+    def recorded(key: str) -> Any:
+        return record[key] if key in record else SETTINGS_ADDED_LATER.get(key)
+
+    return [f"{k}: {recorded(k)!r} -> {v!r}" for k, v in expected.items() if recorded(k) != v]
 
 
 def common_settings(
