@@ -90,6 +90,12 @@ def file_layout(src: str | Path | bytes) -> str:
     return box_layout.file_layout(src)
 
 
+def image_layout(im: Image.Image) -> str:
+    """``boxes`` for an opened image marked as a box layout, ``seg`` for anything else (:func:`file_layout` where
+    the file is open anyway, for its size or pixels)."""
+    return "boxes" if im.info.get(box_layout.MARKER_KEY) == box_layout.MARKER_VALUE else "seg"
+
+
 def layout_mismatch(name: str, found: str, expected: str) -> str:
     """The message for a condition file of the other layout."""
     if found == "boxes":
@@ -178,7 +184,7 @@ def read_ids(
     name = name or (str(src) if not isinstance(src, bytes) else "<bytes>")
     try:
         with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
-            found = "boxes" if im.info.get(box_layout.MARKER_KEY) == box_layout.MARKER_VALUE else "seg"
+            found = image_layout(im)
             if found != layout:
                 raise UserError(layout_mismatch(name, found, layout))
             im.load()

@@ -212,23 +212,20 @@ def check_mask_sizes(rows, limit: int = 10, layout: str = "seg") -> None:
     their PNG header; everything else reads as a mask): read from the headers, fast; lists the mismatches."""
     from PIL import Image
 
-    from convert import box_layout
-
     bad, other = [], []
     for row in rows:
         if not isinstance(row.conditioning, str):
             continue
         try:
             with Image.open(row.conditioning) as im:
-                size = im.size
-                marked = im.info.get(box_layout.MARKER_KEY) == box_layout.MARKER_VALUE
+                size, found = im.size, conditioning.image_layout(im)
         except FileNotFoundError:
             bad.append(f"{row.conditioning}: not found (mask of {row.name or row.image})")
             continue
         except OSError as exc:
             bad.append(f"{row.conditioning}: unreadable ({exc})")
             continue
-        if marked != (layout == "boxes"):
+        if found != layout:
             other.append(str(row.conditioning))
         if tuple(size) != tuple(row.size):
             bad.append(

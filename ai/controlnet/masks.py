@@ -23,10 +23,10 @@ from PIL import Image
 from ai.common.cli import UserError
 from ai.common.generation import METADATA_FILE, PromptEntry, png_bytes, read_captions_csv, read_jsonl
 from ai.common.io import atomic_write_bytes
-from ai.controlnet.conditioning import ids_to_preview, read_ids, resize_ids, side_by_side
+from ai.controlnet.conditioning import ids_to_preview, image_layout, read_ids, resize_ids, side_by_side
 from ai.controlnet.infer_config import ControlNetInferConfig
 from ai.controlnet.plans import plan_layout
-from convert import bdd, box_layout
+from convert import bdd
 
 #: Mask modes read as label ids (ai/controlnet/conditioning.read_ids); checked from headers before the model loads.
 MASK_MODES = ("L", "P", "I;16", "I", "RGB", "RGBA")
@@ -66,14 +66,13 @@ def list_masks(folder: str) -> list[Mask]:
     for path in paths:
         try:
             with Image.open(path) as im:
-                mode, size = im.mode, im.size
-                marked = im.info.get(box_layout.MARKER_KEY) == box_layout.MARKER_VALUE
+                mode, size, layout = im.mode, im.size, image_layout(im)
         except OSError as exc:
             bad.append(f"{path.name} ({exc})")
             continue
         if mode not in MASK_MODES:
             bad.append(f"{path.name} (mode {mode})")
-        masks.append(Mask(path, size, "boxes" if marked else "seg"))
+        masks.append(Mask(path, size, layout))
     if bad:
         raise UserError(
             f"{len(bad)} file(s) in {root} are not readable label masks: {', '.join(bad[:10])}"
