@@ -746,3 +746,28 @@ def test_a_box_controlnet_refuses_masks_and_a_mask_controlnet_refuses_box_layout
     args = [*base_args(model, boxes_cn, box_layouts, out), "layout=boxes", "--check"]
     assert run_main(infer_controlnet_sdxl.main, args) == 0
     assert "(box layouts as palette input)" in capsys.readouterr().out
+
+
+def test_a_hub_controlnet_is_matched_to_the_inputs_like_a_local_one(
+    model, box_controlnets, masks, box_layouts, tmp_path, capsys, monkeypatch
+):
+    """A hub ControlNet's config is read through diffusers in main, after the torch-free checks: its layout and
+    conditioning kind are taken, and inputs of the other layout refused, as for a local folder (here a local
+    box-layout ControlNet served under a hub id)."""
+    hub_id, local = "org/box-controlnet", box_controlnets["one_hot"]
+    read = infer_controlnet_sdxl.read_model_config
+    monkeypatch.setattr(
+        infer_controlnet_sdxl,
+        "read_model_config",
+        lambda src, *sub: read(local if src == hub_id else src, *sub),
+    )
+    out = tmp_path / "o"
+    code, err = run_cli(capsys, *base_args(model, hub_id, masks, out))
+    assert (
+        code == 2
+        and f"ControlNet {hub_id} was trained on box layouts" in err
+        and "are not box layouts" in err
+    )
+    assert run_main(infer_controlnet_sdxl.main, [*base_args(model, hub_id, box_layouts, out), "--check"]) == 0
+    assert "(box layouts as one_hot input)" in capsys.readouterr().out
+    assert not out.exists()

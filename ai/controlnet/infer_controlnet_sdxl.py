@@ -205,14 +205,9 @@ def check_inputs(cfg: ControlNetInferConfig) -> Inputs:
     check_base_model(cfg.paths)
     controlnet = resolve_controlnet(cfg.paths.controlnet_path)
     controlnet_config = read_model_config(controlnet) if isinstance(controlnet, Path) else {}
-    kind = "palette" if cfg.conditioning == "auto" else cfg.conditioning  # hub ControlNets: refined in main
-    layout = "seg" if cfg.layout == "auto" else cfg.layout
-    if controlnet_config:
-        if is_local(cfg.paths.base_model_path):
-            unet = read_model_config(cfg.paths.base_model_path, "unet")
-            check_controlnet_fits(controlnet_config, unet, str(controlnet), cfg.paths.base_model_path)
-        layout = controlnet_layout(cfg.layout, controlnet_config, str(controlnet))
-        kind = conditioning_kind(cfg.conditioning, controlnet_config, str(controlnet), layout)
+    if controlnet_config and is_local(cfg.paths.base_model_path):
+        unet = read_model_config(cfg.paths.base_model_path, "unet")
+        check_controlnet_fits(controlnet_config, unet, str(controlnet), cfg.paths.base_model_path)
     if (  # a file, or a per-image folder; a plan's records carry their labels
         cfg.paths.source_labels and not cfg.paths.plan and not Path(cfg.paths.source_labels).exists()
     ):
@@ -223,21 +218,32 @@ def check_inputs(cfg: ControlNetInferConfig) -> Inputs:
             "null leaves them out of the metadata and stage 4's layout check off)"
         )
     lora_file = resolve_lora_file(cfg.paths.lora_weights_path)
+    kind = "palette" if cfg.conditioning == "auto" else cfg.conditioning
+    layout = "seg" if cfg.layout == "auto" else cfg.layout
+    inputs = Inputs([], [], controlnet, controlnet_config, kind, lora_file, layout)
+    if not cfg.paths.plan:
+        inputs.masks = list_masks(cfg.paths.masks_path)
+    if controlnet_config:  # a hub ControlNet's config comes through diffusers: main matches it
+        match_controlnet(cfg, inputs)
     if cfg.paths.plan:  # planned scenes instead of masks and captions (ai/controlnet/plans.py)
-        if controlnet_config:
-            check_plan_controlnet(cfg.paths.plan, layout, controlnet_config, str(controlnet))
-        return Inputs(plan_entries(cfg), [], controlnet, controlnet_config, kind, lora_file, layout)
-    masks = list_masks(cfg.paths.masks_path)
-    if controlnet_config:
+        inputs.entries = plan_entries(cfg)
+    else:
+        inputs.entries, inputs.missing_captions = read_captions(cfg, inputs.masks)
+    return inputs
+
+
+def match_controlnet(cfg: ControlNetInferConfig, inputs: Inputs) -> None:
+    """The layout and conditioning kind from the ControlNet's config (a setting other than auto must agree), and
+    the masks folder or plan refused when of the other layout."""
+    name, controlnet = str(inputs.controlnet), inputs.controlnet_config
+    inputs.layout = controlnet_layout(cfg.layout, controlnet, name)
+    inputs.kind = conditioning_kind(cfg.conditioning, controlnet, name, inputs.layout)
+    if cfg.paths.plan:
+        check_plan_controlnet(cfg.paths.plan, inputs.layout, controlnet, name)
+    else:
         check_mask_layouts(
-            masks,
-            layout,
-            str(controlnet),
-            layout_of(controlnet_config, str(controlnet)),
-            cfg.paths.masks_path,
+            inputs.masks, inputs.layout, name, layout_of(controlnet, name), cfg.paths.masks_path
         )
-    entries, missing = read_captions(cfg, masks)
-    return Inputs(entries, missing, controlnet, controlnet_config, kind, lora_file, layout, masks)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -265,13 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     inputs = check_inputs(cfg)
     if not inputs.controlnet_config:  # a hub ControlNet: its config comes through diffusers
         inputs.controlnet_config = read_model_config(inputs.controlnet)
-        name = str(inputs.controlnet)
-        inputs.layout = controlnet_layout(cfg.layout, inputs.controlnet_config, name)
-        inputs.kind = conditioning_kind(cfg.conditioning, inputs.controlnet_config, name, inputs.layout)
-        how = layout_of(inputs.controlnet_config, name)
-        check_mask_layouts(inputs.masks, inputs.layout, name, how, cfg.paths.masks_path)
-        if cfg.paths.plan:
-            check_plan_controlnet(cfg.paths.plan, inputs.layout, inputs.controlnet_config, name)
+        match_controlnet(cfg, inputs)
     from ai.common.models import is_local
 
     if not is_local(cfg.paths.base_model_path):
