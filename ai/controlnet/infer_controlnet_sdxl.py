@@ -259,7 +259,7 @@ def load_controlnet(controlnet: Path | str, dtype: str):
 
     try:
         return ControlNetModel.from_pretrained(
-            str(controlnet), torch_dtype=torch_dtype(dtype), local_files_only=local_files_only(controlnet)
+            str(controlnet), dtype=torch_dtype(dtype), local_files_only=local_files_only(controlnet)
         )
     except (OSError, ValueError, RuntimeError) as exc:
         raise UserError(f"cannot load the ControlNet {controlnet}: {exc}".replace("\n", " ")) from None
