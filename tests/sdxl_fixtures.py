@@ -78,3 +78,15 @@ def pixels(path: Path) -> np.ndarray:
 def records(gen: Path) -> list[dict]:
     """The metadata records of a generations folder."""
     return [json.loads(line) for line in (gen / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def steer_outputs(controlnet, seed: int, scale: float = 0.3):
+    """Random (seeded) output convolutions, so a fresh ControlNet's condition changes the image; returns it."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in controlnet.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block")):
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+    return controlnet

@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from sdxl_fixtures import one_torch_thread, pixels, records, tiny_sdxl  # noqa: F401
+from sdxl_fixtures import one_torch_thread, pixels, records, steer_outputs, tiny_sdxl  # noqa: F401
 
 from ai.common.cli import run_main
 from ai.common.io import sha256_file
@@ -622,12 +622,7 @@ def box_controlnets(model, tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("box_controlnets")
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", local_files_only=True)
-    one_hot = ControlNetModel.from_unet(unet, conditioning_channels=11)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in one_hot.named_parameters():
-            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block")):
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    one_hot = steer_outputs(ControlNetModel.from_unet(unet, conditioning_channels=11), seed=1)
     control.record_conditioning(one_hot, "boxes", "one_hot").save_pretrained(root / "one_hot")
     palette = ControlNetModel.from_unet(unet, conditioning_channels=3)
     control.record_conditioning(palette, "boxes", "palette").save_pretrained(root / "palette")

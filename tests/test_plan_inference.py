@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from sdxl_fixtures import one_torch_thread, pixels, records, tiny_sdxl  # noqa: F401
+from sdxl_fixtures import one_torch_thread, pixels, records, steer_outputs, tiny_sdxl  # noqa: F401
 
 from ai.common.cli import run_main
 from ai.controlnet import conditioning as cond
@@ -53,12 +53,7 @@ def controlnets(model, tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("plan_controlnets")
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", local_files_only=True)
-    boxes = ControlNetModel.from_unet(unet, conditioning_channels=11)
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for name, param in boxes.named_parameters():
-            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block")):
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    boxes = steer_outputs(ControlNetModel.from_unet(unet, conditioning_channels=11), seed=2)
     control.record_conditioning(boxes, "boxes", "one_hot").save_pretrained(root / "boxes")
     ControlNetModel.from_unet(unet, conditioning_channels=3).save_pretrained(root / "seg")
     return {"boxes": root / "boxes", "seg": root / "seg"}
