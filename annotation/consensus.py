@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from convert import bdd
+from vocab import bdd
 
 PROVENANCES = ("confirmed", "layout_only", "detector_only")
 SIZES = bdd.COCO_SIZES

@@ -22,11 +22,11 @@ from typing import Any
 
 import yaml
 
-from ai.common.io import atomic_write_text
 from annotation import consensus
 from annotation.layout import LayoutSources, MatchResult
 from annotation.settings import AnnotationConfig
-from convert import bdd
+from core.io import atomic_write_text
+from vocab import bdd
 
 SPLITS = ("train", "val")
 MANIFEST_JSONL = "manifest.jsonl"
@@ -272,7 +272,7 @@ def write_data_yaml(out: Path, n_train: int, n_val: int) -> tuple[Path, list[str
 
 def load_manifest(out: Path) -> dict[str, dict[str, Any]]:
     """key -> record from a previous run's manifest.jsonl ({} when there is none; bad lines are an error)."""
-    from ai.common.cli import UserError
+    from core.cli import UserError
 
     path = out / MANIFEST_JSONL
     if not path.is_file():

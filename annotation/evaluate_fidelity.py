@@ -51,11 +51,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ai.common.cli import UserError, run_main, setup_logging
-from ai.common.io import atomic_write_bytes, atomic_write_text
 from annotation import metrics
 from annotation.layout import METADATA_FILE, LayoutSources, SourceRef, read_metadata
-from convert import bdd
+from core.cli import UserError, run_main, setup_logging
+from core.io import atomic_write_bytes, atomic_write_text
+from vocab import bdd
 
 log = logging.getLogger("bdd-sdxl.annotation")
 SHOW = 5
@@ -339,7 +339,7 @@ def segmentation_fidelity(pairs: list[Pair], folder: Path, args) -> dict[str, An
     import torch
     from torchmetrics.classification import MulticlassJaccardIndex
 
-    from convert.box_layout import file_layout
+    from vocab.box_layout import file_layout
 
     conditioned = [p for p in pairs if p.ref.mask_path is not None and p.ref.mask_path.is_file()]
     # a box layout (box-conditioned ControlNet) is recorded as mask_path too; its ids (detection classes,

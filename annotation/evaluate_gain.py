@@ -50,9 +50,9 @@ from typing import Any
 
 import yaml
 
-from ai.common.cli import UserError, run_main, setup_logging
-from ai.common.io import atomic_write_bytes, atomic_write_text
-from convert import bdd
+from core.cli import UserError, run_main, setup_logging
+from core.io import atomic_write_bytes, atomic_write_text
+from vocab import bdd
 
 log = logging.getLogger("bdd-sdxl.gain")
 

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import msgspec
 
-from ai.common.cli import UserError
 from annotation.consensus import pair_boxes
-from convert import bdd
+from core.cli import UserError
+from vocab import bdd
 
 METADATA_FILE = "metadata.jsonl"
 log = logging.getLogger("bdd-sdxl.annotation")

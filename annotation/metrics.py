@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from convert import bdd
+from vocab import bdd
 
 #: COCO's area ranges (pixels²) for the per-size figures, as pycocotools defines them.
 SIZE_RANGES = {"small": (0.0, 32.0**2), "medium": (32.0**2, 96.0**2), "large": (96.0**2, math.inf)}
@@ -55,7 +55,7 @@ class Boxes:
 
 
 def size_bin(area: float) -> str:
-    """COCO's size bin of a box area in pixels² (:func:`convert.bdd.coco_size`, the bins every report shares)."""
+    """COCO's size bin of a box area in pixels² (:func:`vocab.bdd.coco_size`, the bins every report shares)."""
     return bdd.coco_size(area)
 
 

@@ -17,9 +17,9 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from ai.common.io import atomic_write_bytes
 from annotation.yolo_runtime import dejavu_font
-from convert import bdd
+from core.io import atomic_write_bytes
+from vocab import bdd
 
 CLASS_RGB: dict[str, tuple[int, int, int]] = {
     name: bdd.SEG_CLASSES[seg_id].rgb for name, seg_id in bdd.DET_CLASS_TO_SEG_ID.items()

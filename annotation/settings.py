@@ -1,9 +1,9 @@
 """Settings of the annotation stage: the pydantic schema of config/annotation.yaml and the class mapping.
 
-The schema is built on :class:`ai.common.config.Section` (unknown keys are errors, all errors reported at once with
+The schema is built on :class:`core.config.Section` (unknown keys are errors, all errors reported at once with
 their dotted key). Command-line flags are merged into the YAML data before validation, so a bad ``--conf`` is
 reported as ``predict.conf: ...`` just like a bad value in the file. The file's values may name environment
-variables (``model: ${YOLO_MODEL:-yolov8n.pt}``): :func:`ai.common.config.read_yaml` loads ``.env`` and expands them
+variables (``model: ${YOLO_MODEL:-yolov8n.pt}``): :func:`core.config.read_yaml` loads ``.env`` and expands them
 (the flags come expanded from the shell); a class-map file is read the same way.
 """
 
@@ -17,9 +17,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
-from ai.common.cli import UserError
-from ai.common.config import Section, read_yaml
-from convert import bdd
+from core.cli import UserError
+from core.config import Section, read_yaml
+from vocab import bdd
 
 #: COCO class names (as in ultralytics' coco.yaml) -> BDD100K detection classes. COCO has no rider and no general
 #: traffic-sign class: riders are never produced and only stop signs become traffic signs.

@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,9 +44,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ai.common.cli import UserError, run_main, setup_logging
-from ai.common.io import atomic_write_text
-from convert import bdd
+from core.cli import UserError, run_main, setup_logging
+from core.io import atomic_write_text
+from vocab import bdd
 
 log = logging.getLogger("bdd-sdxl.annotation")
 SPLITS = ("train", "val")
@@ -112,40 +113,35 @@ def training_boxes(
 
 
 def write_yolo_training_set(bdd_root: Path, out: Path, params: DetectorParams) -> tuple[Path, dict[str, int]]:
-    """mini-BDD (images/100k + det_20) -> a YOLO dataset via convert/bdd_to_yolo.py; its data.yaml and counts.
+    """mini-BDD (images/100k + det_20) -> a YOLO dataset, written by stage 1's own command (convert/bdd_to_yolo.py);
+    its data.yaml and counts.
 
     Only ``params.classes`` boxes with a side of at least ``params.min_box_side`` (the boxes of
-    :func:`training_boxes`); train frames without such a box are left out, val frames are all kept.
+    :func:`training_boxes`); train frames without such a box are left out (``--skip_empty``), val frames are all
+    kept.
     """
-    from convert import bdd_to_yolo
-
     if out.exists():
         shutil.rmtree(out)  # ours alone; also drops ultralytics' stale labels/*.cache
     counts = {}
     for split in SPLITS:
-        options = bdd_to_yolo.Options(
-            classes=params.classes, min_box_side=params.min_box_side, skip_empty=split == "train"
-        )
-        try:
-            report = bdd_to_yolo.convert_split(
-                bdd_root,
-                split,
-                out,
-                options,
-                det20_file(bdd_root, split),
-                bdd_root / "images" / "100k" / split,
+        command = [
+            sys.executable, "-m", "convert.bdd_to_yolo", "--split", split, "--out", str(out),
+            "--labels_file", str(det20_file(bdd_root, split)), "--images_dir", str(bdd_root / "images" / "100k" / split),
+            "--classes", *params.classes, "--min_box_side", f"{params.min_box_side:g}",
+            *(["--skip_empty"] if split == "train" else []),
+        ]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+            raise UserError(
+                errors[-1].removeprefix("error: ")
+                if errors
+                else f"convert/bdd_to_yolo.py failed: {done.stderr}"
             )
-        except bdd_to_yolo.NothingToWrite as exc:
-            if split == "train" and exc.report.no_boxes_skipped:
-                raise UserError(
-                    f"no train frame under {bdd_root} has a {'/'.join(params.classes)} box with a side of at "
-                    f"least {params.min_box_side:g} px; pass other --classes or a smaller --min_box_side"
-                ) from None
-            raise
-        counts[f"{split}_images"] = report.written
-        counts[f"{split}_boxes"] = sum(report.counts.boxes.values())
-    data, _ = bdd_to_yolo.write_data_yaml(out)
-    return data, counts
+        labels = sorted((out / "labels" / split).glob("*.txt"))
+        counts[f"{split}_images"] = len(labels)
+        counts[f"{split}_boxes"] = sum(len(p.read_text(encoding="utf-8").splitlines()) for p in labels)
+    return out / "data.yaml", counts
 
 
 def detector_key(bdd_root: Path, params: DetectorParams) -> str:

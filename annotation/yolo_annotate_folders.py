@@ -42,13 +42,13 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ai.common.cli import UserError, run_main, setup_logging
-from ai.common.config import read_yaml, save_resolved_config, validate_config
-from ai.common.io import atomic_write_bytes, atomic_write_text, sha256_bytes
 from annotation import consensus, dataset
 from annotation.layout import METADATA_FILE, LayoutSources
 from annotation.settings import AnnotationConfig, parse_class_map_arg, resolve_class_map
-from convert import bdd
+from core.cli import UserError, run_main, setup_logging
+from core.config import read_yaml, save_resolved_config, validate_config
+from core.io import atomic_write_bytes, atomic_write_text, sha256_bytes
+from vocab import bdd
 
 log = logging.getLogger("bdd-sdxl.annotation")
 

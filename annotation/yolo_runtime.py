@@ -12,8 +12,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ai.common.cli import UserError
-from ai.common.io import atomic_write_text
+from core.cli import UserError
+from core.io import atomic_write_text
 
 WEIGHTS_HELP = (
     "This tool never downloads weights. On a host with internet, fetch them once, e.g. "
@@ -121,7 +121,7 @@ def load_model(spec: str) -> LoadedModel:
             model, names, f"{spec} (architecture only, RANDOM weights: dry run)", f"yaml:{spec}"
         )
     check_model_spec(spec)
-    from ai.common.io import sha256_file
+    from core.io import sha256_file
 
     try:
         model = YOLO(str(path.resolve()))

@@ -74,8 +74,9 @@ class TrainBench:
     """
 
     def __init__(self, args: argparse.Namespace, prefix: str):
+        from ai.common.build_model import build_model_folder
         from ai.common.data import nearest_bucket, sdxl_buckets
-        from ai.common.models import build_model_folder, check_model_folder
+        from ai.common.models import check_model_folder
 
         self.args = args
         preset = PRESETS[args.preset]
@@ -126,7 +127,7 @@ class TrainBench:
         import torch
         import yaml
 
-        from ai.common.cli import run_main
+        from core.cli import run_main
 
         name = cfg["output"]["name"]
         path = self.work / f"{name}.yaml"

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from ai.common.cli import run_main
+from core.cli import run_main
 
 
 def main(argv=None) -> int:
@@ -40,8 +40,8 @@ def main(argv=None) -> int:
     from annotation import yolo_runtime
 
     yolo_runtime.prepare_offline(work / ".ultralytics")
-    from convert import bdd
-    from convert.make_mini_bdd import make_mini_bdd
+    from mini_bdd.make import make_mini_bdd
+    from vocab import bdd
 
     data = work / f"mini_bdd_{args.frames}_{size[0]}x{size[1]}"
     make_mini_bdd(data, frames=args.frames, size=size, seed=0)

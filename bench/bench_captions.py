@@ -98,7 +98,7 @@ def warm_up(workers: int | None) -> Path:
     """
     import msgspec
 
-    from convert import bdd
+    from vocab import bdd
 
     frames = bdd.load_frames(DATA / "labels" / "det_20" / "det_val.json")[:3000]
     tmp = Path(tempfile.mkdtemp(prefix="bench-captions-warm-"))

@@ -27,12 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _train_bench  # noqa: E402
 
-from ai.common.cli import run_main  # noqa: E402
+from core.cli import run_main  # noqa: E402
 
 
 def write_csv(bdd_root: Path, out: Path) -> Path:
     """The ControlNet CSV (image, conditioning_image, text) of every 10K frame that has a mask."""
-    from convert import bdd
+    from vocab import bdd
 
     images = {p.stem: p for p in bdd.list_images(bdd_root / "images" / "10k" / "train")}
     with out.open("w", newline="", encoding="utf-8") as fh:
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from ai.controlnet.train_controlnet_sdxl import main as train_main
-    from convert.make_mini_bdd import make_mini_bdd
+    from mini_bdd.make import make_mini_bdd
 
     with _train_bench.TrainBench(args, prefix="bench-controlnet-") as bench:
         make_mini_bdd(bench.work / "bdd100k", frames=args.frames, size=bench.image_size, seed=0)

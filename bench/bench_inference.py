@@ -92,8 +92,8 @@ def add_random_controlnet(pipe, kind: str):
 def main(argv=None) -> int:
     import torch
 
+    from ai.common.build_model import build_pipeline
     from ai.common.generation import GenerationConfig, PromptEntry, Speed, build_work_items
-    from ai.common.models import build_pipeline
     from ai.common.pipelines import (
         apply_speed_switches,
         call_pipeline,

@@ -28,7 +28,7 @@ sys.path[:0] = [str(BENCH), str(BENCH.parent / "tests")]  # _train_bench; sdxl_f
 
 import _train_bench  # noqa: E402
 
-from ai.common.cli import run_main  # noqa: E402
+from core.cli import run_main  # noqa: E402
 
 CACHE_SETTINGS = {
     "caches off": False,  # VAE + both text encoders run every step

@@ -13,7 +13,7 @@ Writes, under --out:
 
     images/<split>/<stem>.jpg    the frame's image, hard-linked (no copy, no extra disk; --copy copies; across
                                  file systems it is copied, and the summary says so)
-    labels/<split>/<stem>.txt    YOLO ``cls cx cy w h`` (normalised, %.6f), stage 4's ids (convert.bdd.DET_CLASSES:
+    labels/<split>/<stem>.txt    YOLO ``cls cx cy w h`` (normalised, %.6f), stage 4's ids (vocab.bdd.DET_CLASSES:
                                  0 pedestrian ... 9 traffic sign); empty for a frame without boxes of those classes
     frames.csv                   ``split,image,weather,timeofday,scene``: one row per frame written, ``image``
                                  relative to --out (``images/val/<stem>.jpg``), for evaluations sliced by condition
@@ -57,9 +57,9 @@ from pathlib import Path
 
 import yaml
 
-from ai.common.cli import UserError, run_main, setup_logging
-from ai.common.io import atomic_write_text
-from convert import bdd
+from core.cli import UserError, run_main, setup_logging
+from core.io import atomic_write_text
+from vocab import bdd
 
 log = logging.getLogger("bdd-sdxl.convert")
 FRAMES_CSV = "frames.csv"
@@ -73,23 +73,15 @@ SHOW = 5  # how many names a summary line lists
 
 @dataclass(frozen=True)
 class Options:
-    """What is written (all of it is the CLI's flags; the demo detector's trainer passes its own)."""
+    """What is written (the command's flags)."""
 
     classes: tuple[str, ...] | None = None  # None: all 10
     min_box_side: float = 0.0  # clipped box side in pixels below which a box is left out
-    skip_empty: bool = False  # leave out frames without a kept box (the demo trainer's train split)
+    skip_empty: bool = False  # leave out frames without a kept box (the demo detector's train split)
     include_unlabeled: bool = False
     max_frames: int | None = None
     copy: bool = False
     overwrite: bool = False
-
-
-class NothingToWrite(UserError):
-    """No frame of the split passes the filters (the report says why)."""
-
-    def __init__(self, message: str, report: Report):
-        super().__init__(message)
-        self.report = report
 
 
 @dataclass
@@ -438,7 +430,7 @@ def _few(names: Sequence[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The conversion as a function (the demo detector's trainer calls it) and the command line
+# The conversion and the command line
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -482,10 +474,14 @@ def convert_split(
                 f"{len(report.missing_images)} without an image in {images_dir} ({_few(report.missing_images)})"
             )
         if report.no_boxes_skipped:
-            why.append(f"{report.no_boxes_skipped} frame(s) without a kept box")
-        raise NothingToWrite(
-            f"nothing to write for {split}: {report.frames} frame(s) in {labels_file}, " + "; ".join(why),
-            report,
+            kept = "/".join(options.classes or bdd.DET_CLASSES)
+            side = f" with a side of at least {options.min_box_side:g} px" if options.min_box_side else ""
+            why.append(
+                f"{report.no_boxes_skipped} frame(s) without a kept box (--skip_empty): none has a {kept} box{side}; "
+                "pass other --classes or a smaller --min_box_side"
+            )
+        raise UserError(
+            f"nothing to write for {split}: {report.frames} frame(s) in {labels_file}, " + "; ".join(why)
         )
     out.mkdir(parents=True, exist_ok=True)
     with out_lock(out):  # two splits converted at once into one --out share frames.csv
@@ -519,6 +515,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--min_box_side", type=float, default=0.0, help="leave out boxes with a shorter side (px)")
     p.add_argument(
         "--include_unlabeled", action="store_true", help="write frames without labels (empty files)"
+    )
+    p.add_argument(
+        "--skip_empty",
+        action="store_true",
+        help="leave out frames without a kept box (a detector's train split)",
     )
     args = p.parse_args(argv)
     if not args.bdd_data_dir and not (args.labels_file and args.images_dir):
@@ -567,6 +568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         classes=tuple(args.classes) if args.classes else None,
         min_box_side=args.min_box_side,
         include_unlabeled=args.include_unlabeled,
+        skip_empty=args.skip_empty,
         max_frames=args.max_frames,
         copy=args.copy,
         overwrite=args.overwrite,

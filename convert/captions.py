@@ -5,7 +5,7 @@ from config/caption_templates.yaml, validated by :class:`CaptionTemplates`.
 
 Token counts: CLIP's pre-tokenizer never joins text across whitespace, so a caption's count is 2 (start and
 end) plus the sum of its whitespace-separated words' counts. :class:`TokenCounter` memoises those with the
-real tokenizer (convert.clip_tokenizer) and keeps them on disk next to its vocabulary, so that a run builds the
+real tokenizer (vocab.clip_tokenizer) and keeps them on disk next to its vocabulary, so that a run builds the
 tokenizer (about 2 s with the transformers import) only when it meets a word it has not counted before.
 """
 
@@ -22,13 +22,13 @@ from typing import Literal
 
 from pydantic import model_validator
 
-from ai.common.cli import UserError
-from ai.common.config import Section, load_config
-from ai.common.io import atomic_write_text
-from convert import bdd
+from core.cli import UserError
+from core.config import Section, load_config
+from core.io import atomic_write_text
+from vocab import bdd
 
 DEFAULT_TEMPLATES = Path(__file__).resolve().parents[1] / "config" / "caption_templates.yaml"
-CLIP_WINDOW = 77  # tokens, start and end included (convert.clip_tokenizer.CONTEXT_LENGTH)
+CLIP_WINDOW = 77  # tokens, start and end included (vocab.clip_tokenizer.CONTEXT_LENGTH)
 log = logging.getLogger("bdd-sdxl.captions")
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -141,7 +141,7 @@ class TokenCounter:
             return 2 + sum(self.counts[w] if w in self.counts else self._count_word(w) for w in words)
 
     def _count_word(self, word: str) -> int:
-        from convert.clip_tokenizer import shared_tokenizer
+        from vocab.clip_tokenizer import shared_tokenizer
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we fork after using it
         n = len(shared_tokenizer()(word, add_special_tokens=False)["input_ids"])
@@ -151,7 +151,7 @@ class TokenCounter:
 
 def _token_cache_path() -> tuple[Path, str]:
     """Where memoised word counts live (beside the vocabulary) and the vocabulary's fingerprint."""
-    from convert.clip_tokenizer import default_vocab_dir
+    from vocab.clip_tokenizer import default_vocab_dir
 
     folder = default_vocab_dir()
     stats = [os.stat(folder / name) for name in ("vocab.json", "merges.txt") if (folder / name).is_file()]

@@ -24,8 +24,8 @@ the image's header, pixels are not decoded) and values (decoded; --skip_mask_che
 
 ``--conditions boxes``: box layouts instead of masks, for every labeled frame (the 100K set, not only the 10K
 masks). Reads ``--labels_file`` (det_20, the legacy 2018 file, Scalabel exports or a folder of 2018 per-image
-files: convert/bdd.py reads them all), renders each image's frame at the image's size (read from its header) with
-convert/box_layout.py into ``<output_folder>/box_layouts/<type>/<name>.png`` (mode P, index = layout id, marked
+files: vocab/bdd.py reads them all), renders each image's frame at the image's size (read from its header) with
+vocab/box_layout.py into ``<output_folder>/box_layouts/<type>/<name>.png`` (mode P, index = layout id, marked
 ``bdd_layout=boxes``) and writes ``<output_folder>/bdd_hf_dataset_controlnet_boxes_<type>.csv`` and
 ``unmatched_controlnet_boxes_<type>.txt``. A row needs an image, its caption and its frame in the labels file. A
 rerun rewrites only layouts whose boxes, size or rendering rules changed (a key in each PNG's header). Boxes
@@ -47,9 +47,10 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
-from ai.common.cli import UserError, run_main
-from ai.common.io import atomic_write_bytes
-from convert import bdd, box_layout, hf_csv
+from convert import hf_csv
+from core.cli import UserError, run_main
+from core.io import atomic_write_bytes
+from vocab import bdd, box_layout
 
 COLUMNS = ("image", "conditioning_image", "text")
 MAX_WORKERS = 8  # PIL decodes PNGs with the GIL released: threads scale to the cores

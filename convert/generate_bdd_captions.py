@@ -60,8 +60,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ai.common.cli import UserError, run_main, setup_logging
-from convert import bdd
 from convert.captions import (
     CLIP_WINDOW,
     DEFAULT_TEMPLATES,
@@ -70,6 +68,8 @@ from convert.captions import (
     load_token_counter,
     save_token_counter,
 )
+from core.cli import UserError, run_main, setup_logging
+from vocab import bdd
 
 SMALL_INPUT_FRAMES = 4000  # below this, forking workers costs more than it saves
 CHUNK_FRAMES = 2000  # frames per worker task (progress granularity)
@@ -147,7 +147,7 @@ def _write_all(fd: int, data: bytes) -> None:
 def write_small_file(folder: str, name: str, data: bytes) -> None:
     """Write ``folder/name`` atomically: a hidden temporary sibling, then a rename (no fsync).
 
-    The same contract as ai.common.io.atomic_write_bytes, with raw os calls instead of file objects.
+    The same contract as core.io.atomic_write_bytes, with raw os calls instead of file objects.
     """
     tmp = os.path.join(folder, f".{name}.tmp{os.getpid()}")
     try:

@@ -4,7 +4,7 @@
 (image,conditioning_image,text) differ only in the conditions (masks, or the labeled frames box layouts are drawn
 from); everything else lives here once:
 
-* matching by :func:`convert.bdd.stem` (``x.jpg`` pairs with ``x.txt`` and ``x.png``), with every file left
+* matching by :func:`vocab.bdd.stem` (``x.jpg`` pairs with ``x.txt`` and ``x.png``), with every file left
   out listed with its reason (partial matches are normal: the 10K segmentation names differ from the 100K's);
 * captions read as strict UTF-8 (an invalid byte is an error naming the file and byte position; an empty
   caption skips its row and is listed);
@@ -27,9 +27,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ai.common.cli import UserError
-from ai.common.io import atomic_write_text
-from convert import bdd
+from core.cli import UserError
+from core.io import atomic_write_text
+from vocab import bdd
 
 # Reasons a file gets no row (the first words of each line of the unmatched list); those of the ControlNet
 # condition are built from its name (MatchResult.condition): "image without mask", "mask without image", ...

@@ -16,8 +16,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from ai.common.cli import run_main
-from convert import bdd, hf_csv
+from convert import hf_csv
+from core.cli import run_main
+from vocab import bdd
 
 COLUMNS = ("image", "text")
 

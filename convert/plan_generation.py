@@ -47,11 +47,11 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from ai.common.cli import UserError, run_main, setup_logging
-from ai.common.config import Section, load_config
-from ai.common.io import atomic_write_bytes, atomic_write_text
-from convert import bdd
 from convert.captions import CaptionBuilder, load_templates, load_token_counter, save_token_counter
+from core.cli import UserError, run_main, setup_logging
+from core.config import Section, load_config
+from core.io import atomic_write_bytes, atomic_write_text
+from vocab import bdd
 
 log = logging.getLogger("bdd-sdxl.plan")
 

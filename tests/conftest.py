@@ -47,7 +47,7 @@ def mini_bdd(tmp_path_factory) -> Path:
 
     Small frames (320x180) keep it fast; labels and masks are in that frame's pixels.
     """
-    from convert.make_mini_bdd import make_mini_bdd
+    from mini_bdd.make import make_mini_bdd
 
     out = tmp_path_factory.mktemp("mini_bdd") / "bdd100k"
     make_mini_bdd(out, frames=12, size=(320, 180), seed=0)

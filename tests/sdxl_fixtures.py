@@ -31,7 +31,7 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory) -> Path:
     """The tiny SDXL folder (ai.common.models preset 'tiny'); a complete folder is reused, not rebuilt."""
-    from ai.common.models import build_model_folder
+    from ai.common.build_model import build_model_folder
 
     return build_model_folder("tiny", tmp_path_factory.getbasetemp() / "tiny-sdxl")
 

@@ -20,13 +20,13 @@ import yaml
 from PIL import Image
 from yolo_fixture import DetectorParams, cached_detector, training_boxes
 
-from ai.common.cli import UserError, run_main
-from ai.common.config import load_config
 from annotation import dataset
 from annotation.layout import LayoutSources, match_boxes, read_metadata
 from annotation.settings import COCO_TO_BDD, AnnotationConfig, resolve_class_map
 from annotation.yolo_annotate_folders import main
-from convert import bdd
+from core.cli import UserError, run_main
+from core.config import load_config
+from vocab import bdd
 
 PARAMS = DetectorParams()
 SCRIPT = Path(__file__).resolve().parents[1] / "annotation" / "yolo_annotate_folders.py"

@@ -1,4 +1,4 @@
-"""convert/bdd.py: decoding both label formats, categories, attributes, masks, names, boxes."""
+"""vocab/bdd.py: decoding both label formats, categories, attributes, masks, names, boxes."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ai.common.cli import UserError
-from convert import bdd
+from core.cli import UserError
+from vocab import bdd
 
 DET20_FRAME = {
     "name": "b1c66a42-6f7d68ca.jpg",

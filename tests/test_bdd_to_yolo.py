@@ -15,9 +15,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from ai.common.cli import run_main
-from convert import bdd
 from convert.bdd_to_yolo import main
+from core.cli import run_main
+from vocab import bdd
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""convert/box_layout.py: ids at known pixels, drawing order, outlines between touching boxes, clipping, skipped
+"""vocab/box_layout.py: ids at known pixels, drawing order, outlines between touching boxes, clipping, skipped
 categories, mirrored layouts and their boxes, files and their marker."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from convert import bdd
-from convert import box_layout as bl
+from vocab import bdd
+from vocab import box_layout as bl
 
 CAR, PED, BUS, LIGHT = (bl.BOX_CLASS_ID[c] for c in ("car", "pedestrian", "bus", "traffic light"))
 EDGE, BG = bl.BOUNDARY_ID, bl.BACKGROUND_ID

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ai.common.cli import UserError, run_main
-from convert import bdd
 from convert import generate_bdd_captions as gen
 from convert.captions import CLIP_WINDOW, DEFAULT_TEMPLATES, CaptionBuilder, TokenCounter, load_templates
-from convert.clip_tokenizer import count_tokens
+from core.cli import UserError, run_main
+from vocab import bdd
+from vocab.clip_tokenizer import count_tokens
 
 # ---------------------------------------------------------------------------------------------------------------
 # Helpers: frames as they appear in the files
@@ -61,8 +61,8 @@ def builder(templates=None, size=(1280, 720)) -> CaptionBuilder:
 
 
 def load_templates_from(data: dict):
-    from ai.common.config import validate_config
     from convert.captions import CaptionTemplates
+    from core.config import validate_config
 
     return validate_config(CaptionTemplates, data)
 

@@ -8,9 +8,9 @@ from typing import Literal
 import pytest
 from pydantic import Field
 
-from ai.common import io
-from ai.common.cli import UserError, run_main
-from ai.common.config import Section, apply_overrides, config_diff, load_config, parse_override
+from core import io
+from core.cli import UserError, run_main
+from core.config import Section, apply_overrides, config_diff, load_config, parse_override
 
 
 class Optim(Section):
@@ -107,7 +107,7 @@ def test_run_main_maps_user_error_to_exit_2(capsys):
 
 
 def test_clip_tokenizer_is_openai_clip(tmp_path):
-    from convert.clip_tokenizer import build_clip_tokenizer
+    from vocab.clip_tokenizer import build_clip_tokenizer
 
     tok = build_clip_tokenizer(tmp_path / "tok")
     # ids of openai/clip-vit-large-patch14 for this sentence

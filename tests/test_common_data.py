@@ -11,7 +11,7 @@ from PIL import Image
 from sdxl_fixtures import make_image_csv, write_image
 
 from ai.common import data
-from ai.common.cli import UserError
+from core.cli import UserError
 
 # The SDXL paper's 41 training buckets (width, height), written out independently of the generator.
 SDXL_PAPER_BUCKETS = {

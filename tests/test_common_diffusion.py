@@ -93,7 +93,8 @@ def test_fixed_noise_loss_is_deterministic(components):
 def test_training_noises_with_the_ddpm_forward_process_not_the_samplers_sigmas(tmp_path):
     """SDXL folders ship an Euler sampler, whose add_noise is x0 + sigma * noise; training must not use that."""
     from ai.common import trainer
-    from ai.common.models import build_model_folder, load_components
+    from ai.common.build_model import build_model_folder
+    from ai.common.models import load_components
 
     comps = load_components(build_model_folder("tiny", tmp_path / "tiny"))
     sched = trainer.noise_scheduler(comps)

@@ -9,8 +9,8 @@ import pytest
 import yaml
 from config_registry import SCHEMAS
 
-from ai.common.cli import UserError
-from ai.common.config import Section, load_config
+from core.cli import UserError
+from core.config import Section, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE_CONFIGS = sorted(
@@ -252,7 +252,7 @@ def test_env_file_is_read_by_the_python_stages_and_the_launchers_and_the_environ
     # the launcher exports the file's new variables (quoted values intact) for accelerate and its processes
     env["BDD_SDXL_ENV_FILE"] = str(work / ".env")
     out = subprocess.run(
-        [sys.executable, "-m", "ai.common.envfile"],
+        [sys.executable, "-m", "core.envfile"],
         env={**env, "VAE_DIR": "/set"},
         capture_output=True,
         text=True,

@@ -16,13 +16,13 @@ import pytest
 from PIL import Image
 from yolo_fixture import DetectorParams, cached_detector, training_boxes
 
-from ai.common.cli import UserError, run_main
 from annotation import consensus, dataset
 from annotation.consensus import BoxProvenance, agreement_stats, match_provenance, resolve_labels, size_of
 from annotation.layout import LayoutSources, read_metadata
 from annotation.settings import AnnotationConfig
 from annotation.yolo_annotate_folders import main
-from convert import bdd
+from core.cli import UserError, run_main
+from vocab import bdd
 
 CAR, TRUCK, PED = (bdd.DET_CLASS_YOLO_ID[c] for c in ("car", "truck", "pedestrian"))
 PARAMS = DetectorParams()

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from ai.common.cli import UserError
 from ai.controlnet import conditioning as cond
-from convert import bdd
+from core.cli import UserError
+from vocab import bdd
 
 ROAD, CAR, IGNORE = bdd.SEG_ID["road"], bdd.SEG_ID["car"], bdd.SEG_IGNORE_ID
 
@@ -182,7 +182,7 @@ def test_resize_ids_is_nearest_neighbour_and_keeps_only_the_masks_classes():
 
 def box_ids() -> np.ndarray:
     """A 6x8 box layout: a car (outlined) on background, a pedestrian on top of it."""
-    from convert import box_layout
+    from vocab import box_layout
 
     labels = [
         {"category": "car", "box2d": {"x1": 0, "y1": 0, "x2": 5, "y2": 4}},
@@ -203,7 +203,7 @@ def test_box_layout_channels_and_kinds():
 
 
 def test_box_layout_tensors_palette_one_hot_and_blank():
-    from convert import box_layout
+    from vocab import box_layout
 
     ids = box_ids()
     car, ped = box_layout.BOX_CLASS_ID["car"], box_layout.BOX_CLASS_ID["pedestrian"]
@@ -234,7 +234,7 @@ def test_box_layout_tensors_palette_one_hot_and_blank():
 
 def test_a_box_layout_is_never_read_as_a_mask_nor_a_mask_as_a_box_layout(mini_bdd: Path, tmp_path: Path):
     """The ids overlap (2: car / building): only the PNG marker tells them apart, and the other layout is refused."""
-    from convert import box_layout
+    from vocab import box_layout
 
     ids = box_ids()
     bdd.check_label_ids(ids)  # numerically a valid segmentation mask: values alone cannot tell

@@ -21,12 +21,12 @@ import yaml
 from PIL import Image
 from sdxl_fixtures import one_torch_thread, pixels, records, steer_outputs, tiny_sdxl  # noqa: F401
 
-from ai.common.cli import run_main
-from ai.common.io import sha256_file
 from ai.common.pipelines import model_fingerprint
 from ai.controlnet import conditioning as cond
 from ai.controlnet import infer_controlnet_sdxl
 from ai.controlnet.infer_controlnet_sdxl import ControlNetInferConfig
+from core.cli import run_main
+from core.io import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "config" / "demo" / "controlnet_infer.yaml"
@@ -585,7 +585,7 @@ def test_default_size_is_the_nearest_sdxl_bucket_at_the_models_native_size(tmp_p
 
 
 def test_user_config_documents_every_key(monkeypatch):
-    from ai.common.config import load_config
+    from core.config import load_config
 
     for name in ("MODEL_DIR", "VAE_DIR", "BDD_DATA_DIR"):
         monkeypatch.delenv(name, raising=False)
@@ -633,7 +633,7 @@ def box_controlnets(model, tmp_path_factory) -> dict[str, Path]:
 def box_layouts(mini_bdd, tmp_path_factory) -> Path:
     """Box layouts of two val frames (rendered from det_val at their images' size) and captions:
     <root>/masks/*.png, <root>/captions/*.txt."""
-    from convert import bdd, box_layout
+    from vocab import bdd, box_layout
 
     root = tmp_path_factory.mktemp("box_layouts")
     (root / "masks").mkdir()
@@ -655,7 +655,7 @@ def test_generates_from_box_layouts_with_stage4_metadata(
     """The layout reaches the ControlNet as the 11-channel one-hot of the resized ids; sheets show the box preview;
     each record says the layout and the source frame, so stage 4 checks the image against the frame's boxes."""
     from annotation.layout import LayoutSources, read_metadata
-    from convert import bdd, box_layout
+    from vocab import bdd, box_layout
 
     seen: list[torch.Tensor] = []
     load_controlnet = infer_controlnet_sdxl.load_controlnet

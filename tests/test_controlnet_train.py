@@ -16,7 +16,7 @@ import yaml
 from PIL import Image
 from sdxl_fixtures import tiny_sdxl  # noqa: F401
 
-from convert import bdd
+from vocab import bdd
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,7 +62,7 @@ def run_inprocess(config: Path, *overrides: str) -> int:
 
 
 def check_config(config: Path, *overrides: str) -> str:
-    from ai.common.cli import UserError
+    from core.cli import UserError
 
     try:
         run_inprocess(config, "--check", *overrides)
@@ -221,7 +221,7 @@ def test_resume_mid_epoch_gives_the_same_controlnet(tiny_sdxl, controlnet_csvs, 
 @pytest.fixture(scope="module")
 def larger_mini_bdd(tmp_path_factory) -> Path:
     """A mini-BDD100K big enough that layouts generalise (53 train and 18 val masks at 160x90), in ~2 s."""
-    from convert.make_mini_bdd import make_mini_bdd
+    from mini_bdd.make import make_mini_bdd
 
     root = tmp_path_factory.mktemp("larger_mini_bdd") / "bdd100k"
     make_mini_bdd(root, frames=80, size=(160, 90), seed=1)
@@ -263,8 +263,8 @@ def test_controlnet_learns_to_follow_the_mask(tiny_sdxl, larger_mini_bdd, tmp_pa
 
 def test_mask_of_another_size_names_both_files(tiny_sdxl, mini_bdd, tmp_path):  # noqa: F811
     from ai.common import data
-    from ai.common.cli import UserError
     from ai.controlnet import control
+    from core.cli import UserError
 
     mask = tmp_path / "small.png"
     Image.new("L", (32, 18)).save(mask)
@@ -275,8 +275,8 @@ def test_mask_of_another_size_names_both_files(tiny_sdxl, mini_bdd, tmp_path):  
 
 def test_mask_with_ids_outside_the_label_set_is_refused(tmp_path):
     from ai.common import data
-    from ai.common.cli import UserError
     from ai.controlnet import control
+    from core.cli import UserError
 
     mask = tmp_path / "bad.png"
     Image.fromarray(np.full((18, 32), 40, dtype=np.uint8)).save(mask)
@@ -311,7 +311,7 @@ def test_controlnet_of_another_architecture_is_refused_before_loading(tiny_sdxl,
     ],
 )
 def test_bad_config_is_refused_with_a_clear_message(tiny_sdxl, controlnet_csvs, tmp_path, overrides, message):  # noqa: F811
-    from ai.common.cli import UserError
+    from core.cli import UserError
 
     train_csv, _ = controlnet_csvs
     cfg = write_config(tmp_path / "c.yaml", tiny_sdxl, train_csv, tmp_path / "runs", "x")
@@ -528,8 +528,8 @@ def test_bf16_validation_reuses_the_trained_controlnet_and_runs_the_vae_in_fp32(
 @pytest.fixture(scope="module")
 def box_csv(mini_bdd, tmp_path_factory) -> Path:
     """Stage 1's box-layout CSV over the mini-BDD100K's 100K train images (one layout per labeled frame)."""
-    from ai.common.cli import run_main
     from convert import controlnet_bdd_to_huggingface_csv
+    from core.cli import run_main
 
     root = tmp_path_factory.mktemp("box_csv")
     images = mini_bdd / "images" / "100k" / "train"
@@ -603,9 +603,9 @@ def test_a_mask_controlnet_records_seg(tiny_sdxl):  # noqa: F811
 
 def test_init_from_must_match_the_layout(tiny_sdxl, tmp_path):  # noqa: F811
     """A ControlNet trained on the other layout would read the ids as other classes: refused when building."""
-    from ai.common.cli import UserError
     from ai.common.models import load_components
     from ai.controlnet import architecture, control
+    from core.cli import UserError
 
     comps = load_components(tiny_sdxl)
     control.build_controlnet(comps.unet, "one_hot", layout="boxes").save_pretrained(tmp_path / "boxes")
@@ -679,8 +679,8 @@ def test_layout_mismatches_are_refused_before_training(tiny_sdxl, box_csv, contr
 def test_every_row_is_checked_for_its_layout(box_csv, mini_bdd):
     """Training reads every row's header: a mask among box layouts (past the launcher's first rows) is refused."""
     from ai.common import data
-    from ai.common.cli import UserError
     from ai.controlnet import control
+    from core.cli import UserError
 
     rows = data.load_rows(box_csv, conditioning_column="conditioning_image").rows
     control.check_mask_sizes(rows, layout="boxes")

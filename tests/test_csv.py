@@ -13,10 +13,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from ai.common.cli import run_main
-from convert import bdd, hf_csv
 from convert import controlnet_bdd_to_huggingface_csv as controlnet_csv
+from convert import hf_csv
 from convert import lora_bdd_to_huggingface_csv as lora_csv
+from core.cli import run_main
+from vocab import bdd
 
 SIZE = (32, 18)  # (width, height)
 CAPTIONS = {
@@ -524,7 +525,7 @@ def box_inputs(mini_bdd: Path, tmp_path: Path) -> dict[str, Path]:
 
 
 def test_box_csv_renders_one_layout_per_labeled_frame(box_inputs, capsys):
-    from convert import box_layout
+    from vocab import box_layout
 
     f = box_inputs
     assert controlnet_csv.main(box_args(f["images"], f["captions"], f["labels"], f["out"])) == 0
@@ -605,7 +606,7 @@ def test_box_csv_matches_url_and_extensionless_frame_names_as_their_captions_are
     names their captions: bdd.stem), query and escapes included; a 2018 per-image name has no extension."""
     import json
 
-    from convert import box_layout
+    from vocab import box_layout
 
     images, captions = tmp_path / "images", tmp_path / "captions"
     for name in ("c d", "plain", "a%20b"):

@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 from yolo_fixture import DetectorParams, cached_detector
 
-from ai.common.cli import run_main
 from annotation.evaluate_fidelity import main
-from convert import bdd
+from core.cli import run_main
+from vocab import bdd
 
 PARAMS = DetectorParams()
 RUN = ["--classes", "car", "--imgsz", str(PARAMS.imgsz), "--batch", "4", "--device", "cpu"]
@@ -236,7 +236,7 @@ def test_bad_inputs_are_one_clear_line(mini_bdd, detector, tmp_path, capsys):
 def test_box_layouts_are_left_out_of_the_mask_miou(mini_bdd, detector, tmp_path, capsys):
     """A box-layout ControlNet records its layout PNG as mask_path; its ids (detection classes, outlines) pass as
     trainIds by value, so without its marker they would be scored as a Cityscapes mask."""
-    from convert.box_layout import render_box_layout, save_layout
+    from vocab.box_layout import render_box_layout, save_layout
 
     masks = mini_bdd / "labels" / "sem_seg" / "masks" / "train"
     frames = [f for f in train_frames(mini_bdd) if (masks / f"{f.stem}.png").is_file()][:2]

@@ -16,10 +16,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from ai.common.cli import UserError, run_main
 from annotation import evaluate_gain as gain
 from annotation.dataset import make_dirs, write_data_yaml
-from convert import bdd, bdd_to_yolo
+from convert import bdd_to_yolo
+from core.cli import UserError, run_main
+from vocab import bdd
 
 # ---------------------------------------------------------------------------------------------------------------
 # Tiny data sets in the contract's layout

@@ -15,8 +15,6 @@ from pathlib import Path
 import pytest
 
 from ai.common import pipelines
-from ai.common.cli import UserError
-from ai.common.config import load_config
 from ai.common.generation import (
     METADATA_FILE,
     SCHEDULERS,
@@ -29,8 +27,10 @@ from ai.common.generation import (
     read_prompts,
     run_generation,
 )
-from ai.common.io import sha256_file
 from ai.common.pipelines import check_resolution, make_scheduler, model_fingerprint
+from core.cli import UserError
+from core.config import load_config
+from core.io import sha256_file
 
 
 def make_config(tmp_path, *overrides: str) -> GenerationConfig:

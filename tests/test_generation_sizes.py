@@ -26,7 +26,7 @@ from sdxl_fixtures import one_torch_thread, pixels, records, tiny_sdxl  # noqa: 
 from ai.controlnet import infer_controlnet_sdxl
 from ai.controlnet.conditioning import read_ids, resize_ids
 from ai.lora import infer_lora_sdxl
-from convert import bdd
+from vocab import bdd
 
 REPO = Path(__file__).resolve().parents[1]
 LORA_DEMO = REPO / "config" / "demo" / "lora_infer.yaml"
@@ -40,7 +40,8 @@ def three_level(tmp_path_factory) -> dict[str, Path]:
     """The tiny SDXL with a three-level UNet (two downsamplings, like SDXL's) and a fresh ControlNet for it."""
     from diffusers import ControlNetModel, StableDiffusionXLPipeline, UNet2DConditionModel
 
-    from ai.common.models import _preset_configs, build_pipeline, check_model_folder
+    from ai.common.build_model import _preset_configs, build_pipeline
+    from ai.common.models import check_model_folder
 
     unet_config = dict(_preset_configs("tiny")["unet"])
     unet_config.update(
@@ -149,7 +150,7 @@ def test_lora_generate_at_bucket_generates_at_the_bucket_and_resizes_to_the_requ
         assert np.abs(np.asarray(im.convert("RGB"), dtype=np.int16) - expected).max() <= 1
 
     # the size settings are part of what a rerun compares: switching the mode is refused, not mixed
-    from ai.common.cli import UserError
+    from core.cli import UserError
 
     with pytest.raises(UserError, match="generate_at_bucket: True -> False"):
         lora_infer(model, tmp_path / "resized", "resolution.width=1280", "resolution.height=720")

@@ -1,4 +1,9 @@
-"""No two modules of the project import each other, directly or around a loop.
+"""The house's import rules: floors that import only downward, and no two modules that import each other.
+
+Floors (the README's code map says the same): ``core`` (plumbing) at the bottom, then ``vocab`` (the BDD100K
+vocabulary), then ``mini_bdd`` (the test-data generator), then the three stage folders ``convert``, ``ai`` and
+``annotation`` side by side. A module imports its own package and the floors below it, never a floor above, and a
+stage folder never imports another stage folder (a step that needs another stage runs its documented command).
 
 Every import statement counts: at the top, inside a function (imported at call time) or under TYPE_CHECKING. A
 cycle hidden in a function or a type-only import still ties the modules together (and breaks the moment someone
@@ -12,7 +17,9 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("ai", "annotation", "convert")
+#: Each package's floor: a module may import its own package and lower floors only.
+FLOORS: dict[str, int] = {"core": 0, "vocab": 1, "mini_bdd": 2, "convert": 3, "ai": 3, "annotation": 3}
+PACKAGES = tuple(FLOORS)
 
 
 def import_graph(root: Path = REPO) -> dict[str, set[str]]:
@@ -75,10 +82,46 @@ def test_the_finder_sees_function_level_and_type_checking_imports(tmp_path):
     }.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
-    for package in PACKAGES[1:]:
-        (tmp_path / package).mkdir()
+    for package in PACKAGES:
+        (tmp_path / package).mkdir(exist_ok=True)
     assert cycles(import_graph(tmp_path)) == [["ai.a", "ai.b"]]
 
 
 def test_project_modules_have_no_import_cycles():
     assert cycles(import_graph()) == []
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """``a -> b`` for every import that leaves the module's own package for one that is not on a lower floor."""
+    found = []
+    for name, targets in sorted(graph.items()):
+        here = name.split(".")[0]
+        for target in sorted(targets):
+            there = target.split(".")[0]
+            if there != here and FLOORS[there] >= FLOORS[here]:
+                found.append(f"{name} -> {target}")
+    return found
+
+
+def test_the_floor_rule_sees_stage_to_stage_and_upward_imports(tmp_path):
+    for name, text in {
+        "core/io.py": "",
+        "vocab/bdd.py": "from core import io\n",
+        "convert/x.py": "from vocab import bdd\n",
+        "ai/y.py": "def f():\n    from convert import x\n",
+        "annotation/z.py": "import ai.y\n",
+        "core/cli.py": "from vocab.bdd import DET_CLASSES\n",
+    }.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    for package in PACKAGES:
+        (tmp_path / package).mkdir(exist_ok=True)
+    assert upward_imports(import_graph(tmp_path)) == [
+        "ai.y -> convert.x",
+        "annotation.z -> ai.y",
+        "core.cli -> vocab.bdd",
+    ]
+
+
+def test_project_imports_run_only_downward():
+    assert upward_imports(import_graph()) == []

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ai.common.config import load_config, read_yaml
 from ai.lora.infer_lora_sdxl import LoraInferConfig
+from core.config import load_config, read_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,8 +16,8 @@ import pytest
 from sdxl_fixtures import one_torch_thread, tiny_sdxl  # noqa: F401
 
 from ai.common import lora_export
-from ai.common.cli import UserError
 from ai.common.pipelines import LORA_ADAPTER_NAME, load_lora
+from core.cli import UserError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -18,12 +18,12 @@ import yaml
 from PIL import Image
 from sdxl_fixtures import one_torch_thread, pixels, records  # noqa: F401
 
-from ai.common.cli import run_main
 from ai.common.generation import LORA_WEIGHTS_NAME
-from ai.common.io import sha256_file
 from ai.common.pipelines import model_fingerprint
 from ai.lora import infer_lora_sdxl
 from ai.lora.infer_lora_sdxl import LoraInferConfig
+from core.cli import run_main
+from core.io import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "config" / "demo" / "lora_infer.yaml"
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from ai.common.models import build_model_folder
+    from ai.common.build_model import build_model_folder
 
     # the same path as tests/sdxl_fixtures.py: a complete folder is kept, so the suite builds it once
     return build_model_folder("tiny", tmp_path_factory.getbasetemp() / "tiny-sdxl")

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from sdxl_fixtures import make_image_csv, tiny_sdxl  # noqa: F401
 
-from ai.common.cli import UserError
+from core.cli import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -329,8 +329,8 @@ def test_csv_without_named_columns_is_refused(check_config, tmp_path):
 
 
 def test_resume_with_other_lora_rank_is_refused(check_config, tmp_path):
-    from ai.common.config import config_to_yaml, load_config
     from ai.lora.train_lora_sdxl import Config
+    from core.config import config_to_yaml, load_config
 
     ckpt = tmp_path / "runs" / "bad" / "checkpoint-10"
     ckpt.mkdir(parents=True)
@@ -354,8 +354,8 @@ def test_process_group_timeout_reaches_accelerate_and_may_change_on_resume(
     import accelerate
 
     from ai.common import trainer
-    from ai.common.config import config_to_yaml, load_config
     from ai.lora.train_lora_sdxl import Config
+    from core.config import config_to_yaml, load_config
 
     cfg = load_config(Config, check_config, ["train.process_group_timeout_minutes=45"])
     assert load_config(Config, check_config).train.process_group_timeout_minutes == 120  # the default

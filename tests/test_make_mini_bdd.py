@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ai.common.cli import run_main
-from convert import bdd
-from convert.make_mini_bdd import MARKER_NAME, main, make_mini_bdd, split_counts
-from convert.mini_bdd_scene import seg_id_of
+from core.cli import run_main
+from mini_bdd.make import MARKER_NAME, main, make_mini_bdd, split_counts
+from mini_bdd.scene import seg_id_of
+from vocab import bdd
 
 NAME_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{8}$")
 FIXTURE_SIZE = (320, 180)  # what conftest's mini_bdd uses (frames=12)
@@ -291,7 +291,7 @@ def test_labels_only_writes_det20_at_real_density(tmp_path: Path):
 
 
 def test_bad_parameters_are_user_errors(tmp_path: Path):
-    from ai.common.cli import UserError
+    from core.cli import UserError
 
     with pytest.raises(UserError, match="at least"):
         make_mini_bdd(tmp_path / "a", frames=3)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from annotation.metrics import Boxes, detection_map, read_yolo_labels
-from convert import bdd
+from vocab import bdd
 
 CAR, BUS, PED = 2, 4, 0
 HALF = 51 / 101  # one of two boxes found, no false positive

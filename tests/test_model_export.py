@@ -1,4 +1,4 @@
-"""ai/common/io.py's streamed safetensors export: canonical bytes, diffusers-loadable folders, and host memory of about
+"""core/io.py's streamed safetensors export: canonical bytes, diffusers-loadable folders, and host memory of about
 one tensor (not one model) while a model is written."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ai.common import io
-from ai.common.cli import UserError
+from core import io
+from core.cli import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,7 +87,7 @@ def test_saved_model_folder_loads_in_diffusers_and_back_into_the_model(tmp_path)
 MEASURE = """
 import json, sys, tempfile, torch
 from diffusers import ControlNetModel
-from ai.common import io
+from core import io
 
 def status(key):
     for line in open("/proc/self/status"):

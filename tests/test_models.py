@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from ai.common.cli import UserError
+from core.cli import UserError
 
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    from ai.common.models import build_model_folder
+    from ai.common.build_model import build_model_folder
 
     return build_model_folder("tiny", tmp_path_factory.mktemp("models") / "tiny-sdxl")
 
@@ -79,7 +79,7 @@ def test_sdxl_base_preset_has_sdxl_parameter_count():
     import torch
     from diffusers import UNet2DConditionModel
 
-    from ai.common.models import _preset_configs
+    from ai.common.build_model import _preset_configs
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**_preset_configs("sdxl-base")["unet"])
@@ -98,7 +98,7 @@ def test_missing_and_incomplete_folders_are_clear(tmp_path):
 
 
 def test_unknown_preset():
-    from ai.common.models import build_pipeline
+    from ai.common.build_model import build_pipeline
 
     with pytest.raises(UserError, match="unknown model preset 'huge'"):
         build_pipeline("huge")

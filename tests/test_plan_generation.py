@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import yaml
 
-from ai.common.cli import run_main
-from convert import bdd
 from convert import plan_generation as pg
-from convert.box_layout import render_box_layout
+from core.cli import run_main
+from vocab import bdd
+from vocab.box_layout import render_box_layout
 
 REPO = Path(__file__).resolve().parents[1]
 W, H = 1280, 720

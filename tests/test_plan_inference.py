@@ -19,11 +19,11 @@ import torch
 import yaml
 from sdxl_fixtures import one_torch_thread, pixels, records, steer_outputs, tiny_sdxl  # noqa: F401
 
-from ai.common.cli import run_main
 from ai.controlnet import conditioning as cond
 from ai.controlnet import infer_controlnet_sdxl
-from convert import bdd, box_layout
 from convert import plan_generation as pg
+from core.cli import run_main
+from vocab import bdd, box_layout
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "config" / "demo" / "controlnet_infer.yaml"

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ai.common.cli import UserError, run_main
-from convert import bdd
 from convert import generate_bdd_captions as gen
 from convert.captions import CaptionBuilder, TokenCounter, load_templates
+from core.cli import UserError, run_main
+from vocab import bdd
 
 NAME = "b1c66a42-6f7d68ca"
 OTHER = "cabc30fc-e7726578"
@@ -535,7 +535,7 @@ def test_training_and_inference_paths_read_p_masks_as_indices(tmp_path):
 def test_mini_bdd_writer_colormaps_are_p_with_index_ids(tmp_path):
     """make_mini_bdd writes masks (L) and colormaps (P, official palette) that every reader takes as the same ids."""
     from ai.controlnet.conditioning import read_ids
-    from convert.make_mini_bdd import _colormap
+    from mini_bdd.make import _colormap
 
     colormap = _colormap(Image.fromarray(IDS, mode="L"), bdd.seg_palette())
     buf = io.BytesIO()

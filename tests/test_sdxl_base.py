@@ -37,7 +37,7 @@ CPU = "config/accelerate_config_cpu.yaml"
 
 @pytest.fixture(scope="module")
 def sdxl_base() -> Path:
-    from ai.common.models import build_model_folder
+    from ai.common.build_model import build_model_folder
 
     out = Path(os.environ.get("SDXL_BASE_DIR") or REPO / "bench/_data/models/sdxl-base")
     return build_model_folder("sdxl-base", out, dtype="bfloat16")
@@ -47,7 +47,7 @@ def sdxl_base() -> Path:
 def stage1(tmp_path_factory) -> Path:
     """Mini-BDD100K and the stage 1 CSVs and captions, written by the users' stage 1 commands."""
     from convert import controlnet_bdd_to_huggingface_csv, generate_bdd_captions, lora_bdd_to_huggingface_csv
-    from convert.make_mini_bdd import make_mini_bdd
+    from mini_bdd.make import make_mini_bdd
 
     root = tmp_path_factory.mktemp("sdxl_base")
     bdd_dir = root / "bdd100k"

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from ai.common.cli import run_main
-from convert import bdd
 from convert import controlnet_bdd_to_huggingface_csv as controlnet_csv
 from convert import lora_bdd_to_huggingface_csv as lora_csv
+from core.cli import run_main
+from vocab import bdd
 
 
 @pytest.mark.slow

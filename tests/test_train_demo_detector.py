@@ -10,7 +10,6 @@ from dataclasses import asdict, replace
 from PIL import Image
 from yolo_fixture import cached_detector
 
-from ai.common.cli import run_main
 from annotation.train_demo_detector import (
     CLI_DEFAULTS,
     DetectorParams,
@@ -21,7 +20,8 @@ from annotation.train_demo_detector import (
     training_boxes,
     write_yolo_training_set,
 )
-from convert import bdd
+from core.cli import run_main
+from vocab import bdd
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:

@@ -180,8 +180,8 @@ def test_auto_attention_falls_back_to_sdpa_on_any_xformers_failure(tiny_sdxl, mo
     from diffusers import ControlNetModel
     from diffusers.models.attention_processor import XFormersAttnProcessor
 
-    from ai.common.cli import UserError
     from ai.common.models import load_components
+    from core.cli import UserError
 
     unet = load_components(tiny_sdxl).unet
     controlnet = ControlNetModel.from_unet(unet)
@@ -213,8 +213,8 @@ def test_fp16_safe_flag_with_a_vae_that_needs_fp32_is_refused(tiny_sdxl, tmp_pat
 
     import yaml
 
-    from ai.common.cli import UserError
     from ai.lora.train_lora_sdxl import main
+    from core.cli import UserError
 
     csv = make_image_csv(tmp_path / "data", n=2)
     cfg = tmp_path / "c.yaml"

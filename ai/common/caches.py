@@ -41,7 +41,7 @@ import torch
 from safetensors.torch import load, save
 
 from ai.common.data import CropPlan, Geometry, Row, apply_plan, open_image, to_tensor
-from ai.common.io import atomic_write_bytes, sha256_bytes
+from core.io import atomic_write_bytes, sha256_bytes
 
 logger = logging.getLogger(__name__)
 

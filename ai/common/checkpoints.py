@@ -5,7 +5,7 @@ RNG states of every process; the trainable weights through the trainer's save ho
 epoch, batch position inside the epoch, process count), the resolved config, and whatever the trainer adds (the
 LoRA in diffusers format, so inference can point at any checkpoint).
 
-The folder is built under a temporary name (:func:`ai.common.io.atomic_dir`) and renamed into place only when
+The folder is built under a temporary name (:func:`core.io.atomic_dir`) and renamed into place only when
 complete, and ``train_state.json`` is written last, so a run killed mid-save leaves nothing that
 ``resume_from: latest`` would pick.
 """
@@ -23,9 +23,9 @@ from typing import Any
 
 import yaml
 
-from ai.common.cli import UserError
-from ai.common.config import config_diff
-from ai.common.io import atomic_dir, atomic_write_text
+from core.cli import UserError
+from core.config import config_diff
+from core.io import atomic_dir, atomic_write_text
 
 logger = logging.getLogger(__name__)
 

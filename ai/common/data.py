@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 from PIL import ExifTags, Image
 
-from ai.common.cli import UserError
+from core.cli import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -40,7 +40,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ai.common.cli import UserError
 from ai.common.generation_config import (  # noqa: F401 (the config sections are importable from here too)
     SCHEDULERS,
     GenerationConfig,
@@ -50,8 +49,9 @@ from ai.common.generation_config import (  # noqa: F401 (the config sections are
     SchedulerName,
     Speed,
 )
-from ai.common.io import atomic_write_bytes, atomic_write_text, sha256_file
 from ai.common.pipelines import model_fingerprint
+from core.cli import UserError
+from core.io import atomic_write_bytes, atomic_write_text, sha256_file
 
 logger = logging.getLogger(__name__)
 

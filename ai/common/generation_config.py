@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from ai.common.config import Section
+from core.config import Section
 
 Size = tuple[int, int]
 #: Name -> (diffusers scheduler class, extra config). Built with ``from_config`` of the model's own scheduler.

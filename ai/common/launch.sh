@@ -7,7 +7,7 @@
 # Environment: ACCELERATE_CONFIG (default config/accelerate_config_a100_single.yaml), ACCELERATE_ARGS (extra
 # `accelerate launch` flags that override the config file, e.g. "--machine_rank 1" on a second node), PYTHON
 # (default: the repo's .venv if present, else python). The .env file at the repo root (from .env.example) is
-# loaded first by ai/common/envfile.py, the same reader the Python stages use: variables already set in the
+# loaded first by core/envfile.py, the same reader the Python stages use: variables already set in the
 # environment win over the file, and configs name them as ${MODEL_DIR} or ${VAE_DIR:-}.
 set -euo pipefail
 
@@ -21,7 +21,7 @@ launch_stage() {
     if [[ -x "$repo_root/.venv/bin/python" ]]; then py="$repo_root/.venv/bin/python"; else py="python"; fi
   fi
   local env_exports
-  env_exports="$(cd "$repo_root" && "$py" -m ai.common.envfile)" || exit 2
+  env_exports="$(cd "$repo_root" && "$py" -m core.envfile)" || exit 2
   eval "$env_exports"
   local config="$default_config"
   if [[ $# -gt 0 && "$1" != *=* ]]; then

@@ -196,7 +196,7 @@ def _tmp_name(name: str) -> str:
 
 def _finish(tmp: Path, final: Path) -> Path:
     """Sorted header (equal weights give equal bytes), then the final name."""
-    from ai.common.io import canonicalize_safetensors
+    from core.io import canonicalize_safetensors
 
     canonicalize_safetensors(tmp)
     os.replace(tmp, final)

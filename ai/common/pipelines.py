@@ -26,9 +26,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from ai.common.cli import UserError, setup_logging
 from ai.common.generation_config import SCHEDULERS, GenerationConfig, GenerationPaths, Speed
-from ai.common.io import atomic_write_text, sha256_bytes, sha256_file
+from core.cli import UserError, setup_logging
+from core.io import atomic_write_text, sha256_bytes, sha256_file
 
 logger = logging.getLogger(__name__)
 

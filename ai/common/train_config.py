@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ai.common.config import Section
+from core.config import Section
 
 
 class ModelConfig(Section):
@@ -155,8 +155,8 @@ def check_common_inputs(cfg: TrainingConfig, run_dir) -> None:
     from pathlib import Path
 
     from ai.common.checkpoints import check_resume_compatible, resolve_resume
-    from ai.common.cli import UserError
     from ai.common.models import check_model_folder, is_local, vae_config_path
+    from core.cli import UserError
 
     if is_local(cfg.model.pretrained_model):
         check_model_folder(cfg.model.pretrained_model)
@@ -185,8 +185,8 @@ def trainer_main(argv, *, prog: str, description: str, config_cls, check_inputs,
     """The command line every trainer shares: ``--config FILE [--check] [key=value ...]``."""
     import argparse
 
-    from ai.common.cli import setup_logging
-    from ai.common.config import load_config
+    from core.cli import setup_logging
+    from core.config import load_config
 
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", required=True, help="YAML config file")

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 
 from ai.common import caches, checkpoints, data, diffusion, training_log
-from ai.common.cli import UserError
-from ai.common.config import save_resolved_config
 from ai.common.train_config import RESUME_FREE_KEYS, TrainingConfig
+from core.cli import UserError
+from core.config import save_resolved_config
 
 logger = logging.getLogger(__name__)
 
@@ -465,7 +465,7 @@ def save_checkpoint(
     trained: Sequence[torch.nn.Module] = (),
 ) -> Path:
     """``checkpoint-<step>`` on every process; ``export(folder)`` writes the ``trained`` models' fp32 weights."""
-    from ai.common.config import config_to_yaml
+    from core.config import config_to_yaml
 
     path = checkpoints.save_checkpoint(
         run.accelerator, run.run_dir, state.step, {"epoch": state.epoch, "batch": state.batch}, config_to_yaml(cfg),

@@ -17,8 +17,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ai.common.cli import UserError
-from ai.common.io import atomic_write_bytes
+from core.cli import UserError
+from core.io import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ai.common.cli import UserError
+from core.cli import UserError
 
 #: UNet config keys a ControlNet copies from its UNet (``ControlNetModel.from_unet``): all must agree.
 ARCHITECTURE_KEYS = (
@@ -126,7 +126,7 @@ def conditioning_record(layout: str, kind: str, channels: int) -> dict[str, Any]
     """What a trained ControlNet says about its input (``CONDITIONING_KEY`` in its config.json)."""
     record: dict[str, Any] = {"layout": layout, "encoding": kind, "channels": channels}
     if layout == "boxes":
-        from convert import box_layout
+        from vocab import box_layout
 
         record["classes"] = list(box_layout.BOX_CLASSES)
         record["ids"] = {"boundary": box_layout.BOUNDARY_ID, "background": box_layout.BACKGROUND_ID}

@@ -4,11 +4,11 @@ training and inference.
 Two layouts (``layout``), each in two encodings (``kind``):
 
 * ``seg``: segmentation trainIds (0-18, 255 = ignore), the 10K subset's masks;
-* ``boxes``: box layouts (convert/box_layout.py: detection classes 0-9, outline 10, background 255), rendered
+* ``boxes``: box layouts (vocab/box_layout.py: detection classes 0-9, outline 10, background 255), rendered
   from the det_20 boxes of any labeled frame.
 
 * ``palette``: colours as RGB in [0, 1] (3 channels, the form most ControlNets use): the official BDD100K
-  palette for masks, :data:`convert.box_layout.BOX_PALETTE` for box layouts;
+  palette for masks, :data:`vocab.box_layout.BOX_PALETTE` for box layouts;
 * ``one_hot``: one channel per id (19 for masks; 11 for box layouts: 10 classes and the outlines): no two ids
   can be confused by colour.
 
@@ -18,7 +18,7 @@ same to the network.
 
 The ids of the two layouts overlap numerically (a box layout's 2 = car, a mask's 2 = building), so a file's
 layout is never guessed from its pixels: box layout PNGs carry a ``bdd_layout=boxes`` text chunk
-(:func:`convert.box_layout.file_layout`, header only), :func:`read_ids` refuses a file of the other layout, and a
+(:func:`vocab.box_layout.file_layout`, header only), :func:`read_ids` refuses a file of the other layout, and a
 trained ControlNet records its layout (ai/controlnet/architecture.py).
 
 Masks are read as label ids (mode ``L``), palette images (mode ``P``: the palette *index* is the trainId, whatever
@@ -40,9 +40,9 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from ai.common.cli import UserError
 from ai.controlnet.architecture import LAYOUT_SOURCES as LAYOUT_NAMES  # what each layout is, in messages
-from convert import bdd, box_layout
+from core.cli import UserError
+from vocab import bdd, box_layout
 
 ConditioningKind = Literal["palette", "one_hot"]
 CONDITIONING_KINDS: tuple[str, ...] = ("palette", "one_hot")
@@ -100,14 +100,14 @@ def layout_mismatch(name: str, found: str, expected: str) -> str:
     """The message for a condition file of the other layout."""
     if found == "boxes":
         return (
-            f"{name} is a box layout (its PNG says bdd_layout=boxes; convert/box_layout.py), but {LAYOUT_NAMES[expected]} "
+            f"{name} is a box layout (its PNG says bdd_layout=boxes; vocab/box_layout.py), but {LAYOUT_NAMES[expected]} "
             "were expected: the ids of the two overlap (2 is a car in a box layout, a building in a mask), so "
             "a box layout is never read as a mask; use a box-layout ControlNet (layout boxes) or segmentation masks"
         )
     return (
         f"{name} is not a box layout (no bdd_layout=boxes marker in the PNG: a segmentation mask or another "
         "label map), but box layouts were expected; render them with convert/controlnet_bdd_to_huggingface_csv.py "
-        "--conditions boxes (or convert.box_layout.save_layout), or use a ControlNet trained on masks (layout seg)"
+        "--conditions boxes (or vocab.box_layout.save_layout), or use a ControlNet trained on masks (layout seg)"
     )
 
 
@@ -205,7 +205,7 @@ def read_ids(
             f"a label-id PNG (mode L, values 0-{bdd.NUM_SEG_CLASSES - 1} and {bdd.SEG_IGNORE_ID}), a colormap "
             "(mode P) or an official-palette RGB rendering"
             if layout == "seg"
-            else "a box layout PNG (mode P or L, as convert/box_layout.py writes)"
+            else "a box layout PNG (mode P or L, as vocab/box_layout.py writes)"
         )
         raise UserError(f"{what} {name} is mode {mode}; expected {expected}")
     if expected_size is not None and size != tuple(expected_size):
@@ -259,7 +259,7 @@ def ids_to_tensor(ids, kind: str, layout: str = "seg"):
     """Label ids (PIL ``L`` image or uint8 HxW array) -> float32 (C, H, W) in [0, 1]: the ControlNet's input.
 
     seg: palette = the official palette RGB / 255, ignore (255) black; one_hot = 19 channels, ignore all zeros.
-    boxes: palette = :data:`convert.box_layout.BOX_PALETTE` / 255 (outlines white, background black); one_hot =
+    boxes: palette = :data:`vocab.box_layout.BOX_PALETTE` / 255 (outlines white, background black); one_hot =
     11 channels (classes 0-9, outline 10), background all zeros.
     """
     import torch

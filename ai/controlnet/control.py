@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 from ai.common import data
-from ai.common.cli import UserError
 from ai.controlnet import conditioning
 from ai.controlnet.architecture import (
     CONDITIONING_KEY,
@@ -33,6 +32,7 @@ from ai.controlnet.architecture import (
     read_model_config,
     resolve_controlnet,
 )
+from core.cli import UserError
 
 #: The parts of a UNet that ``ControlNetModel.from_unet`` copies, under the same names in both models.
 UNET_PARTS = (

@@ -10,8 +10,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from ai.common.config import Section
 from ai.common.generation_config import GenerationConfig, GenerationPaths, check_multiple_of_8
+from core.config import Section
 
 #: Keys of the shared prompt list that do not apply here (each mask gets its own caption).
 UNUSED_PROMPT_KEYS = ("prompts", "prompts_file", "captions_csv")

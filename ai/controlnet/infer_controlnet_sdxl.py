@@ -34,8 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ai.common.cli import UserError, run_main
-from ai.common.config import load_config, save_resolved_config
 from ai.common.generation import (
     GENERATIONS_DIR,
     PromptEntry,
@@ -80,6 +78,8 @@ from ai.controlnet.masks import (
     write_sheet,
 )
 from ai.controlnet.plans import check_plan_controlnet, plan_entries, plan_layout
+from core.cli import UserError, run_main
+from core.config import load_config, save_resolved_config
 
 DEFAULT_CONFIG = "config/controlnet_infer.yaml"
 SIDE_BY_SIDE_DIR = "side_by_side"

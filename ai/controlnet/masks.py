@@ -1,6 +1,6 @@
 """Masks in and out of ControlNet inference: the mask folder, each mask's caption, and mask | image sheets.
 
-"Masks" here are the condition images of either layout: segmentation masks or box layouts (convert/box_layout.py).
+"Masks" here are the condition images of either layout: segmentation masks or box layouts (vocab/box_layout.py).
 
 * :func:`list_masks`: the folder's PNG masks with sizes and layouts (box layouts are marked) from their headers
   (no pixels read); unreadable files and unsupported modes are listed in one error before the model loads.
@@ -20,13 +20,13 @@ from pathlib import Path
 
 from PIL import Image
 
-from ai.common.cli import UserError
 from ai.common.generation import METADATA_FILE, PromptEntry, png_bytes, read_captions_csv, read_jsonl
-from ai.common.io import atomic_write_bytes
 from ai.controlnet.conditioning import ids_to_preview, image_layout, read_ids, resize_ids, side_by_side
 from ai.controlnet.infer_config import ControlNetInferConfig
 from ai.controlnet.plans import plan_layout
-from convert import bdd
+from core.cli import UserError
+from core.io import atomic_write_bytes
+from vocab import bdd
 
 #: Mask modes read as label ids (ai/controlnet/conditioning.read_ids); checked from headers before the model loads.
 MASK_MODES = ("L", "P", "I;16", "I", "RGB", "RGBA")

@@ -3,7 +3,7 @@
 A plan (``paths.plan``, a ``plan.jsonl``) holds one scene per line: an ``id``, a ``caption``, the layout ``size``
 and its ``labels`` in det_20 form. Each scene becomes one :class:`~ai.common.generation.PromptEntry` named by its
 id (images ``<id>_00.png``), prompted with its caption; its condition is its labels rendered as a box layout
-(convert/box_layout.py) at the layout size and resized nearest-neighbour like a mask. Its metadata record carries
+(vocab/box_layout.py) at the layout size and resized nearest-neighbour like a mask. Its metadata record carries
 what stage 4 needs: the planned ``labels`` (the source layout, inline), ``source_size`` (their pixel space), and
 the plan's ids and edits; ``source_frame``, ``source_labels`` and ``mask_path`` are null, since the layout is the
 plan's, not a real frame's (the real frame it was made from is ``plan_source_frame``).
@@ -19,11 +19,11 @@ from typing import Any
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ai.common.cli import UserError
 from ai.common.generation import PromptEntry
 from ai.controlnet.architecture import layout_of
 from ai.controlnet.infer_config import ControlNetInferConfig
-from convert import box_layout
+from core.cli import UserError
+from vocab import box_layout
 
 PLAN_HINT = "write one with python convert/plan_generation.py --targets T.yaml --out plan/ (plan/plan.jsonl)"
 

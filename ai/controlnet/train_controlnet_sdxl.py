@@ -10,7 +10,7 @@ Usage::
 Data: the stage 1 ControlNet CSV (``image,conditioning_image,text``; ``convert/controlnet_bdd_to_huggingface_csv.py``)
 or a Hugging Face dataset with those columns. ``controlnet.layout`` says what the conditioning images are:
 ``seg``, segmentation masks (label ids (mode L), colormaps (mode P) or palette RGB renderings), or ``boxes``, box
-layouts rendered from det_20 boxes (``--conditions boxes``; convert/box_layout.py), for every labeled frame of
+layouts rendered from det_20 boxes (``--conditions boxes``; vocab/box_layout.py), for every labeled frame of
 the 100K set. Either gets exactly its image's bucket, crop and flip, resampled nearest-neighbour, so no pixel gets
 a class its map does not have. The ControlNet sees them as a palette (3 channels) or one-hot ids (19 channels for
 masks, 11 for box layouts), with the ignore/background id 255 black / all-zero. The saved ControlNet records its
@@ -37,8 +37,6 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ai.common.cli import UserError, run_main
-from ai.common.config import Section
 from ai.common.generation import resolve_lora_file
 from ai.common.train_config import (
     DataConfig,
@@ -49,6 +47,8 @@ from ai.common.train_config import (
     check_common_inputs,
     trainer_main,
 )
+from core.cli import UserError, run_main
+from core.config import Section
 
 logger = logging.getLogger("train_controlnet_sdxl")
 
@@ -62,7 +62,7 @@ class ControlNetDataConfig(DataConfig):
 
 
 class ControlNetConfig(Section):
-    # seg: segmentation masks; boxes: box layouts (convert/box_layout.py)
+    # seg: segmentation masks; boxes: box layouts (vocab/box_layout.py)
     layout: Literal["seg", "boxes"] = "seg"
     # palette: 3 channels (a colour per id); one_hot: one per id (19 for masks, 11 for box layouts)
     conditioning: Literal["palette", "one_hot"] = "palette"
@@ -143,9 +143,9 @@ def train(cfg: Config) -> int:
     import torch
 
     from ai.common import data, diffusion, trainer, training_log, validation
-    from ai.common.io import load_safetensors_into, save_model
     from ai.common.models import load_components, safetensors_files
     from ai.controlnet import conditioning, control
+    from core.io import load_safetensors_into, save_model
 
     run = trainer.start_run(cfg)
     accelerator, device, weight_dtype = run.accelerator, run.device, run.weight_dtype

@@ -22,8 +22,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ai.common.cli import run_main
-from ai.common.config import load_config, save_resolved_config
 from ai.common.generation import (
     GENERATIONS_DIR,
     PromptEntry,
@@ -40,6 +38,8 @@ from ai.common.generation import (
 )
 from ai.common.generation_config import BucketGrid, GenerationConfig, GenerationPaths
 from ai.common.pipelines import build_sdxl_pipeline, call_pipeline, prepare_pipeline, setup_device
+from core.cli import run_main
+from core.config import load_config, save_resolved_config
 
 DEFAULT_CONFIG = "config/lora_infer.yaml"
 

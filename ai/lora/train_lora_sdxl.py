@@ -24,8 +24,6 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ai.common.cli import UserError, run_main
-from ai.common.config import Section
 from ai.common.train_config import (
     LogConfig,
     OutputConfig,
@@ -34,6 +32,8 @@ from ai.common.train_config import (
     check_common_inputs,
     trainer_main,
 )
+from core.cli import UserError, run_main
+from core.config import Section
 
 logger = logging.getLogger("train_lora_sdxl")
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from convert import bdd
+from vocab import bdd
 
 SEG = bdd.SEG_ID
 

@@ -201,7 +201,7 @@ def load_safetensors_into(model, path: str | os.PathLike) -> None:
     import torch
     from safetensors import safe_open
 
-    from ai.common.cli import UserError
+    from core.cli import UserError
 
     targets = model.state_dict()
     with safe_open(os.fspath(path), framework="pt") as f, torch.no_grad():

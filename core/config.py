@@ -21,7 +21,7 @@ comments) and in ``key=value`` overrides alike:
   validates as the int 1000, ``true``/``false`` for a bool; a list cannot come from a variable;
 * ``$${`` writes a literal ``${``; any other ``$`` is kept as it is.
 
-Variables come from the environment and from ``.env`` at the repo root (:mod:`ai.common.envfile`; the environment
+Variables come from the environment and from ``.env`` at the repo root (:mod:`core.envfile`; the environment
 wins), which :func:`read_yaml` loads first, so a stage run with plain ``python`` sees what its launcher sees.
 
 No torch import here: a bad config fails in milliseconds, before accelerate starts.
@@ -40,8 +40,8 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ai.common.cli import UserError
-from ai.common.io import atomic_write_text
+from core.cli import UserError
+from core.io import atomic_write_text
 
 C = TypeVar("C", bound=BaseModel)
 _BOOL_TAG = "tag:yaml.org,2002:bool"
@@ -72,7 +72,7 @@ class Section(BaseModel):
 
 def read_yaml(path: str | os.PathLike, *, expand: bool = True) -> dict[str, Any]:
     """A YAML mapping, with ``${VAR}`` references in its values expanded (``expand``; .env loaded first)."""
-    from ai.common.envfile import load_env_file
+    from core.envfile import load_env_file
 
     path = Path(path)
     if not path.is_file():
@@ -317,7 +317,7 @@ def validate_config(
 
 def load_config(model: type[C], path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> C:
     """Read ``path`` (YAML), apply overrides, expand ``${VAR}`` references, validate; all errors in one UserError."""
-    from ai.common.envfile import load_env_file
+    from core.envfile import load_env_file
 
     load_env_file()
     source = str(path) if path is not None else "config"

@@ -45,10 +45,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from ai.common.cli import UserError
-from convert import bdd
+from core.cli import UserError
+from vocab import bdd
 
-#: The 10 detection classes, in stage 4's order (ids 0-9): the one list in convert/bdd.py.
+#: The 10 detection classes, in stage 4's order (ids 0-9): the one list in vocab/bdd.py.
 BOX_CLASSES: tuple[str, ...] = bdd.DET_CLASSES
 NUM_BOX_CLASSES = len(BOX_CLASSES)
 BOX_CLASS_ID: dict[str, int] = {name: i for i, name in enumerate(BOX_CLASSES)}
@@ -117,7 +117,7 @@ class LayoutBox:
 
 
 def _parts(label: Any) -> tuple[str | None, Any]:
-    """(category, box) of a convert.bdd Label or a det_20-style dict."""
+    """(category, box) of a vocab.bdd Label or a det_20-style dict."""
     if isinstance(label, Mapping):
         return label.get("category"), label.get("box2d")
     return getattr(label, "category", None), getattr(label, "box2d", None)
@@ -200,7 +200,7 @@ def render_box_layout(
     """A frame's boxes as a (height, width) uint8 array of layout ids (see the module docstring).
 
     Args:
-        labels: convert.bdd ``Label`` objects (any BDD100K label format) or det_20-style dicts
+        labels: vocab.bdd ``Label`` objects (any BDD100K label format) or det_20-style dicts
             ``{"category": ..., "box2d": {"x1", "y1", "x2", "y2"}}``, in the pixel space of ``size``.
         size: (width, height) of the frame.
         line_width: outline width in pixels (default :func:`boundary_width`).
@@ -283,7 +283,7 @@ def layout_png_bytes(ids: np.ndarray, key: str | None = None, compress_level: in
 
 def save_layout(ids: np.ndarray, path: str | os.PathLike, key: str | None = None) -> Path:
     """Write a layout PNG atomically (see :func:`layout_png_bytes`)."""
-    from ai.common.io import atomic_write_bytes
+    from core.io import atomic_write_bytes
 
     path = Path(path)
     atomic_write_bytes(path, layout_png_bytes(ids, key))

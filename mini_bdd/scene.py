@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
-from convert import bdd
-from convert.mini_bdd_draw import (
+from mini_bdd.draw import (
     Camera,
     Drawing,
     Sprite,
@@ -37,6 +36,7 @@ from convert.mini_bdd_draw import (
     truck,
     two_wheeler,
 )
+from vocab import bdd
 
 IGNORE = bdd.SEG_IGNORE_ID
 SEG = bdd.SEG_ID

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import msgspec
 
-from ai.common.cli import UserError
+from core.cli import UserError
 
 # ---------------------------------------------------------------------------------------------------------------
 # Categories

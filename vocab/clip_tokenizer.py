@@ -15,7 +15,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from ai.common.io import atomic_write_text
+from core.io import atomic_write_text
 
 CONTEXT_LENGTH = 77  # CLIP's window, start and end tokens included
 NUM_MERGES = 49152 - 256 - 2

@@ -3,9 +3,9 @@
 Which file: ``$BDD_SDXL_ENV_FILE`` when that variable is set (empty: none), else ``.env`` at the repo root. It is
 read with python-dotenv (``KEY=value`` lines, ``#`` comments, quotes, ``export`` prefixes, ``${VAR}`` inside
 values) and never overrides a variable that is already set, so ``MODEL_DIR=/other bash ai/lora/run_lora_train.sh``
-wins over the file for one run. The stage scripts load it when they read a config (:func:`ai.common.config.read_yaml`),
+wins over the file for one run. The stage scripts load it when they read a config (:func:`core.config.read_yaml`),
 so ``python -m ai.lora.train_lora_sdxl ...`` sees the same variables as the launcher, which runs
-``python -m ai.common.envfile`` and evaluates the ``export`` lines it prints (bash never parses the file itself).
+``python -m core.envfile`` and evaluates the ``export`` lines it prints (bash never parses the file itself).
 
 No imports beyond python-dotenv: the launchers call this before every stage.
 """
@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 ENV_FILE_VAR = "BDD_SDXL_ENV_FILE"
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
@@ -40,7 +40,7 @@ def new_variables(path: Path | None = None) -> dict[str, str]:
     if path is None:
         return {}
     if not path.is_file():
-        from ai.common.cli import UserError
+        from core.cli import UserError
 
         raise UserError(f"{ENV_FILE_VAR}={path}: file not found (unset it to use .env at the repo root)")
     values = dotenv_values(path, interpolate=True, encoding="utf-8")
@@ -60,7 +60,7 @@ def load_env_file() -> dict[str, str]:
 
 def main() -> int:
     """Print ``export KEY='value'`` for each new variable (the launchers ``eval`` this)."""
-    from ai.common.cli import UserError
+    from core.cli import UserError
 
     try:
         added = new_variables()
