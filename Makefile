@@ -66,10 +66,10 @@ demo: $(STAMP)
 	    --captions_path $(DEMO_DIR)/captions/train --output_folder $(DEMO_DIR)/csv --split train
 	$(PY) -m convert.controlnet_bdd_to_huggingface_csv --images_path $(DEMO_DIR)/bdd100k/images/10k/train \
 	    --captions_path $(DEMO_DIR)/captions/train --conditions_path $(DEMO_DIR)/bdd100k/labels/sem_seg/masks/train \
-	    --output_folder $(DEMO_DIR)/csv --type train
-	for split in train val; do $(PY) -m convert.controlnet_bdd_to_huggingface_csv --conditions boxes \
+	    --output_folder $(DEMO_DIR)/csv --split train
+	for split in train val; do $(PY) -m convert.controlnet_bdd_to_huggingface_csv --layout boxes \
 	    --images_path $(DEMO_DIR)/bdd100k/images/100k/$$split --captions_path $(DEMO_DIR)/captions/$$split \
-	    --labels_file $(DEMO_DIR)/bdd100k/labels/det_20/det_$$split.json --output_folder $(DEMO_DIR)/csv --type $$split \
+	    --labels_file $(DEMO_DIR)/bdd100k/labels/det_20/det_$$split.json --output_folder $(DEMO_DIR)/csv --split $$split \
 	    || exit 1; done
 	for split in train val; do $(PY) -m convert.bdd_to_yolo --bdd_data_dir $(DEMO_DIR)/bdd100k --split $$split \
 	    --out $(DEMO_DIR)/real || exit 1; done

@@ -339,17 +339,20 @@ def segmentation_fidelity(pairs: list[Pair], folder: Path, args) -> dict[str, An
     import torch
     from torchmetrics.classification import MulticlassJaccardIndex
 
-    from vocab.box_layout import file_layout
+    from vocab import layouts
 
     conditioned = [p for p in pairs if p.ref.mask_path is not None and p.ref.mask_path.is_file()]
     # a box layout (box-conditioned ControlNet) is recorded as mask_path too; its ids (detection classes,
     # outlines) are valid trainIds by value, so only its file marker keeps it out of the mask mIoU
-    with_mask = [p for p in conditioned if file_layout(p.ref.mask_path) == "seg"]
+    found = {p.ref.mask_path: layouts.of_file(p.ref.mask_path) for p in conditioned}
+    with_mask = [p for p in conditioned if found[p.ref.mask_path].cityscapes_ids]
     if not with_mask:
+        kinds = dict.fromkeys(found.values())
         raise UserError(
             "--seg_model: no scored generation's record names an existing segmentation mask as mask_path "
             + (
-                f"(all {len(conditioned)} name box layouts, whose ids are detection classes, not Cityscapes' ones)"
+                f"(all {len(conditioned)} name {' and '.join(k.what for k in kinds)}, whose ids are "
+                f"{' and '.join(k.ids_are for k in kinds)}, not Cityscapes' ones)"
                 if conditioned
                 else "(ControlNet generation records each image's conditioning mask there)"
             )

@@ -1,8 +1,8 @@
 """Shared steps of the two CSV scripts: list inputs, match them by base name, read captions, write CSV + report.
 
 ``lora_bdd_to_huggingface_csv.py`` (image,text) and ``controlnet_bdd_to_huggingface_csv.py``
-(image,conditioning_image,text) differ only in the conditions (masks, or the labeled frames box layouts are drawn
-from); everything else lives here once:
+(image,conditioning_image,text) differ only in the conditions (a folder of masks, or the labeled frames a layout is
+drawn from); everything else lives here once:
 
 * matching by :func:`vocab.bdd.stem` (``x.jpg`` pairs with ``x.txt`` and ``x.png``), with every file left
   out listed with its reason (partial matches are normal: the 10K segmentation names differ from the 100K's);
@@ -125,21 +125,19 @@ def _drop_duplicates(paths: Sequence[Path], reason: str, unmatched: list[tuple[s
     return kept
 
 
-#: How each condition is counted in reports.
-CONDITION_COUNTS = {"mask": "masks", "labels": "labeled frames"}
-
-
 def match_samples(
     images: Sequence[Path],
     captions: Sequence[Path],
     masks: Sequence[Path] | None = None,
     condition: str = "mask",
+    counted: str = "masks",
 ) -> MatchResult:
     """Pair images with captions (and masks) by base name; rows sorted by image name.
 
     Every file without a row is listed with its reason; duplicate base names keep the first file.
-    ``condition`` names the third input in the reasons (``labels``: ``masks`` are one entry per labeled frame,
-    e.g. ``<labels file>/<frame's base name>.jpg``, as the box layout CSV passes them).
+    ``condition`` names the third input in the reasons and ``counted`` in the counts (``labels`` and ``labeled
+    frames``: ``masks`` are one entry per labeled frame, e.g. ``<labels file>/<frame's base name>.jpg``, as the CSV of
+    a layout drawn from labels passes them).
     """
     unmatched: list[tuple[str, Path]] = []
     counts = {"images": len(images), "captions": len(captions)}
@@ -151,7 +149,7 @@ def match_samples(
 
     mask_of: dict[str, Path] | None = None
     if masks is not None:
-        counts[CONDITION_COUNTS[condition]] = len(masks)
+        counts[counted] = len(masks)
         masks = _drop_duplicates(masks, f"duplicate {condition} name", unmatched)
         with_mask = bdd.match_by_stem(images, masks)
         mask_of = {bdd.stem(img): mask for img, mask in with_mask.pairs}

@@ -40,3 +40,9 @@ def setup_logging(level: str | int | None = None) -> logging.Logger:
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
     return logging.getLogger("bdd-sdxl")
+
+
+def warn_deprecated(old: str, new: str, note: str = "") -> None:
+    """A ``warning: OLD is deprecated; use NEW`` line on stderr: a renamed flag or config key still works, and says
+    what to write instead."""
+    print(f"warning: {old} is deprecated; use {new}{f' ({note})' if note else ''}", file=sys.stderr)

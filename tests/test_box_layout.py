@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vocab import bdd
+from vocab import bdd, layouts
 from vocab import box_layout as bl
 
 CAR, PED, BUS, LIGHT = (bl.BOX_CLASS_ID[c] for c in ("car", "pedestrian", "bus", "traffic light"))
@@ -187,23 +187,21 @@ def test_a_mirrored_layout_is_the_layout_of_the_mirrored_boxes(width):
 
 def test_files_are_marked_palette_pngs_that_read_back_as_the_ids(mini_bdd: Path, tmp_path: Path):
     ids = bl.render_box_layout([box("car", 10, 10, 40, 30), box("pedestrian", 20, 5, 25, 35)], (64, 40))
-    path = bl.save_layout(ids, tmp_path / "a.png", key="k1")
+    path = layouts.save_png(ids, tmp_path / "a.png", "boxes", key="k1")
     with Image.open(path) as im:
         assert im.mode == "P" and im.size == (64, 40)
         assert np.array_equal(np.asarray(im), ids)  # the index is the id
-        assert im.info[bl.MARKER_KEY] == "boxes" and im.info[bl.SOURCE_KEY] == "k1"
-        assert np.array_equal(
-            np.asarray(im.convert("RGB")), bl.layout_to_palette_rgb(ids)
-        )  # viewers see colours
-    assert bl.file_layout(path) == "boxes" and bl.file_layout(path.read_bytes()) == "boxes"
+        assert im.info[layouts.MARKER_KEY] == "boxes" and im.info[layouts.SOURCE_KEY] == "k1"
+        assert np.array_equal(np.asarray(im.convert("RGB")), bl.BOX_PALETTE[ids])  # viewers see colours
+    assert layouts.of_file(path).name == "boxes" and layouts.of_file(path.read_bytes()).name == "boxes"
     mask = sorted((mini_bdd / "labels/sem_seg/masks/val").glob("*.png"))[0]
-    assert bl.file_layout(mask) == "seg"
+    assert layouts.of_file(mask).name == "seg"
     assert not list(tmp_path.glob("*.tmp*"))
-    preview = bl.layout_to_preview(ids)
+    preview = layouts.get("boxes").preview(ids)
     assert preview.mode == "RGB" and preview.getpixel((15, 20)) == bl.CLASS_COLORS["car"]
     assert preview.getpixel((0, 0)) == (0, 0, 0) and preview.getpixel((10, 10)) == (255, 255, 255)
     with pytest.raises(Exception, match=r"values \[40\] outside the layout ids"):
-        bl.layout_png_bytes(np.full((4, 4), 40, np.uint8))
+        layouts.png_bytes(np.full((4, 4), 40, np.uint8), "boxes")
 
 
 def test_layout_key_follows_what_is_drawn():

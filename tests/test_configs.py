@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 from config_registry import SCHEMAS
+from test_import_cycles import PACKAGES
 
 from core.cli import UserError
 from core.config import Section, load_config
@@ -218,7 +219,7 @@ def test_env_file_is_read_by_the_python_stages_and_the_launchers_and_the_environ
     import sys
 
     work = tmp_path / "repo"
-    for name in ("ai", "convert", "annotation", "config"):
+    for name in (*PACKAGES, "config"):
         shutil.copytree(REPO / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
     (work / ".env").write_text(
         "# comment\nexport MODEL_DIR=/nonexistent/from-dotenv\nVAE_DIR=\nQUOTED='a b'\n", encoding="utf-8"

@@ -13,7 +13,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from ai.controlnet import conditioning as cond
 from core.cli import UserError
-from vocab import bdd
+from vocab import bdd, layouts
 
 ROAD, CAR, IGNORE = bdd.SEG_ID["road"], bdd.SEG_ID["car"], bdd.SEG_IGNORE_ID
 
@@ -37,7 +37,7 @@ def test_channels_and_kinds():
     assert cond.kind_for_channels(3) == "palette" and cond.kind_for_channels(19) == "one_hot"
     with pytest.raises(UserError, match="unknown conditioning kind 'rgb'; use one of palette, one_hot"):
         cond.channels_for("rgb")
-    with pytest.raises(UserError, match="cn has conditioning_channels=4; BDD100K label maps give 3"):
+    with pytest.raises(UserError, match="cn has conditioning_channels=4; segmentation masks give 3"):
         cond.kind_for_channels(4, "cn")
 
 
@@ -234,11 +234,10 @@ def test_box_layout_tensors_palette_one_hot_and_blank():
 
 def test_a_box_layout_is_never_read_as_a_mask_nor_a_mask_as_a_box_layout(mini_bdd: Path, tmp_path: Path):
     """The ids overlap (2: car / building): only the PNG marker tells them apart, and the other layout is refused."""
-    from vocab import box_layout
 
     ids = box_ids()
     bdd.check_label_ids(ids)  # numerically a valid segmentation mask: values alone cannot tell
-    layout = box_layout.save_layout(ids, tmp_path / "layout.png")
+    layout = layouts.save_png(ids, tmp_path / "layout.png", "boxes")
     assert np.array_equal(np.asarray(cond.read_ids(layout, layout="boxes")), ids)
     assert np.array_equal(np.asarray(cond.read_ids(layout.read_bytes(), layout="boxes")), ids)
     with pytest.raises(UserError) as err:
@@ -251,7 +250,7 @@ def test_a_box_layout_is_never_read_as_a_mask_nor_a_mask_as_a_box_layout(mini_bd
     unmarked = save(tmp_path / "unmarked.png", Image.fromarray(ids))  # the same ids without the marker
     with pytest.raises(UserError, match="but box layouts were expected"):
         cond.read_ids(unmarked, layout="boxes")
-    assert cond.file_layout(layout) == "boxes" and cond.file_layout(mask) == "seg"
+    assert layouts.of_file(layout).name == "boxes" and layouts.of_file(mask).name == "seg"
 
     arr = ids.copy()
     arr[0, 0] = 12  # marked, but not a layout id

@@ -633,7 +633,7 @@ def box_controlnets(model, tmp_path_factory) -> dict[str, Path]:
 def box_layouts(mini_bdd, tmp_path_factory) -> Path:
     """Box layouts of two val frames (rendered from det_val at their images' size) and captions:
     <root>/masks/*.png, <root>/captions/*.txt."""
-    from vocab import bdd, box_layout
+    from vocab import bdd, box_layout, layouts
 
     root = tmp_path_factory.mktemp("box_layouts")
     (root / "masks").mkdir()
@@ -642,8 +642,10 @@ def box_layouts(mini_bdd, tmp_path_factory) -> Path:
     for frame, caption in zip(frames[:2], CAPTIONS, strict=True):
         with Image.open(mini_bdd / "images/100k/val" / frame.name) as im:
             size = im.size
-        box_layout.save_layout(
-            box_layout.render_box_layout(frame.label_list(), size), root / "masks" / f"{frame.stem}.png"
+        layouts.save_png(
+            box_layout.render_box_layout(frame.label_list(), size),
+            root / "masks" / f"{frame.stem}.png",
+            "boxes",
         )
         (root / "captions" / f"{frame.stem}.txt").write_text(caption + "\n", encoding="utf-8")
     return root
@@ -655,7 +657,7 @@ def test_generates_from_box_layouts_with_stage4_metadata(
     """The layout reaches the ControlNet as the 11-channel one-hot of the resized ids; sheets show the box preview;
     each record says the layout and the source frame, so stage 4 checks the image against the frame's boxes."""
     from annotation.layout import LayoutSources, read_metadata
-    from vocab import bdd, box_layout
+    from vocab import bdd, layouts
 
     seen: list[torch.Tensor] = []
     load_controlnet = infer_controlnet_sdxl.load_controlnet
@@ -688,7 +690,7 @@ def test_generates_from_box_layouts_with_stage4_metadata(
         expected = cond.ids_to_tensor(ids, "one_hot", "boxes")
         assert cond_seen.shape == (2, 11, 96, 160) and torch.equal(cond_seen[0], expected)
         sheet = pixels(gen.parent / "side_by_side" / f"{name}_00.png")
-        assert np.array_equal(sheet[:, :160], np.asarray(box_layout.layout_to_preview(np.asarray(ids))))
+        assert np.array_equal(sheet[:, :160], np.asarray(layouts.get("boxes").preview(np.asarray(ids))))
     # stage 4 reads the records and finds each source frame's boxes, scaled to the generated image
     refs = read_metadata(gen / "metadata.jsonl")
     boxes, why = LayoutSources().source_boxes(refs[f"{names[0]}_00.png"], (160, 96), set(range(10)))
@@ -717,7 +719,7 @@ def test_a_box_controlnet_refuses_masks_and_a_mask_controlnet_refuses_box_layout
         f"ControlNet {boxes_cn} was trained on box layouts (its config.json says _bdd_conditioning.layout=boxes), "
         f"but 2 of 2 file(s) in paths.masks_path {masks / 'masks'} are not box layouts (no bdd_layout=boxes marker)"
     ) in err
-    assert "--conditions boxes" in err
+    assert "--layout boxes" in err
     code, err = run_cli(capsys, *base_args(model, seg_cn, box_layouts, out))
     assert code == 2
     assert (

@@ -539,9 +539,9 @@ def box_csv(mini_bdd, tmp_path_factory) -> Path:
             "a dashcam photo of a street\n", encoding="utf-8"
         )
     argv = [
-        "--conditions", "boxes", "--images_path", str(images), "--captions_path", str(root / "captions"),
+        "--layout", "boxes", "--images_path", str(images), "--captions_path", str(root / "captions"),
         "--labels_file", str(mini_bdd / "labels/det_20/det_train.json"), "--output_folder", str(root / "csv"),
-        "--type", "train",
+        "--split", "train",
     ]  # fmt: skip
     assert run_main(controlnet_bdd_to_huggingface_csv.main, argv) == 0
     return root / "csv" / "bdd_hf_dataset_controlnet_boxes_train.csv"
@@ -658,7 +658,7 @@ def test_layout_mismatches_are_refused_before_training(tiny_sdxl, box_csv, contr
         "conditioning image(s) are segmentation masks (by their PNG marker), but controlnet.layout=boxes"
         in message
     )
-    assert "--conditions boxes writes bdd_hf_dataset_controlnet_boxes_<type>.csv" in message
+    assert "--layout boxes writes bdd_hf_dataset_controlnet_boxes_<split>.csv" in message
     message = check_config(boxes_cfg)
     assert "conditioning image(s) are box layouts (by their PNG marker), but controlnet.layout=seg" in message
     assert "set controlnet.layout=boxes" in message

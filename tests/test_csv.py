@@ -88,7 +88,7 @@ def controlnet_args(f: dict[str, Path], *extra: str) -> list[str]:
         str(f["masks"]),
         "--output_folder",
         str(f["out"]),
-        "--type",
+        "--split",
         "train",
         *extra,
     ]
@@ -477,7 +477,7 @@ def test_different_content_is_refused_unless_overwrite(folders, capsys):
             "convert.controlnet_bdd_to_huggingface_csv",
             "--conditions_path",
             "x",
-            "--type",
+            "--split",
             "t",
         ],
     ],
@@ -485,7 +485,7 @@ def test_different_content_is_refused_unless_overwrite(folders, capsys):
 def test_scripts_run_from_the_command_line(folders, repo_root, command):
     missing = str(folders["images"].parent / "missing")
     argv = ["--images_path", missing, "--captions_path", missing, "--output_folder", str(folders["out"])]
-    if "--type" not in command:
+    if "--split" not in command:
         argv += ["--split", "train"]
     proc = subprocess.run(command + argv, cwd=repo_root, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
@@ -493,14 +493,14 @@ def test_scripts_run_from_the_command_line(folders, repo_root, command):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# --conditions boxes: box layouts rendered from the labels of every labeled frame
+# --layout boxes: box layouts rendered from the labels of every labeled frame
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def box_args(images: Path, captions: Path, labels: Path, out: Path, *extra: str) -> list[str]:
     return [
-        "--conditions", "boxes", "--images_path", str(images), "--captions_path", str(captions),
-        "--labels_file", str(labels), "--output_folder", str(out), "--type", "train", *extra,
+        "--layout", "boxes", "--images_path", str(images), "--captions_path", str(captions),
+        "--labels_file", str(labels), "--output_folder", str(out), "--split", "train", *extra,
     ]  # fmt: skip
 
 
@@ -642,22 +642,26 @@ def test_box_csv_matches_url_and_extensionless_frame_names_as_their_captions_are
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (("--conditions", "boxes"), "error: --conditions boxes needs --labels_file"),
+        (("--layout", "boxes"), "error: --layout boxes needs --labels_file"),
+        (("--conditions", "boxes"), "error: --layout boxes needs --labels_file"),  # the old spelling
         (
-            ("--conditions", "boxes", "--labels_file", "L", "--conditions_path", "M"),
+            ("--layout", "boxes", "--labels_file", "L", "--conditions_path", "M"),
             "error: --conditions_path: for",
         ),
         (
-            ("--conditions", "boxes", "--labels_file", "L", "--palette_rgb"),
-            "error: --palette_rgb: for --conditions",
+            ("--layout", "boxes", "--labels_file", "L", "--palette_rgb"),
+            "error: --palette_rgb: for layouts read from files",
         ),
         ((), "error: --conditions_path is required (the masks folder)"),
-        (("--conditions_path", "M", "--labels_file", "L"), "error: --labels_file is for --conditions boxes"),
+        (
+            ("--conditions_path", "M", "--labels_file", "L"),
+            "error: --labels_file is for layouts drawn from labels (--layout boxes)",
+        ),
     ],
 )
 def test_box_csv_flags_are_checked(folders, capsys, extra, message):
     argv = ["--images_path", str(folders["images"]), "--captions_path", str(folders["captions"]),
-            "--output_folder", str(folders["out"]), "--type", "train", *extra]  # fmt: skip
+            "--output_folder", str(folders["out"]), "--split", "train", *extra]  # fmt: skip
     assert run_error(controlnet_csv.main, argv, capsys).startswith(message)
 
 
@@ -666,3 +670,30 @@ def test_box_csv_missing_labels_file_is_named(folders, capsys):
     argv = box_args(folders["images"], folders["captions"], missing, folders["out"])
     assert run_error(controlnet_csv.main, argv, capsys) == f"error: labels file not found: {missing}"
     assert not folders["out"].exists()
+
+
+def test_old_flag_spellings_still_work_and_say_the_new_ones(folders, box_inputs, capsys):
+    """--type and --conditions masks|boxes (the flags before --split and --layout, as the users' manual and older
+    scripts spell them) give the same CSVs, with one warning each that names the new flag; disagreeing spellings
+    are refused."""
+    new = controlnet_args(folders)
+    assert run_main(controlnet_csv.main, new) == 0
+    expected = (folders["out"] / "bdd_hf_dataset_controlnet_train.csv").read_bytes()
+    capsys.readouterr()
+    old = [*new[:-2], "--type", "train", "--conditions", "masks"]
+    assert run_main(controlnet_csv.main, old) == 0
+    err = capsys.readouterr().err
+    assert "warning: --type train is deprecated; use --split train" in err
+    assert "warning: --conditions masks is deprecated; use --layout seg" in err
+    assert (folders["out"] / "bdd_hf_dataset_controlnet_train.csv").read_bytes() == expected
+
+    f = box_inputs
+    args = box_args(f["images"], f["captions"], f["labels"], f["out"])
+    old_boxes = ["--conditions" if a == "--layout" else a for a in args]
+    assert run_main(controlnet_csv.main, old_boxes) == 0
+    assert "warning: --conditions boxes is deprecated; use --layout boxes" in capsys.readouterr().err
+    assert len(read_rows(f["out"] / "bdd_hf_dataset_controlnet_boxes_train.csv")) > 0
+
+    assert run_error(controlnet_csv.main, [*new, "--type", "val"], capsys) == (
+        "error: --split train and --type val (its old spelling) disagree; pass --split only"
+    )

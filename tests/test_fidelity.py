@@ -236,7 +236,8 @@ def test_bad_inputs_are_one_clear_line(mini_bdd, detector, tmp_path, capsys):
 def test_box_layouts_are_left_out_of_the_mask_miou(mini_bdd, detector, tmp_path, capsys):
     """A box-layout ControlNet records its layout PNG as mask_path; its ids (detection classes, outlines) pass as
     trainIds by value, so without its marker they would be scored as a Cityscapes mask."""
-    from vocab.box_layout import render_box_layout, save_layout
+    from vocab import layouts
+    from vocab.box_layout import render_box_layout
 
     masks = mini_bdd / "labels" / "sem_seg" / "masks" / "train"
     frames = [f for f in train_frames(mini_bdd) if (masks / f"{f.stem}.png").is_file()][:2]
@@ -248,7 +249,7 @@ def test_box_layouts_are_left_out_of_the_mask_miou(mini_bdd, detector, tmp_path,
     def with_box_layouts(n: int) -> None:
         for i, (record, frame) in enumerate(zip(records[:n], frames, strict=False)):
             layout = render_box_layout(frame.label_list(), tuple(record["source_size"]))
-            record["mask_path"] = str(save_layout(layout, tmp_path / f"layout{i}.png"))
+            record["mask_path"] = str(layouts.save_png(layout, tmp_path / f"layout{i}.png", "boxes"))
         (gen / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
     with_box_layouts(1)

@@ -23,7 +23,7 @@ from ai.controlnet import conditioning as cond
 from ai.controlnet import infer_controlnet_sdxl
 from convert import plan_generation as pg
 from core.cli import run_main
-from vocab import bdd, box_layout
+from vocab import bdd, box_layout, layouts
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "config" / "demo" / "controlnet_infer.yaml"
@@ -155,7 +155,7 @@ def test_plan_scenes_become_images_whose_records_carry_the_planned_labels(planne
         assert seen[2 * k].shape == (2, 11, 64, 64) and torch.equal(seen[2 * k][0], expected)
         sheet = pixels(out / "side_by_side" / files[k])
         assert np.array_equal(
-            sheet[:, :64], np.asarray(box_layout.layout_to_preview(np.asarray(expected_ids(row))))
+            sheet[:, :64], np.asarray(layouts.get("boxes").preview(np.asarray(expected_ids(row))))
         )
 
     # stage 4 takes the inline labels as the source layout, scaled from source_size to the image

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 from sdxl_fixtures import tiny_sdxl  # noqa: F401
+from test_import_cycles import PACKAGES
 from yolo_fixture import cached_detector
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,7 +81,7 @@ def walk_script(commands: list[str], env_edits: dict[str, str]) -> str:
 
 def copy_repo(dest: Path) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("ai", "annotation", "convert", "config"):
+    for name in (*PACKAGES, "config"):
         shutil.copytree(REPO / name, dest / name, ignore=ignore)
     for name in ("README.md", ".env.example", "pyproject.toml"):
         shutil.copy2(REPO / name, dest / name)

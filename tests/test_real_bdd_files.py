@@ -503,7 +503,7 @@ def test_shared_reader_and_csv_writer_read_p_masks_as_indices(tmp_path):
     out = tmp_path / "csv"
     argv = ["--images_path", str(images), "--captions_path", str(captions), "--conditions_path", str(masks)]
     assert (
-        run_main(controlnet_csv.main, [*argv, "--output_folder", str(out), "--type", "t", "--palette_rgb"])
+        run_main(controlnet_csv.main, [*argv, "--output_folder", str(out), "--split", "t", "--palette_rgb"])
         == 0
     )
     for name in PALETTES:

@@ -64,7 +64,7 @@ def stage1(tmp_path_factory) -> Path:
     controlnet_bdd_to_huggingface_csv.main(
         ["--images_path", str(bdd_dir / "images/10k/train"), "--captions_path", str(root / "captions/train"),
          "--conditions_path", str(bdd_dir / "labels/sem_seg/masks/train"), "--output_folder", str(root / "csv"),
-         "--type", "train"]
+         "--split", "train"]
     )  # fmt: skip
     return root
 

@@ -33,7 +33,7 @@ def test_stage1_captions_then_both_csvs_load_in_datasets(mini_bdd: Path, tmp_pat
     argv = ["--images_path", str(images_100k), "--captions_path", str(captions), "--output_folder", str(out)]
     assert run_main(lora_csv.main, [*argv, "--split", "train"]) == 0
     argv = ["--images_path", str(images_10k), "--captions_path", str(captions), "--output_folder", str(out)]
-    argv += ["--conditions_path", str(masks), "--type", "train", "--relative_paths"]
+    argv += ["--conditions_path", str(masks), "--split", "train", "--relative_paths"]
     assert run_main(controlnet_csv.main, argv) == 0
 
     # LoRA: one row per 100K train image that has a caption, absolute paths, captions equal to the files.

@@ -25,25 +25,22 @@ Drawing rules (:func:`render_box_layout`):
   own edges, not where the image edge cut it, and never takes a box's last interior pixels: a box under
   ``2 * width + 1`` px gets a thinner outline, and boxes under 3 px none, so every box keeps its class.
 
-Files (:func:`save_layout`, :func:`layout_png_bytes`): mode ``P`` PNGs whose palette *index* is the id (viewers
-show :data:`BOX_PALETTE`'s colours) with a ``bdd_layout=boxes`` text chunk. The ids overlap the segmentation
-trainIds numerically; the marker (read from the header by :func:`file_layout`) is what tells a box layout from a
-mask, and the ControlNet code refuses a file of the other kind.
+Files: vocab/layouts.py writes them (``layouts.save_png(ids, path, "boxes", key)``): mode ``P`` PNGs whose palette
+*index* is the id (viewers show :data:`BOX_PALETTE`'s colours), marked ``bdd_layout=boxes``. The ids overlap the
+segmentation trainIds numerically; the marker is what tells a box layout from a mask, and the ControlNet code refuses
+a file of the other kind. :func:`prepare` is this layout's renderer in vocab/layouts.py's table.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, PngImagePlugin
 
 from core.cli import UserError
 from vocab import bdd
@@ -80,10 +77,8 @@ def _palette_lut() -> np.ndarray:
 #: id -> RGB, 256 entries (unused ids black).
 BOX_PALETTE: np.ndarray = _palette_lut()
 
-#: PNG text chunk that marks a box layout file (and its renderer version and input key).
-MARKER_KEY, MARKER_VALUE = "bdd_layout", "boxes"
-VERSION_KEY, RENDER_VERSION = "bdd_layout_version", "1"
-SOURCE_KEY = "bdd_layout_key"
+#: The drawing rules' version, written into each file: a new version redraws every layout.
+RENDER_VERSION = "1"
 
 #: Short image side per pixel of outline width (2 px at 720).
 _PX_PER_LINE = 360
@@ -237,19 +232,6 @@ def check_layout_ids(arr: np.ndarray, source: str | os.PathLike = "<array>") -> 
         )
 
 
-def layout_to_palette_rgb(ids) -> np.ndarray:
-    """HxW layout ids -> HxWx3 uint8 colours (:data:`BOX_PALETTE`)."""
-    return BOX_PALETTE[np.asarray(ids, dtype=np.uint8)]
-
-
-def layout_to_preview(ids) -> Image.Image:
-    """An RGB rendering of layout ids for people (sheets): class colours, white outlines, black background."""
-    arr = np.asarray(ids)
-    if arr.ndim != 2:
-        raise ValueError(f"layout ids must be HxW, got shape {arr.shape}")
-    return Image.fromarray(layout_to_palette_rgb(arr))
-
-
 def layout_key(labels: Iterable[Any], size: tuple[int, int], line_width: int | None = None) -> str:
     """A short hash of everything the rendering depends on (renderer version, size, outline, drawable boxes):
     equal keys give equal layouts, so a rerun can keep a file whose key matches without decoding it."""
@@ -265,37 +247,28 @@ def boxes_key(boxes: Sequence[LayoutBox], size: tuple[int, int], line_width: int
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def layout_png_bytes(ids: np.ndarray, key: str | None = None, compress_level: int = 3) -> bytes:
-    """A mode P PNG of layout ids (index = id, :data:`BOX_PALETTE` colours) marked ``bdd_layout=boxes``."""
-    arr = np.ascontiguousarray(ids, dtype=np.uint8)
-    check_layout_ids(arr)
-    image = Image.frombytes("P", (arr.shape[1], arr.shape[0]), arr.tobytes())
-    image.putpalette(BOX_PALETTE.tobytes())
-    info = PngImagePlugin.PngInfo()
-    info.add_text(MARKER_KEY, MARKER_VALUE)
-    info.add_text(VERSION_KEY, RENDER_VERSION)
-    if key is not None:
-        info.add_text(SOURCE_KEY, key)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=info, compress_level=compress_level)
-    return buf.getvalue()
+@dataclass(frozen=True)
+class BoxDrawing:
+    """One frame's box layout, prepared: the key and counts without drawing; :meth:`ids` draws it."""
+
+    boxes: tuple[LayoutBox, ...]
+    size: tuple[int, int]
+    key: str
+    drawn: int  # boxes on the layout
+    left_out: int  # boxes of the 10 classes wholly outside the frame, or invalid
+
+    def ids(self) -> np.ndarray:
+        return draw_layout(self.boxes, self.size)
 
 
-def save_layout(ids: np.ndarray, path: str | os.PathLike, key: str | None = None) -> Path:
-    """Write a layout PNG atomically (see :func:`layout_png_bytes`)."""
-    from core.io import atomic_write_bytes
-
-    path = Path(path)
-    atomic_write_bytes(path, layout_png_bytes(ids, key))
-    return path
-
-
-def header_info(src: str | os.PathLike | bytes) -> dict[str, Any]:
-    """The PNG's text chunks before its pixels (no decoding): where the layout marker is."""
-    with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
-        return dict(im.info)
-
-
-def file_layout(src: str | os.PathLike | bytes) -> str:
-    """``"boxes"`` for a file marked as a box layout, ``"seg"`` for anything else (header only)."""
-    return "boxes" if header_info(src).get(MARKER_KEY) == MARKER_VALUE else "seg"
+def prepare(labels: Sequence[Any], size: tuple[int, int]) -> BoxDrawing:
+    """The renderer of vocab/layouts.py's ``boxes`` layout: ``labels`` (as :func:`render_box_layout` takes them)
+    at ``size``, with the key of everything the drawing depends on and the boxes drawn and left out."""
+    size = (int(size[0]), int(size[1]))
+    boxes = layout_boxes(labels, size)
+    candidates = 0
+    for label in labels:
+        category, box = _parts(label)
+        cat = bdd.canonical_category(category)
+        candidates += box is not None and cat.det_class is not None and not cat.ignored
+    return BoxDrawing(tuple(boxes), size, boxes_key(boxes, size), len(boxes), candidates - len(boxes))

@@ -7,10 +7,11 @@ scripts call these before any weights are loaded.
 * :func:`read_model_config`: a diffusers model's config.json, from a local folder or a hub id.
 * :func:`check_controlnet_fits`: a ControlNet that cannot steer this UNet is refused with the differing keys.
 * :func:`conditioning_record` / :func:`recorded_layout`: which label maps a trained ControlNet takes. Training
-  writes ``"_bdd_conditioning": {"layout": "seg" | "boxes", "encoding": "palette" | "one_hot", ...}`` into its
-  config.json: diffusers ignores keys starting with ``_`` when it builds the model, keeps them on the loaded
-  model's config and writes them back on ``save_pretrained``, so the record travels with every copy of the
-  folder. ControlNets without it (made before box layouts existed, or elsewhere) take segmentation masks.
+  writes ``"_bdd_conditioning": {"layout": <a name of vocab/layouts.py's table>, "encoding": "palette" |
+  "one_hot", ...}`` into its config.json: diffusers ignores keys starting with ``_`` when it builds the model, keeps
+  them on the loaded model's config and writes them back on ``save_pretrained``, so the record travels with every
+  copy of the folder. ControlNets without it (made before box layouts existed, or elsewhere) take segmentation
+  masks (``layouts.UNMARKED``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from core.cli import UserError
+from vocab import layouts
 
 #: UNet config keys a ControlNet copies from its UNet (``ControlNetModel.from_unet``): all must agree.
 ARCHITECTURE_KEYS = (
@@ -119,44 +121,36 @@ def check_controlnet_fits(controlnet: dict, unet: dict, controlnet_name: str, ba
 #: The config.json key (a private one: diffusers loads such keys silently and saves them again) of the layout
 #: record.
 CONDITIONING_KEY = "_bdd_conditioning"
-LAYOUT_SOURCES = {"seg": "segmentation masks", "boxes": "box layouts"}
 
 
 def conditioning_record(layout: str, kind: str, channels: int) -> dict[str, Any]:
     """What a trained ControlNet says about its input (``CONDITIONING_KEY`` in its config.json)."""
-    record: dict[str, Any] = {"layout": layout, "encoding": kind, "channels": channels}
-    if layout == "boxes":
-        from vocab import box_layout
-
-        record["classes"] = list(box_layout.BOX_CLASSES)
-        record["ids"] = {"boundary": box_layout.BOUNDARY_ID, "background": box_layout.BACKGROUND_ID}
-        record["render_version"] = box_layout.RENDER_VERSION
-    return record
+    return {"layout": layout, "encoding": kind, "channels": channels, **layouts.get(layout).record}
 
 
 def recorded_layout(controlnet: dict, controlnet_name: str) -> str:
-    """``seg`` or ``boxes``: the layout a ControlNet config records (none recorded: ``seg``)."""
+    """The layout a ControlNet config records (none recorded: ``layouts.UNMARKED``, segmentation masks)."""
     record = controlnet.get(CONDITIONING_KEY)
     if record is None:
-        return "seg"
+        return layouts.UNMARKED
     layout = record.get("layout") if isinstance(record, dict) else None
-    if layout not in LAYOUT_SOURCES:
+    if layout not in layouts.LAYOUTS:
         raise UserError(
             f"{controlnet_name}: config.json has {CONDITIONING_KEY}={record!r}; its layout must be one of "
-            f"{', '.join(LAYOUT_SOURCES)} (written by ai/controlnet/train_controlnet_sdxl.py)"
+            f"{', '.join(layouts.NAMES)} (written by ai/controlnet/train_controlnet_sdxl.py)"
         )
     return layout
 
 
 def layout_of(controlnet: dict, controlnet_name: str) -> str:
     """:func:`recorded_layout`, phrased for messages: "box layouts (recorded in its config.json)"."""
-    layout = recorded_layout(controlnet, controlnet_name)
+    spec = layouts.get(recorded_layout(controlnet, controlnet_name))
     how = (
-        f"its config.json says {CONDITIONING_KEY}.layout={layout}"
+        f"its config.json says {CONDITIONING_KEY}.layout={spec.name}"
         if CONDITIONING_KEY in controlnet
-        else ("no layout recorded in its config.json: a ControlNet trained on masks")
+        else f"no layout recorded in its config.json: a ControlNet trained on {spec.short}"
     )
-    return f"{LAYOUT_SOURCES[layout]} ({how})"
+    return f"{spec.what} ({how})"
 
 
 def check_init_layout(controlnet: dict, init_from: str, layout: str) -> None:
@@ -166,6 +160,6 @@ def check_init_layout(controlnet: dict, init_from: str, layout: str) -> None:
     if recorded != layout:
         raise UserError(
             f"controlnet.init_from {init_from} was trained on {layout_of(controlnet, init_from)}, but "
-            f"controlnet.layout={layout} trains on {LAYOUT_SOURCES[layout]}: set controlnet.layout={recorded} (with "
-            "a CSV of that layout), or start a fresh ControlNet (controlnet.init_from=null)"
+            f"controlnet.layout={layout} trains on {layouts.get(layout).what}: set controlnet.layout={recorded} "
+            "(with a CSV of that layout), or start a fresh ControlNet (controlnet.init_from=null)"
         )

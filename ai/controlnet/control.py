@@ -33,6 +33,7 @@ from ai.controlnet.architecture import (
     resolve_controlnet,
 )
 from core.cli import UserError
+from vocab import layouts
 
 #: The parts of a UNet that ``ControlNetModel.from_unet`` copies, under the same names in both models.
 UNET_PARTS = (
@@ -53,7 +54,7 @@ def build_controlnet(
     conditioning_embedding_out_channels: tuple[int, ...] | None = None,
     embedding_init: str = "kaiming",
     unet_weights: Sequence[Path] | None = None,
-    layout: str = "seg",
+    layout: str = layouts.UNMARKED,
 ):
     """A ControlNet for ``unet`` taking ``kind`` conditions of ``layout`` (fresh from the UNet, or loaded from
     ``init_from``, which must have been trained on the same layout). Its config records the layout and encoding
@@ -188,7 +189,7 @@ class RowCondition:
     """(row, crop plan) -> condition tensor: the row's mask or box layout read as ids (refused when of the other
     layout), cropped like its image, nearest-neighbour."""
 
-    def __init__(self, kind: str, layout: str = "seg"):
+    def __init__(self, kind: str, layout: str = layouts.UNMARKED):
         conditioning.channels_for(kind, layout)  # validates the kind and the layout
         self.kind, self.layout = kind, layout
 
@@ -207,9 +208,9 @@ class RowCondition:
         return conditioning.ids_to_tensor(self.ids(row, plan), self.kind, self.layout)
 
 
-def check_mask_sizes(rows, limit: int = 10, layout: str = "seg") -> None:
-    """Every row's condition file must have its image's size and be of ``layout`` (box layouts are marked in
-    their PNG header; everything else reads as a mask): read from the headers, fast; lists the mismatches."""
+def check_mask_sizes(rows, limit: int = 10, layout: str = layouts.UNMARKED) -> None:
+    """Every row's condition file must have its image's size and be of ``layout`` (marked in its PNG header;
+    unmarked files are masks): read from the headers, fast; lists the mismatches."""
     from PIL import Image
 
     bad, other = [], []
@@ -218,7 +219,7 @@ def check_mask_sizes(rows, limit: int = 10, layout: str = "seg") -> None:
             continue
         try:
             with Image.open(row.conditioning) as im:
-                size, found = im.size, conditioning.image_layout(im)
+                size, found = im.size, layouts.of_image(im).name
         except FileNotFoundError:
             bad.append(f"{row.conditioning}: not found (mask of {row.name or row.image})")
             continue
@@ -226,7 +227,7 @@ def check_mask_sizes(rows, limit: int = 10, layout: str = "seg") -> None:
             bad.append(f"{row.conditioning}: unreadable ({exc})")
             continue
         if found != layout:
-            other.append(str(row.conditioning))
+            other.append((str(row.conditioning), found))
         if tuple(size) != tuple(row.size):
             bad.append(
                 f"mask {row.conditioning} is {size[0]}x{size[1]} but its image {row.name or row.image} is "

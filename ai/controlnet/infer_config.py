@@ -12,6 +12,7 @@ from pydantic import Field, field_validator
 
 from ai.common.generation_config import GenerationConfig, GenerationPaths, check_multiple_of_8
 from core.config import Section
+from vocab import layouts
 
 #: Keys of the shared prompt list that do not apply here (each mask gets its own caption).
 UNUSED_PROMPT_KEYS = ("prompts", "prompts_file", "captions_csv")
@@ -64,8 +65,8 @@ class ControlNetResolution(Section):
 class ControlNetInferConfig(GenerationConfig):
     paths: ControlNetInferPaths = ControlNetInferPaths()
     resolution: ControlNetResolution = ControlNetResolution()
-    conditioning: Literal["auto", "palette", "one_hot"] = "auto"
-    layout: Literal["auto", "seg", "boxes"] = "auto"  # auto: what the ControlNet's config.json records
+    conditioning: Literal[("auto", *layouts.ENCODINGS)] = "auto"
+    layout: Literal[("auto", *layouts.NAMES)] = "auto"  # auto: what the ControlNet's config.json records
     controlnet_conditioning_scale: float = Field(1.0, ge=0)
     control_guidance_start: float = Field(0.0, ge=0, le=1)
     control_guidance_end: float = Field(1.0, ge=0, le=1)

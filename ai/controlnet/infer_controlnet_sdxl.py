@@ -56,7 +56,6 @@ from ai.common.pipelines import (
     setup_device,
 )
 from ai.controlnet.architecture import (
-    LAYOUT_SOURCES,
     check_controlnet_fits,
     layout_of,
     read_model_config,
@@ -80,6 +79,7 @@ from ai.controlnet.masks import (
 from ai.controlnet.plans import check_plan_controlnet, plan_entries, plan_layout
 from core.cli import UserError, run_main
 from core.config import load_config, save_resolved_config
+from vocab import layouts
 
 DEFAULT_CONFIG = "config/controlnet_infer.yaml"
 SIDE_BY_SIDE_DIR = "side_by_side"
@@ -110,17 +110,19 @@ def parse_args(argv: Sequence[str] | None):
 
 
 def controlnet_layout(cfg_layout: str, controlnet: dict, controlnet_name: str) -> str:
-    """seg or boxes, as the ControlNet's config.json records it (none: seg); an explicit setting must agree."""
+    """The layout the ControlNet's config.json records (none: masks); an explicit setting must agree."""
     layout = recorded_layout(controlnet, controlnet_name)
     if cfg_layout not in ("auto", layout):
         raise UserError(
-            f"layout={cfg_layout} needs a ControlNet trained on {LAYOUT_SOURCES[cfg_layout]}, but {controlnet_name} "
+            f"layout={cfg_layout} needs a ControlNet trained on {layouts.get(cfg_layout).what}, but {controlnet_name} "
             f"was trained on {layout_of(controlnet, controlnet_name)}; set layout={layout} or layout=auto"
         )
     return layout
 
 
-def conditioning_kind(cfg_kind: str, controlnet: dict, controlnet_name: str, layout: str = "seg") -> str:
+def conditioning_kind(
+    cfg_kind: str, controlnet: dict, controlnet_name: str, layout: str = layouts.UNMARKED
+) -> str:
     """palette or one_hot, from the ControlNet's ``conditioning_channels``; an explicit setting must agree."""
     channels = int(controlnet.get("conditioning_channels", 3))
     kind = kind_for_channels(channels, controlnet_name, layout)
@@ -194,7 +196,7 @@ class Inputs:
     controlnet_config: dict[str, Any]
     kind: str
     lora_file: Path | None
-    layout: str = "seg"  # seg or boxes: what the ControlNet was trained on and the masks folder holds
+    layout: str = layouts.UNMARKED  # what the ControlNet was trained on and the masks folder holds
     masks: list = field(default_factory=list)  # the folder's masks (ai/controlnet/masks.Mask)
 
 
@@ -219,7 +221,7 @@ def check_inputs(cfg: ControlNetInferConfig) -> Inputs:
         )
     lora_file = resolve_lora_file(cfg.paths.lora_weights_path)
     kind = "palette" if cfg.conditioning == "auto" else cfg.conditioning
-    layout = "seg" if cfg.layout == "auto" else cfg.layout
+    layout = layouts.UNMARKED if cfg.layout == "auto" else cfg.layout
     inputs = Inputs([], [], controlnet, controlnet_config, kind, lora_file, layout)
     if not cfg.paths.plan:
         inputs.masks = list_masks(cfg.paths.masks_path)
@@ -284,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"{args.config}: ok ({len(inputs.entries)} {'planned scene(s)' if cfg.paths.plan else 'mask(s)'} x "
             f"{cfg.images_per_prompt} image(s), ControlNet "
-            f"{inputs.controlnet} ({LAYOUT_SOURCES[inputs.layout]} as {inputs.kind} input), resolution "
+            f"{inputs.controlnet} ({layouts.get(inputs.layout).what} as {inputs.kind} input), resolution "
             f"{geometry.description}, "
             f"LoRA {inputs.lora_file or 'none'})"
         )
@@ -358,8 +360,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     def load_inputs(item):
-        if cfg.paths.plan:  # the planned boxes, drawn as a box layout at the plan's size
-            return plan_layout(item.source)
+        if cfg.paths.plan:  # the planned labels, drawn as the ControlNet's layout at the plan's size
+            return plan_layout(item.source, inputs.layout)
         return read_ids(item.source["mask_path"], layout=inputs.layout)
 
     def generate(batch, masks):

@@ -1,6 +1,6 @@
 """Masks in and out of ControlNet inference: the mask folder, each mask's caption, and mask | image sheets.
 
-"Masks" here are the condition images of either layout: segmentation masks or box layouts (vocab/box_layout.py).
+"Masks" here are the condition images of any layout (vocab/layouts.py): segmentation masks or box layouts.
 
 * :func:`list_masks`: the folder's PNG masks with sizes and layouts (box layouts are marked) from their headers
   (no pixels read); unreadable files and unsupported modes are listed in one error before the model loads.
@@ -21,12 +21,12 @@ from pathlib import Path
 from PIL import Image
 
 from ai.common.generation import METADATA_FILE, PromptEntry, png_bytes, read_captions_csv, read_jsonl
-from ai.controlnet.conditioning import ids_to_preview, image_layout, read_ids, resize_ids, side_by_side
+from ai.controlnet.conditioning import ids_to_preview, read_ids, resize_ids, side_by_side
 from ai.controlnet.infer_config import ControlNetInferConfig
 from ai.controlnet.plans import plan_layout
 from core.cli import UserError
 from core.io import atomic_write_bytes
-from vocab import bdd
+from vocab import bdd, layouts
 
 #: Mask modes read as label ids (ai/controlnet/conditioning.read_ids); checked from headers before the model loads.
 MASK_MODES = ("L", "P", "I;16", "I", "RGB", "RGBA")
@@ -43,7 +43,7 @@ logger = logging.getLogger("bdd-sdxl.controlnet_infer")  # the script's logger: 
 class Mask:
     path: Path
     size: tuple[int, int]
-    layout: str = "seg"  # "boxes" for a marked box layout PNG
+    layout: str = layouts.UNMARKED  # what its PNG marker says (vocab/layouts.py)
 
     @property
     def name(self) -> str:
@@ -66,7 +66,7 @@ def list_masks(folder: str) -> list[Mask]:
     for path in paths:
         try:
             with Image.open(path) as im:
-                mode, size, layout = im.mode, im.size, image_layout(im)
+                mode, size, layout = im.mode, im.size, layouts.of_image(im).name
         except OSError as exc:
             bad.append(f"{path.name} ({exc})")
             continue
@@ -85,28 +85,26 @@ def list_masks(folder: str) -> list[Mask]:
 def check_mask_layouts(
     masks: Sequence[Mask], layout: str, controlnet_name: str, how: str, folder: str
 ) -> None:
-    """Refuse masks of the other layout than the ControlNet's (``how``: what it was trained on, in words): their
+    """Refuse masks of another layout than the ControlNet's (``how``: what it was trained on, in words): their
     ids overlap, so a box layout would steer a mask ControlNet as some other classes (and the other way round)."""
-    other = [m.path.name for m in masks if m.layout != layout]
+    other = [m for m in masks if m.layout != layout]
     if not other:
         return
-    found = (
-        "box layouts (marked bdd_layout=boxes)"
-        if layout == "seg"
-        else "not box layouts (no bdd_layout=boxes marker)"
+    spec = layouts.get(layout)
+    found = [layouts.get(name) for name in dict.fromkeys(m.layout for m in other)]
+    described = " and ".join(
+        f"{f.what} (marked {f.marker_text})"
+        if f.marker
+        else f"not {spec.what} (no {spec.marker_text} marker)"
+        for f in found
     )
-    hint = (
-        "point paths.masks_path at segmentation masks (labels/sem_seg/masks/<split>), or use a ControlNet trained on "
-        "box layouts"
-        if layout == "seg"
-        else "point paths.masks_path at box layouts (convert/controlnet_bdd_to_huggingface_csv.py --conditions boxes "
-        "writes them to <output_folder>/box_layouts/<type>/), or use a ControlNet trained on segmentation masks"
-    )
+    names = [m.path.name for m in other]
     raise UserError(
         f"ControlNet {controlnet_name} was trained on {how}, but {len(other)} of {len(masks)} file(s) in "
-        f"paths.masks_path {folder} are {found}: {', '.join(other[:5])}"
-        + (f" and {len(other) - 5} more" if len(other) > 5 else "")
-        + f"; {hint}"
+        f"paths.masks_path {folder} are {described}: {', '.join(names[:5])}"
+        + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        + f"; point paths.masks_path at {spec.what} ({spec.source}), or use a ControlNet trained on "
+        f"{found[0].what}"
     )
 
 
@@ -185,7 +183,7 @@ def read_captions(cfg: ControlNetInferConfig, masks: Sequence[Mask]) -> tuple[li
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def write_sheet(folder: Path, file: str, ids, image, layout: str = "seg") -> None:
+def write_sheet(folder: Path, file: str, ids, image, layout: str = layouts.UNMARKED) -> None:
     """``folder/file``: the mask's (or box layout's) palette preview | the generated image, written atomically."""
     atomic_write_bytes(folder / file, png_bytes(side_by_side(ids_to_preview(ids, layout), image)))
 
@@ -201,9 +199,9 @@ def fill_missing_sheets(out_dir: Path, sheets_dir: Path) -> int:
             continue
         if not record.get("mask_path") and not planned:
             continue
-        layout = record.get("layout", "seg")  # records before box layouts: masks
+        layout = record.get("layout", layouts.UNMARKED)  # records before box layouts: masks
         try:
-            ids = plan_layout(record) if planned else read_ids(record["mask_path"], layout=layout)
+            ids = plan_layout(record, layout) if planned else read_ids(record["mask_path"], layout=layout)
         except UserError as exc:
             logger.warning("no side-by-side sheet for %s: %s", record["file"], exc)
             continue

@@ -3,7 +3,7 @@
 A plan (``paths.plan``, a ``plan.jsonl``) holds one scene per line: an ``id``, a ``caption``, the layout ``size``
 and its ``labels`` in det_20 form. Each scene becomes one :class:`~ai.common.generation.PromptEntry` named by its
 id (images ``<id>_00.png``), prompted with its caption; its condition is its labels rendered as a box layout
-(vocab/box_layout.py) at the layout size and resized nearest-neighbour like a mask. Its metadata record carries
+(vocab/box_layout.py, the renderer of the ControlNet's layout) at the layout size and resized nearest-neighbour like a mask. Its metadata record carries
 what stage 4 needs: the planned ``labels`` (the source layout, inline), ``source_size`` (their pixel space), and
 the plan's ids and edits; ``source_frame``, ``source_labels`` and ``mask_path`` are null, since the layout is the
 plan's, not a real frame's (the real frame it was made from is ``plan_source_frame``).
@@ -23,7 +23,7 @@ from ai.common.generation import PromptEntry
 from ai.controlnet.architecture import layout_of
 from ai.controlnet.infer_config import ControlNetInferConfig
 from core.cli import UserError
-from vocab import box_layout
+from vocab import layouts
 
 PLAN_HINT = "write one with python convert/plan_generation.py --targets T.yaml --out plan/ (plan/plan.jsonl)"
 
@@ -110,14 +110,17 @@ def read_plan(path: str | Path) -> list[tuple[int, PlanRow]]:
 
 
 def check_plan_controlnet(plan: str, layout: str, controlnet: dict, controlnet_name: str) -> None:
-    """A plan's scenes are boxes: refuse a ControlNet trained on anything but box layouts."""
-    if layout != "boxes":
-        raise UserError(
-            f"paths.plan {plan} needs a ControlNet trained on box layouts (each planned scene's boxes are rendered "
-            f"as one), but {controlnet_name} was trained on {layout_of(controlnet, controlnet_name)}: train one "
-            "with controlnet.layout=boxes on a box-layout CSV (convert/controlnet_bdd_to_huggingface_csv.py "
-            "--conditions boxes), or generate from masks (paths.plan=null)"
-        )
+    """A plan's scenes are labels: refuse a ControlNet whose layout is not drawn from labels (masks are files)."""
+    if layouts.get(layout).renderer is not None:
+        return
+    drawn = [spec for spec in layouts.LAYOUTS.values() if spec.renderer is not None]
+    raise UserError(
+        f"paths.plan {plan} needs a ControlNet trained on {' or '.join(s.what for s in drawn)} (each planned "
+        f"scene's boxes are rendered as one), but {controlnet_name} was trained on "
+        f"{layout_of(controlnet, controlnet_name)}: train one with controlnet.layout={drawn[0].name} on a CSV of "
+        f"them (convert/controlnet_bdd_to_huggingface_csv.py --layout {drawn[0].name}), or generate from masks "
+        "(paths.plan=null)"
+    )
 
 
 def plan_entries(cfg: ControlNetInferConfig) -> list[PromptEntry]:
@@ -150,7 +153,8 @@ def plan_entries(cfg: ControlNetInferConfig) -> list[PromptEntry]:
     return entries[: cfg.max_prompts] if cfg.max_prompts is not None else entries
 
 
-def plan_layout(source: dict[str, Any]) -> Image.Image:
-    """A planned scene's box layout (mode ``L`` ids) at its layout size, from the labels in its record source."""
-    ids = box_layout.render_box_layout(source["labels"], tuple(source["source_size"]))
-    return Image.fromarray(ids)  # uint8 HxW: mode L
+def plan_layout(source: dict[str, Any], layout: str) -> Image.Image:
+    """A planned scene's layout (mode ``L`` ids) at its layout size, drawn from the labels in its record source by
+    the layout's renderer."""
+    drawing = layouts.get(layout).renderer.draw(source["labels"], tuple(source["source_size"]))
+    return Image.fromarray(drawing.ids())  # uint8 HxW: mode L

@@ -10,7 +10,7 @@ Usage::
 Data: the stage 1 ControlNet CSV (``image,conditioning_image,text``; ``convert/controlnet_bdd_to_huggingface_csv.py``)
 or a Hugging Face dataset with those columns. ``controlnet.layout`` says what the conditioning images are:
 ``seg``, segmentation masks (label ids (mode L), colormaps (mode P) or palette RGB renderings), or ``boxes``, box
-layouts rendered from det_20 boxes (``--conditions boxes``; vocab/box_layout.py), for every labeled frame of
+layouts rendered from det_20 boxes (``--layout boxes``; vocab/box_layout.py), for every labeled frame of
 the 100K set. Either gets exactly its image's bucket, crop and flip, resampled nearest-neighbour, so no pixel gets
 a class its map does not have. The ControlNet sees them as a palette (3 channels) or one-hot ids (19 channels for
 masks, 11 for box layouts), with the ignore/background id 255 black / all-zero. The saved ControlNet records its
@@ -49,6 +49,7 @@ from ai.common.train_config import (
 )
 from core.cli import UserError, run_main
 from core.config import Section
+from vocab import layouts
 
 logger = logging.getLogger("train_controlnet_sdxl")
 
@@ -62,10 +63,10 @@ class ControlNetDataConfig(DataConfig):
 
 
 class ControlNetConfig(Section):
-    # seg: segmentation masks; boxes: box layouts (vocab/box_layout.py)
-    layout: Literal["seg", "boxes"] = "seg"
+    # a name of vocab/layouts.py's table: seg (segmentation masks), boxes (box layouts)
+    layout: layouts.LayoutName = layouts.UNMARKED
     # palette: 3 channels (a colour per id); one_hot: one per id (19 for masks, 11 for box layouts)
-    conditioning: Literal["palette", "one_hot"] = "palette"
+    conditioning: layouts.Encoding = "palette"
     init_from: str | None = None  # an existing ControlNet folder; None: a fresh copy of the UNet's encoder
     # None: diffusers' (16, 32, 96, 256), x8 down like the SDXL VAE
     conditioning_embedding_out_channels: list[int] | None = None
@@ -304,7 +305,7 @@ def train(cfg: Config) -> int:
         **trainer.common_banner(cfg, run, train_data, state),
         "precision": f"{cfg.train.mixed_precision} (VAE {str(vae_dtype).replace('torch.', '')}, ControlNet fp32)",
         "attention": "xformers" if use_xformers else "SDPA",
-        "conditioning": f"{conditioning.LAYOUT_NAMES[layout]} as {kind} ({conditioning.channels_for(kind, layout)} "
+        "conditioning": f"{layouts.get(layout).what} as {kind} ({conditioning.channels_for(kind, layout)} "
         "channels, ids resized nearest-neighbour)",
         "ControlNet": f"{n_trainable:,} trainable parameters, from {cfg.controlnet.init_from or 'the UNet encoder'}"
         f"{f' (UNet with LoRA {cfg.controlnet.fuse_lora} fused)' if cfg.controlnet.fuse_lora else ''}",
