@@ -38,18 +38,18 @@ D := $(DEMO_DIR)
 TRAIN_PATHS = model.pretrained_model=$(D)/models/tiny-sdxl cache.dir=$(D)/cache output.runs_dir=$(D)
 LORA_TRAIN_PATHS = $(TRAIN_PATHS) data.train_csv=$(D)/csv/bdd_hf_dataset_lora_train.csv
 CONTROLNET_TRAIN_PATHS = $(TRAIN_PATHS) data.train_csv=$(D)/csv/bdd_hf_dataset_controlnet_train.csv
-LORA_INFER_PATHS = paths.base_model_path=$(D)/models/tiny-sdxl paths.lora_weights_path=$(D)/lora_train \
+LORA_INFER_PATHS = model.pretrained_model=$(D)/models/tiny-sdxl paths.lora_weights_path=$(D)/lora_train \
     paths.infer_path=$(D)/lora_infer
 BOXES_TRAIN_PATHS = $(TRAIN_PATHS) data.train_csv=$(D)/csv/bdd_hf_dataset_controlnet_boxes_train.csv \
     controlnet.layout=boxes output.name=controlnet_boxes_train
-BOXES_INFER_PATHS = paths.base_model_path=$(D)/models/tiny-sdxl \
+BOXES_INFER_PATHS = model.pretrained_model=$(D)/models/tiny-sdxl \
     paths.controlnet_path=$(D)/controlnet_boxes_train/controlnet paths.masks_path=$(D)/csv/box_layouts/val \
     paths.captions_path=$(D)/captions/val paths.source_labels=$(D)/bdd100k/labels/det_20/det_val.json \
     paths.infer_path=$(D)/controlnet_boxes_infer
-PLAN_INFER_PATHS = paths.base_model_path=$(D)/models/tiny-sdxl \
+PLAN_INFER_PATHS = model.pretrained_model=$(D)/models/tiny-sdxl \
     paths.controlnet_path=$(D)/controlnet_boxes_train/controlnet paths.plan=$(D)/plan/plan.jsonl \
     paths.infer_path=$(D)/plan_infer
-CONTROLNET_INFER_PATHS = paths.base_model_path=$(D)/models/tiny-sdxl \
+CONTROLNET_INFER_PATHS = model.pretrained_model=$(D)/models/tiny-sdxl \
     paths.controlnet_path=$(D)/controlnet_train/controlnet paths.masks_path=$(D)/bdd100k/labels/sem_seg/masks/val \
     paths.captions_path=$(D)/captions/val paths.source_labels=$(D)/bdd100k/labels/det_20/det_val.json \
     paths.infer_path=$(D)/controlnet_infer

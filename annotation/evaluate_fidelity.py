@@ -53,8 +53,9 @@ from typing import Any
 
 from annotation import metrics
 from annotation.layout import METADATA_FILE, LayoutSources, SourceRef, read_metadata
+from core import report
 from core.cli import UserError, run_main, setup_logging
-from core.io import atomic_write_bytes, atomic_write_text
+from core.io import atomic_write_text
 from vocab import bdd
 
 log = logging.getLogger("bdd-sdxl.annotation")
@@ -479,23 +480,30 @@ def markdown(result: dict[str, Any]) -> str:
         "frame's det_20 boxes, scaled to each image. mAP is COCO's (torchmetrics + pycocotools); ratio = generated / "
         "real (1.0: the generated images are as detectable as the real frames).",
         "",
-        "| | boxes | mAP50 generated | mAP50 real | ratio | mAP50-95 generated | mAP50-95 real | ratio |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
-    def row(name: str, gg: dict, rr: dict, qq: dict, boxes: int) -> str:
-        return (
-            f"| {name} | {boxes} | {_f(gg['map50'])} | {_f(rr['map50'])} | {_f(qq['map50'], 2)} | "
-            f"{_f(gg['map'])} | {_f(rr['map'])} | {_f(qq['map'], 2)} |"
-        )
+    def row(name: str, gg: dict, rr: dict, qq: dict, boxes: int) -> list:
+        return [name, boxes, _f(gg["map50"]), _f(rr["map50"]), _f(qq["map50"], 2), _f(gg["map"]), _f(rr["map"]),
+                _f(qq["map"], 2)]  # fmt: skip
 
-    lines.append(row("**all**", g, r, q, g["gt_boxes"]))
+    rows = [row("**all**", g, r, q, g["gt_boxes"])]
     for name in g["per_class"]:
         pc = g["per_class"][name]
-        lines.append(row(name, pc, r["per_class"][name], q["per_class"][name], pc["gt_boxes"]))
+        rows.append(row(name, pc, r["per_class"][name], q["per_class"][name], pc["gt_boxes"]))
     for size in g["per_size"]:
         ps = g["per_size"][size]
-        lines.append(row(f"*{size}*", ps, r["per_size"][size], q["per_size"][size], ps["gt_boxes"]))
+        rows.append(row(f"*{size}*", ps, r["per_size"][size], q["per_size"][size], ps["gt_boxes"]))
+    header = [
+        "",
+        "boxes",
+        "mAP50 generated",
+        "mAP50 real",
+        "ratio",
+        "mAP50-95 generated",
+        "mAP50-95 real",
+        "ratio",
+    ]
+    lines += report.markdown_table(header, rows, "lrrrrrrr")
     lines.append("")
     lines.append("Sizes are COCO's area bins (< 32², 32²–96², > 96² px) in the real frame's pixels; – : undefined "
                  "(no box of that class or size, or a real mAP of 0).")  # fmt: skip
@@ -523,18 +531,11 @@ def markdown(result: dict[str, Any]) -> str:
 
 def plot(result: dict[str, Any], path: Path) -> None:
     """Per-class mAP50, generated vs real, as grouped bars."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     det = result["detection"]
     names = list(det["generated"]["per_class"])
     gen = [det["generated"]["per_class"][n]["map50"] or 0.0 for n in names]
     real = [det["real"]["per_class"][n]["map50"] or 0.0 for n in names]
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.0 + 0.9 * len(names)), 3.6))
+    fig, ax = report.subplots(figsize=(max(4.0, 1.0 + 0.9 * len(names)), 3.6))
     xs = range(len(names))
     ax.bar([x - 0.2 for x in xs], real, width=0.4, label="real source frames", color="#4c72b0")
     ax.bar([x + 0.2 for x in xs], gen, width=0.4, label="generated", color="#dd8452")
@@ -545,10 +546,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set_title(f"Layout fidelity per class (overall mAP50 ratio {_f(ratio, 2)})")
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    report.save_figure(fig, path, dpi=110)
 
 
 # ---------------------------------------------------------------------------------------------------------------

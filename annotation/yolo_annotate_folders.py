@@ -45,9 +45,10 @@ from tqdm import tqdm
 from annotation import consensus, dataset
 from annotation.layout import METADATA_FILE, LayoutSources
 from annotation.settings import AnnotationConfig, parse_class_map_arg, resolve_class_map
+from core import report
 from core.cli import UserError, run_main, setup_logging
-from core.config import read_yaml, save_resolved_config, validate_config
-from core.io import atomic_write_bytes, atomic_write_text, sha256_bytes
+from core.config import load_config, save_resolved_config
+from core.io import atomic_write_text, sha256_bytes
 from vocab import bdd
 
 log = logging.getLogger("bdd-sdxl.annotation")
@@ -111,23 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def merged_config(args: argparse.Namespace) -> AnnotationConfig:
     """YAML config (or defaults) with the flags given on the command line, validated by the schema."""
-    data: dict[str, Any] = read_yaml(args.config) if args.config else {}
-    for flag, key in FLAG_KEYS.items():
-        value = getattr(args, flag)
-        if value is None:
-            continue
-        if flag == "classes":
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        elif flag == "class_map":
-            value = parse_class_map_arg(value)
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[leaf] = value
-    return validate_config(AnnotationConfig, data, f"{args.config} with flags" if args.config else "flags")
+    flags: dict[str, Any] = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items()}
+    if args.classes is not None:
+        flags["classes"] = [v.strip() for v in args.classes.split(",") if v.strip()]
+    if args.class_map is not None:
+        flags["class_map"] = parse_class_map_arg(args.class_map)
+    return load_config(AnnotationConfig, args.config, flags=flags)
 
 
 def scan_inputs(folders: Sequence[str], output: Path) -> list[tuple[str, Path]]:
@@ -401,17 +391,12 @@ def labels_summary(records: dict[str, dict[str, Any]], cfg: AnnotationConfig) ->
 
 def plot_agreement(agreement: dict[str, Any], path: Path) -> None:
     """Stacked bars: the share of confirmed, layout-only and detector-only boxes overall, per class, per size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from annotation.previews import PROVENANCE_RGB
 
     groups = [("all", agreement["all"])]
     groups += [(c, v) for c, v in agreement["per_class"].items()]
     groups += [(f"size: {s}", v) for s, v in agreement["per_size"].items()]
-    fig, ax = plt.subplots(figsize=(7, 0.35 * len(groups) + 1.2))
+    fig, ax = report.subplots(figsize=(7, 0.35 * len(groups) + 1.2))
     y = list(range(len(groups)))[::-1]
     left = [0.0] * len(groups)
     for p in consensus.PROVENANCES:
@@ -426,10 +411,7 @@ def plot_agreement(agreement: dict[str, Any], path: Path) -> None:
     )
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.06), ncol=3, fontsize=8, frameon=False)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    report.save_figure(fig, path, dpi=100)
 
 
 def build_summary(records, n_seen, n_inferred, n_skipped, unreadable, elapsed, data_yaml) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from core.cli import UserError
+from core.cli import UserError, warn_deprecated
 from core.io import atomic_write_text
 
 C = TypeVar("C", bound=BaseModel)
@@ -233,21 +233,63 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), parsed
 
 
-def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Return a copy of ``data`` with dotted ``key=value`` overrides applied (sections created as needed)."""
+def set_dotted(data: dict[str, Any], keys: Sequence[str], value: Any, text: str = "") -> None:
+    """``data[keys[0]][keys[1]]... = value``, sections created as needed; a value in the way is an error."""
+    node = data
+    for k in keys[:-1]:
+        if not isinstance(node.get(k), dict):
+            if k in node and node[k] is not None:
+                raise UserError(f"override {text or '.'.join(keys)!r}: {k} is a value, not a section")
+            node[k] = {}
+        node = node[k]
+    node[keys[-1]] = value
+
+
+def apply_overrides(
+    data: dict[str, Any], overrides: Sequence[str], renamed: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """Return a copy of ``data`` with dotted ``key=value`` overrides applied (sections created as needed); an
+    override of an old key name (``renamed``: old dotted key -> new) sets the new key, with a warning."""
     import copy
 
     out = copy.deepcopy(data)
     for text in overrides:
         keys, value = parse_override(text)
+        old = ".".join(keys)
+        if renamed and old in renamed:
+            warn_deprecated(old, renamed[old])
+            keys = renamed[old].split(".")
+        set_dotted(out, keys, value, text)
+    return out
+
+
+def rename_keys(data: dict[str, Any], renamed: Mapping[str, str], source: str = "config") -> dict[str, Any]:
+    """``data`` with each old dotted key (``renamed``: old -> new) moved to its new name, with a warning naming the
+    new key; an old and a new key both set to different values is an error (which one was meant?)."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for old, new in renamed.items():
+        *parents, leaf = old.split(".")
         node = out
-        for k in keys[:-1]:
-            if not isinstance(node.get(k), dict):
-                if k in node and node[k] is not None:
-                    raise UserError(f"override {text!r}: {k} is a value, not a section")
-                node[k] = {}
-            node = node[k]
-        node[keys[-1]] = value
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        value = node.pop(leaf)
+        warn_deprecated(f"{source}: {old}", new)
+        *new_parents, new_leaf = new.split(".")
+        target = out
+        for part in new_parents:
+            if not isinstance(target.get(part), dict):
+                target[part] = {}
+            target = target[part]
+        if new_leaf in target and target[new_leaf] != value:
+            raise UserError(
+                f"{source}: {new} and {old} (its old name) are both set, to {target[new_leaf]!r} and {value!r}; "
+                f"keep {new} only"
+            )
+        target[new_leaf] = value
     return out
 
 
@@ -315,15 +357,65 @@ def validate_config(
         raise UserError(format_validation_error(exc, model, source, origins)) from None
 
 
-def load_config(model: type[C], path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> C:
-    """Read ``path`` (YAML), apply overrides, expand ``${VAR}`` references, validate; all errors in one UserError."""
+def load_config(
+    model: type[C],
+    path: str | os.PathLike | None,
+    overrides: Sequence[str] = (),
+    flags: Mapping[str, Any] | None = None,
+) -> C:
+    """Read ``path`` (YAML; None: the schema's defaults), then the command-line ``flags`` that were given (dotted key
+    -> value, None: not given), then the ``key=value`` overrides; expand ``${VAR}`` references; validate. All errors
+    come in one UserError, each with its dotted key.
+
+    Keys the schema renamed (its ``RENAMED_KEYS``: old dotted key -> new) still work, in the file and in overrides,
+    with a warning that names the new key. A script's flags are other spellings of its keys (``--epochs`` sets
+    ``train.epochs``), so a flag, the YAML key and ``train.epochs=...`` are one setting.
+    """
     from core.envfile import load_env_file
 
     load_env_file()
+    given = {key: value for key, value in (flags or {}).items() if value is not None}
     source = str(path) if path is not None else "config"
-    data = read_yaml(path, expand=False) if path is not None else {}
-    data, origins = expand_env(apply_overrides(data, overrides), source=source)
+    if flags is not None:  # a script whose flags set keys: errors may come from either
+        source = f"{path} with flags" if path is not None else "flags"
+    renamed = getattr(model, "RENAMED_KEYS", {})
+    data = rename_keys(read_yaml(path, expand=False), renamed, str(path)) if path is not None else {}
+    for key, value in given.items():
+        set_dotted(data, key.split("."), value)
+    data, origins = expand_env(apply_overrides(data, overrides, renamed), source=source)
     return validate_config(model, data, source, origins)
+
+
+#: argparse destinations of :func:`add_config_arguments` (every other flag of a script that uses them sets a key)
+CONFIG_ARGUMENTS = ("config", "check", "overrides")
+
+
+def add_config_arguments(parser, default_config: str | None = None, check_help: str | None = None) -> None:
+    """The arguments every config-driven script takes: ``--config`` (YAML), ``--check`` and ``key=value`` overrides.
+
+    The script's own flags are other spellings of config keys: declare each with ``dest="<dotted key>"`` and
+    ``default=None`` (``parser.add_argument("--epochs", dest="train.epochs", type=int)``), and pass
+    :func:`flag_values` to :func:`load_config`: YAML < flags < overrides, all validated by one schema.
+    """
+    parser.add_argument(
+        "--config",
+        default=default_config,
+        help=f"YAML config (default: {default_config or 'none, the defaults'})",
+    )
+    parser.add_argument(
+        "--check", action="store_true", help=check_help or "validate the config and the inputs, then exit"
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides (dotted keys, e.g. train.epochs=5)",
+    )
+
+
+def flag_values(args, exclude: Sequence[str] = ()) -> dict[str, Any]:
+    """The config keys a parsed command line sets through flags (dotted key -> value; None: not given)."""
+    return {k: v for k, v in vars(args).items() if k not in CONFIG_ARGUMENTS and k not in exclude}
 
 
 def config_to_yaml(cfg: BaseModel) -> str:

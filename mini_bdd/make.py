@@ -29,8 +29,8 @@ What is written under --out (the official download layout; N = --frames):
 frame and the real class shares, for benchmarks of the label readers (N=69,863 is det_train's real size).
 Same seed, same bytes; a different seed gives different data.
 
-Drawing lives in mini_bdd/draw.py (camera, painters, objects) and mini_bdd/scene.py (street
-layouts, placement, rendering); this file plans the data set and writes the files. In the masks, the det_20
+Drawing lives in mini_bdd/draw.py (camera, painters, objects) and mini_bdd/scene.py (streets,
+placement, rendering); this file plans the data set and writes the files. In the masks, the det_20
 ignored classes use the trainId of the class det.toml maps them to (other person -> person, other vehicle -> car,
 trailer -> truck); the legacy file leaves them out (they did not exist in 2018).
 """
@@ -130,7 +130,9 @@ def _attribute_values(rng, shares: dict[str, float], n: int) -> list[str]:
 
 
 @dataclass
-class Plan:
+class DataSetPlan:
+    """Which frames the mini data set holds and where each goes (folders, label files)."""
+
     frames: list[FrameSpec]  # every distinct image, in drawing order
     images: dict[str, list[str]]  # "100k/train" -> names
     det: dict[str, list[str]]  # split -> names listed in det_<split>.json (in file order)
@@ -149,7 +151,7 @@ def split_counts(frames: int) -> dict[str, int]:
     }
 
 
-def make_plan(frames: int, seed: int) -> Plan:
+def plan_data_set(frames: int, seed: int) -> DataSetPlan:
     rng = np.random.default_rng([seed, 0xB0D])
     counts = split_counts(frames)
     taken: set[str] = set()
@@ -178,7 +180,7 @@ def make_plan(frames: int, seed: int) -> Plan:
     for j, category in enumerate(bdd.DET20_CATEGORIES):
         specs[labelled[j % len(labelled)]].required.append(category)
     det_train = [s.name for s in specs[:frames] if s.labels_state != "unlisted"]
-    return Plan(
+    return DataSetPlan(
         specs,
         {
             "100k/train": sorted(train100),
@@ -342,7 +344,7 @@ def make_mini_bdd(
 def write_mini(out: Path, frames: int, size: tuple[int, int], seed: int) -> dict:
     from tqdm import tqdm
 
-    plan = make_plan(frames, seed)
+    plan = plan_data_set(frames, seed)
     split_of = {
         name: split for key, names in plan.images.items() for name in names for split in [key.split("/")[1]]
     }
@@ -397,7 +399,7 @@ def write_mini(out: Path, frames: int, size: tuple[int, int], seed: int) -> dict
             out / "labels" / f"bdd100k_labels_images_{split}.json", _ENCODER.encode(legacy_frames)
         )
     missing = [c for c in bdd.DET20_CATEGORIES if c not in categories]
-    if missing:  # make_plan asks for each; render_frame retries until drawn, so this is a bug
+    if missing:  # plan_data_set asks for each; render_frame retries until drawn, so this is a bug
         raise RuntimeError(f"det_train lacks categories {missing}")
     return {
         "images": {key: len(names) for key, names in plan.images.items()},

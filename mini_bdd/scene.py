@@ -1,4 +1,4 @@
-"""Scenes of the mini BDD100K (convert/make_mini_bdd.py): street layouts, object placement and frame rendering.
+"""Scenes of the mini BDD100K (convert/make_mini_bdd.py): streets, object placement and frame rendering.
 
 A frame is a street seen by a pinhole camera: background faces (sky, ground, road with lane markings, buildings,
 walls, fences) are drawn first, then objects far to near. Each object's box is the bounding box of its own drawn
@@ -77,7 +77,9 @@ class Look:
 
 
 @dataclass
-class Layout:
+class Street:
+    """A street's plan in world coordinates: lanes, sidewalks, a cross street and what stands on it."""
+
     kind: str
     lane_edges: list[float]  # X of lane boundaries, left to right; first and last are the road edges
     oncoming: int  # number of leftmost lanes with oncoming traffic
@@ -173,7 +175,7 @@ def draw_buildings(world: World, rng, x_face: float, z_from: float, z_to: float,
                 world.side(x_face, za, za + 1.6, y0, y0 + 1.6, (60, 70, 85), SEG["building"], lit)
 
 
-def build_layout(kind: str, cam: Camera, look: Look, rng, empty: bool) -> tuple[World, Layout]:
+def build_street(kind: str, cam: Camera, look: Look, rng, empty: bool) -> tuple[World, Street]:
     """Background of one frame and the placements of its objects (none when ``empty``)."""
     world = World(cam)
     draw_sky(world, cam, look, rng)
@@ -191,7 +193,7 @@ def build_layout(kind: str, cam: Camera, look: Look, rng, empty: bool) -> tuple[
     left = -(ego + 0.5) * lane_w - n_onc * lane_w
     edges = [left + k * lane_w for k in range(n_ego + n_onc + 1)]
     sidewalk = {"city": 4.0, "residential": 2.0, "gas": 4.0, "parking": 3.0}.get(kind, 0.0)
-    lay = Layout(kind, edges, n_onc, sidewalk)
+    lay = Street(kind, edges, n_onc, sidewalk)
     if kind == "city" and rng.random() < 0.8:
         z_cross = float(rng.uniform(22, 45))
         lay.crossing = (z_cross, z_cross + 14.0)
@@ -320,7 +322,7 @@ def build_layout(kind: str, cam: Camera, look: Look, rng, empty: bool) -> tuple[
     return world, lay
 
 
-def add_street_furniture(lay: Layout, look: Look, rng) -> None:
+def add_street_furniture(lay: Street, look: Look, rng) -> None:
     """Unlabelled poles and trees."""
     if lay.kind in ("city", "residential", "parking", "highway"):
         for z in np.arange(float(rng.uniform(8, 20)), 120.0, float(rng.uniform(18, 30))):
@@ -347,7 +349,7 @@ def add_street_furniture(lay: Layout, look: Look, rng) -> None:
             lay.items.append(Item(None, IGNORE, lay.right + lay.sidewalk + 6, z, pump(rng)))
 
 
-def place(lay: Layout, cam: Camera, look: Look, rng, category: str, near: bool = False) -> None:
+def place(lay: Street, cam: Camera, look: Look, rng, category: str, near: bool = False) -> None:
     """Add one object of ``category`` at a plausible spot (``near``: closer, so it is surely visible)."""
     dark = look.dark
     z_lo, z_hi = (9.0, 22.0) if near else (7.0, 75.0)
@@ -478,7 +480,7 @@ POPULATION = {  # category: (min, max) count per frame, by layout
 }
 
 
-def populate(lay: Layout, cam: Camera, look: Look, rng) -> None:
+def populate(lay: Street, cam: Camera, look: Look, rng) -> None:
     for category, (lo, hi) in POPULATION[lay.kind].items():
         for _ in range(int(rng.integers(lo, hi + 1))):
             place(lay, cam, look, rng, category)
@@ -561,7 +563,7 @@ def _render_once(spec: FrameSpec, size: tuple[int, int], rng) -> RenderedFrame:
     )
     look = _look(spec, rng)
     kind = SCENE_LAYOUT.get(spec.scene) or str(rng.choice(["city", "residential", "highway"]))
-    world, lay = build_layout(kind, cam, look, rng, empty=spec.labels_state in ("absent", "null", "empty"))
+    world, lay = build_street(kind, cam, look, rng, empty=spec.labels_state in ("absent", "null", "empty"))
     if spec.labels_state == "ok" or spec.labels_state == "unlisted":
         for category in spec.required:
             place(lay, cam, look, rng, category, near=True)
@@ -731,7 +733,7 @@ def _clip_segment(p, q, width, height):
     return (x0 + t0 * dx, y0 + t0 * dy), (x0 + t1 * dx, y0 + t1 * dy)
 
 
-def _legacy_polys(lay: Layout, cam: Camera) -> list[dict]:
+def _legacy_polys(lay: Street, cam: Camera) -> list[dict]:
     """Lanes (open polylines) and drivable areas (closed polygons) in the 2018 label format, in pixels."""
     r = lambda v: round(float(v), 6)  # noqa: E731
     out = []

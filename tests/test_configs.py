@@ -48,6 +48,50 @@ def test_every_schema_key_is_written_in_the_main_configs(path):
     assert not missing, f"{path} does not document: {missing}"
 
 
+#: config/ as the release before the generation configs took training's key names shipped it (its users' copies)
+RELEASE_CONFIGS = REPO / "tests" / "data" / "release_configs"
+
+
+@pytest.mark.parametrize("path", sorted(SCHEMAS))
+def test_configs_written_for_the_last_release_still_load(path, monkeypatch, capsys):
+    """Each old key (paths.base_model_path, paths.vae_path, paths.variant) is read as its new one, with a warning
+    that names it; the base model, VAE and variant are what the old keys said."""
+    monkeypatch.setenv("BDD_SDXL_ENV_FILE", "")
+    for name in ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    old_path = RELEASE_CONFIGS / Path(path).relative_to("config")
+    schema = _schema(SCHEMAS[path])
+    old = load_config(schema, old_path)
+    err = capsys.readouterr().err
+    written = yaml.safe_load(old_path.read_text(encoding="utf-8"))
+    renamed = getattr(schema, "RENAMED_KEYS", {})
+    for old_key, new_key in renamed.items():
+        section, key = old_key.split(".")
+        if key not in (written.get(section) or {}):
+            continue
+        assert f"warning: {old_path}: {old_key} is deprecated; use {new_key}" in err
+    paths = written.get("paths") or {}
+    if "base_model_path" in paths:
+        assert old.model.pretrained_model == paths["base_model_path"].replace("${MODEL_DIR:-", "").rstrip("}")
+        assert old.model.vae is None and old.model.variant == paths.get("variant")  # ${VAE_DIR:-}: null
+
+
+def test_a_key_and_its_old_name_must_agree(tmp_path, monkeypatch):
+    from ai.lora.infer_lora_sdxl import LoraInferConfig
+
+    monkeypatch.setenv("BDD_SDXL_ENV_FILE", "")
+    path = tmp_path / "both.yaml"
+    path.write_text("model:\n  pretrained_model: a\npaths:\n  base_model_path: b\n", encoding="utf-8")
+    with pytest.raises(
+        UserError, match="model.pretrained_model and paths.base_model_path .its old name. are both"
+    ):
+        load_config(LoraInferConfig, path)
+    # an old-name override replaces the file's new key (overrides come last, as always)
+    path.write_text("model:\n  pretrained_model: a\n", encoding="utf-8")
+    cfg = load_config(LoraInferConfig, path, ["paths.base_model_path=b", "paths.vae_path=v"])
+    assert (cfg.model.pretrained_model, cfg.model.vae) == ("b", "v")
+
+
 def test_registry_names_existing_files():
     assert all((REPO / p).is_file() for p in SCHEMAS)
 
@@ -70,14 +114,14 @@ ENV_VARS = ("MODEL_DIR", "VAE_DIR", "BDD_DATA_DIR", "YOLO_MODEL", "STEPS", "FLAG
 BASE_MODEL_KEYS = {  # config -> its base model key (the four must agree)
     "config/lora_train.yaml": ("model", "pretrained_model"),
     "config/controlnet_train.yaml": ("model", "pretrained_model"),
-    "config/lora_infer.yaml": ("paths", "base_model_path"),
-    "config/controlnet_infer.yaml": ("paths", "base_model_path"),
+    "config/lora_infer.yaml": ("model", "pretrained_model"),
+    "config/controlnet_infer.yaml": ("model", "pretrained_model"),
 }
 VAE_KEYS = {
     "config/lora_train.yaml": ("model", "vae"),
     "config/controlnet_train.yaml": ("model", "vae"),
-    "config/lora_infer.yaml": ("paths", "vae_path"),
-    "config/controlnet_infer.yaml": ("paths", "vae_path"),
+    "config/lora_infer.yaml": ("model", "vae"),
+    "config/controlnet_infer.yaml": ("model", "vae"),
 }
 
 

@@ -99,7 +99,7 @@ def base_args(model, controlnet, masks: Path, out: Path) -> list[str]:
     return [
         "--config",
         str(DEMO_CONFIG),
-        f"paths.base_model_path={model}",
+        f"model.pretrained_model={model}",
         f"paths.controlnet_path={controlnet}",
         f"paths.masks_path={masks / 'masks'}",
         f"paths.captions_path={masks / 'captions'}",
@@ -232,10 +232,10 @@ def test_same_seed_same_pixels_and_seeds_are_per_image(
 
 def base_sdxl_image(model: Path, prompt: str, seed: int, size=(64, 64)) -> np.ndarray:
     """The plain StableDiffusionXLPipeline's image for the same settings as the demo config."""
-    from ai.common.generation import GenerationPaths
+    from ai.common.models import ModelSource
     from ai.common.pipelines import build_sdxl_pipeline, make_scheduler
 
-    pipe = build_sdxl_pipeline(GenerationPaths(base_model_path=str(model)), "fp32")
+    pipe = build_sdxl_pipeline(ModelSource(pretrained_model=str(model)), "fp32")
     pipe.scheduler = make_scheduler("euler", pipe.scheduler)
     with torch.inference_mode():
         image = pipe(
@@ -295,14 +295,14 @@ def test_condition_tensors_reach_the_controlnet_unchanged(model, controlnets, ma
     """The pipeline's control image processor leaves (B, C, H, W) tensors as they are, 3 or 19 channels."""
     from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
 
-    from ai.common.generation import GenerationPaths
+    from ai.common.models import ModelSource
     from ai.common.pipelines import build_sdxl_pipeline
 
     ids = cond.resize_ids(cond.read_ids(masks / "masks" / f"{mask_names(masks)[0]}.png"), (64, 64))
     for kind in ("palette", "one_hot"):
         controlnet = ControlNetModel.from_pretrained(controlnets[kind], local_files_only=True)
         pipe = build_sdxl_pipeline(
-            GenerationPaths(base_model_path=str(model)),
+            ModelSource(pretrained_model=str(model)),
             "fp32",
             pipeline_cls=StableDiffusionXLControlNetPipeline,
             controlnet=controlnet,
@@ -557,7 +557,8 @@ def test_launcher_checks_config_before_accelerate(tmp_path):
 def test_default_size_is_the_nearest_sdxl_bucket_at_the_models_native_size(tmp_path):
     """Configs only (no weights): SDXL base -> 1344x768 for a 1280x720 BDD mask, as training buckets it; with
     generate_at_bucket the image is generated there and saved at the requested size (fixed, or the mask's)."""
-    from ai.controlnet.infer_controlnet_sdxl import ControlNetInferPaths, ControlNetResolution, Geometry
+    from ai.common.models import ModelSource
+    from ai.controlnet.infer_controlnet_sdxl import ControlNetResolution, Geometry
 
     for sub, config in (
         ("unet", {"sample_size": 128, "block_out_channels": [320, 640, 1280]}),
@@ -565,7 +566,7 @@ def test_default_size_is_the_nearest_sdxl_bucket_at_the_models_native_size(tmp_p
     ):
         (tmp_path / sub).mkdir()
         (tmp_path / sub / "config.json").write_text(json.dumps(config))
-    paths = ControlNetInferPaths(base_model_path=str(tmp_path))
+    paths = ModelSource(pretrained_model=str(tmp_path))
     geometry = Geometry.for_model(paths, ControlNetResolution())
     assert geometry.native == 1024 and geometry.label == "auto"
     assert geometry.size_for((1280, 720)) == (1344, 768) and geometry.size_for((720, 1280)) == (768, 1344)
@@ -592,7 +593,7 @@ def test_user_config_documents_every_key(monkeypatch):
     monkeypatch.setenv("BDD_SDXL_ENV_FILE", "")  # no .env: the defaults of the ${VAR:-default} values
     data = yaml.safe_load(USER_CONFIG.read_text(encoding="utf-8"))
     cfg = load_config(ControlNetInferConfig, USER_CONFIG)
-    assert cfg.paths.base_model_path == "stabilityai/stable-diffusion-xl-base-1.0" and cfg.dtype == "fp16"
+    assert cfg.model.pretrained_model == "stabilityai/stable-diffusion-xl-base-1.0" and cfg.dtype == "fp16"
     assert cfg.paths.source_labels == "bdd100k/labels/det_20/det_val.json"  # stage 4's layout check is on
     flat = {f"{k}.{sub}" for k, v in data.items() if isinstance(v, dict) for sub in v}
     flat |= {k for k, v in data.items() if not isinstance(v, dict)}

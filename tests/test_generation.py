@@ -22,7 +22,7 @@ from ai.common.generation import (
     PromptEntry,
     build_work_items,
     merge_metadata,
-    plan_generation,
+    pending_work,
     read_jsonl,
     read_prompts,
     run_generation,
@@ -205,7 +205,7 @@ def solid_images(batch, inputs):
 def test_run_loop_records_skips_and_resumes(tmp_path):
     items = build_work_items([PromptEntry("a"), PromptEntry("b", {"source_frame": "/f/b.jpg"})], 2, seed=3)
     settings = {"num_inference_steps": 2}
-    plan = plan_generation(items, tmp_path, settings)
+    plan = pending_work(items, tmp_path, settings)
     assert len(plan.todo) == 4
     summary = run_generation(plan, solid_images, info={"config": "x.yaml"}, batch_size=3)
     assert (summary.generated, summary.skipped, summary.failed) == (4, 0, [])
@@ -223,11 +223,11 @@ def test_run_loop_records_skips_and_resumes(tmp_path):
     with Image.open(tmp_path / "00001_01.png") as im:
         assert im.getpixel((0, 0)) == (6, 0, 0) and im.text["prompt"] == "b" and im.text["seed"] == "6"
 
-    assert plan_generation(items, tmp_path, settings).todo == []
+    assert pending_work(items, tmp_path, settings).todo == []
     (tmp_path / "00000_01.png").unlink()  # PNG gone: redo it
     lines = (tmp_path / METADATA_FILE).read_text().splitlines()  # record gone (PNG kept): redo it too
     (tmp_path / METADATA_FILE).write_text("\n".join(line for line in lines if "00001_00" not in line) + "\n")
-    plan = plan_generation(items, tmp_path, settings)
+    plan = pending_work(items, tmp_path, settings)
     assert [it.file for it in plan.todo] == ["00000_01.png", "00001_00.png"]
     assert run_generation(plan, solid_images).generated == 2
     assert len((tmp_path / METADATA_FILE).read_text().splitlines()) == 4
@@ -235,13 +235,13 @@ def test_run_loop_records_skips_and_resumes(tmp_path):
 
 def test_changed_settings_refuse_then_overwrite(tmp_path):
     items = build_work_items([PromptEntry("a")], 2, seed=0)
-    run_generation(plan_generation(items, tmp_path, {"steps": 2}), solid_images)
+    run_generation(pending_work(items, tmp_path, {"steps": 2}), solid_images)
     with pytest.raises(
         UserError,
         match=r"holds 2 image\(s\) made with other settings \(e\.g\. 00000_00\.png: steps: 2 -> 3\)",
     ):
-        plan_generation(items, tmp_path, {"steps": 3})
-    plan = plan_generation(items, tmp_path, {"steps": 3}, overwrite=True)
+        pending_work(items, tmp_path, {"steps": 3})
+    plan = pending_work(items, tmp_path, {"steps": 3}, overwrite=True)
     assert len(plan.todo) == 2
     run_generation(plan, solid_images)
     assert [r["steps"] for r in read_jsonl(tmp_path / METADATA_FILE)] == [3, 3]
@@ -253,12 +253,12 @@ def test_a_folder_begun_before_generate_at_bucket_resumes(tmp_path):
     they are other settings."""
     items = build_work_items([PromptEntry("a"), PromptEntry("b")], 1, seed=0)
     old = {"width": 1280, "height": 720}  # what the records held before the key existed
-    run_generation(plan_generation(items[:1], tmp_path, old), solid_images)
+    run_generation(pending_work(items[:1], tmp_path, old), solid_images)
     now = {**old, "generate_at_bucket": False}
-    plan = plan_generation(items, tmp_path, now)
+    plan = pending_work(items, tmp_path, now)
     assert [it.file for it in plan.todo] == ["00001_00.png"]  # only the new prompt's image
     with pytest.raises(UserError, match=r"00000_00\.png: generate_at_bucket: False -> True"):
-        plan_generation(items, tmp_path, {**old, "generate_at_bucket": True})
+        pending_work(items, tmp_path, {**old, "generate_at_bucket": True})
 
 
 def test_unreadable_input_stops_or_is_skipped(tmp_path):
@@ -270,9 +270,9 @@ def test_unreadable_input_stops_or_is_skipped(tmp_path):
         return item.prompt
 
     with pytest.raises(UserError, match="b.png is not an image"):
-        run_generation(plan_generation(items, tmp_path / "stop", {}), solid_images, load_inputs=load_inputs)
+        run_generation(pending_work(items, tmp_path / "stop", {}), solid_images, load_inputs=load_inputs)
     summary = run_generation(
-        plan_generation(items, tmp_path / "skip", {}), solid_images, load_inputs=load_inputs, on_error="skip"
+        pending_work(items, tmp_path / "skip", {}), solid_images, load_inputs=load_inputs, on_error="skip"
     )
     assert summary.generated == 2
     assert summary.failed == ["00001_00.png: control image b.png is not an image"]
@@ -281,7 +281,7 @@ def test_unreadable_input_stops_or_is_skipped(tmp_path):
         "00002_00.png",
     ]
     # the stopped run kept what it finished: its records are merged by the next run's plan
-    assert [it.file for it in plan_generation(items, tmp_path / "stop", {}).todo] == [
+    assert [it.file for it in pending_work(items, tmp_path / "stop", {}).todo] == [
         "00001_00.png",
         "00002_00.png",
     ]

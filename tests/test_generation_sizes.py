@@ -80,7 +80,7 @@ def masks(mini_bdd, tmp_path_factory) -> Path:
 
 
 def lora_infer(model: Path, out: Path, *overrides: str) -> Path:
-    argv = ["--config", str(LORA_DEMO), f"paths.base_model_path={model}", f"paths.infer_path={out}"]
+    argv = ["--config", str(LORA_DEMO), f"model.pretrained_model={model}", f"paths.infer_path={out}"]
     argv += ["paths.lora_weights_path=null", "prompts=[]", "images_per_prompt=1", "batch_size=1", *overrides]
     assert infer_lora_sdxl.main(argv) == 0
     return out / "generations"
@@ -90,7 +90,7 @@ def controlnet_infer(model: Path, controlnet: Path, masks: Path, out: Path, *ove
     argv = [
         "--config",
         str(CONTROLNET_DEMO),
-        f"paths.base_model_path={model}",
+        f"model.pretrained_model={model}",
         f"paths.controlnet_path={controlnet}",
     ]
     argv += [f"paths.masks_path={masks / 'masks'}", f"paths.captions_path={masks / 'captions'}"]

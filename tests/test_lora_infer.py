@@ -66,7 +66,7 @@ def infer(tmp_path, model, *overrides, name="out", capsys=None) -> Path:
     argv = [
         "--config",
         str(DEMO_CONFIG),
-        f"paths.base_model_path={model}",
+        f"model.pretrained_model={model}",
         f"paths.infer_path={out}",
         "resolution.width=64",
         "resolution.height=64",
@@ -245,12 +245,12 @@ def test_bad_inputs_give_clear_errors(tiny_model, lora_run, tmp_path, capsys):
     cfg = [
         "--config",
         str(DEMO_CONFIG),
-        f"paths.base_model_path={tiny_model}",
+        f"model.pretrained_model={tiny_model}",
         f"paths.infer_path={tmp_path / 'o'}",
     ]
     lora = f"paths.lora_weights_path={lora_run / 'checkpoint-10'}"
     cases = [
-        ([f"paths.base_model_path={tmp_path / 'nope'}"], f"model folder not found: {tmp_path / 'nope'}"),
+        ([f"model.pretrained_model={tmp_path / 'nope'}"], f"model folder not found: {tmp_path / 'nope'}"),
         (
             [lora, "paths.lora_weights_path=" + str(tmp_path / "missing")],
             f"LoRA weights not found: {tmp_path / 'missing'}",
@@ -272,7 +272,7 @@ def test_bad_inputs_give_clear_errors(tiny_model, lora_run, tmp_path, capsys):
     incomplete = tmp_path / "incomplete"
     incomplete.mkdir()
     (incomplete / "model_index.json").write_text("{}")
-    code, err = run_cli(capsys, *cfg, f"paths.base_model_path={incomplete}")
+    code, err = run_cli(capsys, *cfg, f"model.pretrained_model={incomplete}")
     assert code == 2 and "missing unet, vae, text_encoder" in err and "found model_index.json" in err
     empty_checkpoint = tmp_path / "checkpoint-3"
     empty_checkpoint.mkdir()
@@ -294,7 +294,7 @@ def test_a_lora_that_only_partly_fits_the_base_is_refused(tiny_model, lora_run, 
     renamed = tmp_path / "renamed.safetensors"
     save_file({k.replace(".attn1.to_q.", ".attn1.query."): v for k, v in state.items()}, renamed)
     code, err = run_cli(
-        capsys, "--config", str(DEMO_CONFIG), f"paths.base_model_path={tiny_model}",
+        capsys, "--config", str(DEMO_CONFIG), f"model.pretrained_model={tiny_model}",
         f"paths.infer_path={tmp_path / 'o'}", f"paths.lora_weights_path={renamed}", "resolution.width=64",
         "resolution.height=64",
     )  # fmt: skip
@@ -302,6 +302,24 @@ def test_a_lora_that_only_partly_fits_the_base_is_refused(tiny_model, lora_run, 
     assert code == 2 and f"{renamed} does not fit this base model: {n} of its" in err, err
     assert "unet.mid_block.attentions.0.transformer_blocks.0.attn1.query" in err
     assert not list((tmp_path / "o").rglob("*.png"))
+
+
+def test_a_config_of_the_last_release_runs_unchanged(lora_output, tiny_model, lora_run, tmp_path, capsys):
+    """The demo config as the last release shipped it, with its old key names (paths.base_model_path) in the file
+    and in the overrides, makes the same images as today's config, and says which keys to write instead."""
+    release = REPO / "tests" / "data" / "release_configs" / "demo" / "lora_infer.yaml"
+    argv = [
+        "--config", str(release), f"paths.base_model_path={tiny_model}", f"paths.infer_path={tmp_path / 'old'}",
+        "resolution.width=64", "resolution.height=64", f"paths.lora_weights_path={lora_run / 'checkpoint-10'}",
+    ]  # fmt: skip
+    assert run_main(infer_lora_sdxl.main, argv) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {release}: paths.base_model_path is deprecated; use model.pretrained_model" in err
+    assert "warning: paths.base_model_path is deprecated; use model.pretrained_model" in err  # the override
+    made = sorted(p.name for p in lora_output.glob("*.png"))
+    assert made == sorted(p.name for p in (tmp_path / "old" / "generations").glob("*.png"))
+    for name in made:
+        assert np.array_equal(pixels(lora_output / name), pixels(tmp_path / "old" / "generations" / name))
 
 
 def test_changed_settings_are_refused_not_mixed(lora_output, tiny_model, lora_run, tmp_path, capsys):
@@ -312,7 +330,7 @@ def test_changed_settings_are_refused_not_mixed(lora_output, tiny_model, lora_ru
     out = [
         "--config",
         str(DEMO_CONFIG),
-        f"paths.base_model_path={tiny_model}",
+        f"model.pretrained_model={tiny_model}",
         f"paths.infer_path={tmp_path / 'out'}",
     ]
     code, err = run_cli(capsys, *out, "resolution.width=64", "resolution.height=64", lora, "lora_scale=0.5")
@@ -334,7 +352,7 @@ def launch(tmp_path, model, lora_dir, accelerate_config: str, name: str) -> Path
         "bash",
         str(REPO / "ai/lora/run_lora_infer.sh"),
         str(DEMO_CONFIG),
-        f"paths.base_model_path={model}",
+        f"model.pretrained_model={model}",
         f"paths.lora_weights_path={lora_dir}",
         f"paths.infer_path={out}",
         "resolution.width=64",

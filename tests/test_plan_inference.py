@@ -84,7 +84,7 @@ def args_for(model, controlnet, plan: Path, out: Path, *overrides: str) -> list[
     return [
         "--config",
         str(DEMO_CONFIG),
-        f"paths.base_model_path={model}",
+        f"model.pretrained_model={model}",
         f"paths.controlnet_path={controlnet}",
         f"paths.plan={plan}",
         f"paths.masks_path={out / 'no_masks_here'}",  # not read with a plan

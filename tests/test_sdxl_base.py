@@ -143,7 +143,7 @@ def test_lora_trains_exports_loads_in_diffusers_and_generates(sdxl_base, stage1,
     infer = tmp_path / "lora_infer.yaml"
     infer.write_text((REPO / "config/lora_infer.yaml").read_text())
     launch(
-        "ai/lora/run_lora_infer.sh", infer, f"paths.base_model_path={sdxl_base}", f"paths.lora_weights_path={run}",
+        "ai/lora/run_lora_infer.sh", infer, f"model.pretrained_model={sdxl_base}", f"paths.lora_weights_path={run}",
         f"paths.infer_path={tmp_path}/lora_infer", "dtype=bf16", "num_inference_steps=2",
         f"resolution.width={SIZE[0]}", f"resolution.height={SIZE[1]}",
     )  # fmt: skip
@@ -177,7 +177,7 @@ def test_controlnet_trains_checkpoints_exports_and_generates(sdxl_base, stage1, 
     infer.write_text((REPO / "config/controlnet_infer.yaml").read_text())
     bdd_dir = next(stage1.glob("bdd100k"))
     launch(
-        "ai/controlnet/run_controlnet_infer.sh", infer, f"paths.base_model_path={sdxl_base}",
+        "ai/controlnet/run_controlnet_infer.sh", infer, f"model.pretrained_model={sdxl_base}",
         f"paths.controlnet_path={run}/controlnet", f"paths.masks_path={bdd_dir}/labels/sem_seg/masks/val",
         f"paths.captions_path={stage1}/captions/val", "paths.source_labels=null",
         f"paths.infer_path={tmp_path}/controlnet_infer", "dtype=bf16", "num_inference_steps=2", "max_prompts=1",

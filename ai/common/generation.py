@@ -49,8 +49,10 @@ from ai.common.generation_config import (  # noqa: F401 (the config sections are
     SchedulerName,
     Speed,
 )
+from ai.common.models import ModelSource
 from ai.common.pipelines import model_fingerprint
 from core.cli import UserError
+from core.config import add_config_arguments
 from core.io import atomic_write_bytes, atomic_write_text, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -84,20 +86,18 @@ def parse_generation_args(
         epilog=f"Overrides are dotted key=value pairs, e.g. {override_examples}. Every key is documented in "
         f"{default_config}.",
     )
-    parser.add_argument("--config", default=default_config, help=f"YAML config (default: {default_config})")
-    parser.add_argument("--check", action="store_true", help=check_help)
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    add_config_arguments(parser, default_config, check_help)
     return parser.parse_args(argv)
 
 
-def check_base_model(paths: GenerationPaths) -> None:
-    """A local base model must be a complete SDXL folder and a local ``vae_path`` a folder (hub ids load later)."""
+def check_base_model(model: ModelSource) -> None:
+    """A local base model must be a complete SDXL folder and a local ``vae`` a folder (hub ids load later)."""
     from ai.common.models import check_model_folder, is_local
 
-    if is_local(paths.base_model_path):
-        check_model_folder(paths.base_model_path)
-    if paths.vae_path and is_local(paths.vae_path) and not Path(paths.vae_path).is_dir():
-        raise UserError(f"paths.vae_path not found: {paths.vae_path} (a diffusers AutoencoderKL folder)")
+    if is_local(model.pretrained_model):
+        check_model_folder(model.pretrained_model)
+    if model.vae and is_local(model.vae) and not Path(model.vae).is_dir():
+        raise UserError(f"model.vae not found: {model.vae} (a diffusers AutoencoderKL folder)")
 
 
 def resolve_lora_file(path: str | None, key: str = "paths.lora_weights_path") -> Path | None:
@@ -365,8 +365,8 @@ def common_settings(
         **(method or {}),
         "lora_scale": lora_scale if lora_file else None,
         "lora_sha256": sha256_file(lora_file) if lora_file else None,
-        "base_model_fingerprint": model_fingerprint(cfg.paths.base_model_path, cfg.paths.variant),
-        "vae_fingerprint": model_fingerprint(cfg.paths.vae_path) if cfg.paths.vae_path else None,
+        "base_model_fingerprint": model_fingerprint(cfg.model.pretrained_model, cfg.model.variant),
+        "vae_fingerprint": model_fingerprint(cfg.model.vae) if cfg.model.vae else None,
     }
 
 
@@ -380,8 +380,8 @@ def common_info(
 ) -> dict[str, Any]:
     """Record fields not compared on resume: where the models and the config came from (``method``: the script's)."""
     return {
-        "base_model": cfg.paths.base_model_path,
-        "vae_path": cfg.paths.vae_path,
+        "base_model": cfg.model.pretrained_model,
+        "vae_path": cfg.model.vae,
         **(method or {}),
         "lora_path": str(lora_file) if lora_file else None,
         "fuse_lora": fuse_lora if lora_file else None,
@@ -390,7 +390,7 @@ def common_info(
 
 
 @dataclass
-class GenerationPlan:
+class PendingWork:
     """What a run will do: the images still to make (``todo``) out of ``total``; the same on every process."""
 
     out_dir: Path
@@ -402,14 +402,14 @@ class GenerationPlan:
         return f"nothing to do: all {self.total} images are in {self.out_dir} (metadata.jsonl lists them)"
 
 
-def plan_generation(
+def pending_work(
     items: Sequence[WorkItem],
     out_dir: str | os.PathLike,
     settings: dict[str, Any],
     *,
     overwrite: bool = False,
     state=None,
-) -> GenerationPlan:
+) -> PendingWork:
     """Compare the work list with what ``out_dir`` holds; call before loading the model (a finished rerun skips it).
 
     An image is done when its PNG and its record exist and the record's prompt, seed and ``settings`` (what
@@ -441,11 +441,11 @@ def plan_generation(
         )
     todo += [item for item, _ in stale]
     todo.sort(key=lambda it: (it.prompt_index, it.image_index))
-    return GenerationPlan(out_dir, settings, todo, len(items))
+    return PendingWork(out_dir, settings, todo, len(items))
 
 
 def run_generation(
-    plan: GenerationPlan,
+    work: PendingWork,
     generate: Callable[[list[WorkItem], list[Any]], list[Any]],
     *,
     info: dict[str, Any] | None = None,
@@ -454,10 +454,10 @@ def run_generation(
     load_inputs: Callable[[WorkItem], Any] | None = None,
     state=None,
 ) -> GenerationSummary:
-    """Make the images of ``plan.todo``, split across the accelerate processes; merge the metadata at the end.
+    """Make the images of ``work.todo``, split across the accelerate processes; merge the metadata at the end.
 
     Args:
-        plan: from :func:`plan_generation`.
+        work: from :func:`pending_work`.
         generate: ``generate(batch, inputs) -> PIL images``, one per item, in order.
         info: extra record fields not compared on resume (config path, adapter path).
         batch_size: items per ``generate`` call.
@@ -471,13 +471,13 @@ def run_generation(
     from tqdm.auto import tqdm
 
     state = state or PartialState()
-    out_dir, settings = plan.out_dir, plan.settings
-    summary = GenerationSummary(total=plan.total, skipped=plan.total - len(plan.todo), out_dir=str(out_dir))
+    out_dir, settings = work.out_dir, work.settings
+    summary = GenerationSummary(total=work.total, skipped=work.total - len(work.todo), out_dir=str(out_dir))
     start = time.perf_counter()
     failed: list[str] = []
     generated = 0
     part_path = out_dir / f"metadata.part-{state.process_index:05d}.jsonl"
-    with state.split_between_processes(plan.todo) as mine, open(part_path, "a", encoding="utf-8") as part:
+    with state.split_between_processes(work.todo) as mine, open(part_path, "a", encoding="utf-8") as part:
         bar = tqdm(total=len(mine), desc="generating", unit="img", disable=not state.is_main_process)
         for begin in range(0, len(mine), batch_size):
             batch, inputs = [], []

@@ -18,10 +18,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
+from ai.common.models import ModelSource
 from core.config import Section
 
 Size = tuple[int, int]
@@ -53,9 +54,6 @@ def check_multiple_of_8(value: int | None) -> int | None:
 
 
 class GenerationPaths(Section):
-    base_model_path: str = "stabilityai/stable-diffusion-xl-base-1.0"
-    vae_path: str | None = None
-    variant: str | None = None
     infer_path: str = "inference_outputs"
 
 
@@ -86,6 +84,14 @@ class Speed(Section):
 class GenerationConfig(Section):
     """Keys every generation config has; scripts subclass it and narrow ``paths``."""
 
+    #: The names before generation took training's (``model.*``): still read, with a warning.
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {
+        "paths.base_model_path": "model.pretrained_model",
+        "paths.vae_path": "model.vae",
+        "paths.variant": "model.variant",
+    }
+
+    model: ModelSource = ModelSource()
     paths: GenerationPaths = GenerationPaths()
     prompt: str | None = None
     prompts: list[str] = []

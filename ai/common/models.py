@@ -14,11 +14,20 @@ from pathlib import Path
 from typing import Any
 
 from core.cli import UserError
+from core.config import Section
 
 logger = logging.getLogger(__name__)
 
 #: Subfolders a diffusers SDXL folder has (model_index.json beside them).
 SDXL_SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+
+
+class ModelSource(Section):
+    """The base model a run loads: ``model:`` in training and generation configs alike."""
+
+    pretrained_model: str = "stabilityai/stable-diffusion-xl-base-1.0"  # diffusers SDXL folder or hub id
+    vae: str | None = None  # separate VAE folder or hub id, e.g. an fp16-safe SDXL VAE
+    variant: str | None = None  # weight variant such as "fp16"
 
 
 def check_model_folder(path: str | os.PathLike) -> Path:

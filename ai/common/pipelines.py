@@ -26,7 +26,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from ai.common.generation_config import SCHEDULERS, GenerationConfig, GenerationPaths, Speed
+from ai.common.generation_config import SCHEDULERS, GenerationConfig, Speed
+from ai.common.models import ModelSource
 from core.cli import UserError, setup_logging
 from core.io import atomic_write_text, sha256_bytes, sha256_file
 
@@ -141,7 +142,7 @@ def apply_speed_switches(pipe, speed: Speed, device) -> None:
             pipe.controlnet = torch.compile(controlnet, mode=speed.compile_mode)
 
 
-def build_sdxl_pipeline(paths: GenerationPaths, dtype: str, pipeline_cls=None, **extra_components):
+def build_sdxl_pipeline(model: ModelSource, dtype: str, pipeline_cls=None, **extra_components):
     """A text-to-image pipeline from :func:`ai.common.models.load_components` (local folder, hub id or tiny model).
 
     Left on the CPU: load adapters first, then move it with ``pipe.to(device)``. ``pipeline_cls`` and
@@ -152,7 +153,7 @@ def build_sdxl_pipeline(paths: GenerationPaths, dtype: str, pipeline_cls=None, *
     from ai.common.models import load_components
 
     parts = load_components(
-        paths.base_model_path, vae=paths.vae_path, dtype=torch_dtype(dtype), variant=paths.variant
+        model.pretrained_model, vae=model.vae, dtype=torch_dtype(dtype), variant=model.variant
     )
     pipeline_cls = pipeline_cls or StableDiffusionXLPipeline
     pipe = pipeline_cls(

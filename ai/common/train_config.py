@@ -10,14 +10,13 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from ai.common.models import ModelSource
 from core.config import Section
 
 
-class ModelConfig(Section):
+class ModelConfig(ModelSource):
     pretrained_model: str = "models/sdxl-base"  # diffusers SDXL folder (or hub id on an online host)
-    vae: str | None = None  # separate VAE folder, e.g. an fp16-safe SDXL VAE
     vae_fp16_safe: bool = False  # run the VAE in the mixed-precision dtype (only for an fp16-safe VAE)
-    variant: str | None = None  # weight variant such as "fp16"
 
 
 class DataConfig(Section):
@@ -186,13 +185,15 @@ def trainer_main(argv, *, prog: str, description: str, config_cls, check_inputs,
     import argparse
 
     from core.cli import setup_logging
-    from core.config import load_config
+    from core.config import add_config_arguments, load_config
 
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", required=True, help="YAML config file")
-    parser.add_argument("--check", action="store_true", help="validate the config and inputs, then exit")
-    parser.add_argument("overrides", nargs="*", help=f"dotted key=value overrides, e.g. {example}")
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, epilog=f"Overrides are dotted key=value pairs, e.g. {example}."
+    )
+    add_config_arguments(parser)
     args = parser.parse_args(argv)
+    if args.config is None:
+        parser.error("the following arguments are required: --config")
     setup_logging()
     cfg = load_config(config_cls, args.config, args.overrides)
     check_inputs(cfg)

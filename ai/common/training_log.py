@@ -17,8 +17,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from core import report
 from core.cli import UserError
-from core.io import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -90,16 +90,9 @@ class MetricsLog:
     def plot(self) -> None:
         if not self.enabled:
             return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import io
-
-        import matplotlib.pyplot as plt
-
         rows = self.read()
         has_gap = any("control_gap" in r for r in rows)  # ControlNet: plot the fidelity gap beside the loss
-        fig, axes = plt.subplots(1, 2 if has_gap else 1, figsize=(12 if has_gap else 7, 4), squeeze=False)
+        fig, axes = report.subplots(1, 2 if has_gap else 1, figsize=(12 if has_gap else 7, 4), squeeze=False)
         ax = axes[0][0]
         for key, style in (("loss", "-"), ("loss_avg", "-"), ("val_loss", "o-")):
             pts = [(r["step"], r[key]) for r in rows if key in r]
@@ -119,10 +112,7 @@ class MetricsLog:
             gap_ax.set_title("control fidelity: > 0 means the condition is followed")
             gap_ax.grid(alpha=0.3)
             gap_ax.legend()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        atomic_write_bytes(self.png, buf.getvalue())
+        report.save_figure(fig, self.png, dpi=100, bbox_inches="tight")
 
 
 def log_images(accelerator, images: list, prompts: list[str], step: int) -> None:

@@ -114,7 +114,7 @@ def check_controlnet_fits(controlnet: dict, unet: dict, controlnet_name: str, ba
         raise UserError(
             f"ControlNet {controlnet_name} does not fit the base model {base_name}: {'; '.join(differences)}. "
             "A ControlNet works only with the UNet architecture it was trained on (SDXL with SDXL); train one on "
-            "this base model or point paths.base_model_path at the model it was trained on"
+            "this base model or point model.pretrained_model at the model it was trained on"
         )
 
 

@@ -42,12 +42,13 @@ from ai.common.generation import (
     common_info,
     common_settings,
     parse_generation_args,
-    plan_generation,
+    pending_work,
     resize_to,
     resolve_lora_file,
     run_generation,
 )
 from ai.common.generation_config import BucketGrid, OutputSize
+from ai.common.models import ModelSource
 from ai.common.pipelines import (
     build_sdxl_pipeline,
     call_pipeline,
@@ -145,13 +146,9 @@ class Geometry:
     generate_at_bucket: bool = False
 
     @classmethod
-    def for_model(cls, paths: ControlNetInferPaths, resolution: ControlNetResolution) -> Geometry:
-        unet = read_model_config(paths.base_model_path, "unet")
-        vae = (
-            read_model_config(paths.vae_path)
-            if paths.vae_path
-            else read_model_config(paths.base_model_path, "vae")
-        )
+    def for_model(cls, model: ModelSource, resolution: ControlNetResolution) -> Geometry:
+        unet = read_model_config(model.pretrained_model, "unet")
+        vae = read_model_config(model.vae) if model.vae else read_model_config(model.pretrained_model, "vae")
         return cls(BucketGrid.from_configs(unet, vae), resolution.fixed, resolution.generate_at_bucket)
 
     @property
@@ -204,12 +201,12 @@ def check_inputs(cfg: ControlNetInferConfig) -> Inputs:
     """Everything that can be checked without torch: folders, architecture, conditioning kind, masks, captions."""
     from ai.common.models import is_local
 
-    check_base_model(cfg.paths)
+    check_base_model(cfg.model)
     controlnet = resolve_controlnet(cfg.paths.controlnet_path)
     controlnet_config = read_model_config(controlnet) if isinstance(controlnet, Path) else {}
-    if controlnet_config and is_local(cfg.paths.base_model_path):
-        unet = read_model_config(cfg.paths.base_model_path, "unet")
-        check_controlnet_fits(controlnet_config, unet, str(controlnet), cfg.paths.base_model_path)
+    if controlnet_config and is_local(cfg.model.pretrained_model):
+        unet = read_model_config(cfg.model.pretrained_model, "unet")
+        check_controlnet_fits(controlnet_config, unet, str(controlnet), cfg.model.pretrained_model)
     if (  # a file, or a per-image folder; a plan's records carry their labels
         cfg.paths.source_labels and not cfg.paths.plan and not Path(cfg.paths.source_labels).exists()
     ):
@@ -276,12 +273,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         match_controlnet(cfg, inputs)
     from ai.common.models import is_local
 
-    if not is_local(cfg.paths.base_model_path):
-        unet_config = read_model_config(cfg.paths.base_model_path, "unet")
+    if not is_local(cfg.model.pretrained_model):
+        unet_config = read_model_config(cfg.model.pretrained_model, "unet")
         check_controlnet_fits(
-            inputs.controlnet_config, unet_config, str(inputs.controlnet), cfg.paths.base_model_path
+            inputs.controlnet_config, unet_config, str(inputs.controlnet), cfg.model.pretrained_model
         )
-    geometry = Geometry.for_model(cfg.paths, cfg.resolution)
+    geometry = Geometry.for_model(cfg.model, cfg.resolution)
     if args.check:
         print(
             f"{args.config}: ok ({len(inputs.entries)} {'planned scene(s)' if cfg.paths.plan else 'mask(s)'} x "
@@ -330,23 +327,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     items = build_work_items(entries, cfg.images_per_prompt, cfg.seed)
     out_dir = infer_path / GENERATIONS_DIR
     sheets_dir = infer_path / SIDE_BY_SIDE_DIR
-    plan = plan_generation(items, out_dir, settings, overwrite=cfg.overwrite, state=state)
+    work = pending_work(items, out_dir, settings, overwrite=cfg.overwrite, state=state)
     if cfg.side_by_side:
         sheets_dir.mkdir(parents=True, exist_ok=True)  # every process writes the sheets of its own images
     if state.is_main_process:
         save_resolved_config(cfg, infer_path / "config.resolved.yaml")
-    if not plan.todo:
+    if not work.todo:
         if state.is_main_process:
             if cfg.side_by_side:
                 fill_missing_sheets(out_dir, sheets_dir)
-            print(plan.nothing_to_do_message())
+            print(work.nothing_to_do_message())
         return 0
 
     from diffusers import StableDiffusionXLControlNetPipeline
 
     controlnet = load_controlnet(inputs.controlnet, cfg.dtype)
     pipe = build_sdxl_pipeline(
-        cfg.paths, cfg.dtype, pipeline_cls=StableDiffusionXLControlNetPipeline, controlnet=controlnet
+        cfg.model, cfg.dtype, pipeline_cls=StableDiffusionXLControlNetPipeline, controlnet=controlnet
     )
     prepare_pipeline(
         pipe,
@@ -398,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return images
 
     summary = run_generation(
-        plan,
+        work,
         generate,
         info=info,
         batch_size=cfg.batch_size,

@@ -30,7 +30,7 @@ from ai.common.generation import (
     common_info,
     common_settings,
     parse_generation_args,
-    plan_generation,
+    pending_work,
     read_prompts,
     resize_to,
     resolve_lora_file,
@@ -71,7 +71,7 @@ def parse_args(argv: Sequence[str] | None):
 
 def check_inputs(cfg: LoraInferConfig) -> tuple[list[PromptEntry], Path | None]:
     """Everything that can be checked without torch: model folder, VAE, LoRA file, prompts."""
-    check_base_model(cfg.paths)
+    check_base_model(cfg.model)
     return read_prompts(cfg), resolve_lora_file(cfg.paths.lora_weights_path)
 
 
@@ -106,17 +106,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = common_settings(cfg, lora_file, cfg.lora_scale, size=size)
     info = common_info(cfg, lora_file, cfg.fuse_lora, args.config)
     items = build_work_items(prompts, cfg.images_per_prompt, cfg.seed)
-    plan = plan_generation(
-        items, infer_path / GENERATIONS_DIR, settings, overwrite=cfg.overwrite, state=state
-    )
+    work = pending_work(items, infer_path / GENERATIONS_DIR, settings, overwrite=cfg.overwrite, state=state)
     if state.is_main_process:
         save_resolved_config(cfg, infer_path / "config.resolved.yaml")
-    if not plan.todo:
+    if not work.todo:
         if state.is_main_process:
-            print(plan.nothing_to_do_message())
+            print(work.nothing_to_do_message())
         return 0
 
-    pipe = build_sdxl_pipeline(cfg.paths, cfg.dtype)
+    pipe = build_sdxl_pipeline(cfg.model, cfg.dtype)
     grid = BucketGrid.from_configs(pipe.unet.config, pipe.vae.config)
     sizes = grid.output_size((resolution.width, resolution.height), resolution.generate_at_bucket)
     prepare_pipeline(
@@ -131,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
 
     summary = run_generation(
-        plan,
+        work,
         generate,
         info={**info, **sizes.record()},
         batch_size=cfg.batch_size,
