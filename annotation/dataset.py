@@ -15,7 +15,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ import yaml
 from annotation import consensus
 from annotation.layout import LayoutSources, MatchResult
 from annotation.settings import AnnotationConfig
-from core.io import atomic_write_text
+from core.io import atomic_write_text, link_or_copy
 from vocab import bdd
 
 SPLITS = ("train", "val")
@@ -210,22 +209,7 @@ def sync_dataset_files(out: Path, record: dict[str, Any], cfg: AnnotationConfig,
 
 def place_image(src: Path, dest: Path, mode: str) -> None:
     """Hardlink (falls back to a copy across file systems) or copy, atomically replacing ``dest``."""
-    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-    if tmp.exists():
-        tmp.unlink()
-    try:
-        if mode == "hardlink":
-            try:
-                os.link(src, tmp)
-            except OSError:
-                shutil.copyfile(src, tmp)
-        else:
-            shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-        raise
+    link_or_copy(src, dest, hardlink=mode == "hardlink")
 
 
 def write_if_changed(path: Path, text: str) -> None:

@@ -8,6 +8,11 @@ Usage::
         [--imgsz 640] [--batch 16] [--device 0] [--classes car bus ...] [--class_map ...] [--max_images N] \\
         [--seg_model FOLDER] [--fid_features FILE [--fid_dims 2048]]
     python annotation/evaluate_fidelity.py --generations G --detector D --real_images FOLDER ...
+    python annotation/evaluate_fidelity.py --config config/fidelity.yaml [--check] [key=value ...]
+
+Settings come from a YAML config (config/fidelity.yaml documents every key; annotation/fidelity_config.py is its
+schema), the flags above (each another spelling of a key: ``--imgsz`` is ``detector.imgsz``) and ``key=value``
+overrides, in that order; ``--check`` validates them and the inputs and exits.
 
 Each generated image listed in ``metadata.jsonl`` beside it (``file``, ``source_frame``, ``source_labels``,
 ``source_size``, ``mask_path``: what ControlNet generation records) is paired with its source frame: the real image
@@ -52,23 +57,17 @@ from pathlib import Path
 from typing import Any
 
 from annotation import metrics
+from annotation.fidelity_config import FID_HELP, SEG_MODEL_HELP, DetectorSettings, FidelityConfig
 from annotation.layout import METADATA_FILE, LayoutSources, SourceRef, read_metadata
+from annotation.settings import parse_class_map_arg
 from core import report
 from core.cli import UserError, run_main, setup_logging
+from core.config import add_config_arguments, flag_values, load_config, save_resolved_config
 from core.io import atomic_write_text
 from vocab import bdd
 
 log = logging.getLogger("bdd-sdxl.annotation")
 SHOW = 5
-SEG_MODEL_HELP = (
-    "pass a local folder with a transformers semantic segmentation model trained on Cityscapes' 19 classes "
-    "(config.json, weights, preprocessor_config.json); fetch one once on a host with internet, e.g. "
-    "`huggingface-cli download nvidia/segformer-b0-finetuned-cityscapes-1024-1024 --local-dir FOLDER`"
-)
-FID_HELP = (
-    "pass torch-fidelity's InceptionV3 weights file; fetch it once on a host with internet from "
-    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
-)
 
 
 @dataclass
@@ -240,12 +239,15 @@ def _mapped(pred: metrics.Boxes, mapping: dict[int, int]) -> list[tuple[int, flo
     ]
 
 
-def detection_fidelity(pairs: list[Pair], loaded, mapping: dict[int, int], args) -> dict[str, Any]:
+def detection_fidelity(
+    pairs: list[Pair], loaded, mapping: dict[int, int], detector: DetectorSettings
+) -> dict[str, Any]:
     """mAP tables of the generated images and of their real frames, and their ratios."""
     import tempfile
 
     real_paths = sorted({p.real.resolve() for p in pairs})
-    kwargs = dict(imgsz=args.imgsz, batch=args.batch, device=args.device, conf=args.conf, iou=args.iou)
+    d = detector
+    kwargs = dict(imgsz=d.imgsz, batch=d.batch, device=d.device, conf=d.conf, iou=d.iou)
     with tempfile.TemporaryDirectory(prefix="fidelity-") as tmp:
         log.info("detector on %d generated images and %d real frames", len(pairs), len(real_paths))
         pred_gen = metrics.predict_boxes(
@@ -313,7 +315,7 @@ def torch_device(spec: str | None):
 
 def load_segmenter(folder: Path):
     """A local transformers semantic segmentation model whose 19 classes are Cityscapes' (BDD100K's) trainIds
-    (the folder exists: :func:`check_args`)."""
+    (the config checked that the folder exists)."""
     from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
     try:
@@ -334,7 +336,9 @@ def load_segmenter(folder: Path):
     return processor, model.eval()
 
 
-def segmentation_fidelity(pairs: list[Pair], folder: Path, args) -> dict[str, Any]:
+def segmentation_fidelity(
+    pairs: list[Pair], folder: Path, device_name: str | None, batch: int
+) -> dict[str, Any]:
     """mIoU of the segmenter's prediction against each conditioning mask, on the generated and the real image."""
     import numpy as np
     import torch
@@ -359,7 +363,7 @@ def segmentation_fidelity(pairs: list[Pair], folder: Path, args) -> dict[str, An
             )
         )
     processor, model = load_segmenter(folder)
-    device = torch_device(args.device)
+    device = torch_device(device_name)
     model.to(device)
     n = bdd.NUM_SEG_CLASSES
     scores = {
@@ -370,8 +374,8 @@ def segmentation_fidelity(pairs: list[Pair], folder: Path, args) -> dict[str, An
         for side in ("generated", "real")
     }
     pixels = np.zeros(n, np.int64)
-    for start in range(0, len(with_mask), args.batch):
-        chunk = with_mask[start : start + args.batch]
+    for start in range(0, len(with_mask), batch):
+        chunk = with_mask[start : start + batch]
         masks = [torch.from_numpy(bdd.read_label_mask(p.ref.mask_path).astype(np.int64)) for p in chunk]
         for m in masks:
             pixels += np.bincount(m[m != bdd.SEG_IGNORE_ID].numpy().ravel(), minlength=n)[:n]
@@ -407,9 +411,11 @@ def segmentation_fidelity(pairs: list[Pair], folder: Path, args) -> dict[str, An
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def distribution_distance(pairs: list[Pair], weights: Path, dims: int, args) -> dict[str, Any]:
-    """FID and KID (torchmetrics, InceptionV3 features from a local torch-fidelity weights file, which
-    :func:`check_args` found)."""
+def distribution_distance(
+    pairs: list[Pair], weights: Path, dims: int, device_name: str | None, batch: int
+) -> dict[str, Any]:
+    """FID and KID (torchmetrics, InceptionV3 features from a local torch-fidelity weights file, which the
+    config's check found)."""
     import numpy as np
     import torch
     from PIL import Image
@@ -432,7 +438,7 @@ def distribution_distance(pairs: list[Pair], weights: Path, dims: int, args) -> 
     with warnings.catch_warnings():  # "KID keeps every feature in memory": 8 kB per image at 2048 dims
         warnings.simplefilter("ignore", UserWarning)
         kid = KernelInceptionDistance(feature=fid.inception, subset_size=subset)  # the same (local) network
-    device = torch_device(args.device)
+    device = torch_device(device_name)
     fid.to(device)
     kid.to(device)
     for is_real, paths in ((True, real), (False, generated)):
@@ -441,9 +447,9 @@ def distribution_distance(pairs: list[Pair], weights: Path, dims: int, args) -> 
             with Image.open(path) as im:
                 by_size.setdefault(im.size, []).append(path)
         for group in by_size.values():  # the network resizes to 299x299; a batch needs one input size
-            for start in range(0, len(group), args.batch):
-                batch = [np.asarray(_rgb(p)) for p in group[start : start + args.batch]]
-                imgs = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous().to(device)
+            for start in range(0, len(group), batch):
+                images = [np.asarray(_rgb(p)) for p in group[start : start + batch]]
+                imgs = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous().to(device)
                 fid.update(imgs, real=is_real)
                 kid.update(imgs, real=is_real)
     kid_mean, kid_std = kid.compute()
@@ -555,111 +561,162 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The flags, each another spelling of a config key (its ``dest``): YAML < flags < ``key=value`` overrides."""
     p = argparse.ArgumentParser(
+        prog="python annotation/evaluate_fidelity.py",
         description="Layout fidelity: a detector's mAP on generated images vs on their real source frames.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Every key is documented in config/fidelity.yaml; flags and key=value overrides replace its values.",
     )
-    p.add_argument("--generations", required=True, help="folder of generated images with metadata.jsonl")
-    p.add_argument("--detector", required=True, help="local YOLO weights (.pt)")
-    real = p.add_mutually_exclusive_group(required=True)
-    real.add_argument("--bdd_data_dir", help="BDD100K folder whose images/ hold the source frames")
-    real.add_argument("--real_images", help="folder (searched recursively) holding the source frames")
-    p.add_argument("--out", help="report folder (default: <generations>/../fidelity)")
-    p.add_argument("--imgsz", type=int, default=640, help="detector input size")
-    p.add_argument("--batch", type=int, default=16, help="images per batch (detector, segmenter, FID)")
-    p.add_argument("--device", default=None, help="cpu, 0, cuda:0 ... (default: the first GPU, else cpu)")
-    p.add_argument("--conf", type=float, default=metrics.EVAL_CONF, help="lowest detection confidence kept")
-    p.add_argument("--iou", type=float, default=0.7, help="detector NMS IoU")
-    p.add_argument(
-        "--classes", nargs="+", help="BDD classes to score (default: every class the detector maps to)"
+    add_config_arguments(
+        p, None, "validate the config and the inputs (generations, detector, models), then exit"
     )
     p.add_argument(
-        "--class_map", help="model class -> BDD class (as annotation's --class_map; default: auto)"
+        "--generations", dest="paths.generations", help="folder of generated images with metadata.jsonl"
+    )
+    p.add_argument("--detector", dest="detector.model", help="local YOLO weights (.pt)")
+    p.add_argument(
+        "--bdd_data_dir",
+        dest="paths.bdd_data_dir",
+        help="BDD100K folder whose images/ hold the source frames",
     )
     p.add_argument(
-        "--min_box_size", type=float, default=0.0, help="leave out layout boxes with a shorter side (px)"
+        "--real_images",
+        dest="paths.real_images",
+        help="folder (searched recursively) holding the source frames",
     )
-    p.add_argument("--max_images", type=int, help="score only the first N generations (by file name)")
+    p.add_argument("--out", dest="paths.out", help="report folder (default: <generations>/../fidelity)")
+    p.add_argument("--imgsz", dest="detector.imgsz", type=int, help="detector input size (640)")
     p.add_argument(
-        "--allow_missing_real", action="store_true", help="skip generations whose real frame is missing"
+        "--batch", dest="detector.batch", type=int, help="images per batch: detector, segmenter, FID (16)"
     )
-    p.add_argument("--seg_model", help="local Cityscapes-class segmentation model folder (mask mIoU)")
-    p.add_argument("--fid_features", help="local torch-fidelity InceptionV3 weights file (FID/KID)")
     p.add_argument(
-        "--fid_dims", type=int, default=2048, choices=(64, 192, 768, 2048), help="InceptionV3 features"
+        "--device", dest="detector.device", help="cpu, 0, cuda:0 ... (default: the first GPU, else cpu)"
+    )
+    p.add_argument(
+        "--conf",
+        dest="detector.conf",
+        type=float,
+        help=f"lowest detection confidence kept ({metrics.EVAL_CONF})",
+    )
+    p.add_argument("--iou", dest="detector.iou", type=float, help="detector NMS IoU (0.7)")
+    p.add_argument(
+        "--classes",
+        dest="detector.classes",
+        nargs="+",
+        help="BDD classes to score (default: every class the detector maps to)",
+    )
+    p.add_argument(
+        "--class_map",
+        dest="detector.class_map",
+        help="model class -> BDD class (as annotation's --class_map; default: auto)",
+    )
+    p.add_argument(
+        "--min_box_size",
+        dest="scoring.min_box_size",
+        type=float,
+        help="leave out layout boxes with a shorter side (px)",
+    )
+    p.add_argument(
+        "--max_images",
+        dest="scoring.max_images",
+        type=int,
+        help="score only the first N generations (by file name)",
+    )
+    p.add_argument(
+        "--allow_missing_real",
+        dest="scoring.allow_missing_real",
+        action="store_true",
+        default=None,
+        help="skip generations whose real frame is missing",
+    )
+    p.add_argument(
+        "--seg_model",
+        dest="segmentation.model",
+        help="local Cityscapes-class segmentation model folder (mask mIoU)",
+    )
+    p.add_argument(
+        "--fid_features",
+        dest="distribution.features",
+        help="local torch-fidelity InceptionV3 weights file (FID/KID)",
+    )
+    p.add_argument(
+        "--fid_dims",
+        dest="distribution.dims",
+        type=int,
+        choices=(64, 192, 768, 2048),
+        help="InceptionV3 features (2048)",
     )
     p.add_argument("--log_level", default=None)
     return p
 
 
-def check_args(args: argparse.Namespace) -> None:
-    from annotation.settings import check_bdd_class
-
-    for flag in ("imgsz", "batch"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    if args.max_images is not None and args.max_images < 1:
-        raise UserError(f"--max_images must be at least 1, got {args.max_images}")
-    if not 0.0 <= args.conf <= 1.0:
-        raise UserError(f"--conf must be in [0, 1], got {args.conf}")
-    for name in args.classes or []:
-        try:
-            check_bdd_class(name, "--classes")
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
-    if args.seg_model and not Path(args.seg_model).is_dir():
-        raise UserError(f"segmentation model folder not found: {args.seg_model}; {SEG_MODEL_HELP}")
-    if args.fid_features and not Path(args.fid_features).is_file():
-        raise UserError(f"--fid_features file not found: {args.fid_features}; {FID_HELP}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
-    check_args(args)
+    flags = flag_values(args, exclude=("log_level",))
+    if flags["detector.class_map"] is not None:
+        flags["detector.class_map"] = parse_class_map_arg(flags["detector.class_map"])
+    cfg = load_config(FidelityConfig, args.config, args.overrides, flags=flags)
     from annotation import yolo_runtime
-    from annotation.settings import parse_class_map_arg
 
-    yolo_runtime.check_model_spec(args.detector)  # a missing weights file fails before anything is read
-    generations = Path(args.generations)
-    out = Path(args.out) if args.out else generations.resolve().parent / "fidelity"
+    yolo_runtime.check_model_spec(cfg.detector.model)  # a missing weights file fails before anything is read
+    generations = Path(cfg.paths.generations)
+    out = Path(cfg.paths.out) if cfg.paths.out else generations.resolve().parent / "fidelity"
     if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a folder")
-    started = time.perf_counter()
+        raise UserError(f"paths.out (--out) {out} is a file, not a folder")
     refs = read_refs(generations)  # bad generations fail before --out is made
     real_index, real_where = real_frame_index(
-        Path(args.bdd_data_dir) if args.bdd_data_dir else None,
-        Path(args.real_images) if args.real_images else None,
+        Path(cfg.paths.bdd_data_dir) if cfg.paths.bdd_data_dir else None,
+        Path(cfg.paths.real_images) if cfg.paths.real_images else None,
     )
+    if args.check:
+        print(
+            f"{args.config or 'flags'}: ok ({len(refs)} record(s) in {generations}, detector {cfg.detector.model})"
+        )
+        return 0
+
+    started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     yolo_runtime.prepare_offline(out / ".ultralytics")
-    loaded = yolo_runtime.load_model(args.detector)
-    class_map = parse_class_map_arg(args.class_map) if args.class_map else None
-    mapping, origin = metrics_classes(loaded, class_map, args.classes)
+    loaded = yolo_runtime.load_model(cfg.detector.model)
+    mapping, origin = metrics_classes(loaded, cfg.detector.class_map, cfg.detector.classes)
+    s = cfg.scoring
     pairs, skipped, examples = collect_pairs(
-        generations, refs, real_index, real_where, set(mapping.values()), args.min_box_size, args.max_images,
-        args.allow_missing_real,
+        generations, refs, real_index, real_where, set(mapping.values()), s.min_box_size, s.max_images,
+        s.allow_missing_real,
     )  # fmt: skip
 
+    d = cfg.detector
     result: dict[str, Any] = {
         "generations": str(generations),
         "detector": loaded.description,
         "class_map": origin,
         "classes": [bdd.DET_CLASSES[c] for c in sorted(set(mapping.values()))],
         "settings": {
-            k: getattr(args, k) for k in ("imgsz", "conf", "iou", "batch", "min_box_size", "max_images")
-        },
+            "imgsz": d.imgsz,
+            "conf": d.conf,
+            "iou": d.iou,
+            "batch": d.batch,
+            "min_box_size": s.min_box_size,
+            "max_images": s.max_images,
+        },  # fmt: skip
         "counts": {
             "generations": len(pairs),
             "source_frames": len({p.real for p in pairs}),
             "skipped": dict(skipped),
             "skipped_examples": examples,
         },
-        "detection": detection_fidelity(pairs, loaded, mapping, args),
-        "segmentation": segmentation_fidelity(pairs, Path(args.seg_model), args) if args.seg_model else None,
+        "detection": detection_fidelity(pairs, loaded, mapping, d),
+        "segmentation": (
+            segmentation_fidelity(pairs, Path(cfg.segmentation.model), d.device, d.batch)
+            if cfg.segmentation.model
+            else None
+        ),
         "distribution": (
-            distribution_distance(pairs, Path(args.fid_features), args.fid_dims, args)
-            if args.fid_features
+            distribution_distance(
+                pairs, Path(cfg.distribution.features), cfg.distribution.dims, d.device, d.batch
+            )
+            if cfg.distribution.features
             else None
         ),
     }
@@ -668,6 +725,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
     atomic_write_text(md_path, markdown(result))
     plot(result, png_path)
+    save_resolved_config(cfg, out / "config.resolved.yaml")
     print_summary(result, json_path, md_path, png_path)
     return 0
 

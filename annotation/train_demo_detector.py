@@ -11,7 +11,12 @@ Usage::
     python -m annotation.train_demo_detector --bdd_data_dir outputs/demo/bdd100k --out outputs/demo/detector/detector.pt
     python annotation/train_demo_detector.py --bdd_data_dir D --out F.pt [--epochs 40] [--classes car truck] \\
         [--imgsz 256] [--min_box_side 10] [--seed 0] [--force]
+    python -m annotation.train_demo_detector --config config/demo/detector.yaml [--check] [key=value ...]
     python annotation/yolo_annotate_folders.py --input_folder G --output_folder A --model F.pt --imgsz 256
+
+Settings come from a YAML config (config/demo/detector.yaml documents every key; :class:`DemoDetectorConfig` is its
+schema), the flags (each another spelling of a key: ``--epochs`` is ``train.epochs``) and ``key=value`` overrides, in
+that order.
 
 What it does: det_20 boxes of the chosen classes (big enough, det_20's ignored categories left out) become a YOLO
 training set (train frames with such boxes; all labelled val frames) in ``<out folder>/<out stem>_train/data``,
@@ -33,37 +38,40 @@ import importlib.metadata
 import json
 import logging
 import math
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field, field_validator
+
+from annotation.settings import check_bdd_class
 from core.cli import UserError, run_main, setup_logging
-from core.io import atomic_write_text
+from core.config import Section, add_config_arguments, flag_values, load_config
+from core.io import atomic_write_text, link_or_copy
 from vocab import bdd
 
 log = logging.getLogger("bdd-sdxl.annotation")
 SPLITS = ("train", "val")
 
 
-@dataclass(frozen=True)
-class DetectorParams:
+class DetectorParams(Section):
     """Everything the weights depend on besides the data (all of it goes into the content key).
 
     The defaults suit the tests' 320x180 frames; the command line's (:data:`CLI_DEFAULTS`) suit 1280x720 ones.
     """
 
     classes: tuple[str, ...] = ("car",)
-    min_box_side: float = 10.0  # source pixels: smaller boxes are left out of training (and of evaluation)
-    imgsz: int = 224
-    epochs: int = 80
-    batch: int = 2
+    min_box_side: float = Field(
+        10.0, ge=0.0
+    )  # source pixels: smaller boxes are left out of training and evaluation
+    imgsz: int = Field(224, ge=1)
+    epochs: int = Field(80, ge=1)
+    batch: int = Field(2, ge=1)
     lr0: float = 0.002
     optimizer: str = "AdamW"
     warmup_epochs: float = 0.0
@@ -71,10 +79,38 @@ class DetectorParams:
     class_prior: float | None = 0.01  # start value of the class probabilities (None: ultralytics' default)
     seed: int = 0
 
+    @field_validator("classes")
+    @classmethod
+    def _known(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(check_bdd_class(c, "--classes") for c in value))
+
+    @field_validator("imgsz")
+    @classmethod
+    def _stride(cls, value: int) -> int:
+        if value % 32:
+            raise ValueError(f"--imgsz must be a multiple of 32 (YOLO's largest stride), got {value}")
+        return value
+
 
 #: Command-line defaults: BDD100K-sized frames (1280x720) need a larger training size than the tests' 320x180
 #: ones, and with 20 frames of 83 cars 40 epochs are enough (about two minutes on two CPU cores).
-CLI_DEFAULTS = replace(DetectorParams(), imgsz=256, epochs=40)
+CLI_DEFAULTS = DetectorParams(imgsz=256, epochs=40)
+
+
+class DemoDetectorConfig(Section):
+    """The schema of config/demo/detector.yaml (each flag is another spelling of one of its keys)."""
+
+    bdd_data_dir: str  # BDD100K folder (images/100k, labels/det_20)
+    out: str  # the weights file (.pt); <stem>.json is written beside it
+    force: bool = False  # train even when the weights at out match the data and settings
+    train: DetectorParams = CLI_DEFAULTS
+
+    @field_validator("out")
+    @classmethod
+    def _weights_file(cls, value: str) -> str:
+        if Path(value).suffix != ".pt":
+            raise ValueError(f"--out must name a .pt file, got {value}")
+        return value
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -147,7 +183,7 @@ def write_yolo_training_set(bdd_root: Path, out: Path, params: DetectorParams) -
 def detector_key(bdd_root: Path, params: DetectorParams) -> str:
     """Hash of everything the weights depend on: det_20 labels, images, parameters, ultralytics version."""
     version = importlib.metadata.version("ultralytics")
-    h = hashlib.sha256(json.dumps([asdict(params), version]).encode())
+    h = hashlib.sha256(json.dumps([params.model_dump(mode="json"), version]).encode())
     for split in SPLITS:
         h.update(det20_file(bdd_root, split).read_bytes())
         for image in split_images(bdd_root, split):
@@ -251,12 +287,7 @@ def _set_class_prior(trainer, prior: float) -> None:
 def save_weights(weights: Path, out: Path) -> None:
     """Copy the trained weights to ``out`` atomically (a reader never sees half a file)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
-        shutil.copyfile(weights, tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    link_or_copy(weights, out, hardlink=False)
 
 
 def info_path(out: Path) -> Path:
@@ -330,64 +361,57 @@ def build_parser() -> argparse.ArgumentParser:
     d = CLI_DEFAULTS
     p = argparse.ArgumentParser(
         description="Train a small demo YOLO detector (yolov8n.yaml from scratch) on a mini-BDD100K, on CPU, "
-        "offline; a rerun with the same data and settings reuses the weights.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "offline; a rerun with the same data and settings reuses the weights. Every key is documented in "
+        "config/demo/detector.yaml; each flag is another spelling of one.",
     )
-    p.add_argument("--bdd_data_dir", required=True, help="BDD100K folder (images/100k, labels/det_20)")
+    add_config_arguments(p, None, "validate the config and the BDD100K folder, then exit")
+    p.add_argument("--bdd_data_dir", help="BDD100K folder (images/100k, labels/det_20)")
+    p.add_argument("--out", help="weights file to write (.pt); <stem>.json is written beside it")
+    p.add_argument("--epochs", dest="train.epochs", type=int, help=f"training epochs ({d.epochs})")
     p.add_argument(
-        "--out", required=True, help="weights file to write (.pt); <stem>.json is written beside it"
+        "--classes", dest="train.classes", nargs="+", help=f"BDD100K classes to learn ({d.classes})"
     )
-    p.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
-    p.add_argument("--classes", nargs="+", default=list(d.classes), help="BDD100K classes to learn")
-    p.add_argument("--imgsz", type=int, default=d.imgsz, help="training (and inference) size in pixels")
     p.add_argument(
-        "--min_box_side", type=float, default=d.min_box_side, help="leave out boxes smaller than this (px)"
+        "--imgsz", dest="train.imgsz", type=int, help=f"training and inference size ({d.imgsz} px)"
     )
-    p.add_argument("--batch", type=int, default=d.batch, help="images per optimizer step")
-    p.add_argument("--seed", type=int, default=d.seed, help="training seed")
-    p.add_argument("--force", action="store_true", help="train even when --out matches the data and settings")
+    p.add_argument(
+        "--min_box_side",
+        dest="train.min_box_side",
+        type=float,
+        help=f"leave out smaller boxes ({d.min_box_side} px)",
+    )
+    p.add_argument("--batch", dest="train.batch", type=int, help=f"images per optimizer step ({d.batch})")
+    p.add_argument("--seed", dest="train.seed", type=int, help=f"training seed ({d.seed})")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        default=None,
+        help="train even when --out matches the data and settings",
+    )
     p.add_argument("--log_level", default=None, help="DEBUG, INFO, WARNING")
     return p
-
-
-def params_from_args(args: argparse.Namespace) -> DetectorParams:
-    from annotation.settings import check_bdd_class
-
-    try:
-        classes = tuple(dict.fromkeys(check_bdd_class(c, "--classes") for c in args.classes))
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    for flag in ("epochs", "imgsz", "batch"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    if args.imgsz % 32:
-        raise UserError(f"--imgsz must be a multiple of 32 (YOLO's largest stride), got {args.imgsz}")
-    return replace(
-        CLI_DEFAULTS,
-        classes=classes,
-        epochs=args.epochs,
-        imgsz=args.imgsz,
-        min_box_side=args.min_box_side,
-        batch=args.batch,
-        seed=args.seed,
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
-    params = params_from_args(args)
-    bdd_root, out = Path(args.bdd_data_dir), Path(args.out)
+    cfg = load_config(
+        DemoDetectorConfig, args.config, args.overrides, flags=flag_values(args, exclude=("log_level",))
+    )
+    params, bdd_root, out = cfg.train, Path(cfg.bdd_data_dir), Path(cfg.out)
     if not bdd_root.is_dir():
         raise UserError(
             f"BDD100K folder not found: {bdd_root} (make one with python -m convert.make_mini_bdd)"
         )
-    if out.suffix != ".pt":
-        raise UserError(f"--out must name a .pt file, got {out}")
+    for split in SPLITS:
+        det20_file(bdd_root, split)
+    if args.check:
+        print(f"{args.config or 'flags'}: ok ({bdd_root} -> {out})")
+        return 0
 
     # --- reuse: same data and settings -> the weights already at --out ------------------------------------------
     key = detector_key(bdd_root, params)
-    if reusable(out, key) and not args.force:
+    if reusable(out, key) and not cfg.force:
         info = json.loads(info_path(out).read_text())
         print(f"detector: reusing {out} (same data and settings, key {key}; --force retrains)")
         print_summary(out, info)
@@ -398,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     work = out.parent / f"{out.stem}_train"
     yolo_runtime.prepare_offline(out.parent / ".ultralytics")
-    log.info("training yolov8n.yaml on %s: %s", bdd_root, asdict(params))
+    log.info("training yolov8n.yaml on %s: %s", bdd_root, params.model_dump())
 
     # --- train, evaluate, save ---------------------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -408,7 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = evaluate(out, bdd_root, params)
     info = {
         "key": key,
-        "params": asdict(params),
+        "params": params.model_dump(mode="json"),
         "ultralytics": importlib.metadata.version("ultralytics"),
         "bdd_data_dir": str(bdd_root.resolve()),
         "train_seconds": round(seconds, 1),

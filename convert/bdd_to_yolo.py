@@ -5,6 +5,11 @@ Usage:
         [--labels_file F] [--images_dir D] [--copy] [--overwrite] [--classes car bus] [--min_box_side PX] \\
         [--include_unlabeled]
     python -m convert.bdd_to_yolo ...   (the same)
+    python convert/bdd_to_yolo.py --config config/bdd_to_yolo.yaml [--split val] [--check] [key=value ...]
+
+Settings come from a YAML config (config/bdd_to_yolo.yaml documents every key; :class:`ExportConfig` is its
+schema), the flags (each another spelling of a key; ``--copy`` is ``copy_images``) and ``key=value`` overrides, in
+that order; ``--check`` validates them, finds the labels and images and exits.
 
 Reads the split's labels as every stage does (``labels/det_20/det_<split>.json``, else the legacy 2018 file, else
 the per-image 2018 folder ``labels/100k/<split>/``; --labels_file names any of them, Scalabel exports included)
@@ -42,23 +47,24 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import errno
 import filecmp
 import io
 import logging
 import os
-import shutil
 import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
+from pydantic import Field, field_validator, model_validator
 
 from core.cli import UserError, run_main, setup_logging
-from core.io import atomic_write_text
+from core.config import Section, add_config_arguments, flag_values, load_config
+from core.io import atomic_write_text, link_or_copy
 from vocab import bdd
 
 log = logging.getLogger("bdd-sdxl.convert")
@@ -66,27 +72,45 @@ FRAMES_CSV = "frames.csv"
 FRAMES_COLUMNS = ("split", "image", "weather", "timeofday", "scene")
 DATA_YAML = "data.yaml"
 YAML_SPLITS = ("train", "val", "test")
-#: errors of os.link that mean "no hard link here" (another file system, or one without links): copy instead
-LINK_FALLBACK_ERRNOS = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP}
 SHOW = 5  # how many names a summary line lists
 
 
-@dataclass(frozen=True)
-class Options:
-    """What is written (the command's flags)."""
+class ExportConfig(Section):
+    """What is written: the schema of config/bdd_to_yolo.yaml (each flag is another spelling of one key)."""
 
-    classes: tuple[str, ...] | None = None  # None: all 10
-    min_box_side: float = 0.0  # clipped box side in pixels below which a box is left out
+    bdd_data_dir: str | None = None  # BDD100K root: labels and images found as every stage finds them
+    split: Literal[bdd.SPLITS]
+    out: str  # the dataset folder; several splits can share it
+    labels_file: str | None = None  # instead of the one found under bdd_data_dir
+    images_dir: str | None = None  # instead of images/100k/<split> (else images/10k/<split>)
+    classes: list[str] | None = None  # keep only these classes' boxes (ids stay stage 4's); None: all 10
+    min_box_side: float = Field(0.0, ge=0.0)  # clipped box side in pixels below which a box is left out
     skip_empty: bool = False  # leave out frames without a kept box (the demo detector's train split)
-    include_unlabeled: bool = False
-    max_frames: int | None = None
-    copy: bool = False
-    overwrite: bool = False
+    include_unlabeled: bool = False  # frames without labels get an empty label file
+    max_frames: int | None = Field(None, ge=1)  # the first N frames by name
+    copy_images: bool = False  # copy instead of hard-linking
+    overwrite: bool = False  # replace differing files, remove stale frames
+
+    @field_validator("classes")
+    @classmethod
+    def _known(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or []:
+            if name not in bdd.DET_CLASS_YOLO_ID:
+                raise ValueError(
+                    f"--classes: {name!r} is not a BDD100K detection class ({', '.join(bdd.DET_CLASSES)})"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _inputs(self) -> ExportConfig:
+        if not self.bdd_data_dir and not (self.labels_file and self.images_dir):
+            raise ValueError("set bdd_data_dir (--bdd_data_dir), or both labels_file and images_dir")
+        return self
 
 
 @dataclass
-class Planned:
-    """One frame to write."""
+class FrameFile:
+    """One frame to write: its image (placed), its label file and its frames.csv row."""
 
     stem: str
     source: Path
@@ -139,9 +163,9 @@ class Report:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def label_text(frame: bdd.Frame, width: int, height: int, options: Options, counts: BoxCounts) -> str:
+def label_text(frame: bdd.Frame, width: int, height: int, cfg: ExportConfig, counts: BoxCounts) -> str:
     """The frame's YOLO label file: one ``cls cx cy w h`` line per kept box, in the label file's order."""
-    keep = set(options.classes) if options.classes is not None else None
+    keep = set(cfg.classes) if cfg.classes is not None else None
     lines = []
     for label in frame.label_list():
         if label.box2d is None:
@@ -160,8 +184,8 @@ def label_text(frame: bdd.Frame, width: int, height: int, options: Options, coun
             counts.dropped["outside the image or inverted"] += 1
             continue
         x1, y1, x2, y2 = bdd.clip_box(b, width, height)
-        if min(x2 - x1 + 1, y2 - y1 + 1) < options.min_box_side:
-            counts.dropped[f"side under {options.min_box_side:g} px"] += 1
+        if min(x2 - x1 + 1, y2 - y1 + 1) < cfg.min_box_side:
+            counts.dropped[f"side under {cfg.min_box_side:g} px"] += 1
             continue
         counts.clipped += (x1, y1, x2, y2) != (b.x1, b.y1, b.x2, b.y2)
         counts.boxes[cat.det_class] += 1
@@ -182,7 +206,7 @@ def image_size(path: Path) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Plan: which frames, with what content
+# Which frames, with what content
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -197,9 +221,9 @@ def default_images_dir(root: Path, split: str) -> Path:
     )
 
 
-def plan_split(
-    frames: Sequence[bdd.Frame], images_dir: Path, out: Path, report: Report, options: Options
-) -> list[Planned]:
+def select_frames(
+    frames: Sequence[bdd.Frame], images_dir: Path, out: Path, report: Report, cfg: ExportConfig
+) -> list[FrameFile]:
     """Frames that have an image (and labels, unless include_unlabeled), selected and rendered as files."""
     images = {}
     for path in bdd.list_images(images_dir):
@@ -212,7 +236,7 @@ def plan_split(
             report.skipped["empty frame name"] += 1
         elif stem in candidates:
             report.skipped["duplicate frame name (first kept)"] += 1
-        elif state != "ok" and not options.include_unlabeled:
+        elif state != "ok" and not cfg.include_unlabeled:
             report.skipped[
                 {"absent": "no 'labels' key", "null": "'labels': null", "empty": "'labels': []"}[state]
             ] += 1
@@ -223,14 +247,14 @@ def plan_split(
     split = report.split
     planned = []
     for stem in sorted(candidates):
-        if options.max_frames is not None and len(planned) >= options.max_frames:
+        if cfg.max_frames is not None and len(planned) >= cfg.max_frames:
             report.not_selected += 1
             continue
         frame, source = candidates[stem]
         width, height = image_size(source)
         counts = BoxCounts()
-        text = label_text(frame, width, height, options, counts)
-        if options.skip_empty and not text:
+        text = label_text(frame, width, height, cfg, counts)
+        if cfg.skip_empty and not text:
             report.no_boxes_skipped += 1
             continue
         report.counts.add(counts)
@@ -239,7 +263,7 @@ def plan_split(
         image = out / "images" / split / f"{stem}{source.suffix.lower()}"
         rel = image.relative_to(out).as_posix()
         planned.append(
-            Planned(
+            FrameFile(
                 stem, source, image, out / "labels" / split / f"{stem}.txt", text,
                 (split, rel, frame.weather, frame.timeofday, frame.scene),
             )
@@ -288,32 +312,21 @@ def split_files(out: Path, kind: str, split: str) -> dict[str, Path]:
     return {p.stem: p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")}
 
 
-def place_image(src: Path, dest: Path, options: Options, report: Report) -> None:
+def place_image(src: Path, dest: Path, cfg: ExportConfig, report: Report) -> None:
     """Hard-link ``src`` as ``dest`` (a copy with --copy or where links are impossible), atomically."""
-    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-    tmp.unlink(missing_ok=True)
     try:
-        if not options.copy:
-            try:
-                os.link(src, tmp)
-                report.linked += 1
-                os.replace(tmp, dest)
-                return
-            except OSError as exc:
-                if exc.errno not in LINK_FALLBACK_ERRNOS:
-                    raise
-                report.copy_reason = report.copy_reason or (
-                    f"hard links from {src.parent} into {dest.parent} are impossible ({exc.strerror}): copied"
-                )
-        shutil.copyfile(src, tmp)
-        report.copied += 1
-        os.replace(tmp, dest)
+        copied = link_or_copy(src, dest, hardlink=not cfg.copy_images)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"cannot write {dest}: {exc.strerror or exc}") from None
+    if copied is None:
+        report.linked += 1
+        return
+    report.copied += 1
+    if not cfg.copy_images:
+        report.copy_reason = report.copy_reason or f"{copied}: copied"
 
 
-def write_split(out: Path, planned: list[Planned], report: Report, options: Options) -> list[Path]:
+def write_split(out: Path, planned: list[FrameFile], report: Report, cfg: ExportConfig) -> list[Path]:
     """Compare with what is on disk; refuse differences without --overwrite; write. Returns the written files."""
     split = report.split
     images_on_disk = split_files(out, "images", split)
@@ -323,7 +336,7 @@ def write_split(out: Path, planned: list[Planned], report: Report, options: Opti
     wanted = {p.stem for p in planned}
 
     conflicts: list[str] = []
-    todo: list[tuple[Planned, bool, bool]] = []  # (frame, write image, write label)
+    todo: list[tuple[FrameFile, bool, bool]] = []  # (frame, write image, write label)
     for p in planned:
         has_image, has_label = p.image.exists(), p.label.exists()
         image_ok = has_image and same_image(p.source, p.image)
@@ -343,7 +356,7 @@ def write_split(out: Path, planned: list[Planned], report: Report, options: Opti
         todo.append((p, not image_ok, not label_ok))
     extra = sorted((set(images_on_disk) | set(labels_on_disk)) - wanted)
     extra_rows = sorted(set(old_split_rows) - {p.row[1] for p in planned})
-    if (conflicts or extra or extra_rows) and not options.overwrite:
+    if (conflicts or extra or extra_rows) and not cfg.overwrite:
         parts = []
         if conflicts:
             parts.append(f"{len(conflicts)} frame(s) differ from what is there ({_few(conflicts)})")
@@ -361,7 +374,7 @@ def write_split(out: Path, planned: list[Planned], report: Report, options: Opti
     written = []
     for p, do_image, do_label in todo:
         if do_image:
-            place_image(p.source, p.image, options, report)
+            place_image(p.source, p.image, cfg, report)
         if do_label:
             atomic_write_text(p.label, p.text)
         if not (do_image or do_label):
@@ -434,39 +447,21 @@ def _few(names: Sequence[str]) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def convert_split(
-    bdd_data_dir: Path | None,
-    split: str,
-    out: Path,
-    options: Options = Options(),
-    labels_file: Path | None = None,
-    images_dir: Path | None = None,
-) -> Report:
-    """Write one split of a BDD100K folder into the YOLO dataset at ``out`` (see the module docstring)."""
-    if bdd_data_dir is not None and not Path(bdd_data_dir).is_dir():
-        raise UserError(f"BDD100K folder not found: {bdd_data_dir} (expected images/ and labels/ inside)")
-    if labels_file is None:
-        if bdd_data_dir is None:
-            raise UserError("pass --bdd_data_dir or --labels_file")
-        labels_file = bdd.find_label_file(bdd_data_dir, split)
-    if images_dir is None:
-        if bdd_data_dir is None:
-            raise UserError("pass --bdd_data_dir or --images_dir")
-        images_dir = default_images_dir(Path(bdd_data_dir), split)
-    if not Path(images_dir).is_dir():
+def convert_split(cfg: ExportConfig) -> Report:
+    """Write one split of a BDD100K folder into the YOLO dataset at ``cfg.out`` (see the module docstring)."""
+    root, out, split = Path(cfg.bdd_data_dir) if cfg.bdd_data_dir else None, Path(cfg.out), cfg.split
+    if root is not None and not root.is_dir():
+        raise UserError(f"BDD100K folder not found: {root} (expected images/ and labels/ inside)")
+    labels_file = Path(cfg.labels_file) if cfg.labels_file else bdd.find_label_file(root, split)
+    images_dir = Path(cfg.images_dir) if cfg.images_dir else default_images_dir(root, split)
+    if not images_dir.is_dir():
         raise UserError(f"image folder not found: {images_dir}")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
-    if options.classes is not None:
-        for name in options.classes:
-            if name not in bdd.DET_CLASS_YOLO_ID:
-                raise UserError(
-                    f"--classes: {name!r} is not a BDD100K detection class ({', '.join(bdd.DET_CLASSES)})"
-                )
-    report = Report(split, Path(labels_file), Path(images_dir))
+    report = Report(split, labels_file, images_dir)
     frames = bdd.load_frames(labels_file)
     report.frames = len(frames)
-    planned = plan_split(frames, Path(images_dir), out, report, options)
+    planned = select_frames(frames, images_dir, out, report, cfg)
     if not planned:
         why = [f"{n} {reason}" for reason, n in report.skipped.items()]
         if report.missing_images:
@@ -474,8 +469,8 @@ def convert_split(
                 f"{len(report.missing_images)} without an image in {images_dir} ({_few(report.missing_images)})"
             )
         if report.no_boxes_skipped:
-            kept = "/".join(options.classes or bdd.DET_CLASSES)
-            side = f" with a side of at least {options.min_box_side:g} px" if options.min_box_side else ""
+            kept = "/".join(cfg.classes or bdd.DET_CLASSES)
+            side = f" with a side of at least {cfg.min_box_side:g} px" if cfg.min_box_side else ""
             why.append(
                 f"{report.no_boxes_skipped} frame(s) without a kept box (--skip_empty): none has a {kept} box{side}; "
                 "pass other --classes or a smaller --min_box_side"
@@ -485,7 +480,7 @@ def convert_split(
         )
     out.mkdir(parents=True, exist_ok=True)
     with out_lock(out):  # two splits converted at once into one --out share frames.csv
-        write_split(out, planned, report, options)
+        write_split(out, planned, report, cfg)
     return report
 
 
@@ -501,29 +496,40 @@ def out_lock(out: Path) -> Iterator[None]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bdd_data_dir", help="BDD100K root (holding images/ and labels/)")
-    p.add_argument("--split", required=True, choices=bdd.SPLITS, help="the split to write")
-    p.add_argument("--out", required=True, help="dataset folder (several splits can share it)")
-    p.add_argument("--max_frames", type=int, help="write only the first N frames by name")
+    add_config_arguments(p, None, "validate the config and find the labels and images, then exit")
+    p.add_argument("--bdd_data_dir", dest="bdd_data_dir", help="BDD100K root (holding images/ and labels/)")
+    p.add_argument("--split", dest="split", choices=bdd.SPLITS, help="the split to write")
+    p.add_argument("--out", dest="out", help="dataset folder (several splits can share it)")
+    p.add_argument("--max_frames", dest="max_frames", type=int, help="write only the first N frames by name")
     p.add_argument("--labels_file", help="label JSON or folder of per-image JSONs, instead of the one found")
     p.add_argument(
         "--images_dir", help="image folder (default: images/100k/<split>, else images/10k/<split>)"
     )
-    p.add_argument("--copy", action="store_true", help="copy images instead of hard-linking them")
-    p.add_argument("--overwrite", action="store_true", help="replace differing files, remove stale frames")
-    p.add_argument("--classes", nargs="+", help="keep only these classes' boxes (default: all 10)")
-    p.add_argument("--min_box_side", type=float, default=0.0, help="leave out boxes with a shorter side (px)")
     p.add_argument(
-        "--include_unlabeled", action="store_true", help="write frames without labels (empty files)"
+        "--copy",
+        dest="copy_images",
+        action="store_true",
+        default=None,
+        help="copy images instead of hard-linking",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", default=None, help="replace differing files, remove stale frames"
+    )
+    p.add_argument("--classes", nargs="+", help="keep only these classes' boxes (default: all 10)")
+    p.add_argument("--min_box_side", type=float, help="leave out boxes with a shorter side (px)")
+    p.add_argument(
+        "--include_unlabeled",
+        action="store_true",
+        default=None,
+        help="write frames without labels (empty files)",
     )
     p.add_argument(
         "--skip_empty",
         action="store_true",
+        default=None,
         help="leave out frames without a kept box (a detector's train split)",
     )
     args = p.parse_args(argv)
-    if not args.bdd_data_dir and not (args.labels_file and args.images_dir):
-        p.error("pass --bdd_data_dir (or both --labels_file and --images_dir)")
     if args.max_frames is not None and args.max_frames < 1:
         p.error(f"--max_frames must be at least 1, got {args.max_frames}")
     return args
@@ -563,25 +569,16 @@ def print_summary(report: Report, out: Path, data_yaml: Path, note: str, seconds
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
+    cfg = load_config(ExportConfig, args.config, args.overrides, flags=flag_values(args))
+    if args.check:
+        root = Path(cfg.bdd_data_dir) if cfg.bdd_data_dir else None
+        labels = Path(cfg.labels_file) if cfg.labels_file else bdd.find_label_file(root, cfg.split)
+        images = Path(cfg.images_dir) if cfg.images_dir else default_images_dir(root, cfg.split)
+        print(f"{args.config or 'flags'}: ok ({cfg.split}: labels {labels}, images {images} -> {cfg.out})")
+        return 0
     start = time.perf_counter()
-    options = Options(
-        classes=tuple(args.classes) if args.classes else None,
-        min_box_side=args.min_box_side,
-        include_unlabeled=args.include_unlabeled,
-        skip_empty=args.skip_empty,
-        max_frames=args.max_frames,
-        copy=args.copy,
-        overwrite=args.overwrite,
-    )
-    out = Path(args.out)
-    report = convert_split(
-        Path(args.bdd_data_dir) if args.bdd_data_dir else None,
-        args.split,
-        out,
-        options,
-        labels_file=Path(args.labels_file) if args.labels_file else None,
-        images_dir=Path(args.images_dir) if args.images_dir else None,
-    )
+    out = Path(cfg.out)
+    report = convert_split(cfg)
     data_yaml, note = write_data_yaml(out)
     print_summary(report, out, data_yaml, note, time.perf_counter() - start)
     return 0

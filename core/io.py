@@ -10,6 +10,7 @@ tensor (:func:`save_safetensors`): a model's export holds one tensor in host mem
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -22,19 +23,23 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = False) -> None:
-    """Write ``data`` to ``path`` atomically.
+@contextmanager
+def atomic_open(
+    path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8", *, fsync: bool = True
+) -> Iterator:
+    """Open a new temporary sibling of ``path`` for writing; rename it over ``path`` only if the block succeeds.
 
     Args:
         path: target file; its folder must exist.
-        data: the bytes to write.
-        fsync: also fsync before the rename (durable against power loss; slower, off for bulk small files).
+        mode: ``w`` (text) or ``wb``.
+        encoding: of a text file.
+        fsync: flush to disk before the rename (durable against power loss; off for bulk small files).
     """
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
+        with open(fd, mode, encoding=None if "b" in mode else encoding) as fh:
+            yield fh
             if fsync:
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -45,6 +50,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = Fa
         raise
 
 
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = False) -> None:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_open`; no fsync unless asked)."""
+    with atomic_open(path, "wb", fsync=fsync) as fh:
+        fh.write(data)
+
+
 def atomic_write_text(
     path: str | os.PathLike, text: str, *, encoding: str = "utf-8", fsync: bool = False
 ) -> None:
@@ -52,21 +63,34 @@ def atomic_write_text(
     atomic_write_bytes(path, text.encode(encoding), fsync=fsync)
 
 
-@contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator:
-    """Open a temporary sibling of ``path`` for writing; rename it over ``path`` only if the block succeeds."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+#: errors of os.link that mean "no hard link here" (another file system, or one without links): copy instead
+LINK_FALLBACK_ERRNOS = frozenset({errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP})
+
+
+def link_or_copy(src: str | os.PathLike, dest: str | os.PathLike, hardlink: bool = True) -> str | None:
+    """Place ``src`` at ``dest`` atomically: a hard link (no extra disk), else a copy. Returns None when linked,
+    else why it copied (``hardlink=False``: "asked to copy"); other errors are raised."""
+    dest = Path(dest)
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
     try:
-        with open(tmp, mode, encoding=None if "b" in mode else encoding) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        reason = "asked to copy"
+        if hardlink:
+            try:
+                os.link(src, tmp)
+                os.replace(tmp, dest)
+                return None
+            except OSError as exc:
+                if exc.errno not in LINK_FALLBACK_ERRNOS:
+                    raise
+                reason = (
+                    f"hard links from {Path(src).parent} into {dest.parent} are impossible ({exc.strerror})"
+                )
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+        return reason
     except BaseException:
-        with suppress(OSError):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -15,3 +15,6 @@ SCHEMAS: dict[str, str] = {
 SCHEMAS["config/controlnet_infer.yaml"] = "ai.controlnet.infer_controlnet_sdxl:ControlNetInferConfig"
 SCHEMAS["config/demo/controlnet_infer.yaml"] = "ai.controlnet.infer_controlnet_sdxl:ControlNetInferConfig"
 SCHEMAS["config/demo/annotation.yaml"] = "annotation.settings:AnnotationConfig"
+SCHEMAS["config/fidelity.yaml"] = "annotation.fidelity_config:FidelityConfig"
+SCHEMAS["config/bdd_to_yolo.yaml"] = "convert.bdd_to_yolo:ExportConfig"
+SCHEMAS["config/demo/detector.yaml"] = "annotation.train_demo_detector:DemoDetectorConfig"

@@ -300,3 +300,28 @@ def test_bad_inputs_are_one_clear_line(mini_bdd, tmp_path, capsys):
     file_out.write_text("")
     code, _, err = convert(capsys, "--bdd_data_dir", mini_bdd, "--split", "val", "--out", file_out)
     assert code == 2 and f"--out {file_out} is a file, not a folder" in err
+
+
+def test_a_yaml_config_and_the_flags_write_the_same_dataset(mini_bdd, tmp_path, capsys):
+    """config/bdd_to_yolo.yaml's keys and the flags are one setting (YAML < flags < key=value); --check writes
+    nothing; a typo gets did-you-mean."""
+    flags = tmp_path / "flags"
+    code, _, err = convert(
+        capsys, "--bdd_data_dir", mini_bdd, "--split", "val", "--out", flags, "--classes", "car"
+    )
+    assert code == 0, err
+    config = tmp_path / "export.yaml"
+    config.write_text(f"bdd_data_dir: {mini_bdd}\nsplit: train\nout: {tmp_path / 'yaml'}\nclasses: [bus]\n")
+    code, stdout, err = convert(capsys, "--config", config, "--split", "val", "--check")
+    assert code == 0 and "ok (val: labels" in stdout and not (tmp_path / "yaml").exists(), err
+    code, _, err = convert(capsys, "--config", config, "--split", "val", "classes=[car]")
+    assert code == 0, err
+    for sub in ("labels/val", "images/val"):
+        assert sorted(p.name for p in (flags / sub).iterdir()) == sorted(
+            p.name for p in (tmp_path / "yaml" / sub).iterdir()
+        )
+    for label in (flags / "labels" / "val").iterdir():
+        assert label.read_text() == (tmp_path / "yaml" / "labels" / "val" / label.name).read_text()
+    assert (flags / "frames.csv").read_text() == (tmp_path / "yaml" / "frames.csv").read_text()
+    code, _, err = convert(capsys, "--config", config, "min_box_sid=3")
+    assert code == 2 and "min_box_sid: unknown key (did you mean 'min_box_side'?)" in err

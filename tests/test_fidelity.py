@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 from yolo_fixture import DetectorParams, cached_detector
 
@@ -310,3 +311,40 @@ def test_a_segmentation_model_of_other_classes_is_refused(mini_bdd, detector, tm
         and f"{model} predicts 3 classes (wall, building, sky, ...); mask fidelity needs Cityscapes' 19"
         in err
     )
+
+
+def test_a_yaml_config_flags_and_overrides_are_one_setting(mini_bdd, detector, tmp_path, capsys):
+    """config/fidelity.yaml's keys, the flags (other spellings of them) and key=value overrides: YAML < flags <
+    overrides; --check validates without scoring; a typo is refused with did-you-mean, naming the dotted key."""
+    frames = train_frames(mini_bdd)[:2]
+    gen = tmp_path / "gen"
+    make_generations(mini_bdd, gen, frames)
+    config = tmp_path / "fidelity.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "paths": {
+                    "generations": str(gen),
+                    "bdd_data_dir": str(mini_bdd),
+                    "out": str(tmp_path / "yaml"),
+                },
+                "detector": {"model": str(detector), "imgsz": 320, "device": "cpu", "classes": ["car"]},
+            }
+        )  # fmt: skip
+    )
+    code, stdout, err = evaluate(capsys, "--config", config, "--check")
+    assert code == 0 and "ok (2 record(s)" in stdout and not (tmp_path / "yaml").exists(), err
+    # flags win over the file, overrides over both
+    code, _, err = evaluate(
+        capsys, "--config", config, "--imgsz", "256", "scoring.max_images=1", "--batch", "2"
+    )
+    assert code == 0, err
+    result = json.loads((tmp_path / "yaml" / "fidelity.json").read_text())
+    assert result["settings"]["imgsz"] == 256 and result["settings"]["batch"] == 2
+    assert result["counts"]["generations"] == 1 and result["classes"] == ["car"]
+    resolved = yaml.safe_load((tmp_path / "yaml" / "config.resolved.yaml").read_text())
+    assert resolved["detector"]["imgsz"] == 256 and resolved["scoring"]["max_images"] == 1
+    code, _, err = evaluate(capsys, "--config", config, "detector.imgsze=256")
+    assert code == 2 and "detector.imgsze: unknown key (did you mean 'imgsz'?)" in err
+    code, _, err = evaluate(capsys, "--config", config, "--real_images", tmp_path)
+    assert code == 2 and "set paths.bdd_data_dir (--bdd_data_dir) or paths.real_images (--real_images)" in err

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, replace
+from pathlib import Path
 
 from PIL import Image
 from yolo_fixture import cached_detector
 
 from annotation.train_demo_detector import (
     CLI_DEFAULTS,
+    DemoDetectorConfig,
     DetectorParams,
     detector_key,
     evaluate,
@@ -21,6 +22,7 @@ from annotation.train_demo_detector import (
     write_yolo_training_set,
 )
 from core.cli import run_main
+from core.config import load_config
 from vocab import bdd
 
 
@@ -33,7 +35,7 @@ def run(capsys, *argv) -> tuple[int, str, str]:
 def test_key_changes_with_data_and_settings(mini_bdd, tmp_path):
     key = detector_key(mini_bdd, DetectorParams())
     assert key == detector_key(mini_bdd, DetectorParams())  # stable
-    assert detector_key(mini_bdd, replace(DetectorParams(), seed=1)) != key
+    assert detector_key(mini_bdd, DetectorParams(seed=1)) != key
     copy = tmp_path / "bdd100k"
     shutil.copytree(mini_bdd, copy)
     assert detector_key(copy, DetectorParams()) == key  # content, not location
@@ -64,7 +66,7 @@ def test_bad_inputs_are_one_clear_line(mini_bdd, tmp_path, capsys):
 def test_training_set_is_the_converters_with_the_trained_classes_only(mini_bdd, tmp_path):
     """convert/bdd_to_yolo.py writes it: exactly training_boxes' boxes (what evaluate() scores), hard-linked images,
     train frames without such a box left out, every labelled val frame kept, frames.csv beside it."""
-    params = replace(DetectorParams(), classes=("car", "truck"))
+    params = DetectorParams(classes=("car", "truck"))
     data, counts = write_yolo_training_set(mini_bdd, tmp_path / "data", params)
     for split in ("train", "val"):
         frames = {f.stem: f for f in bdd.load_frames(mini_bdd / "labels" / "det_20" / f"det_{split}.json")}
@@ -99,7 +101,12 @@ def test_cli_reuses_the_fixture_weights_for_the_same_data_and_settings(mini_bdd,
     out.parent.mkdir()
     shutil.copyfile(weights, out)
     key = detector_key(mini_bdd, params)
-    info = {"key": key, "params": asdict(params), "train_seconds": 1.0, "val": {"val_images": 0}}
+    info = {
+        "key": key,
+        "params": params.model_dump(mode="json"),
+        "train_seconds": 1.0,
+        "val": {"val_images": 0},
+    }
     info_path(out).write_text(json.dumps(info))
     before = out.stat().st_mtime_ns
     argv = ["--bdd_data_dir", mini_bdd, "--out", out, "--epochs", params.epochs, "--imgsz", params.imgsz]
@@ -129,9 +136,9 @@ def test_cli_trains_saves_atomically_and_reruns_instantly(mini_bdd, tmp_path, ca
     code, stdout, err = run(capsys, *argv)
     assert code == 0, err
     info = json.loads(info_path(out).read_text())
-    params = replace(CLI_DEFAULTS, epochs=1, imgsz=64)
+    params = CLI_DEFAULTS.model_copy(update={"epochs": 1, "imgsz": 64})
     assert info["key"] == detector_key(mini_bdd, params) and info["params"] == json.loads(
-        json.dumps(asdict(params))
+        json.dumps(params.model_dump(mode="json"))
     )
     assert f"detector: {out} (yolov8n, 1 epochs at 64 px on car; trained in " in stdout
     assert not [p for p in out.parent.iterdir() if ".tmp" in p.name]  # no temp file left behind
@@ -146,3 +153,18 @@ def test_cli_trains_saves_atomically_and_reruns_instantly(mini_bdd, tmp_path, ca
     assert os.path.isdir(out.parent / "detector_train" / "runs" / "detector")
     labels = sorted((out.parent / "detector_train" / "data" / "labels" / "train").glob("*.txt"))
     assert labels and all(len(line.split()) == 5 for p in labels for line in p.read_text().splitlines())
+
+
+def test_the_config_and_the_flags_are_one_setting(mini_bdd, tmp_path, capsys):
+    """config/demo/detector.yaml < flags < key=value; --check trains nothing; typos get did-you-mean."""
+    config = tmp_path / "detector.yaml"
+    out = tmp_path / "d" / "detector.pt"
+    config.write_text(f"bdd_data_dir: {mini_bdd}\nout: {out}\ntrain:\n  epochs: 3\n  classes: [car]\n")
+    code, stdout, err = run(capsys, "--config", config, "--epochs", "1", "train.imgsz=64", "--check")
+    assert code == 0 and "ok (" in stdout and not out.parent.exists(), err
+    code, _, err = run(capsys, "--config", config, "train.epoch=1")
+    assert code == 2 and "train.epoch: unknown key (did you mean 'epochs'" in err
+    shipped = load_config(
+        DemoDetectorConfig, Path(__file__).resolve().parents[1] / "config/demo/detector.yaml"
+    )
+    assert shipped.train == CLI_DEFAULTS  # the file spells out the command line's defaults
