@@ -52,3 +52,29 @@ def mini_bdd(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("mini_bdd") / "bdd100k"
     make_mini_bdd(out, frames=12, size=(320, 180), seed=0)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One CPU thread for a module's tests (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): on a
+    shared 2-core machine OpenMP threads that wait on each other cost 10x in the inference tests."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    """The tiny SDXL folder (ai.common.models preset 'tiny'); a complete folder is reused, not rebuilt."""
+    from ai.common.build_model import build_model_folder
+
+    return build_model_folder("tiny", tmp_path_factory.getbasetemp() / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def model(tiny_sdxl) -> Path:
+    """The tiny SDXL folder, under the name the inference tests give their base model."""
+    return tiny_sdxl

@@ -1,7 +1,5 @@
-"""Shared test helpers for the SDXL training tests: the tiny model (built once per session) and small image sets.
-
-Import the fixture into a test module with ``from sdxl_fixtures import tiny_sdxl  # noqa: F401``.
-"""
+"""Shared test helpers for the SDXL tests: small image sets, pixels and records of a generations folder, a steering
+ControlNet. The fixtures (the tiny model, one torch thread) are in conftest.py."""
 
 from __future__ import annotations
 
@@ -10,30 +8,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 CAPTIONS = ("a city street at night", "a highway in the rain", "a residential road, clear day")
-
-
-@pytest.fixture(scope="module")
-def one_torch_thread():
-    """One CPU thread for a module's tests (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): on a
-    shared 2-core machine OpenMP threads that wait on each other cost 10x in the inference tests."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def tiny_sdxl(tmp_path_factory) -> Path:
-    """The tiny SDXL folder (ai.common.models preset 'tiny'); a complete folder is reused, not rebuilt."""
-    from ai.common.build_model import build_model_folder
-
-    return build_model_folder("tiny", tmp_path_factory.getbasetemp() / "tiny-sdxl")
 
 
 def write_image(path: Path, size: tuple[int, int], seed: int) -> Path:
@@ -90,3 +67,44 @@ def steer_outputs(controlnet, seed: int, scale: float = 0.3):
             if name.startswith(("controlnet_down_blocks", "controlnet_mid_block")):
                 param.copy_(torch.randn(param.shape, generator=generator) * scale)
     return controlnet
+
+
+def watch_controlnet_conditions(monkeypatch) -> list:
+    """Make ControlNet inference record each condition tensor its ControlNet is called with (CFG: the doubled
+    batch); returns the list they are appended to. ``monkeypatch``: pytest's (or a ``pytest.MonkeyPatch()``)."""
+    from ai.controlnet import infer_controlnet_sdxl
+
+    seen: list = []
+    load_controlnet = infer_controlnet_sdxl.load_controlnet
+
+    def load_and_watch(*a, **kw):
+        controlnet = load_controlnet(*a, **kw)
+        controlnet.register_forward_pre_hook(
+            lambda _m, _a, k: seen.append(k["controlnet_cond"].clone()), with_kwargs=True
+        )
+        return controlnet
+
+    monkeypatch.setattr(infer_controlnet_sdxl, "load_controlnet", load_and_watch)
+    return seen
+
+
+def run_launcher(
+    launcher: str,
+    *args,
+    accelerate_config: str = "config/accelerate_config_cpu.yaml",
+    timeout: int = 300,
+    cwd: Path | None = None,
+    **env: str,
+):
+    """``bash <launcher> args...`` as a user runs it (ACCELERATE_CONFIG, PYTHON = this interpreter, extra
+    environment), from the repo root unless ``cwd``; the completed process, output captured."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    environ = dict(os.environ, ACCELERATE_CONFIG=str(root / accelerate_config), PYTHON=sys.executable, **env)
+    return subprocess.run(
+        ["bash", str(root / launcher), *map(str, args)],
+        cwd=cwd or root, env=environ, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip

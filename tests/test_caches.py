@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sdxl_fixtures import make_image_csv, tiny_sdxl, write_image  # noqa: F401
+from sdxl_fixtures import make_image_csv, write_image
 
 from ai.common import caches, data, diffusion
 
 
 @pytest.fixture(scope="module")
-def components(tiny_sdxl):  # noqa: F811
+def components(tiny_sdxl):
     from ai.common.models import load_components
 
     return load_components(tiny_sdxl)
@@ -110,7 +110,7 @@ def test_text_cache_stores_each_caption_once(components, tmp_path):
     torch.testing.assert_close(got["pooled_prompt_embeds"], want_p[0].detach(), atol=2e-3, rtol=1e-3)
 
 
-def test_module_fingerprint_follows_the_weights(tiny_sdxl):  # noqa: F811
+def test_module_fingerprint_follows_the_weights(tiny_sdxl):
     from ai.common.models import load_components
 
     vae = load_components(tiny_sdxl).vae

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import DDPMScheduler
-from sdxl_fixtures import tiny_sdxl  # noqa: F401
 
 from ai.common import diffusion
 
@@ -58,7 +57,7 @@ def test_time_ids_layout():
 
 
 @pytest.fixture(scope="module")
-def components(tiny_sdxl):  # noqa: F811
+def components(tiny_sdxl):
     from ai.common.models import load_components
 
     return load_components(tiny_sdxl)

@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from sdxl_fixtures import one_torch_thread, pixels, records, steer_outputs, tiny_sdxl  # noqa: F401
+from sdxl_fixtures import pixels, records, run_launcher, steer_outputs, watch_controlnet_conditions
 
 from ai.common.pipelines import model_fingerprint
 from ai.controlnet import conditioning as cond
@@ -34,11 +34,6 @@ USER_CONFIG = REPO / "config" / "controlnet_infer.yaml"
 CAPTIONS = ("a city street at night, wet road", "a highway on a clear day")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def model(tiny_sdxl) -> Path:  # noqa: F811 (the shared session fixture)
-    return tiny_sdxl
 
 
 @pytest.fixture(scope="module")
@@ -534,21 +529,7 @@ def test_launcher_two_processes_split_the_work_and_match_one(
 
 
 def test_launcher_checks_config_before_accelerate(tmp_path):
-    env = dict(
-        os.environ, ACCELERATE_CONFIG=str(REPO / "config/accelerate_config_cpu.yaml"), PYTHON=sys.executable
-    )
-    proc = subprocess.run(
-        [
-            "bash",
-            str(REPO / "ai/controlnet/run_controlnet_infer.sh"),
-            str(DEMO_CONFIG),
-            "control_guidance_ends=0.5",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_launcher("ai/controlnet/run_controlnet_infer.sh", DEMO_CONFIG, "control_guidance_ends=0.5")
     assert proc.returncode == 2
     assert "control_guidance_ends: unknown key (did you mean 'control_guidance_end'" in proc.stderr
     assert "accelerate" not in proc.stderr.lower()
@@ -660,17 +641,7 @@ def test_generates_from_box_layouts_with_stage4_metadata(
     from annotation.layout import LayoutSources, read_metadata
     from vocab import bdd, layouts
 
-    seen: list[torch.Tensor] = []
-    load_controlnet = infer_controlnet_sdxl.load_controlnet
-
-    def load_and_watch(*a, **kw):
-        controlnet = load_controlnet(*a, **kw)
-        controlnet.register_forward_pre_hook(
-            lambda _m, _a, k: seen.append(k["controlnet_cond"].clone()), with_kwargs=True
-        )
-        return controlnet
-
-    monkeypatch.setattr(infer_controlnet_sdxl, "load_controlnet", load_and_watch)
+    seen = watch_controlnet_conditions(monkeypatch)
     labels = mini_bdd / "labels/det_20/det_val.json"
     gen = infer(
         model, box_controlnets["one_hot"], box_layouts, tmp_path / "boxes", f"paths.source_labels={labels}",

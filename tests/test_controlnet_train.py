@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from sdxl_fixtures import tiny_sdxl  # noqa: F401
+from sdxl_fixtures import run_launcher
 
 from vocab import bdd
 
@@ -73,11 +72,9 @@ def check_config(config: Path, *overrides: str) -> str:
 
 def launch(config: Path, accelerate_config: str, **env) -> subprocess.CompletedProcess:
     """ai/controlnet/run_controlnet_train.sh with ``accelerate_config`` (and extra environment, e.g. ACCELERATE_ARGS)."""
-    env = dict(os.environ, ACCELERATE_CONFIG=str(REPO / accelerate_config), PYTHON=sys.executable, **env)
-    return subprocess.run(
-        ["bash", str(REPO / "ai/controlnet/run_controlnet_train.sh"), str(config)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    return run_launcher(
+        "ai/controlnet/run_controlnet_train.sh", config, accelerate_config=accelerate_config, **env
+    )
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +119,7 @@ def test_conditioning_keeps_valid_ids_and_stays_aligned_with_its_image(mini_bdd,
     assert flips == {True, False}  # both branches seen
 
 
-def test_fresh_controlnet_leaves_the_base_model_unchanged(tiny_sdxl):  # noqa: F811
+def test_fresh_controlnet_leaves_the_base_model_unchanged(tiny_sdxl):
     import torch
 
     from ai.common import diffusion
@@ -151,7 +148,7 @@ def test_fresh_controlnet_leaves_the_base_model_unchanged(tiny_sdxl):  # noqa: F
 
 
 @pytest.mark.slow
-def test_launcher_trains_validates_and_exports_a_diffusers_controlnet(tiny_sdxl, controlnet_csvs, tmp_path):  # noqa: F811
+def test_launcher_trains_validates_and_exports_a_diffusers_controlnet(tiny_sdxl, controlnet_csvs, tmp_path):
     import torch
     from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
 
@@ -194,7 +191,7 @@ def test_launcher_trains_validates_and_exports_a_diffusers_controlnet(tiny_sdxl,
 
 
 @pytest.mark.slow
-def test_resume_mid_epoch_gives_the_same_controlnet(tiny_sdxl, controlnet_csvs, tmp_path):  # noqa: F811
+def test_resume_mid_epoch_gives_the_same_controlnet(tiny_sdxl, controlnet_csvs, tmp_path):
     from safetensors.torch import load_file
 
     train_csv, _ = controlnet_csvs
@@ -229,7 +226,7 @@ def larger_mini_bdd(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_controlnet_learns_to_follow_the_mask(tiny_sdxl, larger_mini_bdd, tmp_path):  # noqa: F811
+def test_controlnet_learns_to_follow_the_mask(tiny_sdxl, larger_mini_bdd, tmp_path):
     """The loss gap between a blank and the real mask on held-out masks starts at 0 and becomes clearly positive.
 
     v-prediction at high noise makes the target mostly the clean latent, which is what a layout explains; with
@@ -261,7 +258,7 @@ def test_controlnet_learns_to_follow_the_mask(tiny_sdxl, larger_mini_bdd, tmp_pa
 # --- bad input -----------------------------------------------------------------------------------------------
 
 
-def test_mask_of_another_size_names_both_files(tiny_sdxl, mini_bdd, tmp_path):  # noqa: F811
+def test_mask_of_another_size_names_both_files(tiny_sdxl, mini_bdd, tmp_path):
     from ai.common import data
     from ai.controlnet import control
     from core.cli import UserError
@@ -286,7 +283,7 @@ def test_mask_with_ids_outside_the_label_set_is_refused(tmp_path):
         control.RowCondition("palette")(row, plan)
 
 
-def test_controlnet_of_another_architecture_is_refused_before_loading(tiny_sdxl, controlnet_csvs, tmp_path):  # noqa: F811
+def test_controlnet_of_another_architecture_is_refused_before_loading(tiny_sdxl, controlnet_csvs, tmp_path):
     train_csv, _ = controlnet_csvs
     folder = tmp_path / "other_cn"
     folder.mkdir()
@@ -310,7 +307,7 @@ def test_controlnet_of_another_architecture_is_refused_before_loading(tiny_sdxl,
         (("data.crop=random",), "cache.latents=false"),
     ],
 )
-def test_bad_config_is_refused_with_a_clear_message(tiny_sdxl, controlnet_csvs, tmp_path, overrides, message):  # noqa: F811
+def test_bad_config_is_refused_with_a_clear_message(tiny_sdxl, controlnet_csvs, tmp_path, overrides, message):
     from core.cli import UserError
 
     train_csv, _ = controlnet_csvs
@@ -322,7 +319,7 @@ def test_bad_config_is_refused_with_a_clear_message(tiny_sdxl, controlnet_csvs, 
     assert message in got, got
 
 
-def test_a_fused_style_lora_is_in_the_frozen_unet_and_the_controlnet_copy(tiny_sdxl, tmp_path):  # noqa: F811
+def test_a_fused_style_lora_is_in_the_frozen_unet_and_the_controlnet_copy(tiny_sdxl, tmp_path):
     """controlnet.fuse_lora: UNet weights become W + scale * (alpha / r) * B @ A, and a fresh ControlNet copies them."""
     import torch
     from peft import LoraConfig
@@ -352,7 +349,7 @@ def test_a_fused_style_lora_is_in_the_frozen_unet_and_the_controlnet_copy(tiny_s
 
 
 @pytest.mark.slow
-def test_two_data_parallel_processes_on_cpu(tiny_sdxl, controlnet_csvs, tmp_path):  # noqa: F811
+def test_two_data_parallel_processes_on_cpu(tiny_sdxl, controlnet_csvs, tmp_path):
     from diffusers import ControlNetModel
 
     train_csv, val_csv = controlnet_csvs
@@ -377,7 +374,7 @@ def test_two_data_parallel_processes_on_cpu(tiny_sdxl, controlnet_csvs, tmp_path
 
 
 @pytest.mark.slow
-def test_bf16_mixed_precision_trains_validates_and_saves(tiny_sdxl, controlnet_csvs, tmp_path):  # noqa: F811
+def test_bf16_mixed_precision_trains_validates_and_saves(tiny_sdxl, controlnet_csvs, tmp_path):
     """bf16 frozen base + fp32 ControlNet under autocast (CPU autocast here): the loop, the fidelity check and the
     validation pipeline (which must not get accelerate's fp32-output wrapper) all run, and the save is fp16."""
     from diffusers import ControlNetModel
@@ -405,7 +402,7 @@ def test_bf16_mixed_precision_trains_validates_and_saves(tiny_sdxl, controlnet_c
 
 
 @pytest.mark.slow
-def test_deepspeed_bf16_checkpoints_and_exports_the_fp32_master_weights(tiny_sdxl, controlnet_csvs, tmp_path):  # noqa: F811
+def test_deepspeed_bf16_checkpoints_and_exports_the_fp32_master_weights(tiny_sdxl, controlnet_csvs, tmp_path):
     """The shipped DeepSpeed config in bf16 (one process on CPU): DeepSpeed trains a bf16 copy of the ControlNet and
     keeps fp32 masters; validation runs, and the checkpoint's and the final controlnet/ hold the fp32 masters."""
     import torch
@@ -430,7 +427,7 @@ def test_deepspeed_bf16_checkpoints_and_exports_the_fp32_master_weights(tiny_sdx
 
 
 @pytest.mark.slow
-def test_latent_and_text_caches_are_shared_with_the_lora_trainer(tiny_sdxl, controlnet_csvs, tmp_path):  # noqa: F811
+def test_latent_and_text_caches_are_shared_with_the_lora_trainer(tiny_sdxl, controlnet_csvs, tmp_path):
     """A LoRA run on the same images and captions fills the cache; the ControlNet run then adds no entry."""
     import csv as csv_module
 
@@ -489,7 +486,7 @@ print(json.dumps({"rc": rc, "built": built, "vae_autocast": vae_autocast, "resid
 
 @pytest.mark.slow
 def test_bf16_validation_reuses_the_trained_controlnet_and_runs_the_vae_in_fp32(
-    tiny_sdxl,  # noqa: F811
+    tiny_sdxl,
     controlnet_csvs,
     tmp_path,
 ):
@@ -547,7 +544,7 @@ def box_csv(mini_bdd, tmp_path_factory) -> Path:
     return root / "csv" / "bdd_hf_dataset_controlnet_boxes_train.csv"
 
 
-def test_a_box_layout_controlnet_trains_and_its_folders_record_the_layout(tiny_sdxl, box_csv, tmp_path):  # noqa: F811
+def test_a_box_layout_controlnet_trains_and_its_folders_record_the_layout(tiny_sdxl, box_csv, tmp_path):
     from diffusers import ControlNetModel
 
     from ai.controlnet import architecture
@@ -592,7 +589,7 @@ def test_a_box_layout_controlnet_trains_and_its_folders_record_the_layout(tiny_s
     assert drawn  # at least one held-out frame with boxes, not only empty ones
 
 
-def test_a_mask_controlnet_records_seg(tiny_sdxl):  # noqa: F811
+def test_a_mask_controlnet_records_seg(tiny_sdxl):
     from ai.common.models import load_components
     from ai.controlnet import architecture, control
 
@@ -601,7 +598,7 @@ def test_a_mask_controlnet_records_seg(tiny_sdxl):  # noqa: F811
     assert cn.config[architecture.CONDITIONING_KEY] == {"layout": "seg", "encoding": "palette", "channels": 3}
 
 
-def test_init_from_must_match_the_layout(tiny_sdxl, tmp_path):  # noqa: F811
+def test_init_from_must_match_the_layout(tiny_sdxl, tmp_path):
     """A ControlNet trained on the other layout would read the ids as other classes: refused when building."""
     from ai.common.models import load_components
     from ai.controlnet import architecture, control
@@ -636,7 +633,7 @@ def test_init_from_must_match_the_layout(tiny_sdxl, tmp_path):  # noqa: F811
     )
 
 
-def fake_controlnet(tiny_sdxl: Path, folder: Path, record: dict | None) -> Path:  # noqa: F811
+def fake_controlnet(tiny_sdxl: Path, folder: Path, record: dict | None) -> Path:
     """A ControlNet folder whose config fits the tiny UNet (weights never read: the checks come first)."""
     unet_cfg = json.loads((tiny_sdxl / "unet" / "config.json").read_text())
     config = dict(unet_cfg, _class_name="ControlNetModel", conditioning_channels=3)
@@ -648,7 +645,7 @@ def fake_controlnet(tiny_sdxl: Path, folder: Path, record: dict | None) -> Path:
     return folder
 
 
-def test_layout_mismatches_are_refused_before_training(tiny_sdxl, box_csv, controlnet_csvs, tmp_path):  # noqa: F811
+def test_layout_mismatches_are_refused_before_training(tiny_sdxl, box_csv, controlnet_csvs, tmp_path):
     seg_csv, _ = controlnet_csvs
     masks_cfg = write_config(tmp_path / "m.yaml", tiny_sdxl, seg_csv, tmp_path / "runs", "m")
     boxes_cfg = write_config(tmp_path / "b.yaml", tiny_sdxl, box_csv, tmp_path / "runs", "b")

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from sdxl_fixtures import one_torch_thread, pixels, records, tiny_sdxl  # noqa: F401
+from sdxl_fixtures import pixels, records
 
 from ai.controlnet import infer_controlnet_sdxl
 from ai.controlnet.conditioning import read_ids, resize_ids
@@ -190,7 +190,7 @@ def test_stage4_source_boxes_land_on_the_mask_in_every_size_mode(
     overrides,
     generated,
     saved,
-    tiny_sdxl,  # noqa: F811 (the shared session fixture)
+    tiny_sdxl,
     masks,
     mini_bdd,
     tmp_path,

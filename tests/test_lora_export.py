@@ -13,7 +13,6 @@ import re
 from pathlib import Path
 
 import pytest
-from sdxl_fixtures import one_torch_thread, tiny_sdxl  # noqa: F401
 
 from ai.common import lora_export
 from ai.common.pipelines import LORA_ADAPTER_NAME, load_lora
@@ -69,11 +68,6 @@ def pipeline(model: Path):
         vae=c.vae, text_encoder=c.text_encoder, text_encoder_2=c.text_encoder_2, tokenizer=c.tokenizer,
         tokenizer_2=c.tokenizer_2, unet=c.unet, scheduler=c.scheduler,
     )  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def model(tiny_sdxl) -> Path:  # noqa: F811
-    return tiny_sdxl
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from sdxl_fixtures import one_torch_thread, pixels, records  # noqa: F401
+from sdxl_fixtures import pixels, records, run_launcher
 
 from ai.common.generation import LORA_WEIGHTS_NAME
 from ai.common.pipelines import model_fingerprint
@@ -32,21 +32,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    from ai.common.build_model import build_model_folder
-
-    # the same path as tests/sdxl_fixtures.py: a complete folder is kept, so the suite builds it once
-    return build_model_folder("tiny", tmp_path_factory.getbasetemp() / "tiny-sdxl")
-
-
-@pytest.fixture(scope="session")
-def lora_run(tiny_model, tmp_path_factory) -> Path:
+def lora_run(tiny_sdxl, tmp_path_factory) -> Path:
     """A training run folder ``lora_run/checkpoint-10/pytorch_lora_weights.safetensors`` (+ state files)."""
     import torch
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from peft import LoraConfig, get_peft_model_state_dict
 
-    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet", local_files_only=True)
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet", local_files_only=True)
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -77,16 +69,16 @@ def infer(tmp_path, model, *overrides, name="out", capsys=None) -> Path:
 
 
 @pytest.fixture(scope="module")
-def lora_output(tiny_model, lora_run, tmp_path_factory) -> Path:
+def lora_output(tiny_sdxl, lora_run, tmp_path_factory) -> Path:
     """The demo config with the LoRA: 2 prompts x 2 images, batch 2."""
     return infer(
         tmp_path_factory.mktemp("lora_out"),
-        tiny_model,
+        tiny_sdxl,
         f"paths.lora_weights_path={lora_run / 'checkpoint-10'}",
     )
 
 
-def test_writes_images_and_one_record_per_image(lora_output, tiny_model, lora_run):
+def test_writes_images_and_one_record_per_image(lora_output, tiny_sdxl, lora_run):
     gen = lora_output
     files = ["00000_00.png", "00000_01.png", "00001_00.png", "00001_01.png"]
     assert sorted(p.name for p in gen.iterdir()) == [*files, "metadata.jsonl"]
@@ -105,7 +97,7 @@ def test_writes_images_and_one_record_per_image(lora_output, tiny_model, lora_ru
     first = recs[0]
     assert first["lora_sha256"] == sha256_file(lora_file)
     assert first["lora_path"] == str(lora_file)
-    assert first["base_model_fingerprint"] == model_fingerprint(str(tiny_model))
+    assert first["base_model_fingerprint"] == model_fingerprint(str(tiny_sdxl))
     assert (first["width"], first["height"], first["num_inference_steps"]) == (
         64,
         64,
@@ -120,7 +112,7 @@ def test_writes_images_and_one_record_per_image(lora_output, tiny_model, lora_ru
 
 
 def test_rerun_does_no_work_and_redoes_only_a_deleted_image(
-    lora_output, tiny_model, lora_run, tmp_path, capsys
+    lora_output, tiny_sdxl, lora_run, tmp_path, capsys
 ):
     import shutil
 
@@ -129,12 +121,12 @@ def test_rerun_does_no_work_and_redoes_only_a_deleted_image(
     lora = f"paths.lora_weights_path={lora_run / 'checkpoint-10'}"
     before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in gen.iterdir()}
     capsys.readouterr()
-    infer(tmp_path, tiny_model, lora)
+    infer(tmp_path, tiny_sdxl, lora)
     assert "nothing to do: all 4 images are in" in capsys.readouterr().out
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in gen.iterdir()} == before
 
     (gen / "00001_00.png").unlink()
-    infer(tmp_path, tiny_model, lora)
+    infer(tmp_path, tiny_sdxl, lora)
     assert "1 generated, 3 already done, 0 failed, 4 in the work list" in capsys.readouterr().out
     after = {p.name: p.stat().st_mtime_ns for p in gen.iterdir()}
     changed = sorted(name for name in after if after[name] != before[name][1])
@@ -146,9 +138,9 @@ def test_rerun_does_no_work_and_redoes_only_a_deleted_image(
     ]  # no duplicate lines
 
 
-def test_same_seeds_reproduce_and_seeds_are_per_image(lora_output, tiny_model, lora_run, tmp_path):
+def test_same_seeds_reproduce_and_seeds_are_per_image(lora_output, tiny_sdxl, lora_run, tmp_path):
     lora = f"paths.lora_weights_path={lora_run / 'checkpoint-10'}"
-    again = infer(tmp_path, tiny_model, lora, name="again")
+    again = infer(tmp_path, tiny_sdxl, lora, name="again")
     for name in ("00000_00.png", "00001_01.png"):
         assert np.array_equal(pixels(again / name), pixels(lora_output / name))
     a, b = (
@@ -159,18 +151,18 @@ def test_same_seeds_reproduce_and_seeds_are_per_image(lora_output, tiny_model, l
     # seed=1, one image per prompt, batch 1: image 00000_00 gets seed 1, i.e. the batch-2 run's 00000_01;
     # a different batch changes only float rounding (at most one level), never the noise
     shifted = infer(
-        tmp_path, tiny_model, lora, "seed=1", "images_per_prompt=1", "batch_size=1", name="shifted"
+        tmp_path, tiny_sdxl, lora, "seed=1", "images_per_prompt=1", "batch_size=1", name="shifted"
     )
     assert records(shifted)[0]["seed"] == 1
     assert np.abs(pixels(shifted / "00000_00.png") - b).max() <= 1
 
 
-def test_lora_changes_images_and_scale_zero_equals_base(lora_output, tiny_model, lora_run, tmp_path):
-    base = infer(tmp_path, tiny_model, "paths.lora_weights_path=null", name="base")
+def test_lora_changes_images_and_scale_zero_equals_base(lora_output, tiny_sdxl, lora_run, tmp_path):
+    base = infer(tmp_path, tiny_sdxl, "paths.lora_weights_path=null", name="base")
     assert records(base)[0]["lora_sha256"] is None and records(base)[0]["lora_scale"] is None
     zero = infer(
         tmp_path,
-        tiny_model,
+        tiny_sdxl,
         f"paths.lora_weights_path={lora_run / 'checkpoint-10'}",
         "lora_scale=0",
         name="zero",
@@ -180,12 +172,12 @@ def test_lora_changes_images_and_scale_zero_equals_base(lora_output, tiny_model,
         assert np.array_equal(pixels(zero / name), pixels(base / name))
 
 
-def test_captions_csv_prompts_carry_their_source_frame(tiny_model, lora_run, tmp_path):
+def test_captions_csv_prompts_carry_their_source_frame(tiny_sdxl, lora_run, tmp_path):
     csv_path = tmp_path / "train.csv"
     csv_path.write_text("image,text\nframes/a.jpg,a rainy street\nframes/b.jpg,\nframes/c.jpg,a tunnel\n")
     gen = infer(
         tmp_path,
-        tiny_model,
+        tiny_sdxl,
         f"paths.lora_weights_path={lora_run / 'checkpoint-10' / LORA_WEIGHTS_NAME}",
         "prompt=null",
         "prompts=[]",
@@ -203,10 +195,10 @@ def test_captions_csv_prompts_carry_their_source_frame(tiny_model, lora_run, tmp
     assert recs[0]["scheduler"] == "dpm++_2m_karras" and recs[0]["prompt_source"] == f"{csv_path}:2"
 
 
-def test_speed_switches_keep_the_images(lora_output, tiny_model, lora_run, tmp_path):
+def test_speed_switches_keep_the_images(lora_output, tiny_sdxl, lora_run, tmp_path):
     fast = infer(
         tmp_path,
-        tiny_model,
+        tiny_sdxl,
         f"paths.lora_weights_path={lora_run / 'checkpoint-10'}",
         "fuse_lora=true",
         "speed.channels_last=true",
@@ -219,14 +211,14 @@ def test_speed_switches_keep_the_images(lora_output, tiny_model, lora_run, tmp_p
 
 
 @pytest.mark.slow
-def test_torch_compile_keeps_the_images(lora_output, tiny_model, lora_run, tmp_path):
+def test_torch_compile_keeps_the_images(lora_output, tiny_sdxl, lora_run, tmp_path):
     """speed.torch_compile through inductor (CPU here: about a minute of compiling) with the unfused LoRA."""
     from torch._dynamo.utils import counters
 
     graphs_before = counters["stats"]["unique_graphs"]
     compiled = infer(
         tmp_path,
-        tiny_model,
+        tiny_sdxl,
         f"paths.lora_weights_path={lora_run / 'checkpoint-10'}",
         "speed.torch_compile=true",
         name="compiled",
@@ -241,11 +233,11 @@ def run_cli(capsys, *argv) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def test_bad_inputs_give_clear_errors(tiny_model, lora_run, tmp_path, capsys):
+def test_bad_inputs_give_clear_errors(tiny_sdxl, lora_run, tmp_path, capsys):
     cfg = [
         "--config",
         str(DEMO_CONFIG),
-        f"model.pretrained_model={tiny_model}",
+        f"model.pretrained_model={tiny_sdxl}",
         f"paths.infer_path={tmp_path / 'o'}",
     ]
     lora = f"paths.lora_weights_path={lora_run / 'checkpoint-10'}"
@@ -286,7 +278,7 @@ def test_bad_inputs_give_clear_errors(tiny_model, lora_run, tmp_path, capsys):
     assert not (tmp_path / "o").exists()  # every error came before any output
 
 
-def test_a_lora_that_only_partly_fits_the_base_is_refused(tiny_model, lora_run, tmp_path, capsys):
+def test_a_lora_that_only_partly_fits_the_base_is_refused(tiny_sdxl, lora_run, tmp_path, capsys):
     """diffusers loads the modules that fit and only warns about the rest (a warning the script used to silence)."""
     from safetensors.torch import load_file, save_file
 
@@ -294,7 +286,7 @@ def test_a_lora_that_only_partly_fits_the_base_is_refused(tiny_model, lora_run, 
     renamed = tmp_path / "renamed.safetensors"
     save_file({k.replace(".attn1.to_q.", ".attn1.query."): v for k, v in state.items()}, renamed)
     code, err = run_cli(
-        capsys, "--config", str(DEMO_CONFIG), f"model.pretrained_model={tiny_model}",
+        capsys, "--config", str(DEMO_CONFIG), f"model.pretrained_model={tiny_sdxl}",
         f"paths.infer_path={tmp_path / 'o'}", f"paths.lora_weights_path={renamed}", "resolution.width=64",
         "resolution.height=64",
     )  # fmt: skip
@@ -304,12 +296,12 @@ def test_a_lora_that_only_partly_fits_the_base_is_refused(tiny_model, lora_run, 
     assert not list((tmp_path / "o").rglob("*.png"))
 
 
-def test_a_config_of_the_last_release_runs_unchanged(lora_output, tiny_model, lora_run, tmp_path, capsys):
+def test_a_config_of_the_last_release_runs_unchanged(lora_output, tiny_sdxl, lora_run, tmp_path, capsys):
     """The demo config as the last release shipped it, with its old key names (paths.base_model_path) in the file
     and in the overrides, makes the same images as today's config, and says which keys to write instead."""
     release = REPO / "tests" / "data" / "release_configs" / "demo" / "lora_infer.yaml"
     argv = [
-        "--config", str(release), f"paths.base_model_path={tiny_model}", f"paths.infer_path={tmp_path / 'old'}",
+        "--config", str(release), f"paths.base_model_path={tiny_sdxl}", f"paths.infer_path={tmp_path / 'old'}",
         "resolution.width=64", "resolution.height=64", f"paths.lora_weights_path={lora_run / 'checkpoint-10'}",
     ]  # fmt: skip
     assert run_main(infer_lora_sdxl.main, argv) == 0
@@ -322,7 +314,7 @@ def test_a_config_of_the_last_release_runs_unchanged(lora_output, tiny_model, lo
         assert np.array_equal(pixels(lora_output / name), pixels(tmp_path / "old" / "generations" / name))
 
 
-def test_changed_settings_are_refused_not_mixed(lora_output, tiny_model, lora_run, tmp_path, capsys):
+def test_changed_settings_are_refused_not_mixed(lora_output, tiny_sdxl, lora_run, tmp_path, capsys):
     import shutil
 
     shutil.copytree(lora_output, tmp_path / "out" / "generations")
@@ -330,7 +322,7 @@ def test_changed_settings_are_refused_not_mixed(lora_output, tiny_model, lora_ru
     out = [
         "--config",
         str(DEMO_CONFIG),
-        f"model.pretrained_model={tiny_model}",
+        f"model.pretrained_model={tiny_sdxl}",
         f"paths.infer_path={tmp_path / 'out'}",
     ]
     code, err = run_cli(capsys, *out, "resolution.width=64", "resolution.height=64", lora, "lora_scale=0.5")
@@ -366,10 +358,10 @@ def launch(tmp_path, model, lora_dir, accelerate_config: str, name: str) -> Path
 
 
 @pytest.mark.slow
-def test_launcher_one_and_two_processes_make_the_same_images(tiny_model, lora_run, tmp_path):
-    one = launch(tmp_path, tiny_model, lora_run / "checkpoint-10", "config/accelerate_config_cpu.yaml", "one")
+def test_launcher_one_and_two_processes_make_the_same_images(tiny_sdxl, lora_run, tmp_path):
+    one = launch(tmp_path, tiny_sdxl, lora_run / "checkpoint-10", "config/accelerate_config_cpu.yaml", "one")
     two = launch(
-        tmp_path, tiny_model, lora_run / "checkpoint-10", "config/accelerate_config_cpu_2proc.yaml", "two"
+        tmp_path, tiny_sdxl, lora_run / "checkpoint-10", "config/accelerate_config_cpu_2proc.yaml", "two"
     )
     for gen in (one, two):
         assert sorted(p.name for p in gen.iterdir()) == [
@@ -382,16 +374,7 @@ def test_launcher_one_and_two_processes_make_the_same_images(tiny_model, lora_ru
 
 
 def test_launcher_checks_config_before_accelerate(tmp_path):
-    env = dict(
-        os.environ, ACCELERATE_CONFIG=str(REPO / "config/accelerate_config_cpu.yaml"), PYTHON=sys.executable
-    )
-    proc = subprocess.run(
-        ["bash", str(REPO / "ai/lora/run_lora_infer.sh"), str(DEMO_CONFIG), "num_inference_step=3"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_launcher("ai/lora/run_lora_infer.sh", DEMO_CONFIG, "num_inference_step=3")
     assert proc.returncode == 2
     assert "num_inference_step: unknown key (did you mean 'num_inference_steps'" in proc.stderr
     assert "accelerate" not in proc.stderr.lower()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from sdxl_fixtures import make_image_csv, tiny_sdxl  # noqa: F401
+from sdxl_fixtures import make_image_csv, run_launcher
 
 from core.cli import UserError
 
@@ -40,10 +40,10 @@ def write_config(path: Path, model: Path, csv: Path, runs: Path, name: str, **se
 def launch(
     config: Path, accelerate_config: str, *overrides: str, timeout: int = 300, env: dict | None = None
 ) -> subprocess.CompletedProcess:
-    env = dict(env or os.environ, ACCELERATE_CONFIG=str(REPO / accelerate_config), PYTHON=sys.executable)
-    return subprocess.run(
-        ["bash", str(REPO / "ai/lora/run_lora_train.sh"), str(config), *overrides],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+    """ai/lora/run_lora_train.sh with ``accelerate_config`` and extra environment variables (``env``)."""
+    return run_launcher(
+        "ai/lora/run_lora_train.sh", config, *overrides, accelerate_config=accelerate_config, timeout=timeout,
+        **(env or {}),
     )  # fmt: skip
 
 
@@ -60,7 +60,7 @@ def lora_tensors(path: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_launcher_trains_learns_checkpoints_and_exports(tiny_sdxl, tmp_path):  # noqa: F811
+def test_launcher_trains_learns_checkpoints_and_exports(tiny_sdxl, tmp_path):
     import numpy as np
     import torch
     from diffusers import StableDiffusionXLPipeline
@@ -129,7 +129,7 @@ def test_launcher_trains_learns_checkpoints_and_exports(tiny_sdxl, tmp_path):  #
 
 
 @pytest.mark.slow
-def test_resume_mid_epoch_gives_the_same_weights(tiny_sdxl, tmp_path):  # noqa: F811
+def test_resume_mid_epoch_gives_the_same_weights(tiny_sdxl, tmp_path):
     import torch
 
     csv = make_image_csv(tmp_path / "data", n=6)  # 6 rows, batch 1: an epoch is 6 steps
@@ -155,7 +155,7 @@ def test_resume_mid_epoch_gives_the_same_weights(tiny_sdxl, tmp_path):  # noqa: 
 
 
 @pytest.mark.slow
-def test_two_processes_on_one_node_and_on_two_nodes_train_the_same_weights(tiny_sdxl, tmp_path):  # noqa: F811
+def test_two_processes_on_one_node_and_on_two_nodes_train_the_same_weights(tiny_sdxl, tmp_path):
     import socket
 
     import torch
@@ -213,7 +213,7 @@ def test_two_processes_on_one_node_and_on_two_nodes_train_the_same_weights(tiny_
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_config_resumes_exactly_and_matches_plain_training(tiny_sdxl, tmp_path):  # noqa: F811
+def test_deepspeed_zero2_config_resumes_exactly_and_matches_plain_training(tiny_sdxl, tmp_path):
     """The shipped DeepSpeed config (ZeRO-2), one process on CPU.
 
     fp32: DeepSpeed engine checkpoints, an exact resume, and the same weights as training without DeepSpeed (batch,
@@ -227,8 +227,8 @@ def test_deepspeed_zero2_config_resumes_exactly_and_matches_plain_training(tiny_
     runs = tmp_path / "runs"
     cfg = write_config(tmp_path / "ds.yaml", tiny_sdxl, csv, runs, "ds", train={"max_train_steps": 4},
                        checkpoint={"every_n_steps": 2})  # fmt: skip
-    fp32 = dict(os.environ, ACCELERATE_ARGS="--num_processes 1 --mixed_precision no")
-    bf16 = dict(os.environ, ACCELERATE_ARGS="--num_processes 1")
+    fp32 = {"ACCELERATE_ARGS": "--num_processes 1 --mixed_precision no"}
+    bf16 = {"ACCELERATE_ARGS": "--num_processes 1"}
     bf16_cfg = ("train.mixed_precision=bf16", "validation.every_n_steps=4", "validation.prompts=[a street]",
                 "validation.num_inference_steps=1", "validation.width=64", "validation.height=64")  # fmt: skip
     for env, overrides in (
@@ -254,7 +254,7 @@ def test_deepspeed_zero2_config_resumes_exactly_and_matches_plain_training(tiny_
 
 
 @pytest.mark.slow
-def test_loader_workers_kept_across_epochs_train_the_same_weights(tiny_sdxl, tmp_path):  # noqa: F811
+def test_loader_workers_kept_across_epochs_train_the_same_weights(tiny_sdxl, tmp_path):
     """Persistent DataLoader workers must not keep per-epoch state: random crops and flips differ every epoch, and
     2 workers over 3 epochs give exactly the weights of loading in the training process."""
     import torch
@@ -299,7 +299,7 @@ def test_killed_or_half_checkpoint_is_never_latest(tmp_path):
 
 
 @pytest.fixture
-def check_config(tiny_sdxl, tmp_path):  # noqa: F811
+def check_config(tiny_sdxl, tmp_path):
     csv = make_image_csv(tmp_path / "data", n=2)
     return write_config(tmp_path / "c.yaml", tiny_sdxl, csv, tmp_path / "runs", "bad")
 
@@ -382,7 +382,7 @@ def test_process_group_timeout_reaches_accelerate_and_may_change_on_resume(
 
 
 @pytest.mark.slow
-def test_8bit_adamw_trains_checkpoints_and_resumes_exactly(tiny_sdxl, tmp_path):  # noqa: F811
+def test_8bit_adamw_trains_checkpoints_and_resumes_exactly(tiny_sdxl, tmp_path):
     """bitsandbytes' AdamW8bit (it runs on CPU too): 8-bit moments in the checkpoint, exact mid-run resume."""
     import torch
 
@@ -423,7 +423,7 @@ def test_launcher_reports_config_errors_in_one_line(check_config):
     assert "Traceback" not in proc.stderr and "accelerate" not in proc.stderr
 
 
-def test_exported_lora_bytes_do_not_depend_on_the_hash_seed(tiny_sdxl, tmp_path):  # noqa: F811
+def test_exported_lora_bytes_do_not_depend_on_the_hash_seed(tiny_sdxl, tmp_path):
     """PEFT keeps target_modules as a set and the safetensors writer its header in a hash map; uncanonicalised, the
     file (and the lora_sha256 inference records) changes between two exports of the same weights, and a rerun of
     training + inference would refuse its own earlier images."""
@@ -448,7 +448,7 @@ def test_exported_lora_bytes_do_not_depend_on_the_hash_seed(tiny_sdxl, tmp_path)
 
 
 @pytest.mark.slow
-def test_wandb_offline_run_logs_loss_and_validation(tiny_sdxl, tmp_path):  # noqa: F811
+def test_wandb_offline_run_logs_loss_and_validation(tiny_sdxl, tmp_path):
     """log.report_to=wandb through accelerate's tracker, in wandb's offline mode (no key, no network)."""
     csv = make_image_csv(tmp_path / "data", n=4)
     cfg = write_config(
@@ -476,7 +476,7 @@ def test_wandb_offline_run_logs_loss_and_validation(tiny_sdxl, tmp_path):  # noq
 
 
 @pytest.mark.slow
-def test_bf16_mixed_precision_trains_and_validates(tiny_sdxl, tmp_path):  # noqa: F811
+def test_bf16_mixed_precision_trains_and_validates(tiny_sdxl, tmp_path):
     """bf16 frozen base, fp32 LoRA, fp32 VAE, CPU autocast: loop, validation loss and images, fp32 export."""
     csv = make_image_csv(tmp_path / "data", n=4)
     cfg = write_config(
@@ -499,7 +499,7 @@ def test_bf16_mixed_precision_trains_and_validates(tiny_sdxl, tmp_path):  # noqa
 
 @pytest.mark.slow
 def test_text_encoders_leave_the_device_after_caching_and_validation_is_unchanged(
-    tiny_sdxl,  # noqa: F811
+    tiny_sdxl,
     tmp_path,
     monkeypatch,
 ):
@@ -548,7 +548,7 @@ def test_text_encoders_leave_the_device_after_caching_and_validation_is_unchange
 
 
 @pytest.mark.slow
-def test_text_encoder_lora_two_processes_train_what_one_process_with_accumulation_trains(tiny_sdxl, tmp_path):  # noqa: F811
+def test_text_encoder_lora_two_processes_train_what_one_process_with_accumulation_trains(tiny_sdxl, tmp_path):
     """lora.train_text_encoder with 2 DDP processes (gloo): the text encoders' LoRA gradients are averaged like the
     UNet's, so the saved weights (UNet and both text encoders) equal one process with the same global batch
     (1 process x 2 accumulation steps == 2 processes x 1), across an epoch boundary and with caption dropout. That
@@ -570,7 +570,7 @@ def test_text_encoder_lora_two_processes_train_what_one_process_with_accumulatio
         port = sock.getsockname()[1]
     # one thread per process in both runs (torchrun's default): other thread counts sum convolutions in another
     # order, and Adam turns those last-bit differences of tiny gradients into visible ones
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = {"OMP_NUM_THREADS": "1"}
     proc = launch(cfg, "config/accelerate_config_cpu.yaml", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     env["ACCELERATE_ARGS"] = f"--main_process_port {port}"

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from sdxl_fixtures import one_torch_thread, pixels, records, steer_outputs, tiny_sdxl  # noqa: F401
+from sdxl_fixtures import pixels, records, steer_outputs, watch_controlnet_conditions
 
 from ai.controlnet import conditioning as cond
 from ai.controlnet import infer_controlnet_sdxl
@@ -37,11 +37,6 @@ TARGETS = {
 }
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def model(tiny_sdxl) -> Path:  # noqa: F811 (the shared session fixture)
-    return tiny_sdxl
 
 
 @pytest.fixture(scope="module")
@@ -101,18 +96,8 @@ def planned(model, controlnets, mini_bdd, tmp_path_factory):
     """A 3-scene plan generated with the box ControlNet, watching what the ControlNet is given."""
     root = tmp_path_factory.mktemp("planned")
     plan = make_plan(mini_bdd, root / "plan", 3)
-    seen: list[torch.Tensor] = []
-    load_controlnet = infer_controlnet_sdxl.load_controlnet
-
-    def load_and_watch(*a, **kw):
-        controlnet = load_controlnet(*a, **kw)
-        controlnet.register_forward_pre_hook(
-            lambda _m, _a, k: seen.append(k["controlnet_cond"].clone()), with_kwargs=True
-        )
-        return controlnet
-
     mp = pytest.MonkeyPatch()
-    mp.setattr(infer_controlnet_sdxl, "load_controlnet", load_and_watch)
+    seen = watch_controlnet_conditions(mp)
     try:
         out = root / "run"
         args = args_for(model, controlnets["boxes"], plan, out, "batch_size=1")

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from sdxl_fixtures import tiny_sdxl  # noqa: F401
 from test_import_cycles import PACKAGES
 from yolo_fixture import cached_detector
 
@@ -114,7 +113,7 @@ def test_readme_commands_are_found_in_order():
 
 
 @pytest.mark.slow
-def test_following_the_readme_with_only_env_edited(tiny_sdxl, mini_bdd, tmp_path):  # noqa: F811
+def test_following_the_readme_with_only_env_edited(tiny_sdxl, mini_bdd, tmp_path):
     detector = cached_detector(mini_bdd, tmp_path / "detector_work")
     work = copy_repo(tmp_path / "repo")
     env_edits = {

@@ -19,13 +19,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from sdxl_fixtures import run_launcher
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(
@@ -70,11 +69,7 @@ def stage1(tmp_path_factory) -> Path:
 
 
 def launch(script: str, config: Path, *overrides: str, timeout: int = 3600) -> None:
-    env = dict(os.environ, ACCELERATE_CONFIG=str(REPO / CPU), PYTHON=sys.executable)
-    proc = subprocess.run(
-        ["bash", str(REPO / script), str(config), *overrides],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+    proc = run_launcher(script, config, *overrides, accelerate_config=CPU, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 

@@ -10,7 +10,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from sdxl_fixtures import make_image_csv, tiny_sdxl  # noqa: F401
+from sdxl_fixtures import make_image_csv
 
 from ai.common import data, diffusion, trainer, validation
 
@@ -18,7 +18,7 @@ BF16 = torch.bfloat16
 
 
 @pytest.fixture(scope="module")
-def comps(tiny_sdxl):  # noqa: F811
+def comps(tiny_sdxl):
     from ai.common.models import load_components
 
     return load_components(tiny_sdxl)
@@ -174,7 +174,7 @@ def test_dropped_captions_are_zeros_like_the_pipelines_unconditional(comps, cach
 # --- the attention backend: auto falls back to SDPA on any xformers failure -----------------------------------
 
 
-def test_auto_attention_falls_back_to_sdpa_on_any_xformers_failure(tiny_sdxl, monkeypatch, caplog):  # noqa: F811
+def test_auto_attention_falls_back_to_sdpa_on_any_xformers_failure(tiny_sdxl, monkeypatch, caplog):
     """One model switched to xformers, the next fails with an error that is not an ImportError (a build without
     kernels for this GPU): ``auto`` restores the first model's processors and warns once; ``xformers`` refuses."""
     from diffusers import ControlNetModel
@@ -205,7 +205,7 @@ def test_auto_attention_falls_back_to_sdpa_on_any_xformers_failure(tiny_sdxl, mo
         trainer.enable_attention([unet, controlnet], "xformers", cuda)
 
 
-def test_fp16_safe_flag_with_a_vae_that_needs_fp32_is_refused(tiny_sdxl, tmp_path):  # noqa: F811
+def test_fp16_safe_flag_with_a_vae_that_needs_fp32_is_refused(tiny_sdxl, tmp_path):
     """model.vae_fp16_safe=true with a VAE whose config says force_upcast (the tiny one does, as SDXL's) is refused
     before accelerate starts, naming both keys; a VAE without force_upcast is accepted."""
     import json
@@ -233,7 +233,7 @@ def test_fp16_safe_flag_with_a_vae_that_needs_fp32_is_refused(tiny_sdxl, tmp_pat
 # --- text-encoder LoRA under DDP: every LoRA parameter gets a gradient ------------------------------------------
 
 
-def test_text_encoder_lora_parameters_all_get_gradients(tiny_sdxl):  # noqa: F811
+def test_text_encoder_lora_parameters_all_get_gradients(tiny_sdxl):
     """SDXL reads text encoder 1's penultimate layer, so a LoRA on its last layer would get no gradient (and DDP,
     which averages the text encoders' gradients over processes, fails on such parameters): none is put there, and
     every text-encoder LoRA parameter, of both encoders, gets a gradient from the SDXL conditioning."""
@@ -268,7 +268,7 @@ def test_text_encoder_lora_parameters_all_get_gradients(tiny_sdxl):  # noqa: F81
 # --- frozen parts in the weight dtype; a fresh ControlNet's init stays exact -----------------------------------
 
 
-def test_fresh_controlnet_from_a_bf16_unet_starts_from_the_fp32_weights(tiny_sdxl):  # noqa: F811
+def test_fresh_controlnet_from_a_bf16_unet_starts_from_the_fp32_weights(tiny_sdxl):
     """The ControlNet trainer loads the frozen UNet in bf16; the fresh ControlNet it copies from it must hold the
     fp32 path's weights exactly (read from the UNet's file), not bf16-rounded ones."""
     from ai.common.models import load_components, safetensors_files
