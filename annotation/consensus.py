@@ -18,7 +18,7 @@ recorded detections and the layout, so a rerun re-applies it from the manifest w
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,8 +26,9 @@ from vocab import bdd
 
 PROVENANCES = ("confirmed", "layout_only", "detector_only")
 SIZES = bdd.COCO_SIZES
-LABEL_SOURCES = ("detector", "layout", "consensus")
 POLICIES = ("keep_layout", "confirmed", "strict")
+#: (index into the boxes, geometry: "layout" or "detector") of each label, and the image's rejection reasons
+Chosen = tuple[list[tuple[int, str]], list[str]]
 
 Detection = tuple[int, float, Sequence[float]]  # (BDD YOLO id, confidence, continuous xyxy)
 SourceBox = tuple[int, Sequence[float]]  # (BDD YOLO id, continuous xyxy)
@@ -140,36 +141,33 @@ def disagreement_share(counts: dict[str, int]) -> float:
     return (counts["layout_only"] + counts["detector_only"]) / total if total else 0.0
 
 
-def select_labels(
+def from_detector(boxes: Sequence[BoxProvenance], *, min_confidence: float, **_) -> Chosen:
+    """``detector``: the detections at or above ``min_confidence`` (detector geometry, detection order)."""
+    chosen = [
+        i for i, b in enumerate(boxes) if b.detector_xyxy is not None and b.confidence >= min_confidence
+    ]
+    return [(i, "detector") for i in sorted(chosen, key=lambda i: boxes[i].detection_index)], []
+
+
+def from_layout(boxes: Sequence[BoxProvenance], **_) -> Chosen:
+    """``layout``: every source box (confirmed and layout_only, layout geometry); the detector never rejects."""
+    return [(i, "layout") for i, b in enumerate(boxes) if b.layout_xyxy is not None], []
+
+
+def from_consensus(
     boxes: Sequence[BoxProvenance],
-    source: str,
     *,
-    min_confidence: float,
     policy: str = "keep_layout",
     geometry: str = "layout",
     detector_only_min_confidence: float | None = 0.5,
     max_disagreement: float = 1.0,
-) -> tuple[list[tuple[int, str]], list[str]]:
-    """Which boxes of an image with a layout become labels, as (index into ``boxes``, geometry: "layout" or
-    "detector"), and the image's rejection reasons.
-
-    * ``detector``: the detections at or above ``min_confidence`` (detector geometry, detection order).
-    * ``layout``: every source box (confirmed and layout_only, layout geometry); the detector never rejects.
-    * ``consensus``: confirmed boxes (``geometry``: the source box or the detection's), and by ``policy``:
-      ``keep_layout`` adds layout_only boxes and detector_only ones at or above ``detector_only_min_confidence``
-      (None: none); ``confirmed`` adds only those detector_only ones; both reject the image
-      (``layout_disagreement``) when the disagreement share exceeds ``max_disagreement``. ``strict`` rejects any
-      image with a layout_only or detector_only box.
-    """
-    if source == "detector":
-        chosen = [
-            i for i, b in enumerate(boxes) if b.detector_xyxy is not None and b.confidence >= min_confidence
-        ]
-        return [(i, "detector") for i in sorted(chosen, key=lambda i: boxes[i].detection_index)], []
-    if source == "layout":
-        return [(i, "layout") for i, b in enumerate(boxes) if b.layout_xyxy is not None], []
-    if source != "consensus":
-        raise ValueError(f"labels source {source!r} is not one of {', '.join(LABEL_SOURCES)}")
+    **_,
+) -> Chosen:
+    """``consensus``: confirmed boxes (``geometry``: the source box or the detection's), and by ``policy``:
+    ``keep_layout`` adds layout_only boxes and detector_only ones at or above ``detector_only_min_confidence``
+    (None: none); ``confirmed`` adds only those detector_only ones; both reject the image (``layout_disagreement``)
+    when the disagreement share exceeds ``max_disagreement``. ``strict`` rejects any image with a layout_only or
+    detector_only box."""
     if policy not in POLICIES:
         raise ValueError(f"labels policy {policy!r} is not one of {', '.join(POLICIES)}")
     counts = counts_of(boxes)
@@ -193,6 +191,25 @@ def select_labels(
         ):
             chosen.append((i, "detector"))
     return chosen, reasons
+
+
+#: ``labels.source`` -> how an image with a layout gets its labels: one entry per source (a new source: a function
+#: of the boxes' provenance and the settings, and a line here; the config schema takes its name from this table).
+LABEL_SOURCES: dict[str, Callable[..., Chosen]] = {
+    "detector": from_detector,
+    "layout": from_layout,
+    "consensus": from_consensus,
+}
+
+
+def select_labels(boxes: Sequence[BoxProvenance], source: str, **settings: Any) -> Chosen:
+    """Which boxes of an image with a layout become labels, as (index into ``boxes``, geometry: "layout" or
+    "detector"), and the image's rejection reasons, by ``labels.source`` (:data:`LABEL_SOURCES`). ``settings``:
+    ``min_confidence``, and for consensus ``policy``, ``geometry``, ``detector_only_min_confidence``,
+    ``max_disagreement``."""
+    if source not in LABEL_SOURCES:
+        raise ValueError(f"labels source {source!r} is not one of {', '.join(LABEL_SOURCES)}")
+    return LABEL_SOURCES[source](boxes, **settings)
 
 
 def resolve_labels(

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
+from annotation.consensus import LABEL_SOURCES
 from core.cli import UserError
 from core.config import Section, read_yaml
 from vocab import bdd
@@ -74,7 +75,7 @@ class FilterSettings(Section):
 class LabelsSettings(Section):
     """Where an image's labels come from when its metadata names a source layout (annotation/consensus.py)."""
 
-    source: Literal["detector", "layout", "consensus"] = "consensus"
+    source: Literal[tuple(LABEL_SOURCES)] = "consensus"
     policy: Literal["keep_layout", "confirmed", "strict"] = "keep_layout"
     geometry: Literal["layout", "detector"] = "layout"
     confirm_min_confidence: float | None = Field(None, ge=0.0, le=1.0)
