@@ -52,6 +52,7 @@ from core.cli import UserError, run_main, setup_logging
 from core.config import Section, load_config
 from core.io import atomic_write_bytes, atomic_write_text
 from vocab import bdd
+from vocab.box_layout import mirrored_span
 
 log = logging.getLogger("bdd-sdxl.plan")
 
@@ -261,8 +262,9 @@ def frame_boxes(frame: bdd.Frame, size: tuple[int, int]) -> list[Box]:
 
 
 def mirror_box(box: Box, width: int) -> Box:
-    """Left-right mirror in inclusive pixels: column x goes to width - 1 - x."""
-    return box._replace(x1=_r(width - 1 - box.x2), x2=_r(width - 1 - box.x1))
+    """Left-right mirror in inclusive pixels (vocab.box_layout's arithmetic): column x goes to width - 1 - x."""
+    x1, x2 = mirrored_span(box.x1, box.x2, width)
+    return box._replace(x1=_r(x1), x2=_r(x2))
 
 
 def class_counts(boxes: Iterable[Box]) -> Counter:

@@ -18,7 +18,7 @@ import yaml
 from convert import plan_generation as pg
 from core.cli import run_main
 from vocab import bdd
-from vocab.box_layout import render_box_layout
+from vocab.box_layout import mirror_box, render_box_layout
 
 REPO = Path(__file__).resolve().parents[1]
 W, H = 1280, 720
@@ -284,6 +284,15 @@ def test_mirrored_layouts_have_mirrored_boxes_and_render_mirrored(tmp_path):
         "A dashcam photo of a city street in the daytime in the snow, with a pedestrian and a truck. "
         "A truck close ahead and a pedestrian far on the left."
     )
+
+
+def test_a_plan_box_mirrors_as_a_box_layout_label_does():
+    """Box mirroring and vocab.box_layout.mirror_box share one mirror arithmetic; the plan keeps 1/1000 px."""
+    for x1, x2, width in [(0, 9, 100), (10.25, 20.5, 64), (500, 779, W), (0.1234, 3.98765, 63)]:
+        mirrored = pg.mirror_box(pg.Box("car", "car", False, x1, 7, x2, 9), width)
+        want = mirror_box({"x1": x1, "y1": 7, "x2": x2, "y2": 9}, width)
+        assert (mirrored.x1, mirrored.x2) == (round(want["x1"], 3), round(want["x2"], 3))
+        assert (mirrored.y1, mirrored.y2) == (7, 9)
 
 
 def test_removed_moved_and_copied_boxes_stay_inside_and_within_the_real_overlaps(tmp_path, mini_bdd):
