@@ -47,6 +47,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
+from convert.bdd_inputs import resolve_bdd_inputs
 from convert.captions import CaptionBuilder, load_templates, load_token_counter, save_token_counter
 from core.cli import UserError, run_main, setup_logging
 from core.config import Section, load_config
@@ -1040,8 +1041,6 @@ def existing_rows(path: Path) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from convert.generate_bdd_captions import detect_image_size, parse_image_size
-
     args = parse_args(argv)
     setup_logging()
     spec = load_targets(args.targets)  # a bad targets file fails before the labels are read
@@ -1055,12 +1054,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         n = sum(t.scenes for t in spec.targets)
     templates = load_templates(args.templates)
-    root = Path(args.bdd_data_dir) if args.bdd_data_dir else None
-    if root is not None and not root.is_dir():
-        raise UserError(f"BDD100K folder not found: {root} (expected images/ and labels/ inside)")
-    labels_file = Path(args.labels_file) if args.labels_file else bdd.find_label_file(root, args.split)
-    size = parse_image_size(args.image_size) if args.image_size else detect_image_size(root, args.split)
-    size = tuple(size or (bdd.IMAGE_WIDTH, bdd.IMAGE_HEIGHT))
+    bdd_inputs = resolve_bdd_inputs(args.bdd_data_dir, args.split, args.labels_file, args.image_size)
+    labels_file, size = bdd_inputs.labels_file, bdd_inputs.image_size
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
