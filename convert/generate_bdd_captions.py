@@ -60,6 +60,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from convert.bdd_inputs import resolve_bdd_inputs
 from convert.captions import (
     CLIP_WINDOW,
     DEFAULT_TEMPLATES,
@@ -353,32 +354,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def parse_image_size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise UserError(f"--image_size {text!r}: expected WIDTHxHEIGHT, e.g. 1280x720") from None
-    if w <= 0 or h <= 0:
-        raise UserError(f"--image_size {text!r}: width and height must be positive")
-    return w, h
-
-
-def detect_image_size(bdd_data_dir: Path | None, split: str) -> tuple[int, int] | None:
-    """The size of the first image (by name) under images/100k/<split> or images/10k/<split>."""
-    if bdd_data_dir is None:
-        return None
-    for sub in ("100k", "10k"):
-        folder = bdd_data_dir / "images" / sub / split
-        if folder.is_dir():
-            names = [n for n in os.listdir(folder) if os.path.splitext(n)[1].lower() in bdd.IMAGE_EXTENSIONS]
-            if names:
-                from PIL import Image
-
-                with Image.open(folder / min(names)) as im:
-                    return im.size
-    return None
-
-
 def select_frames(
     frames: Sequence[bdd.Frame], include_unlabeled: bool
 ) -> tuple[list[int], list[str], Counter, bdd.LabelReport]:
@@ -418,11 +393,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Inputs: templates first (a bad file fails in milliseconds), then the labels.
     templates = load_templates(args.templates)
-    root = Path(args.bdd_data_dir) if args.bdd_data_dir else None
-    if root is not None and not root.is_dir():
-        raise UserError(f"BDD100K folder not found: {root} (expected images/ and labels/ inside)")
-    labels_file = Path(args.labels_file) if args.labels_file else bdd.find_label_file(root, args.split)
-    image_size = parse_image_size(args.image_size) if args.image_size else detect_image_size(root, args.split)
+    inputs = resolve_bdd_inputs(args.bdd_data_dir, args.split, args.labels_file, args.image_size)
+    labels_file = inputs.labels_file
     out_dir = Path(args.caption_txt_output_folder)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--caption_txt_output_folder {out_dir} is a file, not a folder")
@@ -440,9 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # Setup: which frames, what exists already, a builder whose token counts are warm before forking.
         selected, stems, skipped, skipped_report = select_frames(frames, args.include_unlabeled)
-        builder = CaptionBuilder(
-            templates, load_token_counter(), image_size or (bdd.IMAGE_WIDTH, bdd.IMAGE_HEIGHT)
-        )
+        builder = CaptionBuilder(templates, load_token_counter(), inputs.image_size)
         builder.check_fits()
         for i in selected[:200]:
             builder.caption(frames[i])

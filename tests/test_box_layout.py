@@ -185,6 +185,13 @@ def test_a_mirrored_layout_is_the_layout_of_the_mirrored_boxes(width):
     assert bl.mirror_box({"x1": 0, "y1": 1, "x2": 9, "y2": 5}, 100) == {"x1": 90, "y1": 1, "x2": 99, "y2": 5}
 
 
+def test_mirrored_span_swaps_the_ends_and_mirroring_twice_is_the_identity():
+    assert bl.mirrored_span(0, 9, 100) == (90, 99)
+    assert bl.mirrored_span(10.25, 20.5, 64) == (42.5, 52.75)
+    for x1, x2, width in [(0.0, 0.0, 1), (3.5, 7.0, 63), (-2.0, 70.0, 64)]:
+        assert bl.mirrored_span(*bl.mirrored_span(x1, x2, width), width) == (x1, x2)
+
+
 def test_files_are_marked_palette_pngs_that_read_back_as_the_ids(mini_bdd: Path, tmp_path: Path):
     ids = bl.render_box_layout([box("car", 10, 10, 40, 30), box("pedestrian", 20, 5, 25, 35)], (64, 40))
     path = layouts.save_png(ids, tmp_path / "a.png", "boxes", key="k1")

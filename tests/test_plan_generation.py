@@ -1,5 +1,5 @@
-"""convert/plan_generation.py: distribution arithmetic, allocation, determinism and extension, edited layouts,
-captions for the target conditions, bad targets files."""
+"""convert/plan_generation.py and convert/planning/: distribution arithmetic, allocation, determinism and
+extension, edited layouts, captions for the target conditions, bad targets files."""
 
 from __future__ import annotations
 
@@ -16,9 +16,13 @@ import pytest
 import yaml
 
 from convert import plan_generation as pg
+from convert.planning import CSV_FILE, PLAN_FILE, PLOT_FILE, REPORT_FILE, SUMMARY_FILE
+from convert.planning.boxes import Box, frame_boxes, ious, largest_ious
+from convert.planning.editor import EditedLayout, Editor
+from convert.planning.targets import DEFINED, Edits, PlanTargets, Target, load_targets
 from core.cli import run_main
 from vocab import bdd
-from vocab.box_layout import render_box_layout
+from vocab.box_layout import mirror_box, render_box_layout
 
 REPO = Path(__file__).resolve().parents[1]
 W, H = 1280, 720
@@ -100,11 +104,11 @@ def plan(tmp_path: Path, labels: Path, targets: Path, out: str = "plan", *extra:
 
 
 def rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / pg.PLAN_FILE).read_text(encoding="utf-8").splitlines()]
+    return [json.loads(line) for line in (out / PLAN_FILE).read_text(encoding="utf-8").splitlines()]
 
 
 def csv_rows(out: Path) -> dict[tuple, dict]:
-    reader = csv.DictReader(io.StringIO((out / pg.CSV_FILE).read_text(encoding="utf-8")))
+    reader = csv.DictReader(io.StringIO((out / CSV_FILE).read_text(encoding="utf-8")))
     return {(r["set"], r["weather"], r["timeofday"], r["scene"], r["class"]): r for r in reader}
 
 
@@ -140,7 +144,7 @@ def test_counts_before_and_after_equal_hand_computed_values(tmp_path):
     assert [r["attributes"]["scene"] for r in got] == ["city street", "residential"] * 2 + ["residential"] * 2
     assert [r["id"] for r in got] == [f"plan_{i:05d}" for i in range(6)]
 
-    summary = json.loads((out / pg.SUMMARY_FILE).read_text())
+    summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["scenes"] == 6 and summary["inputs"]["frames"] == 5
     snow, buses = summary["targets"]
     # real frames of a cell count only when they hold the required classes (f4 is snowy/daytime without a truck)
@@ -191,10 +195,10 @@ def test_counts_before_and_after_equal_hand_computed_values(tmp_path):
     assert table[("combined", "rainy", "night", "residential", "bus")]["boxes"] == "1"
     assert ("real", "snowy", "night", "city street", "all") not in table
 
-    report = (out / pg.REPORT_FILE).read_text()
+    report = (out / REPORT_FILE).read_text()
     assert "| snowy | 1 → 2 | 0 → 1 | 0 | 1 → 3 |" in report
     assert "| trucks_in_snow | snowy / daytime | 1 truck | 0 | 1 | 1 |" in report
-    assert (out / pg.PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_capped_targets_stop_and_weights_share_the_turns(tmp_path, capsys):
@@ -233,27 +237,27 @@ def mini_plan(tmp_path, mini_bdd, out, *extra, edits=EDITING):
 def test_same_seed_same_bytes_and_a_longer_plan_extends_a_shorter_one(tmp_path, mini_bdd, capsys):
     a = mini_plan(tmp_path, mini_bdd, "a", "--scenes", "12")
     b = mini_plan(tmp_path, mini_bdd, "b", "--scenes", "12")
-    assert (a / pg.PLAN_FILE).read_bytes() == (b / pg.PLAN_FILE).read_bytes()
-    assert (a / pg.SUMMARY_FILE).read_bytes() == (b / pg.SUMMARY_FILE).read_bytes()
+    assert (a / PLAN_FILE).read_bytes() == (b / PLAN_FILE).read_bytes()
+    assert (a / SUMMARY_FILE).read_bytes() == (b / SUMMARY_FILE).read_bytes()
     other = mini_plan(tmp_path, mini_bdd, "other", "--scenes", "12", "--seed", "1")
     assert rows(other) != rows(a)
 
     short = mini_plan(tmp_path, mini_bdd, "grow", "--scenes", "5")
-    first = (short / pg.PLAN_FILE).read_text().splitlines()
+    first = (short / PLAN_FILE).read_text().splitlines()
     mini_plan(tmp_path, mini_bdd, "grow", "--scenes", "12")
-    grown = (short / pg.PLAN_FILE).read_text().splitlines()
-    assert grown[:5] == first and grown == (a / pg.PLAN_FILE).read_text().splitlines()
+    grown = (short / PLAN_FILE).read_text().splitlines()
+    assert grown[:5] == first and grown == (a / PLAN_FILE).read_text().splitlines()
     assert "(5 kept from the plan on disk)" in capsys.readouterr().out
     kinds = {e["op"] for r in map(json.loads, grown) for e in r["edits"]}
     assert kinds == {"mirror", "remove", "move", "duplicate"}  # every edit happened somewhere
 
-    before = (short / pg.PLAN_FILE).read_bytes()
+    before = (short / PLAN_FILE).read_bytes()
     args = ["--bdd_data_dir", str(mini_bdd), "--targets", str(tmp_path / "mixed.yaml"), "--out", str(short)]
     assert run_main(pg.main, [*args, "--scenes", "4"]) == 0  # fewer: the longer plan on disk is kept
     assert "already holds 12 scenes, these 4 among them: left as it is" in capsys.readouterr().out
     assert run_main(pg.main, [*args, "--scenes", "12", "--seed", "3"]) == 2
-    assert f"{short / pg.PLAN_FILE} holds another plan (row 0 differs" in capsys.readouterr().err
-    assert (short / pg.PLAN_FILE).read_bytes() == before  # nothing written
+    assert f"{short / PLAN_FILE} holds another plan (row 0 differs" in capsys.readouterr().err
+    assert (short / PLAN_FILE).read_bytes() == before  # nothing written
     assert run_main(pg.main, [*args, "--scenes", "3", "--seed", "3", "--overwrite"]) == 0
     assert len(rows(short)) == 3
 
@@ -263,9 +267,9 @@ def test_same_seed_same_bytes_and_a_longer_plan_extends_a_shorter_one(tmp_path, 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def source_boxes(mini_bdd: Path, size) -> dict[str, list[pg.Box]]:
+def source_boxes(mini_bdd: Path, size) -> dict[str, list[Box]]:
     frames = bdd.load_frames(mini_bdd / "labels/det_20/det_train.json")
-    return {f.name: pg.frame_boxes(f, size) for f in frames}
+    return {f.name: frame_boxes(f, size) for f in frames}
 
 
 def test_mirrored_layouts_have_mirrored_boxes_and_render_mirrored(tmp_path):
@@ -286,29 +290,38 @@ def test_mirrored_layouts_have_mirrored_boxes_and_render_mirrored(tmp_path):
     )
 
 
+def test_a_plan_box_mirrors_as_a_box_layout_label_does():
+    """Box.mirrored and vocab.box_layout.mirror_box share one mirror arithmetic; the plan keeps 1/1000 px."""
+    for x1, x2, width in [(0, 9, 100), (10.25, 20.5, 64), (500, 779, W), (0.1234, 3.98765, 63)]:
+        mirrored = Box("car", "car", False, x1, 7, x2, 9).mirrored(width)
+        want = mirror_box({"x1": x1, "y1": 7, "x2": x2, "y2": 9}, width)
+        assert (mirrored.x1, mirrored.x2) == (round(want["x1"], 3), round(want["x2"], 3))
+        assert (mirrored.y1, mirrored.y2) == (7, 9)
+
+
 def test_removed_moved_and_copied_boxes_stay_inside_and_within_the_real_overlaps(tmp_path, mini_bdd):
     out = mini_plan(tmp_path, mini_bdd, "edits", "--scenes", "30", edits={**EDITING, "mirror": 0.3})
-    summary = json.loads((out / pg.SUMMARY_FILE).read_text())
+    summary = json.loads((out / SUMMARY_FILE).read_text())
     limit, real_max = summary["overlap"]["limit"], summary["overlap"]["real"]["max"]
     assert 0 < limit <= real_max
     w, h = summary["inputs"]["size"]
     sources = source_boxes(mini_bdd, (w, h))
     checked = Counter()
     for row in rows(out):
-        got = [pg.Box(b["category"], bdd.canonical_category(b["category"]).det_class,
+        got = [Box(b["category"], bdd.canonical_category(b["category"]).det_class,
                       bdd.canonical_category(b["category"]).ignored, **b["box2d"]) for b in row["labels"]]  # fmt: skip
         for b in got:
             assert 0 <= b.x1 <= b.x2 <= w - 1 and 0 <= b.y1 <= b.y2 <= h - 1
         src = {b.source_index: b for b in sources[row["source_frame"]]}
         if {"op": "mirror"} in row["edits"]:
-            src = {i: pg.mirror_box(b, w) for i, b in src.items()}
+            src = {i: b.mirrored(w) for i, b in src.items()}
         removed = [e["label"] for e in row["edits"] if e["op"] == "remove"]
         copies = [e for e in row["edits"] if e["op"] == "duplicate"]
         assert len(got) == len(src) - len(removed) + len(copies)
         if row["target"] == "night_rain_pedestrians":
             assert sum(b.det_class == "pedestrian" for b in got) >= 2
             assert all(src[i].det_class != "pedestrian" for i in removed)  # required classes are kept
-        largest = pg.largest_ious(got)
+        largest = largest_ious(got)
         for e in row["edits"]:
             if e["op"] in ("move", "duplicate"):
                 want = src[e["label"]].shifted(e["dx"])
@@ -326,22 +339,22 @@ def test_removed_moved_and_copied_boxes_stay_inside_and_within_the_real_overlaps
 
 def test_a_copy_goes_only_where_the_overlap_limit_and_the_road_span_allow():
     size = (100, 50)
-    ped = pg.Box("pedestrian", "pedestrian", False, 40, 20, 49, 39)  # 10x20, baseline 39
-    car = pg.Box("car", "car", False, 60, 25, 79, 39)  # same baseline, 20x15
-    editor = pg.Editor(pg.Edits(span_margin=1.0), overlap_limit=0.0, class_weights={"pedestrian": 1.0})
-    layout = pg.Layout([ped, car], size)
+    ped = Box("pedestrian", "pedestrian", False, 40, 20, 49, 39)  # 10x20, baseline 39
+    car = Box("car", "car", False, 60, 25, 79, 39)  # same baseline, 20x15
+    editor = Editor(Edits(span_margin=1.0), overlap_limit=0.0, class_weights={"pedestrian": 1.0})
+    layout = EditedLayout([ped, car], size)
     # the span: road users on this baseline cover x 40..79, widened by one pedestrian width: 30..89
     assert editor.span(layout, ped) == (30.0, 89.0)
     shifts = set()
     for seed in range(40):
         dx = editor.place(layout, 0, np.random.default_rng(seed), copy=True)
         new = ped.shifted(dx)
-        assert new.x1 >= 30 and new.x2 <= 89 and pg.ious(new.continuous, layout.others()).max() == 0
+        assert new.x1 >= 30 and new.x2 <= 89 and ious(new.continuous, layout.others()).max() == 0
         shifts.add(dx)
     assert shifts == {-10.0, 10.0, 40.0}  # every free place of the quarter-width grid: left, between, right
-    others = [pg.Box("car", "car", False, 0, 25, 39, 39), pg.Box("car", "car", False, 50, 25, 79, 39),
-              pg.Box("bus", "bus", False, 80, 10, 99, 39)]  # fmt: skip
-    crowded = pg.Layout([ped, *others], size)  # no gap left on these rows
+    others = [Box("car", "car", False, 0, 25, 39, 39), Box("car", "car", False, 50, 25, 79, 39),
+              Box("bus", "bus", False, 80, 10, 99, 39)]  # fmt: skip
+    crowded = EditedLayout([ped, *others], size)  # no gap left on these rows
     assert editor.place(crowded, 0, np.random.default_rng(0), copy=True) is None
 
 
@@ -446,18 +459,18 @@ def test_bad_targets_and_targets_the_data_cannot_supply(tmp_path, capsys):
 
 def test_shipped_targets_file_documents_every_key_and_plans(tmp_path, mini_bdd):
     path = REPO / "config" / "plan_targets.yaml"
-    spec = pg.load_targets(path)
+    spec = load_targets(path)
     assert [t.name for t in spec.targets] == ["night_rain_pedestrians", "uniform_weather_time"]
     assert (
         spec.targets[0].require == {"pedestrian": 2}
-        and spec.targets[1].values("weather") == pg.DEFINED["weather"]
+        and spec.targets[1].values("weather") == DEFINED["weather"]
     )
-    demo = pg.load_targets(REPO / "config" / "demo" / "plan_targets.yaml")  # make demo's: the emptiest cells
-    assert demo.scenes == 4 and demo.targets[0].values("timeofday") == pg.DEFINED["timeofday"]
+    demo = load_targets(REPO / "config" / "demo" / "plan_targets.yaml")  # make demo's: the emptiest cells
+    assert demo.scenes == 4 and demo.targets[0].values("timeofday") == DEFINED["timeofday"]
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    assert set(data) == set(pg.PlanTargets.model_fields)
-    assert set(data["edits"]) == set(pg.Edits.model_fields)
-    assert all(set(t) == set(pg.Target.model_fields) for t in data["targets"])
+    assert set(data) == set(PlanTargets.model_fields)
+    assert set(data["edits"]) == set(Edits.model_fields)
+    assert all(set(t) == set(Target.model_fields) for t in data["targets"])
     for line in path.read_text(encoding="utf-8").splitlines():
         stripped = line.strip()
         if stripped and not stripped.startswith("#") and not stripped.endswith(":"):

@@ -22,6 +22,7 @@ from sdxl_fixtures import pixels, records, steer_outputs, watch_controlnet_condi
 from ai.controlnet import conditioning as cond
 from ai.controlnet import infer_controlnet_sdxl
 from convert import plan_generation as pg
+from convert.planning import PLAN_FILE
 from core.cli import run_main
 from vocab import bdd, box_layout, layouts
 
@@ -68,7 +69,7 @@ def make_plan(mini_bdd: Path, out: Path, scenes: int) -> Path:
         str(scenes),
     ]
     assert pg.main(args) == 0
-    return out / pg.PLAN_FILE
+    return out / PLAN_FILE
 
 
 def plan_rows(plan: Path) -> list[dict]:
@@ -165,7 +166,7 @@ def test_rerun_resumes_and_a_longer_plan_adds_only_its_new_scenes(
 ):
     shutil.copytree(planned[0].parent, tmp_path / "plan")
     shutil.copytree(planned[1], tmp_path / "run")
-    plan, out = tmp_path / "plan" / pg.PLAN_FILE, tmp_path / "run"
+    plan, out = tmp_path / "plan" / PLAN_FILE, tmp_path / "run"
     gen = out / "generations"
     args = args_for(model, controlnets["boxes"], plan, out, "batch_size=1")
     before = {p.name: p.stat().st_mtime_ns for p in gen.iterdir() if p.suffix == ".png"}

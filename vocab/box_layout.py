@@ -206,6 +206,13 @@ def render_box_layout(
     return draw_layout(layout_boxes(labels, (width, height)), (width, height), line_width)
 
 
+def mirrored_span(x1: float, x2: float, width: int) -> tuple[float, float]:
+    """The inclusive column span ``x1..x2`` mirrored left-right in an image ``width`` pixels wide: column x goes to
+    ``width - 1 - x``, so the ends swap. The one mirror arithmetic: :func:`mirror_box` and the generation plans'
+    boxes (convert/planning/boxes.py) both use it."""
+    return width - 1 - x2, width - 1 - x1
+
+
 def mirror_box(box: Any, width: int) -> dict[str, float]:
     """An inclusive box mirrored left-right in an image ``width`` pixels wide (det_20 ``box2d`` dict): rendering
     the mirrored boxes gives exactly the mirrored layout."""
@@ -213,7 +220,8 @@ def mirror_box(box: Any, width: int) -> dict[str, float]:
     if coords is None:
         raise ValueError(f"not a valid box: {box!r}")
     x1, y1, x2, y2 = coords
-    return {"x1": width - 1 - x2, "y1": y1, "x2": width - 1 - x1, "y2": y2}
+    mx1, mx2 = mirrored_span(x1, x2, width)
+    return {"x1": mx1, "y1": y1, "x2": mx2, "y2": y2}
 
 
 # ---------------------------------------------------------------------------------------------------------------

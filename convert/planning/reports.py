@@ -1,0 +1,281 @@
+"""The reports of a generation plan: its distribution table (CSV), report (Markdown), plot (PNG) and summary.
+
+Numbers read 'real → real + planned' where the plan adds some. The tables and the figure go through core.report
+(the Markdown tables and PNG figures every stage writes); matplotlib is imported only when the plot is drawn.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from convert.planning import CSV_FILE, PLAN_FILE, PLAN_VERSION, PLOT_FILE
+from convert.planning.boxes import largest_ious
+from convert.planning.planner import Distribution, PlannedScene, TargetState
+from convert.planning.targets import CELL_KEYS, DEFINED, PlanTargets, cell_name
+from core.report import markdown_table, save_figure, subplots
+from vocab import bdd
+
+#: COCO's area thresholds (pixels) for small / medium / large boxes.
+SIZE_BUCKETS = bdd.COCO_SIZES
+PLOT_DPI = 90
+
+
+def _median(values: Sequence[float] | None) -> float | str:
+    return round(float(np.median(values)), 1) if values else ""
+
+
+def distribution_csv(real: Distribution, planned: Distribution) -> str:
+    """One row per set (real, planned, combined), cell and class (``all``: every class)."""
+    combined = real.merged(planned)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["set", *CELL_KEYS, "class", "frames", "boxes", *SIZE_BUCKETS, "median_height"])
+    for name, dist in (("real", real), ("planned", planned), ("combined", combined)):
+        for cell in dist.cells():
+            total_boxes = sum(dist.boxes[(cell, c)] for c in bdd.DET_CLASSES)
+            sizes = [sum(dist.sizes[(cell, c, b)] for c in bdd.DET_CLASSES) for b in SIZE_BUCKETS]
+            heights = [h for c in bdd.DET_CLASSES for h in dist.heights.get((cell, c), [])]
+            writer.writerow([name, *cell, "all", dist.frames[cell], total_boxes, *sizes, _median(heights)])
+            for c in bdd.DET_CLASSES:
+                if dist.boxes[(cell, c)]:
+                    writer.writerow(
+                        [
+                            name,
+                            *cell,
+                            c,
+                            dist.with_class[(cell, c)],
+                            dist.boxes[(cell, c)],
+                            *(dist.sizes[(cell, c, b)] for b in SIZE_BUCKETS),
+                            _median(dist.heights.get((cell, c))),
+                        ]
+                    )
+    return buf.getvalue()
+
+
+def _arrow(before: int, after: int) -> str:
+    return f"{before}" if before == after else f"{before} → {after}"
+
+
+def _values(dist: Distribution, key: str) -> list[str]:
+    idx = CELL_KEYS.index(key)
+    present = {cell[idx] for cell in dist.frames}
+    return [v for v in (*DEFINED[key], "undefined") if v in present or v in DEFINED[key]] + sorted(
+        present - set(bdd.FRAME_ATTRIBUTES[key])
+    )
+
+
+def weather_time_table(real: Distribution, combined: Distribution) -> list[str]:
+    """Frames per weather (rows) x time of day (columns), 'real → combined' where the plan adds some."""
+    before, after = real.frames_by("weather", "timeofday"), combined.frames_by("weather", "timeofday")
+    times = _values(combined, "timeofday")
+    rows = []
+    for w in _values(combined, "weather"):
+        row = [_arrow(before[(w, t)], after[(w, t)]) for t in times]
+        total = _arrow(sum(before[(w, t)] for t in times), sum(after[(w, t)] for t in times))
+        rows.append([w, *row, total])
+    return markdown_table(["weather \\ time of day", *times, "all"], rows)
+
+
+def weather_time_text(real: Distribution) -> str:
+    """The real frames per weather x time of day, as plain text for stdout."""
+    by = real.frames_by("weather", "timeofday")
+    times = _values(real, "timeofday")
+    weathers = _values(real, "weather")
+    width = max(len(w) for w in weathers) + 2
+    lines = [" " * width + "".join(f"{t:>11}" for t in times)]
+    for w in weathers:
+        lines.append(f"{w:<{width}}" + "".join(f"{by[(w, t)]:>11}" for t in times))
+    return "\n".join(lines)
+
+
+def report_markdown(
+    real: Distribution,
+    planned: Distribution,
+    states: Sequence[TargetState],
+    scenes: Sequence[PlannedScene],
+    overlaps: dict[str, Any],
+    inputs: dict[str, Any],
+) -> str:
+    """report.md: frames per weather x time of day, the targets' cells, boxes per class and size, every cell, the
+    edits and the overlaps (``overlaps``: :func:`overlap_summary`), each 'real → real + planned'."""
+    combined = real.merged(planned)
+    targets = []
+    for s in states:
+        required = ", ".join(f"{n} {c}" for c, n in s.target.require.items()) or "-"
+        for cell, r, p in zip(s.cells, s.real, s.planned_in_cell, strict=True):
+            targets.append([s.target.name, cell_name(cell), required, r, p, r + p])
+    totals_r, totals_c = real.class_totals(), combined.class_totals()
+    sizes_r, sizes_p = real.size_totals(), planned.size_totals()
+    classes = [
+        [
+            c,
+            _arrow(totals_r[c], totals_c[c]),
+            " / ".join(str(sizes_r[(c, b)]) for b in SIZE_BUCKETS),
+            " / ".join(str(sizes_p[(c, b)]) for b in SIZE_BUCKETS),
+        ]
+        for c in bdd.DET_CLASSES
+    ]
+    cells = [
+        [
+            *cell,
+            _arrow(real.frames[cell], combined.frames[cell]),
+            *(_arrow(real.boxes[(cell, c)], combined.boxes[(cell, c)]) for c in bdd.DET_CLASSES),
+        ]
+        for cell in combined.cells()
+    ]
+    edits = Counter(e["op"] for s in scenes for e in s.layout.edits)
+    out = [
+        "# Generation plan",
+        "",
+        f"Real labels: `{inputs['labels_file']}` ({inputs['frames']} frames, layout size "
+        f"{inputs['size'][0]}x{inputs['size'][1]}); targets: `{inputs['targets_file']}`; seed {inputs['seed']}; "
+        f"{len(scenes)} planned scenes (`{PLAN_FILE}`). Numbers read 'real → real + planned'.",
+        "",
+        "## Frames per weather × time of day",
+        "",
+        *weather_time_table(real, combined),
+        "",
+        "## Targets",
+        "",
+        *markdown_table(["target", "cell", "required", "real", "planned", "combined"], targets),
+        "",
+        "## Boxes per class and size (small < 32², medium < 96², large: COCO's areas in layout pixels)",
+        "",
+        *markdown_table(
+            ["class", "boxes", "real small / medium / large", "planned small / medium / large"], classes
+        ),
+        "",
+        "## Frames and boxes per weather × time of day × scene",
+        "",
+        *markdown_table(["weather", "time of day", "scene", "frames", *bdd.DET_CLASSES], cells),
+        "",
+        "## Layout edits",
+        "",
+        f"Edits made: {', '.join(f'{k} {v}' for k, v in sorted(edits.items())) or 'none'}. A moved or copied box "
+        f"overlaps every other box with IoU <= {overlaps['limit']:.3f}: the {overlaps['quantile']:.2f} quantile of "
+        "real boxes' largest IoU with another box of their frame (real quantiles: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in overlaps["real"].items())
+        + f"). Largest IoU of a moved or copied box in the plan: {overlaps['planned_max']:.3f}.",
+        "",
+        f"Plot: `{PLOT_FILE}`; every cell and class as numbers: `{CSV_FILE}`.",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def distribution_figure(real: Distribution, planned: Distribution):
+    """Frames per weather x time of day before and after (one colour scale), boxes per class and size."""
+    combined = real.merged(planned)
+    weathers, times = _values(combined, "weather"), _values(combined, "timeofday")
+    fig, axes = subplots(1, 3, figsize=(17, 5), gridspec_kw={"width_ratios": [1, 1, 1.4]})
+    top = np.log1p(max(combined.frames_by("weather", "timeofday").values(), default=1))
+    for ax, dist, title in ((axes[0], real, "real frames"), (axes[1], combined, "real + planned frames")):
+        by = dist.frames_by("weather", "timeofday")
+        grid = np.array([[by[(w, t)] for t in times] for w in weathers], dtype=float)
+        ax.imshow(np.log1p(grid), cmap="viridis", aspect="auto", vmin=0, vmax=top)
+        for (r, c), v in np.ndenumerate(grid):
+            colour = "white" if np.log1p(v) < top / 2 else "black"
+            ax.text(c, r, f"{int(v)}", ha="center", va="center", color=colour)
+        ax.set_xticks(range(len(times)), times, rotation=30)
+        ax.set_yticks(range(len(weathers)), weathers)
+        ax.set_title(title)
+    x = np.arange(len(bdd.DET_CLASSES))
+    colours = {"small": "#9ecae1", "medium": "#4292c6", "large": "#08519c"}
+    for offset, dist, hatch, name in ((-0.2, real, "", "real"), (0.2, combined, "//", "real + planned")):
+        sizes, bottom = dist.size_totals(), np.zeros(len(x))
+        for bucket in SIZE_BUCKETS:
+            values = np.array([sizes[(c, bucket)] for c in bdd.DET_CLASSES], dtype=float)
+            axes[2].bar(
+                x + offset,
+                values,
+                0.4,
+                bottom=bottom,
+                color=colours[bucket],
+                hatch=hatch,
+                edgecolor="white",
+                label=f"{name}: {bucket}",
+            )
+            bottom += values
+    axes[2].set_yscale("symlog")
+    axes[2].set_xticks(x, bdd.DET_CLASSES, rotation=40, ha="right")
+    axes[2].set_title("boxes per class and size (left: real, right hatched: real + planned)")
+    axes[2].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def save_plot(real: Distribution, planned: Distribution, path: str | os.PathLike) -> None:
+    """Write :func:`distribution_figure` as a PNG, atomically."""
+    save_figure(distribution_figure(real, planned), path, dpi=PLOT_DPI)
+
+
+def overlap_summary(
+    overlaps: np.ndarray, quantile: float, limit: float, scenes: Sequence[PlannedScene]
+) -> dict[str, Any]:
+    """The overlap limit, the real overlaps' quantiles and the plan's largest overlap of a moved or copied box."""
+    placed = [
+        float(largest_ious(s.layout.boxes)[i]) for s in scenes for i in s.layout.placed
+    ]  # the IoU of each moved or copied box with its nearest neighbour
+    return {
+        "quantile": quantile,
+        "limit": round(limit, 6),
+        "real": {
+            f"q{int(p * 100)}": round(float(np.quantile(overlaps, p)), 6) if len(overlaps) else 0.0
+            for p in (0.5, 0.9, 0.95, 0.99)
+        }
+        | {"max": round(float(overlaps.max(initial=0.0)), 6)},
+        "planned_max": round(max(placed, default=0.0), 6),
+    }
+
+
+def plan_summary(
+    spec: PlanTargets,
+    inputs: dict[str, Any],
+    real: Distribution,
+    planned: Distribution,
+    states: Sequence[TargetState],
+    scenes: Sequence[PlannedScene],
+    overlaps: dict[str, Any],
+) -> dict[str, Any]:
+    """plan.json: the inputs, the per-target and per-cell counts before and after, the edits and the settings."""
+    combined = real.merged(planned)
+    return {
+        "version": PLAN_VERSION,
+        "inputs": inputs,
+        "scenes": len(scenes),
+        "targets": [
+            {
+                "name": s.target.name,
+                "require": s.require,
+                "planned": s.planned,
+                "cells": [
+                    {"cell": c, "real": r, "planned": p, "combined": r + p}
+                    for c, r, p in zip(s.cells, s.real, s.planned_in_cell, strict=True)
+                ],
+            }
+            for s in states
+        ],
+        "frames_by_weather_timeofday": [
+            {
+                "weather": w,
+                "timeofday": t,
+                "real": real.frames_by("weather", "timeofday")[(w, t)],
+                "combined": v,
+            }
+            for (w, t), v in sorted(combined.frames_by("weather", "timeofday").items(), key=lambda kv: kv[0])
+        ],
+        "boxes_by_class": {
+            c: {"real": real.class_totals()[c], "combined": combined.class_totals()[c]}
+            for c in bdd.DET_CLASSES
+        },
+        "overlap": overlaps,
+        "edits": dict(sorted(Counter(e["op"] for s in scenes for e in s.layout.edits).items())),
+        "settings": spec.model_dump(mode="json"),
+    }
