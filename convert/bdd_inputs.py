@@ -1,6 +1,7 @@
 """Where a stage 1 script's BDD100K inputs are: the data root, the labels file and the pixel size of the boxes.
 
-The caption script (generate_bdd_captions.py) and the planner (plan_generation.py) take the same flags for them:
+The caption script (generate_bdd_captions.py), the planner (plan_generation.py) and the YOLO export (bdd_to_yolo.py)
+take the same flags for them:
 ``--bdd_data_dir`` (a BDD100K root), ``--split``, ``--labels_file`` (read instead of the labels found under the
 root) and ``--image_size WxH`` (default: the first image's size under ``images/``, else BDD100K's 1280x720). This
 module resolves them once, with the same messages for both.

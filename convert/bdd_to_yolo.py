@@ -62,6 +62,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
+from convert.bdd_inputs import resolve_bdd_inputs
 from core.cli import UserError, run_main, setup_logging
 from core.config import Section, add_config_arguments, flag_values, load_config
 from core.io import atomic_write_text, link_or_copy
@@ -447,15 +448,19 @@ def _few(names: Sequence[str]) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def convert_split(cfg: ExportConfig) -> Report:
-    """Write one split of a BDD100K folder into the YOLO dataset at ``cfg.out`` (see the module docstring)."""
-    root, out, split = Path(cfg.bdd_data_dir) if cfg.bdd_data_dir else None, Path(cfg.out), cfg.split
-    if root is not None and not root.is_dir():
-        raise UserError(f"BDD100K folder not found: {root} (expected images/ and labels/ inside)")
-    labels_file = Path(cfg.labels_file) if cfg.labels_file else bdd.find_label_file(root, split)
-    images_dir = Path(cfg.images_dir) if cfg.images_dir else default_images_dir(root, split)
+def find_inputs(cfg: ExportConfig) -> tuple[Path, Path]:
+    """(labels file, image folder) of the split, found as every stage 1 script finds them; clear errors."""
+    inputs = resolve_bdd_inputs(cfg.bdd_data_dir, cfg.split, cfg.labels_file, None)
+    images_dir = Path(cfg.images_dir) if cfg.images_dir else default_images_dir(inputs.root, cfg.split)
     if not images_dir.is_dir():
         raise UserError(f"image folder not found: {images_dir}")
+    return inputs.labels_file, images_dir
+
+
+def convert_split(cfg: ExportConfig) -> Report:
+    """Write one split of a BDD100K folder into the YOLO dataset at ``cfg.out`` (see the module docstring)."""
+    out, split = Path(cfg.out), cfg.split
+    labels_file, images_dir = find_inputs(cfg)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
     report = Report(split, labels_file, images_dir)
@@ -571,9 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     cfg = load_config(ExportConfig, args.config, args.overrides, flags=flag_values(args))
     if args.check:
-        root = Path(cfg.bdd_data_dir) if cfg.bdd_data_dir else None
-        labels = Path(cfg.labels_file) if cfg.labels_file else bdd.find_label_file(root, cfg.split)
-        images = Path(cfg.images_dir) if cfg.images_dir else default_images_dir(root, cfg.split)
+        labels, images = find_inputs(cfg)
         print(f"{args.config or 'flags'}: ok ({cfg.split}: labels {labels}, images {images} -> {cfg.out})")
         return 0
     start = time.perf_counter()
