@@ -60,6 +60,8 @@ def test_configs_written_for_the_last_release_still_load(path, monkeypatch, caps
     for name in ENV_VARS:
         monkeypatch.delenv(name, raising=False)
     old_path = RELEASE_CONFIGS / Path(path).relative_to("config")
+    if not old_path.is_file():
+        pytest.skip("new since the last release: no users' copies to keep loading")
     schema = _schema(SCHEMAS[path])
     old = load_config(schema, old_path)
     err = capsys.readouterr().err
