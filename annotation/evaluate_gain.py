@@ -10,6 +10,12 @@ Usage::
     python annotation/evaluate_gain.py --real data/real/data.yaml --synthetic annotated/controlnet/data.yaml \\
         --val data/real/data.yaml --out eval/gain [--shares 0,25,50,100] [--seeds 0,1,2] \\
         [--epochs 50 | --iterations 20000] [--max_real 2000] [--model yolov8n.yaml] [--imgsz 640] [--batch 16]
+    python annotation/evaluate_gain.py --config config/gain.yaml [--device 0] [design.seeds=[0,1]] [--check]
+
+Every setting is a key of the YAML config (config/gain.yaml documents each); a flag is another spelling of its key
+(``--epochs`` sets ``design.epochs``) and ``key=value`` overrides come last: YAML < flags < overrides. ``--check``
+validates the config and the inputs (data yamls, model, the design, an existing ``--out``'s settings) and exits
+without training.
 
 The equal-iteration rule (why: many published gains vanish once the real-only baseline trains as long as the mix;
 Dream4Drive). Every arm trains ``E`` epochs over a training list of the same length ``M = nb * batch`` entries,
@@ -31,22 +37,234 @@ same ``--out`` are refused, never mixed. The code: :mod:`annotation.gain`.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib.metadata
 import math
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import Field, field_validator, model_validator
 
 from annotation.gain import data as gain_data
 from annotation.gain import design, report, runner
 from annotation.gain.stats import pct
-from core.cli import UserError, run_main, setup_logging
+from core.cli import run_main, setup_logging
+from core.config import Section, add_config_arguments, flag_values, load_config
 
 # ---------------------------------------------------------------------------------------------------------------
-# Command line
+# The config: config/gain.yaml documents every key
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def number_list(value: Any, flag: str, kind: type) -> list:
+    """A flag's comma list ('0,25,50') or a YAML list as numbers of ``kind``; empty lists and repeats refused
+    (the error line quotes the value)."""
+    parts = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
+    values = []
+    for part in parts:
+        if isinstance(part, str) and not part.strip():
+            continue
+        try:
+            if isinstance(part, bool) or not isinstance(part, str | int | float):
+                raise ValueError
+            number = kind(part)
+        except ValueError:
+            raise ValueError(f"{flag}: expected comma-separated numbers") from None
+        if number != float(part):  # 1.5 as a seed
+            raise ValueError(f"{flag}: expected comma-separated numbers")
+        values.append(number)
+    if not values:
+        raise ValueError(f"{flag}: empty list")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{flag}: repeated value")
+    return values
+
+
+def name_list(value: Any, flag: str) -> list[str]:
+    """A flag's comma list ('train,val') or a YAML list of names."""
+    parts = value.split(",") if isinstance(value, str) else value
+    if not isinstance(parts, list) or not all(isinstance(p, str) for p in parts):
+        raise ValueError(f"{flag}: expected names such as train,val, got {value!r}")
+    names = [p.strip() for p in parts if p.strip()]
+    if not names:
+        raise ValueError(f"{flag}: empty list; name the splits to draw from, e.g. train,val")
+    return names
+
+
+def train_args_mapping(value: Any) -> dict[str, Any]:
+    """``--train_args 'lr0=0.01,mosaic=0'`` (values read as YAML) or a YAML mapping, limited to the ultralytics
+    hyperparameters the rule leaves open."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        parsed = {}
+        for part in filter(str.strip, value.split(",")):
+            key, sep, text = part.partition("=")
+            key = key.strip()
+            if not sep or key not in runner.TRAIN_ARGS_ALLOWED:
+                raise ValueError(
+                    not_a_train_arg(f"{part.strip()!r} is not KEY=VALUE with", key if sep else "")
+                )
+            parsed[key] = yaml.safe_load(text)
+        return parsed
+    if not isinstance(value, dict):
+        raise ValueError("--train_args: expected 'KEY=VALUE,...' or a mapping")
+    for key in value:
+        if key not in runner.TRAIN_ARGS_ALLOWED:
+            raise ValueError(not_a_train_arg(f"{key!r} is not", str(key)))
+    return value
+
+
+def not_a_train_arg(what: str, key: str) -> str:
+    close = difflib.get_close_matches(key, runner.TRAIN_ARGS_ALLOWED, n=3, cutoff=0.6) if key else []
+    return (
+        f"--train_args: {what} one of the training hyperparameters this script leaves open "
+        f"({', '.join(sorted(runner.TRAIN_ARGS_ALLOWED))}); epochs, batch, imgsz, seed, data and the like are set "
+        "by the equal-iteration rule or their own flags"
+        + (f" (did you mean {', '.join(map(repr, close))}?)" if close else "")
+    )
+
+
+class DataSection(Section):
+    """The three data sets: YOLO data yamls with the 10 BDD100K classes in stage 4's order."""
+
+    real: Path
+    synthetic: Path
+    val: Path
+    synthetic_splits: list[str] = ["train", "val"]
+    skip_conditions: bool = False
+
+    @field_validator("synthetic_splits", mode="before")
+    @classmethod
+    def _splits(cls, value: Any) -> list[str]:
+        return name_list(value, "--synthetic_splits")
+
+
+class DesignSection(Section):
+    """The arms (shares x seeds, the real draw) and the budget every arm shares."""
+
+    shares: list[float] = [0, 25, 50, 100]
+    seeds: list[int] = [0, 1, 2]
+    epochs: int | None = Field(None, ge=1)
+    iterations: int | None = Field(None, ge=1)
+    max_real: int | None = Field(None, ge=1)
+
+    @field_validator("shares", mode="before")
+    @classmethod
+    def _shares(cls, value: Any) -> list[float]:
+        shares = number_list(value, "--shares", float)
+        if any(s < 0 or not math.isfinite(s) for s in shares):
+            raise ValueError(
+                "--shares must be percentages >= 0 (0 = real only, 100 = as many synthetic as real)"
+            )
+        if 0 not in shares:
+            raise ValueError("--shares must include 0, the real-only baseline every gain is measured against")
+        return sorted(shares)
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _seeds(cls, value: Any) -> list[int]:
+        return number_list(value, "--seeds", int)
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> DesignSection:
+        if self.epochs is not None and self.iterations is not None:
+            raise ValueError(
+                "set design.epochs (--epochs) or design.iterations (--iterations), not both; leave the other null"
+            )
+        return self
+
+    @property
+    def budget_epochs(self) -> int | None:
+        """The epochs of every arm: ``epochs``; with neither budget set, the default."""
+        return self.epochs or (None if self.iterations else design.DEFAULT_EPOCHS)
+
+
+class TrainSection(Section):
+    """The detector and ultralytics' training and evaluation settings, the same for every arm."""
+
+    model: str = "yolov8n.yaml"
+    imgsz: int = Field(640, ge=1)
+    batch: int = Field(16, ge=1)
+    device: str = ""
+    workers: int = Field(8, ge=0)
+    args: dict[str, Any] = {}
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("empty model; pass an architecture such as yolov8n.yaml or a local .pt")
+        return value
+
+    @field_validator("imgsz")
+    @classmethod
+    def _imgsz(cls, value: int) -> int:
+        if value % 32:
+            raise ValueError("--imgsz must be a multiple of 32 (YOLO's largest stride)")
+        return value
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device(cls, value: Any) -> Any:
+        value = (
+            "" if value is None else str(value) if type(value) is int else value
+        )  # override train.device=0
+        if isinstance(value, str) and "," in value:
+            raise ValueError(
+                "--device takes one device: ultralytics' multi-GPU mode runs the training in "
+                "child processes where this script cannot count iterations; run one process per GPU with "
+                "different --seeds into the same --out instead"
+            )
+        return value
+
+    @field_validator("args", mode="before")
+    @classmethod
+    def _args(cls, value: Any) -> dict[str, Any]:
+        return train_args_mapping(value)
+
+
+class GainConfig(Section):
+    """The whole gain config (config/gain.yaml)."""
+
+    out: Path
+    data: DataSection = Field(default_factory=dict)  # validated: a missing input is named data.real, not data
+    design: DesignSection = DesignSection()
+    train: TrainSection = TrainSection()
+
+
+def run_settings(
+    cfg: GainConfig, model_fingerprint: str, schedule: design.Schedule, inputs: gain_data.Inputs
+) -> dict[str, Any]:
+    """What every row depends on (not the device, workers or paths): its key names the runs a rerun keeps. Keep
+    these keys and values as they are: a change makes every existing ``--out`` refuse to resume."""
+    return {
+        "version": runner.SETTINGS_VERSION,
+        "model": cfg.train.model,
+        "model_fingerprint": model_fingerprint,
+        "imgsz": cfg.train.imgsz,
+        "batch": cfg.train.batch,
+        "epochs": schedule.epochs,
+        "batches_per_epoch": schedule.batches_per_epoch,
+        "max_real": cfg.design.max_real,
+        "synthetic_splits": ",".join(cfg.data.synthetic_splits),  # the flag's spelling
+        "train_args": dict(cfg.train.args),
+        "real": gain_data.fingerprint(inputs.real),
+        "synthetic": gain_data.fingerprint(inputs.synthetic),
+        "val": gain_data.fingerprint(inputs.val),
+        "conditions": None if cfg.data.skip_conditions else gain_data.conditions_fingerprint(cfg.data.val),
+        "ultralytics": importlib.metadata.version("ultralytics"),
+        "torchmetrics": importlib.metadata.version("torchmetrics"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line: every flag sets its config key
 # ---------------------------------------------------------------------------------------------------------------
 
 EXAMPLE = """example (GPU host, real BDD100K, 3 seeds, 4 arms; about 12 trainings):
@@ -56,181 +274,110 @@ EXAMPLE = """example (GPU host, real BDD100K, 3 seeds, 4 arms; about 12 training
       --synthetic annotated/controlnet/data.yaml --out eval/gain --shares 0,25,50,100 --seeds 0,1,2 \\
       --epochs 50 --max_real 5000 --model yolov8n.yaml --imgsz 640 --batch 32 --device 0
   -> eval/gain/gain.md (tables), gain.png (plot), gain.csv (one row per share and seed)
+the same from the config (every key documented there), with overrides:
+  python annotation/evaluate_gain.py --config config/gain.yaml design.max_real=5000 train.batch=32 --device 0
 """
 
 
-def parse_list(text: str, flag: str, kind: type) -> list:
-    try:
-        values = [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise UserError(f"{flag}: empty list")
-    if len(set(values)) != len(values):
-        raise UserError(f"{flag}: repeated value in {text!r}")
-    return values
-
-
-def parse_train_args(text: str | None) -> dict[str, Any]:
-    if not text:
-        return {}
-    out = {}
-    for part in text.split(","):
-        if not part.strip():
-            continue
-        key, sep, value = part.partition("=")
-        key = key.strip()
-        if not sep or key not in runner.TRAIN_ARGS_ALLOWED:
-            raise UserError(
-                f"--train_args: {part.strip()!r} is not KEY=VALUE with one of the training hyperparameters this "
-                f"script leaves open ({', '.join(sorted(runner.TRAIN_ARGS_ALLOWED))}); epochs, batch, imgsz, seed, data "
-                "and the like are set by the equal-iteration rule or their own flags"
-            )
-        out[key] = yaml.safe_load(value)
-    return out
+#: flag -> (the config key it sets, help); --epochs and --iterations exclude each other, --skip_conditions is a switch
+FLAGS: dict[str, tuple[str, str]] = {
+    "--real": ("data.real", "YOLO data yaml of the real frames (its train split)"),
+    "--synthetic": ("data.synthetic", "YOLO data yaml of the synthetic set (stage 4's data.yaml)"),
+    "--val": ("data.val", "YOLO data yaml of the real val frames (its val split; frames.csv beside it)"),
+    "--out": ("out", "output folder (tables, plot, runs)"),
+    "--shares": ("design.shares", "synthetic shares in %% of the real count; must include 0 (0,25,50,100)"),
+    "--seeds": ("design.seeds", "seeds (data draws, model init, ultralytics seed; 0,1,2)"),
+    "--epochs": ("design.epochs", "epochs of every arm (50 when neither --epochs nor --iterations)"),
+    "--iterations": ("design.iterations", "exact iterations of every arm instead"),
+    "--max_real": ("design.max_real", "use a seeded draw of N real frames (low-data regime)"),
+    "--model": ("train.model", "architecture yaml (random init, no download) or a local .pt (yolov8n.yaml)"),
+    "--imgsz": ("train.imgsz", "training and evaluation size (multiple of 32; 640)"),
+    "--batch": ("train.batch", "images per iteration, the same for every arm (16)"),
+    "--device": ("train.device", "'' (auto, the default), cpu, or one GPU id such as 0"),
+    "--workers": ("train.workers", "dataloader workers (ultralytics uses 0 on CPU; 8)"),
+    "--synthetic_splits": ("data.synthetic_splits", "splits of --synthetic to draw from (train,val)"),
+    "--train_args": ("train.args", "more ultralytics training arguments: 'lr0=0.01,mosaic=0'"),
+    "--skip_conditions": ("data.skip_conditions", "val set without frames.csv: no per-condition table"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Train the same YOLO model on real-only and real + synthetic mixes at the same number of "
         "iterations, over several seeds; report mAP on the real val frames as mean ± spread (overall, per class, "
-        "per weather x time of day). Offline; reruns keep finished runs.",
+        "per weather x time of day). Offline; reruns keep finished runs. Each flag sets the config key in "
+        "brackets (config/gain.yaml documents them); key=value overrides come last.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EXAMPLE,
     )
-    p.add_argument(
-        "--real", required=True, type=Path, help="YOLO data yaml of the real frames (its train split)"
+    add_config_arguments(
+        p,
+        check_help="validate the config and the inputs (data, model, design, --out's settings); train nothing",
     )
-    p.add_argument(
-        "--synthetic",
-        required=True,
-        type=Path,
-        help="YOLO data yaml of the synthetic set (stage 4's data.yaml)",
-    )
-    p.add_argument(
-        "--val",
-        required=True,
-        type=Path,
-        help="YOLO data yaml of the real val frames (its val split; frames.csv beside it)",
-    )
-    p.add_argument("--out", required=True, type=Path, help="output folder (tables, plot, runs)")
-    p.add_argument(
-        "--shares", default="0,25,50,100", help="synthetic shares in %% of the real count; must include 0"
-    )
-    p.add_argument("--seeds", default="0,1,2", help="seeds (data draws, model init, ultralytics seed)")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--epochs", type=int, default=None, help="epochs of every arm (default 50)")
-    budget.add_argument("--iterations", type=int, default=None, help="exact iterations of every arm instead")
-    p.add_argument(
-        "--max_real", type=int, default=None, help="use a seeded draw of N real frames (low-data regime)"
-    )
-    p.add_argument(
-        "--model", default="yolov8n.yaml", help="architecture yaml (random init, no download) or a local .pt"
-    )
-    p.add_argument("--imgsz", type=int, default=640, help="training and evaluation size (multiple of 32)")
-    p.add_argument("--batch", type=int, default=16, help="images per iteration (the same for every arm)")
-    p.add_argument("--device", default="", help="'' (auto), cpu, or one GPU id such as 0")
-    p.add_argument("--workers", type=int, default=8, help="dataloader workers (ultralytics uses 0 on CPU)")
-    p.add_argument(
-        "--synthetic_splits", default="train,val", help="splits of --synthetic to draw synthetic images from"
-    )
-    p.add_argument(
-        "--train_args", default=None, help="more ultralytics training arguments: 'lr0=0.01,mosaic=0'"
-    )
-    p.add_argument(
-        "--skip_conditions",
-        action="store_true",
-        help="val set without frames.csv: leave out the condition table",
-    )
+    for flag, (key, text) in FLAGS.items():
+        group = budget if flag in ("--epochs", "--iterations") else p
+        switch = {"action": "store_true"} if flag == "--skip_conditions" else {}
+        metavar = {} if switch else {"metavar": flag[2:].upper()}
+        group.add_argument(flag, dest=key, default=None, help=f"{text} [{key}]", **switch, **metavar)
     p.add_argument("--log_level", default=None, help="DEBUG, INFO, WARNING")
     return p
 
 
-def fail_early(args: argparse.Namespace) -> tuple[list[float], list[int]]:
-    shares = parse_list(args.shares, "--shares", float)
-    if any(s < 0 or not math.isfinite(s) for s in shares):
-        raise UserError(
-            f"--shares must be percentages >= 0 (0 = real only, 100 = as many synthetic as real), got {args.shares}"
-        )
-    if 0 not in shares:
-        raise UserError(
-            f"--shares must include 0, the real-only baseline every gain is measured against (got {args.shares})"
-        )
-    seeds = parse_list(args.seeds, "--seeds", int)
-    for flag in ("epochs", "iterations", "max_real", "batch", "imgsz"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise UserError(f"--{flag} must be at least 1, got {value}")
-    if args.imgsz % 32:
-        raise UserError(f"--imgsz must be a multiple of 32 (YOLO's largest stride), got {args.imgsz}")
-    if "," in str(args.device):
-        raise UserError(
-            f"--device takes one device, got {args.device!r}: ultralytics' multi-GPU mode runs the training in "
-            "child processes where this script cannot count iterations; run one process per GPU with different "
-            "--seeds into the same --out instead"
-        )
-    return sorted(shares), seeds
+def parse_config(argv: Sequence[str] | None) -> tuple[argparse.Namespace, GainConfig]:
+    """The command line and the config it names: YAML (``--config``) < flags < ``key=value`` overrides."""
+    args = build_parser().parse_intermixed_args(argv)  # overrides may come before, between or after flags
+    flags = flag_values(args, exclude=("log_level",))
+    return args, load_config(GainConfig, args.config, args.overrides, flags=flags)
+
+
+def ultralytics_config_dir(out: Path, check: bool) -> Path:
+    """ultralytics' settings folder: inside ``--out`` for a run; a check leaves ``--out`` alone."""
+    return (
+        Path(tempfile.gettempdir()) / f"bdd-sdxl-gain-check-{os.getuid()}" if check else out / ".ultralytics"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The evaluation
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, cfg = parse_config(argv)
     setup_logging(args.log_level)
-    shares, seeds = fail_early(args)
-    train_args = parse_train_args(args.train_args)
-    out = args.out
+    out, shares, seeds = cfg.out, cfg.design.shares, cfg.design.seeds
 
-    # --- offline ultralytics, the model ----------------------------------------------------------------------
+    # --- offline ultralytics, the model (a missing .pt: a clear error before any data is read) -----------------
     from annotation import yolo_runtime
 
-    yolo_runtime.prepare_offline(out / ".ultralytics")
-    yolo_runtime.check_model_spec(args.model)  # a missing .pt: a clear error before anything is read
-    model_fingerprint = yolo_runtime.load_model(args.model).fingerprint
+    yolo_runtime.prepare_offline(ultralytics_config_dir(out, args.check))
+    yolo_runtime.check_model_spec(cfg.train.model)
+    model_fingerprint = yolo_runtime.load_model(cfg.train.model).fingerprint
 
     # --- data: real train, synthetic, real val (+ attributes) -------------------------------------------------
-    splits = [s.strip() for s in args.synthetic_splits.split(",") if s.strip()]
     inputs = gain_data.load_inputs(
-        args.real, args.synthetic, args.val, splits, skip_conditions=args.skip_conditions
-    )
+        cfg.data.real, cfg.data.synthetic, cfg.data.val, cfg.data.synthetic_splits,
+        skip_conditions=cfg.data.skip_conditions,
+    )  # fmt: skip
 
     # --- the design: arms per seed, one schedule for all ------------------------------------------------------
     arms = [
         arm
         for seed in seeds
-        for arm in design.design_arms(inputs.real, inputs.synthetic, shares, seed, args.max_real)
+        for arm in design.design_arms(inputs.real, inputs.synthetic, shares, seed, cfg.design.max_real)
     ]
     schedule = design.equal_iteration_schedule(
-        max(len(a.images) for a in arms),
-        args.batch,
-        args.epochs or (None if args.iterations else design.DEFAULT_EPOCHS),
-        args.iterations,
+        max(len(a.images) for a in arms), cfg.train.batch, cfg.design.budget_epochs, cfg.design.iterations
     )
-    settings = {
-        "version": runner.SETTINGS_VERSION,
-        "model": args.model,
-        "model_fingerprint": model_fingerprint,
-        "imgsz": args.imgsz,
-        "batch": args.batch,
-        "epochs": schedule.epochs,
-        "batches_per_epoch": schedule.batches_per_epoch,
-        "max_real": args.max_real,
-        "synthetic_splits": args.synthetic_splits,
-        "train_args": train_args,
-        "real": gain_data.fingerprint(inputs.real),
-        "synthetic": gain_data.fingerprint(inputs.synthetic),
-        "val": gain_data.fingerprint(inputs.val),
-        "conditions": None if args.skip_conditions else gain_data.conditions_fingerprint(args.val),
-        "ultralytics": importlib.metadata.version("ultralytics"),
-        "torchmetrics": importlib.metadata.version("torchmetrics"),
-    }
-    key = runner.check_settings(out, settings)
+    settings = run_settings(cfg, model_fingerprint, schedule, inputs)
+    key = runner.check_settings(out, settings, record=not args.check)
+    max_real = cfg.design.max_real
+    cells = len(set(inputs.conditions.values())) if inputs.conditions else 0
     print(
-        f"gain: {len(inputs.real)} real train images{f' (using {args.max_real} per seed)' if args.max_real else ''}, "
+        f"gain: {len(inputs.real)} real train images{f' (using {max_real} per seed)' if max_real else ''}, "
         f"{len(inputs.synthetic)} synthetic, {len(inputs.val)} real val images"
-        + (
-            f" in {len(set(inputs.conditions.values()))} weather x time-of-day cells"
-            if inputs.conditions
-            else ""
-        )
+        + (f" in {cells} weather x time-of-day cells" if cells else "")
     )
     print(
         f"gain: shares {', '.join(f'{s:g} %' for s in shares)} x seeds {', '.join(map(str, seeds))}; every arm "
@@ -238,6 +385,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{schedule.iterations} iterations ({schedule.images_seen} images seen); settings key {key}",
         flush=True,
     )
+    if args.check:
+        finished = sum(runner.finished_result(runner.run_folder(out, a), key) is not None for a in arms)
+        print(
+            f"check OK: {len(arms) - finished} of {len(arms)} runs to train in {out}; nothing trained (--check)"
+        )
+        return 0
 
     # --- the runs: keep finished ones, skip ones another process holds, train the rest ------------------------
     groups = gain_data.condition_groups(inputs.conditions) if inputs.conditions else None
@@ -263,8 +416,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 flush=True,
             )
             result = runner.train_and_evaluate(
-                out, arm, schedule, val, key=key, model=args.model, imgsz=args.imgsz, batch=args.batch,
-                device=args.device, workers=args.workers, train_args=train_args,
+                out, arm, schedule, val, key=key, model=cfg.train.model, imgsz=cfg.train.imgsz,
+                batch=cfg.train.batch, device=cfg.train.device, workers=cfg.train.workers,
+                train_args=dict(cfg.train.args),
             )  # fmt: skip
         finally:
             lock.release()

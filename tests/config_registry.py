@@ -15,3 +15,4 @@ SCHEMAS: dict[str, str] = {
 SCHEMAS["config/controlnet_infer.yaml"] = "ai.controlnet.infer_controlnet_sdxl:ControlNetInferConfig"
 SCHEMAS["config/demo/controlnet_infer.yaml"] = "ai.controlnet.infer_controlnet_sdxl:ControlNetInferConfig"
 SCHEMAS["config/demo/annotation.yaml"] = "annotation.settings:AnnotationConfig"
+SCHEMAS["config/gain.yaml"] = "annotation.evaluate_gain:GainConfig"

@@ -458,3 +458,223 @@ def test_evaluate_run_scores_a_trained_detector_by_class_and_condition(mini_bdd,
     assert all(
         m["per_condition"][g]["map50"] is not None for g in margins if m["per_condition"][g]["gt_boxes"]
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The config: YAML < flags < key=value overrides, one schema, --check
+# ---------------------------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def flag_argv(real: Path, synthetic: Path, out: Path) -> list[str]:
+    return [
+        "--real", str(real), "--synthetic", str(synthetic), "--val", str(real), "--out", str(out),
+        "--shares", "0,50", "--seeds", "0,1", "--epochs", "2", "--max_real", "6", "--imgsz", "64", "--batch", "4",
+        "--device", "cpu", "--workers", "0", "--train_args", "lr0=0.01,mosaic=0",
+    ]  # fmt: skip
+
+
+def the_same_as_yaml(real: Path, synthetic: Path, out: Path, path: Path) -> Path:
+    """``flag_argv``'s settings written as a config file."""
+    config = {
+        "out": str(out),
+        "data": {"real": str(real), "synthetic": str(synthetic), "val": str(real)},
+        "design": {"shares": [0, 50], "seeds": [0, 1], "epochs": 2, "max_real": 6},
+        "train": {"imgsz": 64, "batch": 4, "device": "cpu", "workers": 0, "args": {"lr0": 0.01, "mosaic": 0}},
+    }
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def settings_key_of(stdout: str) -> str:
+    return stdout.split("settings key ")[1].split()[0]
+
+
+def test_the_pure_parts_run_without_ultralytics():
+    """design and stats (and the script's config) import and compute without ultralytics, so they are cheap to
+    test and to reuse; a fresh interpreter, since this one has imported ultralytics already."""
+    code = """
+import sys
+from pathlib import Path
+from annotation.gain import design, stats
+from annotation.gain.data import Item
+import annotation.evaluate_gain
+
+real = [Item(f"r{i}", Path(f"/r{i}.jpg"), Path(f"/r{i}.txt")) for i in range(10)]
+synthetic = [Item(f"s{i}", Path(f"/s{i}.jpg"), Path(f"/s{i}.txt")) for i in range(10)]
+arms = design.design_arms(real, synthetic, [0, 50, 100], seed=0, max_real=None)
+schedule = design.equal_iteration_schedule(max(len(a.images) for a in arms), batch=4, epochs=2)
+assert [len(a.synthetic) for a in arms] == [0, 5, 10] and schedule == design.Schedule(2, 5, 4)
+assert all(len(design.epoch_list(a, schedule.list_length)) == 20 for a in arms)
+runs = [{"share": s, "seed": seed, "real_images": 10, "synthetic_images": 0, "metrics": {"map": m, "map50": m}}
+        for s, seed, m in ((0, 0, 0.3), (0, 1, 0.34), (50, 0, 0.31), (50, 1, 0.38))]
+summary = stats.summarize(runs, [0, 50])
+assert round(summary["50"]["map_gain"]["mean"], 6) == 0.025 and summary["0"]["map_gain"] is None
+assert stats.fmt_spread(stats.spread([0.30, 0.32, 0.34])) == "32.00 ± 2.00 [30.00, 34.00]"
+assert "ultralytics" not in sys.modules, "ultralytics was imported"
+"""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_yaml_config_is_the_same_run_as_its_flags(sets, tmp_path, capsys):
+    """The same settings from a config file and from flags: the same config, the same settings key (a folder made
+    by either resumes with the other)."""
+    real, synthetic = sets
+    out = tmp_path / "out"
+    path = the_same_as_yaml(real, synthetic, out, tmp_path / "gain.yaml")
+    _, from_flags = evaluate_gain.parse_config(flag_argv(real, synthetic, out))
+    _, from_yaml = evaluate_gain.parse_config(["--config", str(path)])
+    assert from_yaml == from_flags
+    assert from_flags.train.args == {"lr0": 0.01, "mosaic": 0} and from_flags.design.shares == [0.0, 50.0]
+    keys = []
+    for argv in (flag_argv(real, synthetic, out), ["--config", path]):
+        code, stdout, err = run(capsys, *argv, "--check")
+        assert code == 0, err
+        keys.append(settings_key_of(stdout))
+    assert keys[0] == keys[1]
+
+
+def test_settings_keep_their_keys_and_values(sets, tmp_path, monkeypatch):
+    """gain_settings.json's settings are what they were before the config (a change would make every existing
+    --out refuse to resume): the same keys, the values from the config, the list flags as they were spelled."""
+    import importlib.metadata
+
+    real, synthetic = sets
+    monkeypatch.setattr(gain_data, "fingerprint", lambda items: f"{len(items)} items")
+    monkeypatch.setattr(gain_data, "conditions_fingerprint", lambda val: f"frames.csv of {val}")
+    _, cfg = evaluate_gain.parse_config(flag_argv(real, synthetic, tmp_path / "out"))
+    inputs = gain_data.Inputs(items(8, "r"), items(12, "s"), items(4, "v"), None)
+    settings = evaluate_gain.run_settings(cfg, "model-fp", design.Schedule(2, 3, 4), inputs)
+    assert settings == {
+        "version": 1,
+        "model": "yolov8n.yaml",
+        "model_fingerprint": "model-fp",
+        "imgsz": 64,
+        "batch": 4,
+        "epochs": 2,
+        "batches_per_epoch": 3,
+        "max_real": 6,
+        "synthetic_splits": "train,val",
+        "train_args": {"lr0": 0.01, "mosaic": 0},
+        "real": "8 items",
+        "synthetic": "12 items",
+        "val": "4 items",
+        "conditions": f"frames.csv of {real}",
+        "ultralytics": importlib.metadata.version("ultralytics"),
+        "torchmetrics": importlib.metadata.version("torchmetrics"),
+    }
+    _, cfg = evaluate_gain.parse_config(
+        [*flag_argv(real, synthetic, tmp_path / "out"), "--skip_conditions", "--synthetic_splits", "train"]
+    )
+    settings = evaluate_gain.run_settings(cfg, "model-fp", design.Schedule(2, 3, 4), inputs)
+    assert (settings["conditions"], settings["synthetic_splits"]) == (None, "train")
+
+
+def test_flags_override_the_yaml_and_overrides_override_both(sets, tmp_path):
+    real, synthetic = sets
+    path = the_same_as_yaml(real, synthetic, tmp_path / "out", tmp_path / "gain.yaml")
+    _, cfg = evaluate_gain.parse_config(["--config", str(path), "--imgsz", "96", "--seeds", "3"])
+    assert (cfg.train.imgsz, cfg.design.seeds) == (96, [3])
+    assert (cfg.train.batch, cfg.design.shares, cfg.design.max_real) == (
+        4,
+        [0.0, 50.0],
+        6,
+    )  # the rest: the YAML
+    _, cfg = evaluate_gain.parse_config(
+        [
+            "train.imgsz=128",
+            "--config",
+            str(path),
+            "--imgsz",
+            "96",
+            "train.args.lr0=0.02",
+            "design.seeds=[4, 5]",
+        ]
+    )
+    assert (cfg.train.imgsz, cfg.design.seeds, cfg.train.args) == (128, [4, 5], {"lr0": 0.02, "mosaic": 0})
+    _, cfg = evaluate_gain.parse_config(["--config", str(path), "--iterations", "40", "design.epochs=null"])
+    assert (cfg.design.epochs, cfg.design.iterations, cfg.design.budget_epochs) == (None, 40, None)
+    _, cfg = evaluate_gain.parse_config(["--config", str(path), "design.epochs=null"])
+    assert cfg.design.budget_epochs == 50  # neither: 50 epochs, as before
+
+
+def test_config_errors_name_their_keys_all_at_once(sets, tmp_path, capsys):
+    real, synthetic = sets
+    out = tmp_path / "out"
+    path = tmp_path / "typo.yaml"
+    path.write_text(
+        f"out: {out}\ndata: {{real: {real}, synthetic: {synthetic}, val: {real}}}\ndesign:\n  seed: [0]\n"
+    )
+    code, _, err = run(capsys, "--config", path, "train.imgsize=64", "--shares", "25", "--device", "0,1")
+    assert code == 2
+    assert "design.seed: unknown key (did you mean 'seeds'?)" in err
+    assert "train.imgsize: unknown key (did you mean 'imgsz'?)" in err
+    assert "design.shares: " in err and "--shares must include 0" in err
+    assert "train.device: " in err and "--device takes one device" in err
+    code, _, err = run(capsys, "--config", tmp_path / "missing.yaml")
+    assert code == 2 and f"config not found: {tmp_path / 'missing.yaml'}" in err
+    code, _, err = run(capsys, "--out", out)  # the inputs have no defaults: each missing key is named
+    assert code == 2 and all(f"data.{k}: Field required" in err for k in ("real", "synthetic", "val"))
+    code, _, err = run(capsys, *flag_argv(real, synthetic, out), "--train_args", "lr=0.1")
+    assert code == 2 and "--train_args: 'lr=0.1' is not KEY=VALUE" in err and "did you mean" in err
+    assert not out.exists()
+
+
+def test_epochs_and_iterations_exclude_each_other(sets, tmp_path, capsys):
+    real, synthetic = sets
+    argv = [str(a) for a in flag_argv(real, synthetic, tmp_path / "out")]
+    with pytest.raises(SystemExit) as exc:
+        evaluate_gain.main([*argv, "--iterations", "10"])
+    assert exc.value.code == 2
+    assert "argument --iterations: not allowed with argument --epochs" in capsys.readouterr().err
+    code, _, err = run(capsys, *argv, "design.iterations=10")
+    assert code == 2 and "set design.epochs (--epochs) or design.iterations (--iterations), not both" in err
+    path = the_same_as_yaml(real, synthetic, tmp_path / "out", tmp_path / "gain.yaml")  # epochs: 2
+    code, _, err = run(capsys, "--config", path, "--iterations", "10")
+    assert code == 2 and "not both" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_check_validates_config_and_inputs_and_trains_nothing(sets, tmp_path, capsys, monkeypatch):
+    real, synthetic = sets
+    out = tmp_path / "out"
+    monkeypatch.setattr(runner, "train_run", lambda *a, **k: pytest.fail("--check trained"))
+    code, stdout, err = run(capsys, *flag_argv(real, synthetic, out), "--check")
+    assert code == 0, err
+    assert "check OK: 4 of 4 runs to train" in stdout and "nothing trained" in stdout
+    assert not out.exists()  # not even gain_settings.json: a check changes nothing
+    # the inputs are checked as a run checks them: a missing model, too many synthetic images
+    code, _, err = run(
+        capsys, *flag_argv(real, synthetic, out), "--model", tmp_path / "missing.pt", "--check"
+    )
+    assert code == 2 and f"model weights not found: {tmp_path / 'missing.pt'}" in err
+    code, _, err = run(capsys, *flag_argv(real, synthetic, out), "--shares", "0,1000", "--check")
+    assert code == 2 and "needs" in err and not out.exists()
+
+
+def test_shipped_config_is_the_readme_command():
+    """config/gain.yaml spells out every key (also the top-level ones test_configs does not look at) and runs
+    the README's stage-5 command; without --config the schema's defaults are the same values."""
+    from core.config import load_config
+
+    written = yaml.safe_load((REPO / "config" / "gain.yaml").read_text(encoding="utf-8"))
+    schema = evaluate_gain.GainConfig
+    assert set(written) == set(schema.model_fields)
+    for section, field in schema.model_fields.items():
+        if hasattr(field.annotation, "model_fields"):
+            assert set(written[section]) == set(field.annotation.model_fields), section
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    lines = readme.split("\npython annotation/evaluate_gain.py ")[1].splitlines()
+    ends = [i for i, line in enumerate(lines) if not line.endswith("\\")][0]
+    argv = " ".join(line.rstrip("\\") for line in lines[: ends + 1]).split()
+    assert "--device" in argv
+    i = argv.index("--device")
+    _, from_readme = evaluate_gain.parse_config(argv[:i] + argv[i + 2 :])
+    assert load_config(schema, REPO / "config" / "gain.yaml") == from_readme
