@@ -16,8 +16,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from annotation import evaluate_gain as gain
+from annotation import evaluate_gain
 from annotation.dataset import make_dirs, write_data_yaml
+from annotation.gain import data as gain_data
+from annotation.gain import design, runner, stats
 from convert import bdd_to_yolo
 from core.cli import UserError, run_main
 from vocab import bdd
@@ -76,15 +78,15 @@ def sets(mini_bdd, tmp_path_factory):
     return real_set(mini_bdd, root / "real"), synthetic_set(mini_bdd, root / "synthetic", 12)
 
 
-def items(n: int, prefix: str) -> list[gain.Item]:
+def items(n: int, prefix: str) -> list[gain_data.Item]:
     return [
-        gain.Item(f"{prefix}{i:03d}.jpg", Path(f"/{prefix}{i:03d}.jpg"), Path(f"/{prefix}{i:03d}.txt"))
+        gain_data.Item(f"{prefix}{i:03d}.jpg", Path(f"/{prefix}{i:03d}.jpg"), Path(f"/{prefix}{i:03d}.txt"))
         for i in range(n)
     ]
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
-    code = run_main(gain.main, [str(a) for a in argv])
+    code = run_main(evaluate_gain.main, [str(a) for a in argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -99,17 +101,17 @@ def test_every_arm_trains_the_same_list_length_on_the_same_real_images(max_real)
     real, synthetic = items(10, "r"), items(30, "s")
     shares = [0, 25, 50, 100, 250]
     for seed in (0, 1):
-        arms = gain.plan_arms(real, synthetic, shares, seed, max_real)
+        arms = design.design_arms(real, synthetic, shares, seed, max_real)
         n_real = max_real or 10
-        assert [len(a.synthetic) for a in arms] == [gain.synthetic_count(s, n_real) for s in shares]
+        assert [len(a.synthetic) for a in arms] == [design.synthetic_count(s, n_real) for s in shares]
         assert [len(a.synthetic) for a in arms] == ([0, 3, 5, 10, 25] if n_real == 10 else [0, 2, 4, 7, 18])
         assert len({a.real for a in arms}) == 1 and len(arms[0].real) == n_real  # the same real images
         for small, big in zip(arms, arms[1:], strict=False):  # a share's draw contains every smaller share's
             assert set(small.synthetic) <= set(big.synthetic)
-        schedule = gain.plan_schedule(max(len(a.images) for a in arms), batch=4, epochs=3)
+        schedule = design.equal_iteration_schedule(max(len(a.images) for a in arms), batch=4, epochs=3)
         assert schedule.batches_per_epoch == math.ceil(len(arms[-1].images) / 4)  # the largest arm, once
         for arm in arms:
-            entries = gain.epoch_list(arm, schedule.list_length)
+            entries = design.epoch_list(arm, schedule.list_length)
             assert len(entries) == schedule.list_length  # every arm: the same list, the same iterations
             counts = {i.key: entries.count(i) for i in arm.images}
             assert set(counts) == {i.key for i in arm.images}  # every image of the arm, nothing else
@@ -117,37 +119,36 @@ def test_every_arm_trains_the_same_list_length_on_the_same_real_images(max_real)
             assert min(counts.values()) == schedule.list_length // len(arm.images)
         assert schedule.iterations == 3 * schedule.batches_per_epoch
     # the seeded draws are reproducible and differ between seeds
-    assert gain.plan_arms(real, synthetic, shares, 0, 7) == gain.plan_arms(real, synthetic, shares, 0, 7)
-    assert (
-        gain.plan_arms(real, synthetic, shares, 0, 7)[0].real
-        != gain.plan_arms(real, synthetic, shares, 1, 7)[0].real
-    )
+    draw = design.design_arms
+    assert draw(real, synthetic, shares, 0, 7) == draw(real, synthetic, shares, 0, 7)
+    assert draw(real, synthetic, shares, 0, 7)[0].real != draw(real, synthetic, shares, 1, 7)[0].real
 
 
 def test_real_only_arm_repeats_its_images_to_the_largest_arms_length():
     real, synthetic = items(6, "r"), items(6, "s")
-    arms = gain.plan_arms(real, synthetic, [0, 100], seed=0, max_real=None)
-    schedule = gain.plan_schedule(12, batch=4, epochs=2)
+    arms = design.design_arms(real, synthetic, [0, 100], seed=0, max_real=None)
+    schedule = design.equal_iteration_schedule(12, batch=4, epochs=2)
     assert (schedule.list_length, schedule.iterations, schedule.images_seen) == (12, 6, 24)
-    base = gain.epoch_list(arms[0], 12)
+    base = design.epoch_list(arms[0], 12)
     assert sorted({base.count(i) for i in arms[0].real}) == [2]  # 6 real images twice each
-    mix = gain.epoch_list(arms[1], 12)
+    mix = design.epoch_list(arms[1], 12)
     assert sorted({mix.count(i) for i in arms[1].images}) == [1]  # 12 images once each
     # a list length that is no multiple: counts differ by one, the extra copies a seeded draw
-    odd = gain.epoch_list(arms[0], 16)
+    odd = design.epoch_list(arms[0], 16)
     assert sorted(odd.count(i) for i in arms[0].real) == [2, 2, 3, 3, 3, 3]
 
 
 def test_schedule_rounds_up_to_full_batches_and_iterations_are_exact():
-    assert gain.plan_schedule(10, batch=4, epochs=5) == gain.Schedule(5, 3, 4)  # list 12, 15 iterations
-    s = gain.plan_schedule(37 * 16 - 5, batch=16, iterations=1000)  # nb 37 -> E 25, nb 40
+    schedule = design.equal_iteration_schedule
+    assert schedule(10, batch=4, epochs=5) == design.Schedule(5, 3, 4)  # list 12, 15 iterations
+    s = schedule(37 * 16 - 5, batch=16, iterations=1000)  # nb 37 -> E 25, nb 40
     assert (s.epochs, s.batches_per_epoch, s.iterations) == (25, 40, 1000)
-    prime = gain.plan_schedule(100, batch=10, iterations=997)  # prime: one long epoch, still exact
+    prime = schedule(100, batch=10, iterations=997)  # prime: one long epoch, still exact
     assert (prime.epochs, prime.iterations) == (1, 997)
-    short = gain.plan_schedule(100, batch=10, iterations=4)  # fewer than one pass: a seeded subset per arm
+    short = schedule(100, batch=10, iterations=4)  # fewer than one pass: a seeded subset per arm
     assert (short.epochs, short.batches_per_epoch, short.list_length) == (1, 4, 40)
     for n in (1, 7, 60, 360, 1001):
-        assert gain.plan_schedule(50, batch=8, iterations=n).iterations == n
+        assert schedule(50, batch=8, iterations=n).iterations == n
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -156,15 +157,15 @@ def test_schedule_rounds_up_to_full_batches_and_iterations_are_exact():
 
 
 def test_spread_and_paired_gain_against_hand_computed_values():
-    s = gain.spread([0.30, 0.32, 0.34])
+    s = stats.spread([0.30, 0.32, 0.34])
     assert (s.n, s.mean, s.min, s.max) == (3, pytest.approx(0.32), 0.30, 0.34)
     assert s.std == pytest.approx(0.02)  # sqrt((0.02² + 0 + 0.02²) / (3 - 1))
-    s = gain.spread([0.1, 0.4, None])
+    s = stats.spread([0.1, 0.4, None])
     assert s.mean == pytest.approx(0.25) and s.std == pytest.approx(math.sqrt(0.045))  # (0.15²·2)/1
-    one = gain.spread([0.5])
-    assert one.std is None and gain.fmt_spread(one) == "50.00"
-    assert gain.spread([None]) is None
-    assert gain.fmt_spread(gain.spread([0.30, 0.32, 0.34])) == "32.00 ± 2.00 [30.00, 34.00]"
+    one = stats.spread([0.5])
+    assert one.std is None and stats.fmt_spread(one) == "50.00"
+    assert stats.spread([None]) is None
+    assert stats.fmt_spread(stats.spread([0.30, 0.32, 0.34])) == "32.00 ± 2.00 [30.00, 34.00]"
     rows = [
         {"share": 0, "seed": 0, "map": 0.30},
         {"share": 0, "seed": 1, "map": 0.34},
@@ -172,7 +173,7 @@ def test_spread_and_paired_gain_against_hand_computed_values():
         {"share": 50, "seed": 1, "map": 0.38},
         {"share": 50, "seed": 2, "map": 0.90},  # no baseline at seed 2: not paired
     ]
-    g = gain.paired_gain(rows, 50)
+    g = stats.paired_gain(rows, 50)
     assert g.n == 2 and g.mean == pytest.approx(0.025) and g.std == pytest.approx(math.sqrt(2 * 0.015**2))
     assert (g.min, g.max) == (pytest.approx(0.01), pytest.approx(0.04))
 
@@ -202,16 +203,16 @@ def test_conditions_group_val_frames_by_weather_and_time_of_day(tmp_path):
         w.writerow(["train", "images/train/zzz.jpg", "snowy", "night", "highway"])  # another split: ignored
         for stem, (weather, tod) in attrs.items():
             w.writerow(["val", f"images/val/{stem}.jpg", weather, tod, "city street"])
-    spec = gain.load_data_yaml(root / "data.yaml", "--val")
-    val = gain.split_items(spec, "val")
-    conditions = gain.read_conditions(spec, val)
+    spec = gain_data.load_data_yaml(root / "data.yaml", "--val")
+    val = gain_data.split_items(spec, "val")
+    conditions = gain_data.read_conditions(spec, val)
     assert conditions == {
         "images/val/a.jpg": ("clear", "daytime"),
         "images/val/b.jpg": ("rainy", "night"),
         "images/val/c.jpg": ("clear", "night"),
         "images/val/d.jpg": ("undefined", "daytime"),  # an empty attribute reads as BDD's 'undefined'
     }
-    groups = gain.condition_groups(conditions)
+    groups = gain_data.condition_groups(conditions)
     assert groups["clear|daytime"] == ["images/val/a.jpg"]
     assert groups["clear|*"] == ["images/val/a.jpg", "images/val/c.jpg"]
     assert groups["*|night"] == ["images/val/b.jpg", "images/val/c.jpg"]
@@ -224,7 +225,7 @@ def test_conditions_group_val_frames_by_weather_and_time_of_day(tmp_path):
     with pytest.raises(
         UserError, match=r"1 of 5 val images have no row in .*frames.csv \(first: images/val/e.jpg\)"
     ):
-        gain.read_conditions(spec, gain.split_items(spec, "val"))
+        gain_data.read_conditions(spec, gain_data.split_items(spec, "val"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -313,7 +314,7 @@ def test_gain_run_end_to_end_resumes_after_a_crash(sets, tmp_path, capsys, monke
         "--model", "yolov8n.yaml",
     ]  # fmt: skip
     trained: list[str] = []
-    real_train = gain.train_run
+    real_train = runner.train_run
 
     def crash_on_second(run_dir, *a, **k):
         trained.append(run_dir.name)
@@ -323,7 +324,7 @@ def test_gain_run_end_to_end_resumes_after_a_crash(sets, tmp_path, capsys, monke
             raise KeyboardInterrupt
         return real_train(run_dir, *a, **k)
 
-    monkeypatch.setattr(gain, "train_run", crash_on_second)
+    monkeypatch.setattr(runner, "train_run", crash_on_second)
     code, _, err = run(capsys, *argv)
     assert code == 130 and "interrupted" in err
     assert trained == ["share0_seed0", "share50_seed0"]
@@ -334,7 +335,7 @@ def test_gain_run_end_to_end_resumes_after_a_crash(sets, tmp_path, capsys, monke
     # rerun: the finished arm is kept (not retrained), the crashed one restarts from scratch
     trained.clear()
     monkeypatch.setattr(
-        gain,
+        runner,
         "train_run",
         lambda run_dir, *a, **k: trained.append(run_dir.name) or real_train(run_dir, *a, **k),
     )
@@ -351,7 +352,7 @@ def test_gain_run_end_to_end_resumes_after_a_crash(sets, tmp_path, capsys, monke
         json.loads((out / "runs" / n / "result.json").read_text()) for n in ("share0_seed0", "share50_seed0")
     ]
     n_real = len(list((real.parent / "images" / "train").iterdir()))
-    n_syn = gain.synthetic_count(50, n_real)
+    n_syn = design.synthetic_count(50, n_real)
     length = math.ceil((n_real + n_syn) / 4) * 4
     for r, syn in zip(results, (0, n_syn), strict=True):
         assert (r["real_images"], r["synthetic_images"]) == (n_real, syn)
@@ -393,22 +394,22 @@ def test_gain_run_end_to_end_resumes_after_a_crash(sets, tmp_path, capsys, monke
 def test_a_list_entry_ultralytics_drops_is_refused_before_training(sets, tmp_path):
     """ultralytics silently drops unreadable images; that arm would train fewer iterations, so it is an error."""
     real, _ = sets
-    frames = gain.split_items(gain.load_data_yaml(real, "--real"), "train")[:3]
+    frames = gain_data.split_items(gain_data.load_data_yaml(real, "--real"), "train")[:3]
     broken = tmp_path / "gen" / "images" / "train" / "gen.png"
     broken.parent.mkdir(parents=True)
     broken.write_bytes(b"not a png")
     label = tmp_path / "gen" / "labels" / "train" / "gen.txt"
     label.parent.mkdir(parents=True)
     label.write_text("2 0.5 0.5 0.2 0.2\n")
-    arm = gain.Arm(100, 0, tuple(frames), (gain.Item("images/train/gen.png", broken, label),))
-    schedule = gain.plan_schedule(len(arm.images), batch=2, epochs=1)
+    arm = design.Arm(100, 0, tuple(frames), (gain_data.Item("images/train/gen.png", broken, label),))
+    schedule = design.equal_iteration_schedule(len(arm.images), batch=2, epochs=1)
     run_dir = tmp_path / "run"
-    data_yaml, entries = gain.write_run_data(run_dir, arm, schedule.list_length, frames[:1])
+    data_yaml, entries = runner.write_run_data(run_dir, arm, schedule.list_length, frames[:1])
     assert len(entries) == schedule.list_length == 4
     with pytest.raises(
         UserError, match=r"ultralytics kept 3 of the 4 training list entries .*s__images__train__gen"
     ):
-        gain.train_run(
+        runner.train_run(
             run_dir, data_yaml, "yolov8n.yaml", schedule, 0, imgsz=64, device="cpu", workers=0, train_args={},
             progress=False,
         )  # fmt: skip
@@ -419,11 +420,11 @@ def test_run_data_is_linear_in_the_arm_size(tmp_path, monkeypatch):
     """composition.csv says which images are real without searching the real tuple per image (quadratic: at
     70k real frames half an hour of comparisons per arm); counted as Item comparisons, not timed."""
     real, synthetic = items(300, "r"), items(300, "s")
-    arm = gain.Arm(100, 0, tuple(real), tuple(synthetic))
+    arm = design.Arm(100, 0, tuple(real), tuple(synthetic))
     calls = []
-    eq = gain.Item.__eq__
-    monkeypatch.setattr(gain.Item, "__eq__", lambda a, b: calls.append(1) or eq(a, b))
-    gain.write_run_data(tmp_path / "run", arm, len(arm.images), real[:1])
+    eq = gain_data.Item.__eq__
+    monkeypatch.setattr(gain_data.Item, "__eq__", lambda a, b: calls.append(1) or eq(a, b))
+    runner.write_run_data(tmp_path / "run", arm, len(arm.images), real[:1])
     assert len(calls) <= len(arm.images)
     rows = list(csv.DictReader((tmp_path / "run" / "composition.csv").open()))
     assert [(r["source"], r["kind"], r["copies_per_epoch"]) for r in rows] == [
@@ -437,21 +438,243 @@ def test_evaluate_run_scores_a_trained_detector_by_class_and_condition(mini_bdd,
     from yolo_fixture import DetectorParams, cached_detector
 
     real, _ = sets
-    spec = gain.load_data_yaml(real, "--val")
-    items = gain.split_items(spec, "train")
-    val = gain.ValSet(
-        items, gain.load_val_truths(items), gain.condition_groups(gain.read_conditions(spec, items))
+    spec = gain_data.load_data_yaml(real, "--val")
+    items = gain_data.split_items(spec, "train")
+    val = runner.ValSet(
+        items,
+        runner.load_val_truths(items),
+        gain_data.condition_groups(gain_data.read_conditions(spec, items)),
     )
     params = DetectorParams()
     weights = cached_detector(mini_bdd, tmp_path / "work", params)
-    m = gain.evaluate_run(weights, val, tmp_path, imgsz=params.imgsz, batch=4, device="cpu")
+    m = runner.evaluate_run(weights, val, tmp_path, imgsz=params.imgsz, batch=4, device="cpu")
     assert m["images"] == len(items) and m["per_class"]["car"]["gt_boxes"] > 0
     assert m["per_class"]["car"]["map50"] > 0.3
     assert m["per_class"]["pedestrian"]["map"] in (0.0, None)  # never trained on pedestrians
-    margins = [g for g in m["per_condition"] if g.startswith(gain.ANY)]
+    margins = [g for g in m["per_condition"] if g.startswith(gain_data.ANY)]
     assert sum(m["per_condition"][g]["images"] for g in margins) == len(
         items
     )  # the time-of-day margins partition
     assert all(
         m["per_condition"][g]["map50"] is not None for g in margins if m["per_condition"][g]["gt_boxes"]
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The config: YAML < flags < key=value overrides, one schema, --check
+# ---------------------------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def flag_argv(real: Path, synthetic: Path, out: Path) -> list[str]:
+    return [
+        "--real", str(real), "--synthetic", str(synthetic), "--val", str(real), "--out", str(out),
+        "--shares", "0,50", "--seeds", "0,1", "--epochs", "2", "--max_real", "6", "--imgsz", "64", "--batch", "4",
+        "--device", "cpu", "--workers", "0", "--train_args", "lr0=0.01,mosaic=0",
+    ]  # fmt: skip
+
+
+def the_same_as_yaml(real: Path, synthetic: Path, out: Path, path: Path) -> Path:
+    """``flag_argv``'s settings written as a config file."""
+    config = {
+        "out": str(out),
+        "data": {"real": str(real), "synthetic": str(synthetic), "val": str(real)},
+        "design": {"shares": [0, 50], "seeds": [0, 1], "epochs": 2, "max_real": 6},
+        "train": {"imgsz": 64, "batch": 4, "device": "cpu", "workers": 0, "args": {"lr0": 0.01, "mosaic": 0}},
+    }
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def settings_key_of(stdout: str) -> str:
+    return stdout.split("settings key ")[1].split()[0]
+
+
+def test_the_pure_parts_run_without_ultralytics():
+    """design and stats (and the script's config) import and compute without ultralytics, so they are cheap to
+    test and to reuse; a fresh interpreter, since this one has imported ultralytics already."""
+    code = """
+import sys
+from pathlib import Path
+from annotation.gain import design, stats
+from annotation.gain.data import Item
+import annotation.evaluate_gain
+
+real = [Item(f"r{i}", Path(f"/r{i}.jpg"), Path(f"/r{i}.txt")) for i in range(10)]
+synthetic = [Item(f"s{i}", Path(f"/s{i}.jpg"), Path(f"/s{i}.txt")) for i in range(10)]
+arms = design.design_arms(real, synthetic, [0, 50, 100], seed=0, max_real=None)
+schedule = design.equal_iteration_schedule(max(len(a.images) for a in arms), batch=4, epochs=2)
+assert [len(a.synthetic) for a in arms] == [0, 5, 10] and schedule == design.Schedule(2, 5, 4)
+assert all(len(design.epoch_list(a, schedule.list_length)) == 20 for a in arms)
+runs = [{"share": s, "seed": seed, "real_images": 10, "synthetic_images": 0, "metrics": {"map": m, "map50": m}}
+        for s, seed, m in ((0, 0, 0.3), (0, 1, 0.34), (50, 0, 0.31), (50, 1, 0.38))]
+summary = stats.summarize(runs, [0, 50])
+assert round(summary["50"]["map_gain"]["mean"], 6) == 0.025 and summary["0"]["map_gain"] is None
+assert stats.fmt_spread(stats.spread([0.30, 0.32, 0.34])) == "32.00 ± 2.00 [30.00, 34.00]"
+assert "ultralytics" not in sys.modules, "ultralytics was imported"
+"""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_yaml_config_is_the_same_run_as_its_flags(sets, tmp_path, capsys):
+    """The same settings from a config file and from flags: the same config, the same settings key (a folder made
+    by either resumes with the other)."""
+    real, synthetic = sets
+    out = tmp_path / "out"
+    path = the_same_as_yaml(real, synthetic, out, tmp_path / "gain.yaml")
+    _, from_flags = evaluate_gain.parse_config(flag_argv(real, synthetic, out))
+    _, from_yaml = evaluate_gain.parse_config(["--config", str(path)])
+    assert from_yaml == from_flags
+    assert from_flags.train.args == {"lr0": 0.01, "mosaic": 0} and from_flags.design.shares == [0.0, 50.0]
+    keys = []
+    for argv in (flag_argv(real, synthetic, out), ["--config", path]):
+        code, stdout, err = run(capsys, *argv, "--check")
+        assert code == 0, err
+        keys.append(settings_key_of(stdout))
+    assert keys[0] == keys[1]
+
+
+def test_settings_keep_their_keys_and_values(sets, tmp_path, monkeypatch):
+    """gain_settings.json's settings are what they were before the config (a change would make every existing
+    --out refuse to resume): the same keys, the values from the config, the list flags as they were spelled."""
+    import importlib.metadata
+
+    real, synthetic = sets
+    monkeypatch.setattr(gain_data, "fingerprint", lambda items: f"{len(items)} items")
+    monkeypatch.setattr(gain_data, "conditions_fingerprint", lambda val: f"frames.csv of {val}")
+    _, cfg = evaluate_gain.parse_config(flag_argv(real, synthetic, tmp_path / "out"))
+    inputs = gain_data.Inputs(items(8, "r"), items(12, "s"), items(4, "v"), None)
+    settings = evaluate_gain.run_settings(cfg, "model-fp", design.Schedule(2, 3, 4), inputs)
+    assert settings == {
+        "version": 1,
+        "model": "yolov8n.yaml",
+        "model_fingerprint": "model-fp",
+        "imgsz": 64,
+        "batch": 4,
+        "epochs": 2,
+        "batches_per_epoch": 3,
+        "max_real": 6,
+        "synthetic_splits": "train,val",
+        "train_args": {"lr0": 0.01, "mosaic": 0},
+        "real": "8 items",
+        "synthetic": "12 items",
+        "val": "4 items",
+        "conditions": f"frames.csv of {real}",
+        "ultralytics": importlib.metadata.version("ultralytics"),
+        "torchmetrics": importlib.metadata.version("torchmetrics"),
+    }
+    _, cfg = evaluate_gain.parse_config(
+        [*flag_argv(real, synthetic, tmp_path / "out"), "--skip_conditions", "--synthetic_splits", "train"]
+    )
+    settings = evaluate_gain.run_settings(cfg, "model-fp", design.Schedule(2, 3, 4), inputs)
+    assert (settings["conditions"], settings["synthetic_splits"]) == (None, "train")
+
+
+def test_flags_override_the_yaml_and_overrides_override_both(sets, tmp_path):
+    real, synthetic = sets
+    path = the_same_as_yaml(real, synthetic, tmp_path / "out", tmp_path / "gain.yaml")
+    _, cfg = evaluate_gain.parse_config(["--config", str(path), "--imgsz", "96", "--seeds", "3"])
+    assert (cfg.train.imgsz, cfg.design.seeds) == (96, [3])
+    assert (cfg.train.batch, cfg.design.shares, cfg.design.max_real) == (
+        4,
+        [0.0, 50.0],
+        6,
+    )  # the rest: the YAML
+    _, cfg = evaluate_gain.parse_config(
+        [
+            "train.imgsz=128",
+            "--config",
+            str(path),
+            "--imgsz",
+            "96",
+            "train.args.lr0=0.02",
+            "design.seeds=[4, 5]",
+        ]
+    )
+    assert (cfg.train.imgsz, cfg.design.seeds, cfg.train.args) == (128, [4, 5], {"lr0": 0.02, "mosaic": 0})
+    _, cfg = evaluate_gain.parse_config(["--config", str(path), "--iterations", "40", "design.epochs=null"])
+    assert (cfg.design.epochs, cfg.design.iterations, cfg.design.budget_epochs) == (None, 40, None)
+    _, cfg = evaluate_gain.parse_config(["--config", str(path), "design.epochs=null"])
+    assert cfg.design.budget_epochs == 50  # neither: 50 epochs, as before
+
+
+def test_config_errors_name_their_keys_all_at_once(sets, tmp_path, capsys):
+    real, synthetic = sets
+    out = tmp_path / "out"
+    path = tmp_path / "typo.yaml"
+    path.write_text(
+        f"out: {out}\ndata: {{real: {real}, synthetic: {synthetic}, val: {real}}}\ndesign:\n  seed: [0]\n"
+    )
+    code, _, err = run(capsys, "--config", path, "train.imgsize=64", "--shares", "25", "--device", "0,1")
+    assert code == 2
+    assert "design.seed: unknown key (did you mean 'seeds'?)" in err
+    assert "train.imgsize: unknown key (did you mean 'imgsz'?)" in err
+    assert "design.shares: " in err and "--shares must include 0" in err
+    assert "train.device: " in err and "--device takes one device" in err
+    code, _, err = run(capsys, "--config", tmp_path / "missing.yaml")
+    assert code == 2 and f"config not found: {tmp_path / 'missing.yaml'}" in err
+    code, _, err = run(capsys, "--out", out)  # the inputs have no defaults: each missing key is named
+    assert code == 2 and all(f"data.{k}: Field required" in err for k in ("real", "synthetic", "val"))
+    code, _, err = run(capsys, *flag_argv(real, synthetic, out), "--train_args", "lr=0.1")
+    assert code == 2 and "--train_args: 'lr=0.1' is not KEY=VALUE" in err and "did you mean" in err
+    assert not out.exists()
+
+
+def test_epochs_and_iterations_exclude_each_other(sets, tmp_path, capsys):
+    real, synthetic = sets
+    argv = [str(a) for a in flag_argv(real, synthetic, tmp_path / "out")]
+    with pytest.raises(SystemExit) as exc:
+        evaluate_gain.main([*argv, "--iterations", "10"])
+    assert exc.value.code == 2
+    assert "argument --iterations: not allowed with argument --epochs" in capsys.readouterr().err
+    code, _, err = run(capsys, *argv, "design.iterations=10")
+    assert code == 2 and "set design.epochs (--epochs) or design.iterations (--iterations), not both" in err
+    path = the_same_as_yaml(real, synthetic, tmp_path / "out", tmp_path / "gain.yaml")  # epochs: 2
+    code, _, err = run(capsys, "--config", path, "--iterations", "10")
+    assert code == 2 and "not both" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_check_validates_config_and_inputs_and_trains_nothing(sets, tmp_path, capsys, monkeypatch):
+    real, synthetic = sets
+    out = tmp_path / "out"
+    monkeypatch.setattr(runner, "train_run", lambda *a, **k: pytest.fail("--check trained"))
+    code, stdout, err = run(capsys, *flag_argv(real, synthetic, out), "--check")
+    assert code == 0, err
+    assert "check OK: 4 of 4 runs to train" in stdout and "nothing trained" in stdout
+    assert not out.exists()  # not even gain_settings.json: a check changes nothing
+    # the inputs are checked as a run checks them: a missing model, too many synthetic images
+    code, _, err = run(
+        capsys, *flag_argv(real, synthetic, out), "--model", tmp_path / "missing.pt", "--check"
+    )
+    assert code == 2 and f"model weights not found: {tmp_path / 'missing.pt'}" in err
+    code, _, err = run(capsys, *flag_argv(real, synthetic, out), "--shares", "0,1000", "--check")
+    assert code == 2 and "needs" in err and not out.exists()
+
+
+def test_shipped_config_is_the_readme_command():
+    """config/gain.yaml spells out every key (also the top-level ones test_configs does not look at) and runs
+    the README's stage-5 command; without --config the schema's defaults are the same values."""
+    from core.config import load_config
+
+    written = yaml.safe_load((REPO / "config" / "gain.yaml").read_text(encoding="utf-8"))
+    schema = evaluate_gain.GainConfig
+    assert set(written) == set(schema.model_fields)
+    for section, field in schema.model_fields.items():
+        if hasattr(field.annotation, "model_fields"):
+            assert set(written[section]) == set(field.annotation.model_fields), section
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    lines = readme.split("\npython annotation/evaluate_gain.py ")[1].splitlines()
+    ends = [i for i, line in enumerate(lines) if not line.endswith("\\")][0]
+    argv = " ".join(line.rstrip("\\") for line in lines[: ends + 1]).split()
+    assert "--device" in argv
+    i = argv.index("--device")
+    _, from_readme = evaluate_gain.parse_config(argv[:i] + argv[i + 2 :])
+    assert load_config(schema, REPO / "config" / "gain.yaml") == from_readme

@@ -1,0 +1,13 @@
+"""The gain evaluation behind ``annotation/evaluate_gain.py``: real-only vs real + synthetic at equal iterations.
+
+* :mod:`~annotation.gain.data`: the three YOLO data sets (items, fingerprints) and the val frames' conditions;
+* :mod:`~annotation.gain.design`: the experiment (seeded arms per share, the equal-iteration schedule, training
+  lists); pure, no ultralytics;
+* :mod:`~annotation.gain.stats`: mean ± spread over seeds, gains paired by seed, their formatting; pure;
+* :mod:`~annotation.gain.runner`: one run (its data folder, ultralytics training with the iteration count check,
+  evaluation), the settings key, resume and the run lock;
+* :mod:`~annotation.gain.report`: gain.csv, gain.md, gain.json, gain.png and the printed summary.
+
+No module imports ultralytics at import time: it is imported inside functions, after
+:func:`annotation.yolo_runtime.prepare_offline`.
+"""
