@@ -225,7 +225,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, value = text.split("=", 1)
     if not key or any(not part for part in key.split(".")):
         raise UserError(f"override {text!r} has an empty key part")
-    parsed = load_yaml_text(value) if value != "" else ""
+    try:
+        parsed = load_yaml_text(value) if value != "" else ""
+    except yaml.YAMLError as exc:
+        raise UserError(
+            f"override {text!r}: the value is not valid YAML ({str(exc).splitlines()[0]}); quote it for the shell, "
+            f"e.g. '{key}=[1, 2]'"
+        ) from None
     # YAML 1.1 reads 1e-4 (no dot) as a string: accept it as the float users mean
     if isinstance(parsed, str) and any(c in parsed.lower() for c in "e.") and not parsed.isalpha():
         with contextlib.suppress(ValueError):

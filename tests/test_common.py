@@ -50,6 +50,8 @@ def test_overrides_are_dotted_and_typed():
         parse_override("--train.max_steps 5")
     with pytest.raises(UserError, match="a is a value, not a section"):
         apply_overrides({"a": 1}, ["a.b=2"])
+    with pytest.raises(UserError, match=r"override 'train.args=\{epochs:': the value is not valid YAML"):
+        parse_override("train.args={epochs:")  # what the shell leaves of an unquoted {epochs: 3}
 
 
 def test_bad_yaml_and_missing_config(tmp_path):

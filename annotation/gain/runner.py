@@ -28,7 +28,7 @@ import yaml
 from annotation.gain.data import Item
 from annotation.gain.design import Arm, Schedule, epoch_list
 from core.cli import UserError
-from core.io import atomic_write_text
+from core.io import atomic_write_text, link_or_copy
 from vocab import bdd
 
 SETTINGS_FILE = "gain_settings.json"
@@ -62,9 +62,7 @@ def link(src: Path, dest: Path) -> None:
     try:
         os.symlink(src, dest)
     except OSError:
-        from annotation.dataset import place_image
-
-        place_image(src, dest, "hardlink")
+        link_or_copy(src, dest)
 
 
 def write_run_data(run_dir: Path, arm: Arm, length: int, probe: Sequence[Item]) -> tuple[Path, list[Path]]:
