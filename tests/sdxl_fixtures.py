@@ -108,3 +108,21 @@ def run_launcher(
         ["bash", str(root / launcher), *map(str, args)],
         cwd=cwd or root, env=environ, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
+
+
+def save_random_lora(model: Path, folder: Path, seed: int = 0) -> Path:
+    """A rank-4 LoRA on the tiny UNet's attention, saved as training saves it (``pytorch_lora_weights.safetensors``
+    in ``folder``), with random (seeded) B matrices so that it changes the image; returns ``folder``."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", local_files_only=True)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:  # PEFT starts B at zero (a no-op LoRA); make it change the output
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet))
+    return folder

@@ -19,7 +19,14 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from sdxl_fixtures import pixels, records, run_launcher, steer_outputs, watch_controlnet_conditions
+from sdxl_fixtures import (
+    pixels,
+    records,
+    run_launcher,
+    save_random_lora,
+    steer_outputs,
+    watch_controlnet_conditions,
+)
 
 from ai.common.pipelines import model_fingerprint
 from ai.controlnet import conditioning as cond
@@ -434,19 +441,7 @@ def test_bad_inputs_give_clear_errors_before_any_output(model, controlnets, mask
 
 
 def test_optional_lora_changes_the_image_and_scale_zero_does_not(model, controlnets, one_mask, tmp_path):
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-    from peft import LoraConfig, get_peft_model_state_dict
-
-    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", local_files_only=True)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in unet.named_parameters():
-            if "lora_B" in name:  # PEFT starts B at zero (a no-op LoRA); make it change the output
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    StableDiffusionXLPipeline.save_lora_weights(
-        tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(unet)
-    )
+    save_random_lora(model, tmp_path / "lora")
     name = f"{mask_names(one_mask)[0]}_00.png"
     lora = (f"paths.lora_weights_path={tmp_path / 'lora'}", *SMALL, "seed=5")
     styled = infer(model, controlnets["palette"], one_mask, tmp_path / "styled", *lora)

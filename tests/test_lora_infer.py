@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from sdxl_fixtures import pixels, records, run_launcher
+from sdxl_fixtures import pixels, records, run_launcher, save_random_lora
 
 from ai.common.generation import LORA_WEIGHTS_NAME
 from ai.common.pipelines import model_fingerprint
@@ -34,20 +34,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="session")
 def lora_run(tiny_sdxl, tmp_path_factory) -> Path:
     """A training run folder ``lora_run/checkpoint-10/pytorch_lora_weights.safetensors`` (+ state files)."""
-    import torch
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-    from peft import LoraConfig, get_peft_model_state_dict
-
-    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet", local_files_only=True)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in unet.named_parameters():
-            if "lora_B" in name:  # PEFT starts B at zero (a no-op LoRA); make it change the output
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
     run = tmp_path_factory.mktemp("lora_run")
-    checkpoint = run / "checkpoint-10"
-    StableDiffusionXLPipeline.save_lora_weights(checkpoint, unet_lora_layers=get_peft_model_state_dict(unet))
+    checkpoint = save_random_lora(tiny_sdxl, run / "checkpoint-10")
     (checkpoint / "optimizer.bin").write_bytes(b"")
     return run
 
