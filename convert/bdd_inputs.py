@@ -32,12 +32,20 @@ def resolve_bdd_inputs(
 ) -> BddInputs:
     """The inputs that the flags name, checked in this order: the root exists, the labels are found
     (``--labels_file`` or :func:`vocab.bdd.find_label_file`), ``--image_size`` parses. The labels are not read."""
+    root, labels = find_labels(bdd_data_dir, split, labels_file)
+    size = parse_image_size(image_size) if image_size else detect_image_size(root, split)
+    return BddInputs(root, labels, tuple(size or (bdd.IMAGE_WIDTH, bdd.IMAGE_HEIGHT)))
+
+
+def find_labels(
+    bdd_data_dir: str | os.PathLike | None, split: str, labels_file: str | os.PathLike | None
+) -> tuple[Path | None, Path]:
+    """(the BDD100K root or None, the labels): the root must exist; ``--labels_file``, else
+    :func:`vocab.bdd.find_label_file` under the root. The labels are not read."""
     root = Path(bdd_data_dir) if bdd_data_dir else None
     if root is not None and not root.is_dir():
         raise UserError(f"BDD100K folder not found: {root} (expected images/ and labels/ inside)")
-    labels = Path(labels_file) if labels_file else bdd.find_label_file(root, split)
-    size = parse_image_size(image_size) if image_size else detect_image_size(root, split)
-    return BddInputs(root, labels, tuple(size or (bdd.IMAGE_WIDTH, bdd.IMAGE_HEIGHT)))
+    return root, Path(labels_file) if labels_file else bdd.find_label_file(root, split)
 
 
 def parse_image_size(text: str) -> tuple[int, int]:

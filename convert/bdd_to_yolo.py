@@ -62,7 +62,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
-from convert.bdd_inputs import resolve_bdd_inputs
+from convert.bdd_inputs import find_labels
 from core.cli import UserError, run_main, setup_logging
 from core.config import Section, add_config_arguments, flag_values, load_config
 from core.io import atomic_write_text, link_or_copy
@@ -450,11 +450,11 @@ def _few(names: Sequence[str]) -> str:
 
 def find_inputs(cfg: ExportConfig) -> tuple[Path, Path]:
     """(labels file, image folder) of the split, found as every stage 1 script finds them; clear errors."""
-    inputs = resolve_bdd_inputs(cfg.bdd_data_dir, cfg.split, cfg.labels_file, None)
-    images_dir = Path(cfg.images_dir) if cfg.images_dir else default_images_dir(inputs.root, cfg.split)
+    root, labels_file = find_labels(cfg.bdd_data_dir, cfg.split, cfg.labels_file)
+    images_dir = Path(cfg.images_dir) if cfg.images_dir else default_images_dir(root, cfg.split)
     if not images_dir.is_dir():
         raise UserError(f"image folder not found: {images_dir}")
-    return inputs.labels_file, images_dir
+    return labels_file, images_dir
 
 
 def convert_split(cfg: ExportConfig) -> Report:

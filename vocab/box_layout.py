@@ -143,13 +143,19 @@ def _span(lo: float, hi: float, n: int) -> tuple[int, int, bool, bool] | None:
 
 def layout_boxes(labels: Iterable[Any], size: tuple[int, int]) -> list[LayoutBox]:
     """The drawable boxes of ``labels`` in ``size`` = (width, height) pixels, in drawing order (largest first)."""
+    return _drawable(labels, size)[0]
+
+
+def _drawable(labels: Iterable[Any], size: tuple[int, int]) -> tuple[list[LayoutBox], int]:
+    """:func:`layout_boxes`, and how many labels were boxes of the 10 classes (drawn, or wholly outside / invalid)."""
     width, height = size
-    out = []
+    out, candidates = [], 0
     for index, label in enumerate(labels):
         category, box = _parts(label)
         cat = bdd.canonical_category(category)
         if cat.det_class is None or cat.ignored or box is None:
             continue
+        candidates += 1
         coords = _coords(box)
         if coords is None:
             continue
@@ -162,7 +168,7 @@ def layout_boxes(labels: Iterable[Any], size: tuple[int, int]) -> list[LayoutBox
             )
         )
     out.sort(key=lambda b: (-b.area, b.index))
-    return out
+    return out, candidates
 
 
 def draw_layout(
@@ -273,10 +279,5 @@ def prepare(labels: Sequence[Any], size: tuple[int, int]) -> BoxDrawing:
     """The renderer of vocab/layouts.py's ``boxes`` layout: ``labels`` (as :func:`render_box_layout` takes them)
     at ``size``, with the key of everything the drawing depends on and the boxes drawn and left out."""
     size = (int(size[0]), int(size[1]))
-    boxes = layout_boxes(labels, size)
-    candidates = 0
-    for label in labels:
-        category, box = _parts(label)
-        cat = bdd.canonical_category(category)
-        candidates += box is not None and cat.det_class is not None and not cat.ignored
+    boxes, candidates = _drawable(labels, size)
     return BoxDrawing(tuple(boxes), size, boxes_key(boxes, size), len(boxes), candidates - len(boxes))

@@ -39,8 +39,6 @@ from PIL import Image
 from core.cli import UserError
 from vocab import layouts
 
-CONDITIONING_KINDS: tuple[str, ...] = layouts.ENCODINGS
-
 
 def channels_for(kind: str, layout: str = layouts.UNMARKED) -> int:
     """Input channels of a ControlNet for ``kind``: palette -> 3; one_hot -> one per id (19 for masks, 11 for box
@@ -54,7 +52,7 @@ def kind_for_channels(
     """The conditioning kind a ControlNet with ``channels`` input channels takes (3 -> palette, 19 or 11 ->
     one_hot for masks or box layouts)."""
     spec = layouts.get(layout)
-    for kind in CONDITIONING_KINDS:
+    for kind in layouts.ENCODINGS:
         if spec.channels(kind) == channels:
             return kind
     raise UserError(
