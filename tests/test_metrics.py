@@ -364,3 +364,86 @@ def test_scalabel_predictions_are_the_toolkit_s_inclusive_boxes(tmp_path):
     assert car["box2d"] == {"x1": 10, "y1": 20, "x2": 49, "y2": 59}
     assert bus["box2d"] == {"x1": 0.5, "y1": 1.5, "x2": 99.5, "y2": 40.5}
     assert "pycocotools' COCOeval" in metrics.DEFINITION and "crowd" in metrics.DEFINITION
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the BDD100K toolkit (optional: runs where `pip install bdd100k` was done; not a project dependency)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def det20_case(seed: int, n_frames: int = 6) -> tuple[list[dict], dict]:
+    """det_20 frames (ignored categories, crowd boxes, inclusive pixels inside 1280x720) and predictions."""
+    rng = np.random.default_rng(seed)
+    categories = [
+        *bdd.DET_CLASSES[:4],
+        *bdd.DET20_IGNORED,
+    ]  # pedestrian, rider, car, truck and the ignored ones
+    frames, predictions = [], {}
+    for i in range(n_frames):
+        labels, dets = [], []
+        for j in range(int(rng.integers(1, 10))):
+            w, h = np.exp(rng.uniform(np.log(6), np.log(300), 2))
+            x1, y1 = rng.uniform(0, 1270 - w), rng.uniform(0, 710 - h)
+            category = str(rng.choice(categories))
+            attributes = {"occluded": False, "crowd": bool(rng.random() < 0.15)}
+            box = {"x1": x1, "y1": y1, "x2": x1 + w - 1, "y2": y1 + h - 1}  # inclusive: width x2 - x1 + 1
+            labels.append({"id": f"{i}-{j}", "category": category, "attributes": attributes, "box2d": box})
+            if rng.random() < 0.8:
+                cls = bdd.DET_CLASS_YOLO_ID[bdd.canonical_category(category).det_class]
+                jitter = rng.normal(0, 0.1, 4) * [w, h, w, h]
+                dets.append(
+                    (
+                        cls,
+                        float(rng.random()),
+                        [x1 + jitter[0], y1 + jitter[1], x1 + w + jitter[2], y1 + h + jitter[3]],
+                    )
+                )
+        for _ in range(int(rng.integers(0, 4))):
+            x1, y1 = rng.uniform(0, 1100), rng.uniform(0, 600)
+            dets.append((int(rng.integers(0, 4)), float(rng.random()), [x1, y1, x1 + rng.uniform(5, 150), y1 + rng.uniform(5, 100)]))  # fmt: skip
+        frames.append({"name": f"f{i}.jpg", "attributes": {"weather": "clear"}, "labels": labels})
+        predictions[f"f{i}.jpg"] = preds(*dets)
+    return frames, predictions
+
+
+def truths_of(frames: list[dict]) -> dict:
+    """Our ground truth of det_20 frames: continuous boxes [x1, x2 + 1), ignore regions as crowd."""
+    out = {}
+    for frame in bdd.decode_frames(json.dumps(frames).encode()):
+        rows = [(bdd.DET_CLASS_YOLO_ID[bdd.category_of(x).det_class], bdd.is_crowd_region(x),
+                 [x.box2d.x1, x.box2d.y1, x.box2d.x2 + 1, x.box2d.y2 + 1]) for x in frame.label_list()]  # fmt: skip
+        out[frame.name] = Boxes(np.array([r[2] for r in rows]), np.array([r[0] for r in rows]), None,
+                                np.array([r[1] for r in rows]))  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_bdd100k_toolkit_gives_the_same_numbers(tmp_path, seed):
+    pytest.importorskip(
+        "bdd100k.eval.run", reason="the BDD100K toolkit is not installed (pip install bdd100k)"
+    )
+    from bdd100k.common.utils import load_bdd100k_config
+    from bdd100k.label.to_scalabel import bdd100k_to_scalabel
+    from scalabel.eval.detect import evaluate_det
+    from scalabel.label.io import load
+
+    frames, predictions = det20_case(seed)
+    (tmp_path / "det_val.json").write_text(json.dumps(frames))
+    metrics.write_scalabel_predictions(predictions, bdd.DET_CLASSES, tmp_path / "preds.json")
+    # what `python -m bdd100k.eval.run -t det -g det_val.json -r preds.json` runs
+    config = load_bdd100k_config("det")
+    gts = bdd100k_to_scalabel(load(str(tmp_path / "det_val.json")).frames, config)
+    results = bdd100k_to_scalabel(load(str(tmp_path / "preds.json")).frames, config)
+    toolkit = evaluate_det(gts, results, config.scalabel, nproc=1)
+    ours = detection_map(predictions, truths_of(frames), bdd.DET_CLASSES)
+    assert ours["crowd_boxes"] > 0
+
+    def same(a: float | None, percent: float) -> bool:
+        return (a is None and np.isnan(percent)) or (a is not None and abs(a - percent / 100) < 1e-6)
+
+    overall = {k: getattr(toolkit, k)[1]["OVERALL"] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
+    pairs = [(ours["map"], overall["AP"]), (ours["map50"], overall["AP50"]), (ours["map75"], overall["AP75"])]
+    pairs += [(ours["per_size"][s]["map"], overall[f"AP{s[0]}"]) for s in SIZES]
+    pairs += [(ours["per_class"][n]["map"], toolkit.AP[0][n]) for n in bdd.DET_CLASSES]
+    pairs += [(ours["per_class"][n]["map50"], toolkit.AP50[0][n]) for n in bdd.DET_CLASSES]
+    assert all(same(a, b) for a, b in pairs), pairs
