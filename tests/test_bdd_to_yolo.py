@@ -131,9 +131,9 @@ def test_hand_checked_label_lines_clipping_and_drops(tmp_path, capsys):
     assert "boxes clipped to the image: 2; dropped: outside the image or inverted 1" in stdout
 
 
-def crowd_export(tmp_path: Path, key: str, wrapped: bool) -> tuple[Path, Path]:
-    """A tracking-style frame list (``crowd``) or a Scalabel export (``{"frames": ...}``, ``Crowd``): one car
-    and one crowd of cars, one frame without any crowd."""
+def crowd_export(tmp_path: Path, key: str, form: str) -> tuple[Path, Path]:
+    """A tracking-style frame list (``crowd``), a Scalabel export (``{"frames": ...}``, ``Crowd``) or a folder of
+    per-image 2018 files: one car and one crowd of cars, one frame without any crowd."""
     images = tmp_path / "imgs"
     images.mkdir(exist_ok=True)
     for name in ("b1", "b2"):
@@ -148,13 +148,24 @@ def crowd_export(tmp_path: Path, key: str, wrapped: bool) -> tuple[Path, Path]:
              "box2d": {"x1": 100, "y1": 40, "x2": 259, "y2": 129}}  # fmt: skip
     frames = [{"name": "b1.jpg", "labels": [car, crowd]}, {"name": "b2.jpg", "labels": [car]}]
     labels = tmp_path / f"{key}.json"
-    labels.write_text(json.dumps({"frames": frames, "config": None} if wrapped else frames))
+    if form == "per_image":
+        labels = tmp_path / "labels_100k_val"
+        labels.mkdir()
+        for f in frames:
+            doc = {
+                "name": f["name"][:-4],
+                "attributes": {},
+                "frames": [{"timestamp": 10000, "objects": f["labels"]}],
+            }
+            (labels / f"{f['name'][:-4]}.json").write_text(json.dumps(doc))
+    else:
+        labels.write_text(json.dumps({"frames": frames, "config": None} if form == "scalabel" else frames))
     return labels, images
 
 
-@pytest.mark.parametrize(("key", "wrapped"), [("crowd", False), ("Crowd", True)])
-def test_crowd_boxes_are_ignore_regions_not_training_boxes(tmp_path, capsys, key, wrapped):
-    labels, images = crowd_export(tmp_path, key, wrapped)
+@pytest.mark.parametrize(("key", "form"), [("crowd", "list"), ("Crowd", "scalabel"), ("crowd", "per_image")])
+def test_crowd_boxes_are_ignore_regions_not_training_boxes(tmp_path, capsys, key, form):
+    labels, images = crowd_export(tmp_path, key, form)
     out = tmp_path / "yolo"
     code, stdout, err = convert(
         capsys, "--labels_file", labels, "--images_dir", images, "--split", "val", "--out", out
