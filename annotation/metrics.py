@@ -19,7 +19,8 @@ API:
 * :func:`read_yolo_labels` ground truth from a YOLO label file (``cls cx cy w h``, normalised), with the ignore
   regions of its side file (``labels/<split>/x.txt`` -> ``ignore/<split>/x.txt``, what convert/bdd_to_yolo.py writes).
 * :func:`predict_boxes` a YOLO model's predictions on a list of images, keyed by image path.
-* :func:`detection_map` map, map50, map75, per class and per size, over all images or a subset (``keys``).
+* :func:`detection_map` map, map50, map75, per class and per size, over all images or a subset (``keys``);
+  :func:`detection_maps` the same for many subsets (conditions, bootstrap resamples) from one evaluation.
 * :func:`write_scalabel_predictions` predictions as a BDD100K/Scalabel JSON, for the official toolkit.
 * :data:`DEFINITION` the sentence a report prints to say which mAP it is; :func:`ratio` a ratio or None.
 """
@@ -27,6 +28,7 @@ API:
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import os
@@ -293,12 +295,29 @@ def detection_map(
     scored (not crowd) boxes, per size with both ends of a range included (a box of exactly 32² counts in small and
     medium). A figure is None where it is undefined (no scored box of that class or size: COCO's -1).
     """
+    keys = list(truths) if keys is None else list(keys)
+    return detection_maps(predictions, truths, class_names, {"": keys})[""]
+
+
+def detection_maps(
+    predictions: Mapping[Hashable, Boxes],
+    truths: Mapping[Hashable, Boxes],
+    class_names: Sequence[str],
+    subsets: Mapping[str, Sequence[Hashable]],
+) -> dict[str, dict[str, Any]]:
+    """:func:`detection_map` of each subset of images (name -> keys), from ONE ``COCOeval.evaluate`` over their
+    union: the per-image matching is done once and only COCO's accumulation runs per subset (what makes the
+    per-condition tables and bootstrap resamples affordable at 10,000 val frames). A key may repeat within a subset
+    (a bootstrap resample): each occurrence counts as an image of its own. Equal to a fresh COCOeval per subset,
+    since COCO matches each image and class on its own and accumulates images in the order given.
+    """
     from pycocotools.cocoeval import COCOeval
 
-    keys = list(truths) if keys is None else list(keys)
+    union = list(dict.fromkeys(k for keys in subsets.values() for k in keys))
     n_classes = len(class_names)
     images, gts, dts = [], [], []
-    for image_id, key in enumerate(keys, 1):
+    gt_rows: dict[Hashable, list[dict]] = {}
+    for image_id, key in enumerate(union, 1):
         truth = truths[key]
         pred = predictions.get(key) or Boxes.empty(with_conf=True)
         if pred.conf is None:
@@ -310,31 +329,58 @@ def detection_map(
                     f"boxes of {key} have class ids {sorted(set(bad))} outside 0..{n_classes - 1}"
                 )
         images.append({"id": image_id})
-        gts += _annotations(truth, image_id, len(gts) + 1, with_score=False)
+        gt_rows[key] = _annotations(truth, image_id, len(gts) + 1, with_score=False)
+        gts += gt_rows[key]
         dts += _annotations(pred, image_id, len(dts) + 1, with_score=True)
 
-    scored = [g for g in gts if not g["iscrowd"]]
+    evaluator = None
+    if union:
+        evaluator = COCOeval(_coco(images, gts, n_classes), _coco(images, dts, n_classes), iouType="bbox")
+        evaluator.params.imgIds, evaluator.params.catIds = [im["id"] for im in images], list(range(n_classes))
+        with contextlib.redirect_stdout(io.StringIO()):  # evaluate prints progress lines
+            evaluator.evaluate()
+    position = {key: i for i, key in enumerate(union)}
+    return {
+        name: _subset_result(evaluator, [position[k] for k in keys], [gt_rows[k] for k in keys], class_names)
+        for name, keys in subsets.items()
+    }
+
+
+def _subset_result(
+    evaluator: Any, positions: list[int], gt_rows: list[list[dict]], class_names: Sequence[str]
+) -> dict[str, Any]:
+    """One subset's figures: COCO's accumulation over the evaluated images at ``positions`` (in that order)."""
+    n_classes = len(class_names)
+    scored = [g for rows in gt_rows for g in rows if not g["iscrowd"]]
     result: dict[str, Any] = {
-        "images": len(keys),
+        "images": len(positions),
         "gt_boxes": len(scored),
-        "crowd_boxes": len(gts) - len(scored),
+        "crowd_boxes": sum(len(rows) for rows in gt_rows) - len(scored),
     }
     gt_per_class = [sum(g["category_id"] == c for g in scored) for c in range(n_classes)]
     gt_per_size = {s: sum(lo <= g["area"] <= hi for g in scored) for s, (lo, hi) in SIZE_RANGES.items()}
     none = {"map": None, "map50": None}
-    if not keys:
+    if not positions:
         result.update(map=None, map50=None, map75=None)
         result["per_class"] = {name: {**none, "gt_boxes": 0} for name in class_names}
         result["per_size"] = {size: {**none, "gt_boxes": 0} for size in SIZE_RANGES}
         return result
 
-    evaluator = COCOeval(_coco(images, gts, n_classes), _coco(images, dts, n_classes), iouType="bbox")
+    # evalImgs is laid out class-major, then area range, then image (COCOeval.evaluate): pick this subset's images
     p = evaluator.params
-    p.imgIds, p.catIds = [im["id"] for im in images], list(range(n_classes))
-    with contextlib.redirect_stdout(io.StringIO()):  # evaluate and accumulate print progress lines
-        evaluator.evaluate()
-        evaluator.accumulate()
-    precision = evaluator.eval["precision"]  # [T iou, R recall, K class, A area, M maxDets]
+    n_images, n_areas = len(p.imgIds), len(p.areaRng)
+    subset = copy.copy(evaluator)
+    subset.evalImgs = [
+        evaluator.evalImgs[(k * n_areas + a) * n_images + i]
+        for k in range(n_classes)
+        for a in range(n_areas)
+        for i in positions
+    ]
+    subset.params, subset._paramsEval = copy.copy(p), copy.copy(evaluator._paramsEval)
+    subset.params.imgIds = subset._paramsEval.imgIds = list(range(len(positions)))
+    with contextlib.redirect_stdout(io.StringIO()):  # accumulate prints progress lines
+        subset.accumulate()
+    precision = subset.eval["precision"]  # [T iou, R recall, K class, A area, M maxDets]
     m = p.maxDets.index(COCO_MAX_DETS)
     area = {label: i for i, label in enumerate(p.areaRngLbl)}
     assert [tuple(p.areaRng[area[s]]) for s in SIZE_RANGES] == list(SIZE_RANGES.values()), p.areaRng

@@ -240,6 +240,32 @@ def test_random_cases_equal_pycocotools(seed):
     assert ours["crowd_boxes"] == crowd and ours["gt_boxes"] == sum(len(t) for t in truths.values()) - crowd
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_subsets_from_one_evaluation_equal_pycocotools_on_each_subset(seed):
+    """detection_maps evaluates once and accumulates per subset; each subset, a bootstrap resample with repeated
+    images included, must equal a fresh COCOeval on exactly those images (a repeat is an image of its own)."""
+    truths, predictions = random_case(seed, n_images=14)
+    rng = np.random.default_rng(100 + seed)
+    subsets = {
+        "first half": list(range(7)),
+        "odd, reversed": list(range(13, 0, -2)),
+        "resample": [int(k) for k in rng.integers(0, 14, 14)],
+    }
+    results = metrics.detection_maps(predictions, truths, list(bdd.DET_CLASSES[:3]), subsets)
+    for name, keys in subsets.items():
+        t = {i: truths[k] for i, k in enumerate(keys)}
+        p = {i: predictions[k] for i, k in enumerate(keys)}
+        ref = coco_reference(t, p, 3)
+        ours = results[name]
+        assert ours["images"] == len(keys)
+        for field in ("map", "map50", "map75"):
+            assert ours[field] == pytest.approx(ref[field], abs=1e-9), (name, field)
+        for c, name_c in enumerate(bdd.DET_CLASSES[:3]):
+            got, want = ours["per_class"][name_c]["map"], ref["per_class"][c]["map"]
+            assert (got is None and want is None) or got == pytest.approx(want, abs=1e-9), (name, name_c)
+        assert ours == detection_map(p, t, list(bdd.DET_CLASSES[:3]))
+
+
 def test_best_recall_three_of_five_reaches_the_recall_point_06():
     t = truth(*[(CAR, [20.0 * i, 0, 20.0 * i + 10, 10]) for i in range(5)])
     p = preds(*[(CAR, 0.9 - 0.1 * i, [20.0 * i, 0, 20.0 * i + 10, 10]) for i in range(3)])
