@@ -192,8 +192,8 @@ def read_truths(items: Sequence[gain_data.Item], keep: set[int]) -> dict[str, me
             boxes = metrics.read_yolo_labels(item.label, width, height)
         except ValueError as exc:
             raise UserError(str(exc)) from None
-        mask = np.isin(boxes.cls, sorted(keep))
-        out[item.key] = metrics.Boxes(boxes.xyxy[mask], boxes.cls[mask])
+        mask = np.isin(boxes.cls, sorted(keep))  # ignore regions of the scored classes stay crowd truths
+        out[item.key] = metrics.Boxes(boxes.xyxy[mask], boxes.cls[mask], None, boxes.is_crowd[mask])
     return out
 
 
@@ -265,41 +265,40 @@ def figures(table: dict[str, Any], classes: Sequence[str]) -> dict[str, float | 
 
 class CellDraws:
     """One cell's images matched once by pycocotools' COCOeval (``evaluate``: per image and class, COCO's IoU
-    thresholds, 100 detections, all areas); a draw of its images is then only re-accumulated (``accumulate``
-    over the per-image results of the drawn images, a duplicate counted as often as drawn). So a bootstrap
-    resample costs COCO's ranking step, not the matching. Figures are read as COCOeval's ``summarize`` reads them:
-    the mean of ``precision`` over the entries that are defined (> -1)."""
+    thresholds, 100 detections per class, all areas, crowd truths as ignore regions, the COCO objects built by
+    annotation/metrics.py's own conversion); a draw of its images is then only re-accumulated (``accumulate`` over
+    the per-image results of the drawn images, a duplicate counted as often as drawn). So a bootstrap resample costs
+    COCO's ranking step, not the matching. Figures are read as COCOeval's ``summarize`` reads them: the mean of
+    ``precision`` over the entries that are defined (> -1)."""
 
-    def __init__(self, preds: dict[str, metrics.Boxes], truths: dict[str, metrics.Boxes], keys: list[str],
-                 class_ids: list[int]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        preds: dict[str, metrics.Boxes],
+        truths: dict[str, metrics.Boxes],
+        keys: list[str],
+        class_ids: list[int],
+    ) -> None:
         import contextlib
         import io
 
-        from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
 
-        images = [{"id": i} for i in range(len(keys))]
-        categories = [{"id": c} for c in class_ids]
-
-        def dataset(boxes_of: dict[str, metrics.Boxes], scored: bool) -> COCO:
-            anns = []
-            for i, key in enumerate(keys):
-                b = boxes_of[key]
-                for j, ((x1, y1, x2, y2), c) in enumerate(zip(b.xyxy.tolist(), b.cls.tolist(), strict=True)):
-                    ann = {"id": len(anns) + 1, "image_id": i, "category_id": int(c), "iscrowd": 0,
-                           "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1)}  # fmt: skip
-                    if scored:
-                        ann["score"] = float(b.conf[j])
-                    anns.append(ann)
-            coco = COCO()
-            coco.dataset = {"images": images, "annotations": anns, "categories": categories}
-            coco.createIndex()
-            return coco
-
+        images, gts, dts = [], [], []
+        for image_id, key in enumerate(keys, 1):
+            images.append({"id": image_id})
+            gts += metrics._annotations(truths[key], image_id, len(gts) + 1, with_score=False)
+            dts += metrics._annotations(preds[key], image_id, len(dts) + 1, with_score=True)
+        n_classes = len(bdd.DET_CLASSES)
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
-            self.eval = COCOeval(dataset(truths, False), dataset(preds, True), "bbox")
+            self.eval = COCOeval(
+                metrics._coco(images, gts, n_classes), metrics._coco(images, dts, n_classes), "bbox"
+            )
             p = self.eval.params
-            p.imgIds, p.catIds, p.maxDets = list(range(len(keys))), list(class_ids), [metrics.EVAL_MAX_DET]
+            p.imgIds, p.catIds, p.maxDets = (
+                [im["id"] for im in images],
+                list(class_ids),
+                [metrics.COCO_MAX_DETS],
+            )
             p.areaRng, p.areaRngLbl = [[0.0, 1e5**2]], ["all"]
             self.eval.evaluate()
         self.per_image = list(self.eval.evalImgs)  # class-major: [class][image]
@@ -307,24 +306,23 @@ class CellDraws:
         self.class_ids = list(class_ids)
 
     def figures(self, drawn: Sequence[int], class_names: Sequence[str]) -> dict[str, float | None]:
-        """'all' (mAP50-95 over the classes with boxes in the draw) and each class's AP on the drawn images."""
+        """'all' (mAP50-95 over the classes with boxes in the draw) and each class's AP on the drawn images
+        (``drawn``: indices into the cell's keys; ``class_names``: the names of ``class_ids``, in order)."""
         import contextlib
         import io
 
-        ids = [int(i) for i in drawn]
+        ids = [int(i) + 1 for i in drawn]  # image ids count from 1
         self.eval.params.imgIds = self.eval._paramsEval.imgIds = ids
-        self.eval.evalImgs = [self.per_image[k * self.n + i] for k in range(len(self.class_ids)) for i in ids]
+        self.eval.evalImgs = [
+            self.per_image[k * self.n + i - 1] for k in range(len(self.class_ids)) for i in ids
+        ]
         with contextlib.redirect_stdout(io.StringIO()):
             self.eval.accumulate()
         precision = self.eval.eval["precision"][:, :, :, 0, 0]  # IoU x recall x class, area all, 100 dets
 
-        def mean(values: np.ndarray) -> float | None:
-            defined = values[values > -1]
-            return float(defined.mean()) if defined.size else None
-
-        out = {"all": mean(precision)}
+        out = {"all": metrics._mean_defined(precision)}
         for k, name in enumerate(class_names):
-            out[name] = mean(precision[:, :, k])
+            out[name] = metrics._mean_defined(precision[:, :, k])
         return out
 
 
@@ -672,7 +670,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     class_ids = sorted(set(mapping.values()))
     classes = [bdd.DET_CLASSES[c] for c in class_ids]
     truths = read_truths(items, set(class_ids))
-    if not sum(len(t) for t in truths.values()):
+    if not sum(int((~t.is_crowd).sum()) for t in truths.values()):  # ignore regions are not boxes to find
         raise UserError(
             f"paths.val (--val): the {len(items)} val frames of {val.path} hold no box of the scored classes "
             f"({', '.join(classes)}): no cell has anything to measure; score other classes (detector.classes) or "

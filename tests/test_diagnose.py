@@ -86,7 +86,10 @@ def test_cell_figures_equal_detection_map_on_the_cells_frames(diagnosed, val_yam
         with Image.open(image) as im:
             truths[image] = metrics.read_yolo_labels(label, *im.size)
     car = bdd.DET_CLASS_YOLO_ID["car"]
-    truths = {k: metrics.Boxes(v.xyxy[v.cls == car], v.cls[v.cls == car]) for k, v in truths.items()}
+    truths = {
+        k: metrics.Boxes(v.xyxy[v.cls == car], v.cls[v.cls == car], None, v.is_crowd[v.cls == car])
+        for k, v in truths.items()
+    }
     preds = {
         k: metrics.Boxes(v.xyxy[v.cls == car], v.cls[v.cls == car], v.conf[v.cls == car])
         for k, v in preds.items()
@@ -119,9 +122,7 @@ def test_bootstrap_intervals_hold_the_point_estimate_and_thin_cells_are_not_rank
     with_ci = [r for r in result["cells"] if r["ci_low"] is not None]
     assert with_ci
     for r in with_ci:
-        # the point estimate is detection_map's (torchmetrics' float32 thresholds, issue 16: up to ~0.005 off
-        # pycocotools' own, which the draws use); equal to 1e-9 once annotation/metrics.py is COCO-exact
-        assert r["ci_low"] - 0.01 <= r["map"] <= r["ci_high"] + 0.01, r
+        assert r["ci_low"] - 1e-9 <= r["map"] <= r["ci_high"] + 1e-9, r
         assert 0 < r["resamples"] <= 30
     thin = [r for r in result["cells"] if r["boxes"] < 3]
     assert thin and all(r["flag"] == diagnose.TOO_FEW and "rank" not in r for r in thin)
@@ -174,7 +175,7 @@ def test_a_draw_counts_a_duplicate_image_as_often_as_drawn():
     assert draws.figures([0, 0, 1], ["car"])["all"] == pytest.approx(67 / 101)
 
 
-def test_the_identity_draw_equals_the_shared_map_on_random_cells():
+def test_the_identity_draw_equals_the_shared_map_on_random_cells_with_ignore_regions():
     rng = np.random.default_rng(3)
     car = bdd.DET_CLASS_YOLO_ID["car"]
     truths, preds = {}, {}
@@ -182,13 +183,13 @@ def test_the_identity_draw_equals_the_shared_map_on_random_cells():
         xy = rng.uniform(0, 300, (4, 2))
         gt = np.hstack([xy, xy + rng.uniform(20, 80, (4, 2))])
         det = np.vstack([gt + rng.normal(0, 6, gt.shape), np.hstack([xy, xy + 30])])
-        truths[str(i)] = metrics.Boxes(gt, np.full(4, car))
+        crowd = np.array([False, False, False, i % 3 == 0])  # ignore regions: matched, never counted
+        truths[str(i)] = metrics.Boxes(gt, np.full(4, car), None, crowd)
         preds[str(i)] = metrics.Boxes(det, np.full(8, car), rng.uniform(0, 1, 8))
     ref = metrics.detection_map(preds, truths, bdd.DET_CLASSES)
     got = diagnose.CellDraws(preds, truths, list(truths), [car]).figures(range(12), ["car"])
-    # torchmetrics builds its thresholds in float32 (issue 16); pycocotools' own are exact: equal to 1e-3
-    assert got["car"] == pytest.approx(ref["per_class"]["car"]["map"], abs=1e-3)
-    assert got["all"] == pytest.approx(ref["map"], abs=1e-3)
+    assert got["car"] == pytest.approx(ref["per_class"]["car"]["map"], abs=1e-9)
+    assert got["all"] == pytest.approx(ref["map"], abs=1e-9)
 
 
 def test_an_edited_targets_file_is_kept(val_yaml, detector, tmp_path, capsys):
