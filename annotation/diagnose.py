@@ -24,7 +24,8 @@ predictions are reused, only the evaluation reruns): it says how much the figure
 frames like these.
 
 Cells with fewer than ``cells.min_boxes`` boxes (of a class, or in all) are flagged ``too few boxes`` and never
-ranked: their AP is mostly noise; so are cells of a single frame (no interval: a draw of one frame is that frame). The others are ranked by the **upper bound** of their interval
+ranked: their AP is mostly noise; so are cells of a single frame (no interval: a draw of one frame is that
+frame). The others are ranked by the **upper bound** of their interval
 (``targets.rank_by: upper``, default) or by the point estimate (``map``): ranking by the upper bound picks cells
 where the detector is *surely* weak, so a cell that reads low only because it has few boxes (a wide interval)
 does not push out one that is reliably low. The ``targets.weakest`` lowest (class, cell) pairs whose conditions
@@ -70,6 +71,7 @@ log = logging.getLogger("bdd-sdxl.annotation")
 
 CONDITION_KEYS = ("weather", "timeofday", "scene")
 TOO_FEW = "too few boxes"
+RANK_WORDS = {"upper": "the upper bound of the bootstrap interval", "map": "mAP"}
 ONE_FRAME = (
     "one frame: no interval"  # a draw of one frame is that frame: the spread of another draw is unknown
 )
@@ -427,7 +429,7 @@ def targets_text(
     chosen = [r for r in ranked if targetable(r["cell"])][: settings.weakest]
     lines = [
         "# Targets for convert/plan_generation.py --targets, written by annotation/diagnose.py from the weakest",
-        f"# (class, cell) pairs of {source} (ranked by {'the upper bound of the bootstrap interval' if settings.rank_by == 'upper' else 'mAP'}).",
+        f"# (class, cell) pairs of {source} (ranked by {RANK_WORDS[settings.rank_by]}).",
         "# Edit freely: a rerun of diagnose keeps an edited file (delete it for a fresh one). Every key is",
         "# documented in config/plan_targets.yaml.",
         "",
@@ -489,9 +491,10 @@ def markdown(result: dict[str, Any]) -> str:
         "# Diagnose: where the detector is weak",
         "",
         f"Detector `{result['detector']}` on {result['val_images']} val frames of `{result['val']}` "
-        f"({', '.join(result['classes'])}). mAP is COCO's mAP50-95 (annotation/metrics.py) × 100; the interval is a "
+        f"({', '.join(result['classes'])}). mAP is {metrics.DEFINITION}; × 100 here. The interval is a "
         f"{s['confidence'] * 100:g} % percentile bootstrap over each cell's frames ({s['resamples']} resamples, seed "
-        f"{s['seed']}). Cells with fewer than {s['min_boxes']} boxes are flagged *{TOO_FEW}* and not ranked; the "
+        f"{s['seed']}). Cells with fewer than {s['min_boxes']} boxes are flagged *{TOO_FEW}* and not ranked (nor "
+        "are cells of one frame); the "
         f"others are ranked by {'the upper bound of their interval' if s['rank_by'] == 'upper' else 'mAP'}.",
         "",
         "## Weakest (class, cell) pairs",

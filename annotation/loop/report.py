@@ -101,7 +101,7 @@ def compare(diagnose: dict[str, Any], gain: dict[str, Any]) -> list[dict[str, An
             rows.append({
                 "cell": target_cell, "arm": arm, "seeds": len(values),
                 "diagnose_map": None if before is None else before["map"],
-                "diagnose_ci": None if before is None or before["ci_low"] is None else [before["ci_low"], before["ci_high"]],
+                "diagnose_ci": None if not before or before["ci_low"] is None else [before["ci_low"], before["ci_high"]],
                 "val_boxes": None if before is None else before["boxes"],
                 "mean": statistics.fmean(values) if values else None,
                 "std": statistics.stdev(values) if len(values) > 1 else None,
@@ -165,11 +165,12 @@ def markdown(result: dict[str, Any]) -> str:
     ann = result.get("annotation")
     if ann:
         agreement = ann.get("agreement", {}).get("all", {})
+        rejected = ", ".join(f"{k} {v}" for k, v in (ann.get("rejected_by_reason") or {}).items())
         lines += [
             "## The generated images (stage 4)",
             "",
             f"{ann.get('images_seen', '–')} generated images, {ann.get('accepted', '–')} accepted as labelled data "
-            f"(rejected: {', '.join(f'{k} {v}' for k, v in (ann.get('rejected_by_reason') or {}).items()) or 'none'}). How well the detector finds the planned boxes in "
+            f"(rejected: {rejected or 'none'}). How well the detector finds the planned boxes in "
             f"them (layout fidelity against the plan's boxes): recall {_p(agreement.get('layout_recall'))} %, precision "
             f"{_p(agreement.get('layout_precision'))} % over {agreement.get('total', 0)} boxes. "
             "(`annotation/evaluate_fidelity.py` needs a real frame per layout; a plan's layouts are edited, so stage "
