@@ -303,13 +303,17 @@ def detection_maps(
     predictions: Mapping[Hashable, Boxes],
     truths: Mapping[Hashable, Boxes],
     class_names: Sequence[str],
-    subsets: Mapping[str, Sequence[Hashable]],
-) -> dict[str, dict[str, Any]]:
+    subsets: Mapping[Hashable, Sequence[Hashable]],
+    *,
+    per_size: bool = True,
+) -> dict[Hashable, dict[str, Any]]:
     """:func:`detection_map` of each subset of images (name -> keys), from ONE ``COCOeval.evaluate`` over their
     union: the per-image matching is done once and only COCO's accumulation runs per subset (what makes the
     per-condition tables and bootstrap resamples affordable at 10,000 val frames). A key may repeat within a subset
     (a bootstrap resample): each occurrence counts as an image of its own. Equal to a fresh COCOeval per subset,
     since COCO matches each image and class on its own and accumulates images in the order given.
+    ``per_size=False`` leaves the per-size figures out (None) and accumulates only COCO's "all" area range at 100
+    detections: a twelfth of the work, for bootstrap draws.
     """
     from pycocotools.cocoeval import COCOeval
 
@@ -341,13 +345,19 @@ def detection_maps(
             evaluator.evaluate()
     position = {key: i for i, key in enumerate(union)}
     return {
-        name: _subset_result(evaluator, [position[k] for k in keys], [gt_rows[k] for k in keys], class_names)
+        name: _subset_result(
+            evaluator, [position[k] for k in keys], [gt_rows[k] for k in keys], class_names, per_size
+        )
         for name, keys in subsets.items()
     }
 
 
 def _subset_result(
-    evaluator: Any, positions: list[int], gt_rows: list[list[dict]], class_names: Sequence[str]
+    evaluator: Any,
+    positions: list[int],
+    gt_rows: list[list[dict]],
+    class_names: Sequence[str],
+    per_size: bool = True,
 ) -> dict[str, Any]:
     """One subset's figures: COCO's accumulation over the evaluated images at ``positions`` (in that order)."""
     n_classes = len(class_names)
@@ -367,23 +377,29 @@ def _subset_result(
         return result
 
     # evalImgs is laid out class-major, then area range, then image (COCOeval.evaluate): pick this subset's images
+    # (and, without per-size figures, only the "all" range and COCO's 100 detections)
     p = evaluator.params
     n_images, n_areas = len(p.imgIds), len(p.areaRng)
+    areas = list(range(n_areas)) if per_size else [p.areaRngLbl.index("all")]
     subset = copy.copy(evaluator)
     subset.evalImgs = [
         evaluator.evalImgs[(k * n_areas + a) * n_images + i]
         for k in range(n_classes)
-        for a in range(n_areas)
+        for a in areas
         for i in positions
     ]
     subset.params, subset._paramsEval = copy.copy(p), copy.copy(evaluator._paramsEval)
-    subset.params.imgIds = subset._paramsEval.imgIds = list(range(len(positions)))
+    for params in (subset.params, subset._paramsEval):
+        params.imgIds = list(range(len(positions)))
+        params.areaRng, params.areaRngLbl = [p.areaRng[a] for a in areas], [p.areaRngLbl[a] for a in areas]
+        params.maxDets = p.maxDets if per_size else [COCO_MAX_DETS]
     with contextlib.redirect_stdout(io.StringIO()):  # accumulate prints progress lines
         subset.accumulate()
     precision = subset.eval["precision"]  # [T iou, R recall, K class, A area, M maxDets]
-    m = p.maxDets.index(COCO_MAX_DETS)
-    area = {label: i for i, label in enumerate(p.areaRngLbl)}
-    assert [tuple(p.areaRng[area[s]]) for s in SIZE_RANGES] == list(SIZE_RANGES.values()), p.areaRng
+    m = subset.params.maxDets.index(COCO_MAX_DETS)
+    area = {label: i for i, label in enumerate(subset.params.areaRngLbl)}
+    if per_size:
+        assert [tuple(p.areaRng[area[s]]) for s in SIZE_RANGES] == list(SIZE_RANGES.values()), p.areaRng
     t50, t75 = (int(np.where(p.iouThrs == thr)[0][0]) for thr in (0.5, 0.75))  # summarize's exact match
 
     def ap(t: int | None = None, k: int | None = None, a: str = "all") -> float | None:
@@ -397,7 +413,8 @@ def _subset_result(
         for k, name in enumerate(class_names)
     }
     result["per_size"] = {
-        size: {"map": ap(a=size), "map50": ap(t50, a=size), "gt_boxes": gt_per_size[size]}
+        size: {"map": ap(a=size) if per_size else None, "map50": ap(t50, a=size) if per_size else None,
+               "gt_boxes": gt_per_size[size]}
         for size in SIZE_RANGES
-    }
+    }  # fmt: skip
     return result

@@ -264,6 +264,12 @@ def test_subsets_from_one_evaluation_equal_pycocotools_on_each_subset(seed):
             got, want = ours["per_class"][name_c]["map"], ref["per_class"][c]["map"]
             assert (got is None and want is None) or got == pytest.approx(want, abs=1e-9), (name, name_c)
         assert ours == detection_map(p, t, list(bdd.DET_CLASSES[:3]))
+    lean = metrics.detection_maps(predictions, truths, list(bdd.DET_CLASSES[:3]), subsets, per_size=False)
+    for name in subsets:  # the bootstrap's cheaper accumulation: the same figures, per size left out
+        assert all(lean[name]["per_size"][s]["map"] is None for s in SIZES)
+        assert {k: lean[name][k] for k in ("map", "map50", "map75", "per_class")} == {
+            k: results[name][k] for k in ("map", "map50", "map75", "per_class")
+        }
 
 
 def test_best_recall_three_of_five_reaches_the_recall_point_06():
