@@ -197,7 +197,7 @@ def test_counts_before_and_after_equal_hand_computed_values(tmp_path):
 
     report = (out / REPORT_FILE).read_text()
     assert "| snowy | 1 → 2 | 0 → 1 | 0 | 1 → 3 |" in report
-    assert "| trucks_in_snow | snowy / daytime | 1 truck | 0 | 1 | 1 |" in report
+    assert "| trucks_in_snow | snowy / daytime | 1 truck | 0 | 1 | 0 | 1 |" in report
     assert (out / PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -3,10 +3,11 @@
 The command is convert/plan_generation.py; this package holds its parts, each importing only those above it here:
 
 * :mod:`~convert.planning.boxes`: a layout's boxes (:class:`~convert.planning.boxes.Box`), read from real frames,
-  mirrored and shifted, their overlaps (IoU) and counts per class;
+  mirrored and shifted, their overlaps (IoU, containment) and counts per class;
 * :mod:`~convert.planning.targets`: the targets file's schema (config/plan_targets.yaml) and its cells (weather x
   time of day x scene): which frames a target's cell holds, names and order;
-* :mod:`~convert.planning.editor`: the layout editor (mirror, remove, move, copy within the real overlaps);
+* :mod:`~convert.planning.editor`: the layout editor (mirror, remove, move, copy within the real overlaps
+  and the containment limit);
 * :mod:`~convert.planning.planner`: the real frames and their distribution, the planner and its planned scenes;
 * :mod:`~convert.planning.reports`: the plan folder's distribution table (CSV), report (Markdown), plot (PNG) and
   summary (plan.json). Only the plot needs matplotlib, imported when it is drawn.
