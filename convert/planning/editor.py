@@ -76,14 +76,14 @@ class Editor:
         hi = min(layout.size[0] - 1.0, max(b.x2 for b in near) + margin)
         return lo, hi
 
-    def place(self, layout: EditedLayout, i: int, rng: np.random.Generator, *, copy: bool) -> float | None:
-        """A horizontal shift for box ``i`` (or its copy) to a free place on its rows, or None when there is none.
+    def free_shifts(self, layout: EditedLayout, i: int, *, copy: bool) -> tuple[list[float], int]:
+        """The horizontal shifts that put box ``i`` (or its copy) in a free place on its rows, and how many places
+        the overlap limit allowed and the containment limit refused.
 
         Candidates lie on a grid of a quarter box width within :meth:`span`; a candidate is free when its IoU with
         every other box (the original too, for a copy) is at most the real data's overlap limit and their
         containment (intersection over the smaller box's area) at most ``edits.containment_limit``. A move goes
-        at least one box width. One free candidate is drawn at random. Refusals by containment are counted on
-        ``layout``.
+        at least one box width.
         """
         box = layout.boxes[i]
         lo, hi = self.span(layout, box)
@@ -91,7 +91,7 @@ class Editor:
         k_lo = math.ceil((lo - box.x1) / step)
         k_hi = math.floor((hi - box.x2) / step)
         if k_hi < k_lo:
-            return None
+            return [], 0
         shifts = np.arange(k_lo, k_hi + 1, dtype=np.float64) * step
         shifts = shifts[np.abs(shifts) >= (box.width if not copy else 1e-9)]
         others = layout.others(skip=None if copy else i)
@@ -104,6 +104,12 @@ class Editor:
                 refused += 1
                 continue
             free.append(dx)
+        return free, refused
+
+    def place(self, layout: EditedLayout, i: int, rng: np.random.Generator, *, copy: bool) -> float | None:
+        """A shift drawn at random from :meth:`free_shifts`, or None when there is none; refusals by containment
+        are counted on ``layout``."""
+        free, refused = self.free_shifts(layout, i, copy=copy)
         layout.refused_places += refused
         if not free:
             layout.refused_placements += refused > 0
