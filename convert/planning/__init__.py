@@ -20,5 +20,6 @@ SUMMARY_FILE = "plan.json"  # inputs, settings, before/after counts
 REPORT_FILE = "report.md"
 CSV_FILE = "distribution.csv"
 PLOT_FILE = "distribution.png"
-#: plan.json's format version.
-PLAN_VERSION = 1
+#: plan.json's format version. 2: a target cell's ``planned`` counts that target's own scenes (1 counted every
+#: target's scenes that fit the cell), beside ``other_targets``; ``overlap.containment`` added.
+PLAN_VERSION = 2
