@@ -108,8 +108,8 @@ def test_the_plot_has_a_linear_panel_per_class_with_real_and_planned_bars(tmp_pa
         real_bars, combined_bars = ax.containers
         assert [b.get_height() for b in real_bars] == before
         assert [b.get_height() for b in combined_bars] == after
-        assert [t.get_text() for t in ax.texts] == [str(v) for v in before] + [
-            f"{a}\n(+{a - b})" if a > b else str(a) for a, b in zip(after, before, strict=True)
+        assert [t.get_text() for t in ax.texts] == [
+            f"{b}\n+{a - b}" if a > b else str(b) for a, b in zip(after, before, strict=True)
         ]
         assert [t.get_text() for t in ax.get_xticklabels()] == list(SIZE_BUCKETS)
     assert by_title["car"].get_title() == "car: 5 → 6 boxes"
