@@ -17,7 +17,7 @@ import yaml
 
 from convert import plan_generation as pg
 from convert.planning import CSV_FILE, PLAN_FILE, PLOT_FILE, REPORT_FILE, SUMMARY_FILE
-from convert.planning.boxes import Box, frame_boxes, ious, largest_ious
+from convert.planning.boxes import Box, containments, frame_boxes, ious, largest_ious
 from convert.planning.editor import EditedLayout, Editor
 from convert.planning.targets import DEFINED, Edits, PlanTargets, Target, load_targets
 from core.cli import run_main
@@ -197,7 +197,7 @@ def test_counts_before_and_after_equal_hand_computed_values(tmp_path):
 
     report = (out / REPORT_FILE).read_text()
     assert "| snowy | 1 → 2 | 0 → 1 | 0 | 1 → 3 |" in report
-    assert "| trucks_in_snow | snowy / daytime | 1 truck | 0 | 1 | 1 |" in report
+    assert "| trucks_in_snow | snowy / daytime | 1 truck | 0 | 1 | 0 | 1 |" in report
     assert (out / PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -328,6 +328,8 @@ def test_removed_moved_and_copied_boxes_stay_inside_and_within_the_real_overlaps
                 k = next(k for k, b in enumerate(got) if b.continuous == want.continuous)
                 assert got[k].category == e["category"] and abs(e["dx"]) > 0
                 assert largest[k] <= limit + 1e-6, (row["id"], e)
+                others = np.array([o.continuous for j, o in enumerate(got) if j != k]).reshape(-1, 4)
+                assert containments(got[k].continuous, others).max(initial=0) <= 0.5 + 1e-4  # the default
                 if e["op"] == "move":
                     assert abs(e["dx"]) >= src[e["label"]].width - 1e-3  # dx is kept to 1/1000 px
                 checked[e["op"]] += 1
@@ -335,6 +337,9 @@ def test_removed_moved_and_copied_boxes_stay_inside_and_within_the_real_overlaps
                 assert src[e["label"]].continuous not in {b.continuous for b in got}
                 checked["remove"] += 1
     assert checked["move"] and checked["duplicate"] and checked["remove"]
+    containment = summary["overlap"]["containment"]
+    assert containment["limit"] == 0.5 and containment["placed"] == checked["move"] + checked["duplicate"]
+    assert containment["placed_90_percent_inside"] == 0 and containment["planned_max"] <= 0.5 + 1e-4
 
 
 def test_a_copy_goes_only_where_the_overlap_limit_and_the_road_span_allow():
@@ -356,6 +361,33 @@ def test_a_copy_goes_only_where_the_overlap_limit_and_the_road_span_allow():
               Box("bus", "bus", False, 80, 10, 99, 39)]  # fmt: skip
     crowded = EditedLayout([ped, *others], size)  # no gap left on these rows
     assert editor.place(crowded, 0, np.random.default_rng(0), copy=True) is None
+
+
+def test_a_box_is_not_moved_or_copied_mostly_inside_another():
+    """IoU alone lets a small car sit inside a truck (IoU = area ratio, under 0.1 here); the containment limit
+    refuses every place where more than half of the smaller box lies inside the other."""
+    size = (200, 60)
+    car = Box("car", "car", False, 20, 35, 39, 49)  # 20x15, baseline 49
+    truck = Box("truck", "truck", False, 100, 10, 179, 49)  # 80x40, same baseline: the span is x 0..199
+    layout = EditedLayout([car, truck], size)
+    grid = [-20.0, *np.arange(20.0, 161.0, 5.0).tolist()]  # quarter-width grid, IoU with the original <= 0.1
+    unlimited = Editor(Edits(containment_limit=1.0), overlap_limit=0.1, class_weights={"car": 1.0})
+    assert unlimited.free_shifts(layout, 0, copy=True) == (grid, 0)  # dx 80..140: wholly inside the truck
+    editor = Editor(Edits(containment_limit=0.5), overlap_limit=0.1, class_weights={"car": 1.0})
+    # at most half inside: 10 of its 20 columns (dx <= 70), or past the truck's right half-width (dx >= 150)
+    beside = [-20.0, *np.arange(20.0, 71.0, 5.0).tolist(), 150.0, 155.0, 160.0]
+    assert editor.free_shifts(layout, 0, copy=True) == (beside, len(grid) - len(beside))
+    assert ious(car.shifted(100).continuous, layout.others()).max() < 0.1  # the IoU limit would have taken it
+    for seed in range(20):
+        dx = editor.place(layout, 0, np.random.default_rng(seed), copy=True)
+        assert dx in beside
+    # a move whose every free place lies inside the truck is refused, and counted
+    car = Box("car", "car", False, 5, 35, 24, 49)
+    wide = Box("truck", "truck", False, 30, 10, 194, 49)
+    layout = EditedLayout([car, wide], size)
+    assert unlimited.free_shifts(layout, 0, copy=False)[0] == np.arange(20.0, 176.0, 5.0).tolist()
+    assert editor.place(layout, 0, np.random.default_rng(0), copy=False) is None
+    assert (layout.refused_placements, layout.refused_places) == (1, 32)
 
 
 def test_a_requirement_no_layout_can_hold_is_an_error(tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""A layout's boxes in generation plans: the :class:`Box` tuple, a real frame's boxes, their overlaps and counts.
+"""A layout's boxes in generation plans: the :class:`Box` tuple, a real frame's boxes, their overlaps (IoU and
+containment) and counts.
 
 Boxes are det_20's inclusive pixel boxes in the layout's pixel space (the real frames' size), coordinates kept to
 1/1000 px (:func:`round_coord`) so that a plan's bytes do not depend on float noise.
@@ -129,6 +130,19 @@ def ious(box: tuple[float, float, float, float], others: np.ndarray) -> np.ndarr
     area = (box[2] - box[0]) * (box[3] - box[1])
     union = area + (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1]) - inter
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def containments(box: tuple[float, float, float, float], others: np.ndarray) -> np.ndarray:
+    """How much of the smaller box lies inside the larger one, for one continuous box and each row of ``others``:
+    their intersection over the smaller of the two areas (1: one box wholly inside the other, whichever is
+    smaller; IoU stays low when a small box sits inside a large one, this does not)."""
+    if not len(others):
+        return np.zeros(0)
+    ix = np.clip(np.minimum(box[2], others[:, 2]) - np.maximum(box[0], others[:, 0]), 0, None)
+    iy = np.clip(np.minimum(box[3], others[:, 3]) - np.maximum(box[1], others[:, 1]), 0, None)
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    smaller = np.minimum(area, (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1]))
+    return np.where(smaller > 0, ix * iy / np.where(smaller > 0, smaller, 1), 0.0)
 
 
 def largest_ious(boxes: Sequence[Box]) -> np.ndarray:

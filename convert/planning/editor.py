@@ -3,7 +3,9 @@
 :class:`Editor` applies the targets file's ``edits:`` (:class:`~convert.planning.targets.Edits`) to one
 scene's layout with that scene's own random generator. Moves and copies shift a box along its own image rows,
 within the span that road users stand in near its baseline, to a place where it overlaps no box more than real
-boxes overlap their neighbours (the overlap limit). The layout being edited is an :class:`EditedLayout`.
+boxes overlap their neighbours (the overlap limit, an IoU) and neither it nor another box lies mostly inside the
+other (the containment limit: IoU alone lets a small car sit wholly inside a large one). The layout being edited
+is an :class:`EditedLayout`.
 """
 
 from __future__ import annotations
@@ -14,19 +16,23 @@ from typing import Any
 
 import numpy as np
 
-from convert.planning.boxes import ROAD_USERS, Box, class_counts, intersects, ious, round_coord
+from convert.planning.boxes import ROAD_USERS, Box, class_counts, containments, intersects, ious, round_coord
 from convert.planning.targets import Edits
 
 
 @dataclass
 class EditedLayout:
-    """A layout being edited: its boxes (copies appended), its pixel size, the edits made (in order) and which
-    boxes were moved or copied (these are not moved or copied again)."""
+    """A layout being edited: its boxes (copies appended), its pixel size, the edits made (in order), which
+    boxes were moved or copied (these are not moved or copied again) and what the containment limit refused."""
 
     boxes: list[Box]
     size: tuple[int, int]
     edits: list[dict[str, Any]] = field(default_factory=list)
     placed: list[int] = field(default_factory=list)  # indices of moved and copied boxes
+    # places the overlap limit allowed and the containment limit refused; moves and copies left with no place
+    # because of it (every place the overlap limit allowed was refused). For the report, not in plan.jsonl.
+    refused_places: int = 0
+    refused_placements: int = 0
 
     def others(self, skip: int | None = None) -> np.ndarray:
         """Every box but ``skip`` as continuous boxes (N x 4), for :func:`~convert.planning.boxes.ious`."""
@@ -41,6 +47,7 @@ class Editor:
     def __init__(self, edits: Edits, overlap_limit: float, class_weights: dict[str, float]):
         self.e = edits
         self.limit = overlap_limit
+        self.containment_limit = edits.containment_limit
         self.editable = frozenset(edits.classes)
         self.class_weights = class_weights  # for optional copies: rare classes are copied more often
 
@@ -69,12 +76,14 @@ class Editor:
         hi = min(layout.size[0] - 1.0, max(b.x2 for b in near) + margin)
         return lo, hi
 
-    def place(self, layout: EditedLayout, i: int, rng: np.random.Generator, *, copy: bool) -> float | None:
-        """A horizontal shift for box ``i`` (or its copy) to a free place on its rows, or None when there is none.
+    def free_shifts(self, layout: EditedLayout, i: int, *, copy: bool) -> tuple[list[float], int]:
+        """The horizontal shifts that put box ``i`` (or its copy) in a free place on its rows, and how many places
+        the overlap limit allowed and the containment limit refused.
 
         Candidates lie on a grid of a quarter box width within :meth:`span`; a candidate is free when its IoU with
-        every other box (the original too, for a copy) is at most the real data's overlap limit. A move goes at
-        least one box width. One free candidate is drawn at random.
+        every other box (the original too, for a copy) is at most the real data's overlap limit and their
+        containment (intersection over the smaller box's area) at most ``edits.containment_limit``. A move goes
+        at least one box width.
         """
         box = layout.boxes[i]
         lo, hi = self.span(layout, box)
@@ -82,16 +91,28 @@ class Editor:
         k_lo = math.ceil((lo - box.x1) / step)
         k_hi = math.floor((hi - box.x2) / step)
         if k_hi < k_lo:
-            return None
+            return [], 0
         shifts = np.arange(k_lo, k_hi + 1, dtype=np.float64) * step
         shifts = shifts[np.abs(shifts) >= (box.width if not copy else 1e-9)]
         others = layout.others(skip=None if copy else i)
-        free = [
-            dx
-            for dx in shifts.tolist()
-            if ious(box.shifted(dx).continuous, others).max(initial=0.0) <= self.limit + 1e-9
-        ]
+        free, refused = [], 0
+        for dx in shifts.tolist():
+            candidate = box.shifted(dx).continuous
+            if ious(candidate, others).max(initial=0.0) > self.limit + 1e-9:
+                continue
+            if containments(candidate, others).max(initial=0.0) > self.containment_limit + 1e-9:
+                refused += 1
+                continue
+            free.append(dx)
+        return free, refused
+
+    def place(self, layout: EditedLayout, i: int, rng: np.random.Generator, *, copy: bool) -> float | None:
+        """A shift drawn at random from :meth:`free_shifts`, or None when there is none; refusals by containment
+        are counted on ``layout``."""
+        free, refused = self.free_shifts(layout, i, copy=copy)
+        layout.refused_places += refused
         if not free:
+            layout.refused_placements += refused > 0
             return None
         return round_coord(free[int(rng.integers(len(free)))])
 

@@ -8,6 +8,7 @@ seeded by (seed, i). So the same seed gives the same plan, and a plan of more sc
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,19 @@ from convert.planning.targets import (
 from core.cli import UserError
 from vocab import bdd
 
+#: The passes over the real frames and the planning loop show a progress bar (tqdm, on stderr) from these sizes
+#: up: det_train's 70k frames take seconds to tens of seconds per pass; tests and the demo stay quiet.
+PROGRESS_FRAMES = 5000
+PROGRESS_SCENES = 500
+
+
+def progress(items: Sequence, desc: str, unit: str = "frame", least: int = PROGRESS_FRAMES):
+    """``items`` wrapped in a tqdm bar on stderr, switched off below ``least`` items."""
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit=unit, total=len(items), disable=len(items) < least, file=sys.stderr)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The real data: frames, distribution, overlaps
 # ---------------------------------------------------------------------------------------------------------------
@@ -47,7 +61,7 @@ class RealFrame:
 def read_real_frames(frames: Sequence[bdd.Frame], size: tuple[int, int]) -> list[RealFrame]:
     """One entry per frame name (the first one kept), in file order."""
     out, seen = [], set()
-    for frame in frames:
+    for frame in progress(frames, "reading boxes"):
         if not frame.name or frame.name in seen:
             continue
         seen.add(frame.name)
@@ -124,7 +138,7 @@ class Distribution:
 
 def overlap_stats(frames: Sequence[RealFrame]) -> np.ndarray:
     """Every real box's largest IoU with another box of its frame."""
-    parts = [largest_ious(f.boxes) for f in frames if len(f.boxes) > 1]
+    parts = [largest_ious(f.boxes) for f in progress(frames, "measuring overlaps") if len(f.boxes) > 1]
     singles = sum(len(f.boxes) for f in frames if len(f.boxes) == 1)
     return np.concatenate([*parts, np.zeros(singles)]) if parts or singles else np.zeros(0)
 
@@ -141,7 +155,13 @@ def overlap_limit(overlaps: np.ndarray, quantile: float) -> float:
 
 @dataclass
 class TargetState:
-    """A target while the plan is built: its cells' counts (real + planned so far) and its source pools."""
+    """A target while the plan is built: its cells' counts (real + planned so far) and its source pools.
+
+    A cell's frames so far are its real frames plus the planned scenes of *every* target that fit it
+    (``planned_in_cell``: what the cell choice balances); the target's own scenes per cell (``own_in_cell``) are
+    what the reports credit it with. They differ where targets share cells: a uniform target's cells also count
+    the scenes another target placed in them.
+    """
 
     index: int
     target: Target
@@ -152,6 +172,21 @@ class TargetState:
     orders: dict[str | None, np.ndarray] = field(default_factory=dict)  # each pool's per-seed shuffle
     cursors: Counter = field(default_factory=Counter)
     planned: int = 0
+    own_in_cell: list[int] = field(default_factory=list)  # this target's scenes per cell
+
+    def __post_init__(self) -> None:
+        if not self.own_in_cell:
+            self.own_in_cell = [0] * len(self.cells)
+
+    def cell_counts(self) -> list[tuple[dict[str, str], int, int, int]]:
+        """Per cell: (cell, real frames, this target's scenes, scenes of other targets that fit the cell); the
+        cell's combined count is real + own + others."""
+        return [
+            (c, r, own, every - own)
+            for c, r, own, every in zip(
+                self.cells, self.real, self.own_in_cell, self.planned_in_cell, strict=True
+            )
+        ]
 
     @property
     def require(self) -> dict[str, int]:
@@ -269,11 +304,17 @@ class Planner:
         return min(active, key=lambda s: ((s.planned + 1) / s.target.weight, s.index))
 
     def build(self, n: int) -> list[PlannedScene]:
-        while len(self.scenes) < n:
-            state = self.next_target()
-            if state is None:
-                break
-            self.scenes.append(self.plan_scene(len(self.scenes), state))
+        from tqdm import tqdm
+
+        with tqdm(
+            total=n, initial=len(self.scenes), desc="planning", unit="scene", disable=n < PROGRESS_SCENES
+        ) as bar:
+            while len(self.scenes) < n:
+                state = self.next_target()
+                if state is None:
+                    break
+                self.scenes.append(self.plan_scene(len(self.scenes), state))
+                bar.update()
         return self.scenes
 
     def plan_scene(self, index: int, state: TargetState) -> PlannedScene:
@@ -299,6 +340,7 @@ class Planner:
         scene = PlannedScene(index, state.target.name, cell, attributes, source, layout)
         scene.caption = self.caption(scene)
         state.planned += 1
+        state.own_in_cell[k] += 1
         counts = class_counts(layout.boxes)
         for s in self.states:
             for j, c in enumerate(s.cells):
@@ -320,9 +362,9 @@ def plan_distribution(scenes: Iterable[PlannedScene]) -> Distribution:
     return dist
 
 
-def real_distribution(frames: Iterable[RealFrame]) -> Distribution:
+def real_distribution(frames: Sequence[RealFrame]) -> Distribution:
     dist = Distribution()
-    for f in frames:
+    for f in progress(frames, "counting frames and boxes"):
         dist.add(f.attributes, f.boxes)
     return dist
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from convert.planning import CSV_FILE, PLAN_FILE, PLAN_VERSION, PLOT_FILE
-from convert.planning.boxes import largest_ious
+from convert.planning.boxes import containments, largest_ious
 from convert.planning.planner import Distribution, PlannedScene, TargetState
 from convert.planning.targets import CELL_KEYS, DEFINED, PlanTargets, cell_name
 from core.report import markdown_table, save_figure, subplots
@@ -25,6 +25,9 @@ from vocab import bdd
 #: COCO's area thresholds (pixels) for small / medium / large boxes.
 SIZE_BUCKETS = bdd.COCO_SIZES
 PLOT_DPI = 90
+#: A moved or copied box this much inside another box (or holding one this much inside it) is counted in the
+#: report: a car inside a car.
+CONTAINED = 0.9
 
 
 def _median(values: Sequence[float] | None) -> float | str:
@@ -109,8 +112,8 @@ def report_markdown(
     targets = []
     for s in states:
         required = ", ".join(f"{n} {c}" for c, n in s.target.require.items()) or "-"
-        for cell, r, p in zip(s.cells, s.real, s.planned_in_cell, strict=True):
-            targets.append([s.target.name, cell_name(cell), required, r, p, r + p])
+        for cell, r, own, others in s.cell_counts():
+            targets.append([s.target.name, cell_name(cell), required, r, own, others, r + own + others])
     totals_r, totals_c = real.class_totals(), combined.class_totals()
     sizes_r, sizes_p = real.size_totals(), planned.size_totals()
     classes = [
@@ -144,7 +147,12 @@ def report_markdown(
         "",
         "## Targets",
         "",
-        *markdown_table(["target", "cell", "required", "real", "planned", "combined"], targets),
+        "`planned`: this target's scenes in the cell; `other targets`: scenes other targets placed that fit the "
+        "cell too (they count toward its frames when the cell's next scene is chosen).",
+        "",
+        *markdown_table(
+            ["target", "cell", "required", "real", "planned", "other targets", "combined"], targets
+        ),
         "",
         "## Boxes per class and size (small < 32², medium < 96², large: COCO's areas in layout pixels)",
         "",
@@ -164,49 +172,67 @@ def report_markdown(
         + ", ".join(f"{k} {v:.3f}" for k, v in overlaps["real"].items())
         + f"). Largest IoU of a moved or copied box in the plan: {overlaps['planned_max']:.3f}.",
         "",
+        containment_text(overlaps["containment"]),
+        "",
         f"Plot: `{PLOT_FILE}`; every cell and class as numbers: `{CSV_FILE}`.",
         "",
     ]
     return "\n".join(out)
 
 
+def containment_text(containment: dict[str, Any]) -> str:
+    """The report's paragraph on the containment limit (``containment``: :func:`overlap_summary`'s)."""
+    inside = containment[f"placed_{int(CONTAINED * 100)}_percent_inside"]
+    return (
+        f"Neither a moved or copied box nor another box lies more than {containment['limit']:.0%} inside the other "
+        f"(intersection over the smaller box's area; IoU alone lets a small car sit wholly inside a large one): "
+        f"{containment['refused_placements']} moves or copies found no place because of it "
+        f"({containment['refused_places']} places refused that the IoU limit allowed). Of the "
+        f"{containment['placed']} moved or copied boxes, {inside} are >= {CONTAINED:.0%} inside another box or hold "
+        f"one that much inside them; the largest containment is {containment['planned_max']:.3f}."
+    )
+
+
 def distribution_figure(real: Distribution, planned: Distribution):
-    """Frames per weather x time of day before and after (one colour scale), boxes per class and size."""
+    """The plot: frames per weather x time of day before and after (two heat maps, one colour scale, the counts
+    written in the cells), then one panel per class with its boxes per size, real beside real + planned, on the
+    panel's own linear axis (class totals span orders of magnitude: one shared or logarithmic axis hides the small
+    classes or the planned additions), the real count and what the plan adds written above each pair."""
     combined = real.merged(planned)
     weathers, times = _values(combined, "weather"), _values(combined, "timeofday")
-    fig, axes = subplots(1, 3, figsize=(17, 5), gridspec_kw={"width_ratios": [1, 1, 1.4]})
+    fig, ax = subplots(figsize=(18, 13))
+    ax.remove()  # the figure's panels are laid out on the grid below
+    grid = fig.add_gridspec(3, 10, height_ratios=[1.3, 1, 1])
     top = np.log1p(max(combined.frames_by("weather", "timeofday").values(), default=1))
-    for ax, dist, title in ((axes[0], real, "real frames"), (axes[1], combined, "real + planned frames")):
+    for k, (dist, title) in enumerate(((real, "real frames"), (combined, "real + planned frames"))):
+        ax = fig.add_subplot(grid[0, 5 * k : 5 * k + 5])
         by = dist.frames_by("weather", "timeofday")
-        grid = np.array([[by[(w, t)] for t in times] for w in weathers], dtype=float)
-        ax.imshow(np.log1p(grid), cmap="viridis", aspect="auto", vmin=0, vmax=top)
-        for (r, c), v in np.ndenumerate(grid):
+        counts = np.array([[by[(w, t)] for t in times] for w in weathers], dtype=float)
+        ax.imshow(np.log1p(counts), cmap="viridis", aspect="auto", vmin=0, vmax=top)
+        for (r, c), v in np.ndenumerate(counts):
             colour = "white" if np.log1p(v) < top / 2 else "black"
             ax.text(c, r, f"{int(v)}", ha="center", va="center", color=colour)
         ax.set_xticks(range(len(times)), times, rotation=30)
         ax.set_yticks(range(len(weathers)), weathers)
-        ax.set_title(title)
-    x = np.arange(len(bdd.DET_CLASSES))
-    colours = {"small": "#9ecae1", "medium": "#4292c6", "large": "#08519c"}
-    for offset, dist, hatch, name in ((-0.2, real, "", "real"), (0.2, combined, "//", "real + planned")):
-        sizes, bottom = dist.size_totals(), np.zeros(len(x))
-        for bucket in SIZE_BUCKETS:
-            values = np.array([sizes[(c, bucket)] for c in bdd.DET_CLASSES], dtype=float)
-            axes[2].bar(
-                x + offset,
-                values,
-                0.4,
-                bottom=bottom,
-                color=colours[bucket],
-                hatch=hatch,
-                edgecolor="white",
-                label=f"{name}: {bucket}",
-            )
-            bottom += values
-    axes[2].set_yscale("symlog")
-    axes[2].set_xticks(x, bdd.DET_CLASSES, rotation=40, ha="right")
-    axes[2].set_title("boxes per class and size (left: real, right hatched: real + planned)")
-    axes[2].legend(fontsize=7, ncol=2)
+        ax.set_title(f"{title} per weather x time of day")
+    x = np.arange(len(SIZE_BUCKETS))
+    sizes_r, sizes_c = real.size_totals(), combined.size_totals()
+    totals_r, totals_c = real.class_totals(), combined.class_totals()
+    for k, cls in enumerate(bdd.DET_CLASSES):
+        ax = fig.add_subplot(grid[1 + k // 5, 2 * (k % 5) : 2 * (k % 5) + 2])
+        before = [sizes_r[(cls, b)] for b in SIZE_BUCKETS]
+        after = [sizes_c[(cls, b)] for b in SIZE_BUCKETS]
+        ax.bar(x - 0.2, before, 0.4, color="#4292c6", label="real")
+        ax.bar(x + 0.2, after, 0.4, color="#fd8d3c", label="real + planned")
+        for pos, b, a in zip(x, before, after, strict=True):  # one label per pair: 70k-frame counts are wide
+            ax.text(pos, a, f"{b}\n+{a - b}" if a > b else str(b), ha="center", va="bottom", fontsize=7)
+        ax.set_ylim(0, max(max(after), 1) * 1.3)  # room for the labels above the bars
+        ax.set_xticks(x, SIZE_BUCKETS)
+        ax.set_title(f"{cls}: {_arrow(totals_r[cls], totals_c[cls])} boxes", fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.yaxis.get_major_locator().set_params(integer=True)  # counts: no 0.2-box ticks
+        if k == 0:
+            ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     return fig
 
@@ -217,12 +243,26 @@ def save_plot(real: Distribution, planned: Distribution, path: str | os.PathLike
 
 
 def overlap_summary(
-    overlaps: np.ndarray, quantile: float, limit: float, scenes: Sequence[PlannedScene]
+    overlaps: np.ndarray,
+    quantile: float,
+    limit: float,
+    containment_limit: float,
+    scenes: Sequence[PlannedScene],
 ) -> dict[str, Any]:
-    """The overlap limit, the real overlaps' quantiles and the plan's largest overlap of a moved or copied box."""
-    placed = [
-        float(largest_ious(s.layout.boxes)[i]) for s in scenes for i in s.layout.placed
-    ]  # the IoU of each moved or copied box with its nearest neighbour
+    """The overlap limit, the real overlaps' quantiles and the plan's largest overlap of a moved or copied box; the
+    containment limit, what it refused and how many moved or copied boxes are >= 90 % inside another box or
+    hold one >= 90 % inside them (:data:`CONTAINED`)."""
+    placed_iou, placed_containment = [], []
+    for s in scenes:
+        largest = largest_ious(s.layout.boxes)
+        for i in s.layout.placed:
+            placed_iou.append(
+                float(largest[i])
+            )  # the IoU of each moved or copied box with its nearest neighbour
+            others = s.layout.others(skip=i)
+            placed_containment.append(
+                float(containments(s.layout.boxes[i].continuous, others).max(initial=0.0))
+            )
     return {
         "quantile": quantile,
         "limit": round(limit, 6),
@@ -231,7 +271,15 @@ def overlap_summary(
             for p in (0.5, 0.9, 0.95, 0.99)
         }
         | {"max": round(float(overlaps.max(initial=0.0)), 6)},
-        "planned_max": round(max(placed, default=0.0), 6),
+        "planned_max": round(max(placed_iou, default=0.0), 6),
+        "containment": {
+            "limit": containment_limit,
+            "refused_placements": sum(s.layout.refused_placements for s in scenes),
+            "refused_places": sum(s.layout.refused_places for s in scenes),
+            "placed": len(placed_containment),
+            f"placed_{int(CONTAINED * 100)}_percent_inside": sum(c >= CONTAINED for c in placed_containment),
+            "planned_max": round(max(placed_containment, default=0.0), 6),
+        },
     }
 
 
@@ -256,8 +304,14 @@ def plan_summary(
                 "require": s.require,
                 "planned": s.planned,
                 "cells": [
-                    {"cell": c, "real": r, "planned": p, "combined": r + p}
-                    for c, r, p in zip(s.cells, s.real, s.planned_in_cell, strict=True)
+                    {
+                        "cell": c,
+                        "real": r,
+                        "planned": own,
+                        "other_targets": others,
+                        "combined": r + own + others,
+                    }
+                    for c, r, own, others in s.cell_counts()
                 ],
             }
             for s in states

@@ -91,6 +91,7 @@ class Edits(Section):
     max_duplicates: int = Field(2, ge=0)
     classes: list[DetClass] = list(ROAD_USERS)
     overlap_quantile: float = Field(0.95, ge=0, le=1)
+    containment_limit: float = Field(0.5, ge=0, le=1)
     baseline_tolerance: float = Field(0.25, ge=0)
     span_margin: float = Field(1.0, ge=0)
 
