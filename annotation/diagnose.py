@@ -265,69 +265,6 @@ def figures(table: dict[str, Any], classes: Sequence[str]) -> dict[str, float | 
     return {"all": table["map"], **{c: table["per_class"][c]["map"] for c in classes}}
 
 
-class CellDraws:
-    """One cell's images matched once by pycocotools' COCOeval (``evaluate``: per image and class, COCO's IoU
-    thresholds, 100 detections per class, all areas, crowd truths as ignore regions, the COCO objects built by
-    annotation/metrics.py's own conversion); a draw of its images is then only re-accumulated (``accumulate`` over
-    the per-image results of the drawn images, a duplicate counted as often as drawn). So a bootstrap resample costs
-    COCO's ranking step, not the matching. Figures are read as COCOeval's ``summarize`` reads them: the mean of
-    ``precision`` over the entries that are defined (> -1)."""
-
-    def __init__(
-        self,
-        preds: dict[str, metrics.Boxes],
-        truths: dict[str, metrics.Boxes],
-        keys: list[str],
-        class_ids: list[int],
-    ) -> None:
-        import contextlib
-        import io
-
-        from pycocotools.cocoeval import COCOeval
-
-        images, gts, dts = [], [], []
-        for image_id, key in enumerate(keys, 1):
-            images.append({"id": image_id})
-            gts += metrics._annotations(truths[key], image_id, len(gts) + 1, with_score=False)
-            dts += metrics._annotations(preds[key], image_id, len(dts) + 1, with_score=True)
-        n_classes = len(bdd.DET_CLASSES)
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
-            self.eval = COCOeval(
-                metrics._coco(images, gts, n_classes), metrics._coco(images, dts, n_classes), "bbox"
-            )
-            p = self.eval.params
-            p.imgIds, p.catIds, p.maxDets = (
-                [im["id"] for im in images],
-                list(class_ids),
-                [metrics.COCO_MAX_DETS],
-            )
-            p.areaRng, p.areaRngLbl = [[0.0, 1e5**2]], ["all"]
-            self.eval.evaluate()
-        self.per_image = list(self.eval.evalImgs)  # class-major: [class][image]
-        self.n = len(keys)
-        self.class_ids = list(class_ids)
-
-    def figures(self, drawn: Sequence[int], class_names: Sequence[str]) -> dict[str, float | None]:
-        """'all' (mAP50-95 over the classes with boxes in the draw) and each class's AP on the drawn images
-        (``drawn``: indices into the cell's keys; ``class_names``: the names of ``class_ids``, in order)."""
-        import contextlib
-        import io
-
-        ids = [int(i) + 1 for i in drawn]  # image ids count from 1
-        self.eval.params.imgIds = self.eval._paramsEval.imgIds = ids
-        self.eval.evalImgs = [
-            self.per_image[k * self.n + i - 1] for k in range(len(self.class_ids)) for i in ids
-        ]
-        with contextlib.redirect_stdout(io.StringIO()):
-            self.eval.accumulate()
-        precision = self.eval.eval["precision"][:, :, :, 0, 0]  # IoU x recall x class, area all, 100 dets
-
-        out = {"all": metrics._mean_defined(precision)}
-        for k, name in enumerate(class_names):
-            out[name] = metrics._mean_defined(precision[:, :, k])
-        return out
-
-
 def bootstrap(
     preds: dict[str, metrics.Boxes],
     truths: dict[str, metrics.Boxes],
@@ -336,13 +273,15 @@ def bootstrap(
     settings: BootstrapSettings,
     salt: int,
 ) -> dict[str, list[float]]:
-    """Figure -> its values over ``settings.resamples`` draws of ``keys`` with replacement (:class:`CellDraws`; a
-    figure undefined on a draw, a class without boxes there, is left out of that draw)."""
+    """Figure -> its values over ``settings.resamples`` draws of ``keys`` with replacement (an image drawn twice
+    counts twice). :func:`annotation.metrics.detection_maps` matches the cell's images once and only re-runs COCO's
+    accumulation per draw; a figure undefined on a draw (a class without boxes there) is left out of that draw."""
     rng = np.random.default_rng([settings.seed, salt])
-    draws = CellDraws(preds, truths, keys, [bdd.DET_CLASS_YOLO_ID[c] for c in classes])
+    draws = {i: [keys[j] for j in rng.integers(0, len(keys), len(keys))] for i in range(settings.resamples)}
+    tables = metrics.detection_maps(preds, truths, bdd.DET_CLASSES, draws, per_size=False)
     values: dict[str, list[float]] = {name: [] for name in ("all", *classes)}
-    for _ in range(settings.resamples):
-        for name, value in draws.figures(rng.integers(0, len(keys), len(keys)), classes).items():
+    for table in tables.values():
+        for name, value in figures(table, classes).items():
             if value is not None:
                 values[name].append(value)
     return values

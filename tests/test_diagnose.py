@@ -12,7 +12,6 @@ import csv
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 from yolo_fixture import DetectorParams, cached_detector
@@ -148,48 +147,6 @@ def test_targets_file_is_a_plan_targets_file(diagnosed):
         weather, tod = row["cell"].split("|")
         assert target.weather == [weather] and target.timeofday == [tod] and target.scene is None
         assert target.require == {"car": 1}
-
-
-def _draws(images: list[tuple[list, list]]) -> diagnose.CellDraws:
-    """A cell of images, each (truth boxes, (box, conf) predictions), class car."""
-    car = bdd.DET_CLASS_YOLO_ID["car"]
-    truths, preds = {}, {}
-    for i, (gt, dets) in enumerate(images):
-        truths[str(i)] = metrics.Boxes(np.asarray(gt, float).reshape(-1, 4), np.full(len(gt), car))
-        preds[str(i)] = metrics.Boxes(
-            np.asarray([d[0] for d in dets], float).reshape(-1, 4),
-            np.full(len(dets), car),
-            np.asarray([d[1] for d in dets], float),
-        )
-    return diagnose.CellDraws(preds, truths, list(truths), [car])
-
-
-def test_a_draw_counts_a_duplicate_image_as_often_as_drawn():
-    """Hand-computed 101-point AP: image 0 has its one car found exactly, image 1 has one car and no detection.
-    Both: recall 1/2 at precision 1 -> 51/101. Image 0 twice: 1.0. Image 1 twice: 0. 0, 0, 1: recall 2/3 -> 67/101."""
-    box = [10, 10, 60, 50]
-    draws = _draws([([box], [(box, 0.9)]), ([box], [])])
-    assert draws.figures([0, 1], ["car"])["car"] == pytest.approx(51 / 101)
-    assert draws.figures([0, 0], ["car"])["car"] == pytest.approx(1.0)
-    assert draws.figures([1, 1], ["car"])["car"] == pytest.approx(0.0)
-    assert draws.figures([0, 0, 1], ["car"])["all"] == pytest.approx(67 / 101)
-
-
-def test_the_identity_draw_equals_the_shared_map_on_random_cells_with_ignore_regions():
-    rng = np.random.default_rng(3)
-    car = bdd.DET_CLASS_YOLO_ID["car"]
-    truths, preds = {}, {}
-    for i in range(12):
-        xy = rng.uniform(0, 300, (4, 2))
-        gt = np.hstack([xy, xy + rng.uniform(20, 80, (4, 2))])
-        det = np.vstack([gt + rng.normal(0, 6, gt.shape), np.hstack([xy, xy + 30])])
-        crowd = np.array([False, False, False, i % 3 == 0])  # ignore regions: matched, never counted
-        truths[str(i)] = metrics.Boxes(gt, np.full(4, car), None, crowd)
-        preds[str(i)] = metrics.Boxes(det, np.full(8, car), rng.uniform(0, 1, 8))
-    ref = metrics.detection_map(preds, truths, bdd.DET_CLASSES)
-    got = diagnose.CellDraws(preds, truths, list(truths), [car]).figures(range(12), ["car"])
-    assert got["car"] == pytest.approx(ref["per_class"]["car"]["map"], abs=1e-9)
-    assert got["all"] == pytest.approx(ref["map"], abs=1e-9)
 
 
 def test_an_edited_targets_file_is_kept(val_yaml, detector, tmp_path, capsys):

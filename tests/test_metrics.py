@@ -272,6 +272,22 @@ def test_subsets_from_one_evaluation_equal_pycocotools_on_each_subset(seed):
         }
 
 
+def test_a_subset_counts_a_repeated_image_as_often_as_it_appears():
+    """Hand-computed 101-point AP: image 0 has its one car found exactly, image 1 has one car and no detection.
+    Both: recall 1/2 at precision 1 -> 51/101. Image 0 twice: 1.0. Image 1 twice: 0. 0, 0, 1: recall 2/3 -> 67/101."""
+    box = np.array([[10.0, 10.0, 60.0, 50.0]])
+    truths = {0: Boxes(box, np.array([0])), 1: Boxes(box, np.array([0]))}
+    predictions = {0: Boxes(box, np.array([0]), np.array([0.9]))}
+    subsets = {"both": [0, 1], "0 twice": [0, 0], "1 twice": [1, 1], "0, 0, 1": [0, 0, 1]}
+    for per_size in (True, False):
+        got = metrics.detection_maps(predictions, truths, ["car"], subsets, per_size=per_size)
+        assert got["both"]["map"] == pytest.approx(51 / 101)
+        assert got["0 twice"]["map"] == pytest.approx(1.0)
+        assert got["1 twice"]["map"] == pytest.approx(0.0)
+        assert got["0, 0, 1"]["map"] == pytest.approx(67 / 101)
+        assert got["0, 0, 1"]["gt_boxes"] == 3
+
+
 def test_best_recall_three_of_five_reaches_the_recall_point_06():
     t = truth(*[(CAR, [20.0 * i, 0, 20.0 * i + 10, 10]) for i in range(5)])
     p = preds(*[(CAR, 0.9 - 0.1 * i, [20.0 * i, 0, 20.0 * i + 10, 10]) for i in range(3)])
