@@ -138,17 +138,22 @@ def test_real_only_arm_repeats_its_images_to_the_largest_arms_length():
     assert sorted(odd.count(i) for i in arms[0].real) == [2, 2, 3, 3, 3, 3]
 
 
-def test_schedule_rounds_up_to_full_batches_and_iterations_are_exact():
+def test_schedule_rounds_up_to_full_batches_and_iterations_are_whole_passes():
     schedule = design.equal_iteration_schedule
     assert schedule(10, batch=4, epochs=5) == design.Schedule(5, 3, 4)  # list 12, 15 iterations
-    s = schedule(37 * 16 - 5, batch=16, iterations=1000)  # nb 37 -> E 25, nb 40
-    assert (s.epochs, s.batches_per_epoch, s.iterations) == (25, 40, 1000)
-    prime = schedule(100, batch=10, iterations=997)  # prime: one long epoch, still exact
-    assert (prime.epochs, prime.iterations) == (1, 997)
+    s = schedule(37 * 16 - 5, batch=16, iterations=1000)  # nb 37 -> 27 passes of 37 batches
+    assert (s.epochs, s.batches_per_epoch, s.iterations) == (27, 37, 999)
+    prime = schedule(100, batch=10, iterations=997)  # 99 passes of 10 batches, not one epoch of 997
+    assert (prime.epochs, prime.batches_per_epoch, prime.iterations) == (99, 10, 990)
     short = schedule(100, batch=10, iterations=4)  # fewer than one pass: a seeded subset per arm
     assert (short.epochs, short.batches_per_epoch, short.list_length) == (1, 4, 40)
-    for n in (1, 7, 60, 360, 1001):
-        assert schedule(50, batch=8, iterations=n).iterations == n
+    # the issue's case: 12 and 13 iterations at nb 4 are the same recipe, not 3 epochs vs 1
+    assert schedule(16, batch=4, iterations=12) == schedule(16, batch=4, iterations=13) == design.Schedule(3, 4, 4)
+    for n in (1, 7, 60, 360, 1001, 20000):
+        s = schedule(50, batch=8, iterations=n)
+        assert s.iterations <= n and n - s.iterations < s.epochs  # whole epochs: at most E - 1 short
+        assert s.batches_per_epoch >= min(7, n)  # each epoch covers the largest arm (nb 7) when N allows
+        assert s.batches_per_epoch < 2 * 7 or s.epochs == 1  # and not much more: epochs track passes
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -542,8 +547,9 @@ def test_a_yaml_config_is_the_same_run_as_its_flags(sets, tmp_path, capsys):
 
 
 def test_settings_keep_their_keys_and_values(sets, tmp_path, monkeypatch):
-    """gain_settings.json's settings are what they were before the config (a change would make every existing
-    --out refuse to resume): the same keys, the values from the config, the list flags as they were spelled."""
+    """gain_settings.json's settings are what the config says (a change makes every existing --out refuse to
+    resume): the keys below, the values from the config, the list flags as they were spelled. Version 2: the
+    --iterations rule (whole passes), optimizer steps and the convergence checkpoint changed what a run holds."""
     import importlib.metadata
 
     real, synthetic = sets
@@ -553,7 +559,7 @@ def test_settings_keep_their_keys_and_values(sets, tmp_path, monkeypatch):
     inputs = gain_data.Inputs(items(8, "r"), items(12, "s"), items(4, "v"), None)
     settings = evaluate_gain.run_settings(cfg, "model-fp", design.Schedule(2, 3, 4), inputs)
     assert settings == {
-        "version": 1,
+        "version": 2,
         "model": "yolov8n.yaml",
         "model_fingerprint": "model-fp",
         "imgsz": 64,
@@ -567,6 +573,7 @@ def test_settings_keep_their_keys_and_values(sets, tmp_path, monkeypatch):
         "synthetic": "12 items",
         "val": "4 items",
         "conditions": f"frames.csv of {real}",
+        "convergence_check": True,
         "ultralytics": importlib.metadata.version("ultralytics"),
         "torchmetrics": importlib.metadata.version("torchmetrics"),
     }
