@@ -68,6 +68,8 @@ def real_equivalent(points: Sequence[tuple[float, float]], value: float) -> Equi
         if va <= value <= vb:
             if value == va or vb == va:
                 return Equivalent(ba)
+            if value == vb:
+                return Equivalent(bb)
             t = (value - va) / (vb - va)
             return Equivalent(math.exp(math.log(ba) + t * (math.log(bb) - math.log(ba))))
     return Equivalent(bn)  # value == vn on a curve that ends flat

@@ -488,8 +488,9 @@ def print_summary(
     for title, v in (summary.get("controls") or {}).items():
         if v["arm"] != SYNTHETIC:
             g = None if v["map_gain"] is None else Spread(**v["map_gain"])
+            gain = "no signal" if summary.get("signal") else f"gain {fmt_spread(g, signed=True)}"
             print(
-                f"  {title}: mAP50-95 {fmt_spread(None if v['map'] is None else Spread(**v['map']))} (gain {fmt_spread(g, signed=True)})"
+                f"  {title}: mAP50-95 {fmt_spread(None if v['map'] is None else Spread(**v['map']))} ({gain})"
             )
     where = None if summary.get("signal") else bracket(summary.get("controls") or {})
     if where:
