@@ -20,18 +20,45 @@ without training.
 The equal-iteration rule (why: many published gains vanish once the real-only baseline trains as long as the mix;
 Dream4Drive). Every arm trains ``E`` epochs over a training list of the same length ``M = nb * batch`` entries,
 written as an ultralytics image-list .txt file, so every arm runs exactly ``E * nb`` iterations and sees
-``E * M`` images. ``nb = ceil(largest arm / batch)``: the largest mix sees each of its images once per epoch,
+``E * M`` images. ``nb = ceil(largest arm / batch)``: the largest arm sees each of its images once per epoch,
 smaller arms repeat theirs (each image ``floor(M / n)`` or one more time; the extra copies are a seeded draw), the
 real-only arm most of all. The real images are the same in every arm of a seed (``--max_real N``: a seeded draw of
 N frames, the same for every share); a share's synthetic images are a seeded draw that contains every smaller
-share's. ``--iterations N`` picks ``E`` as the largest divisor of N whose ``nb = N / E`` still covers the largest
-arm, so the count is exact. The script counts the iterations ultralytics runs and refuses a run that differs.
+share's. The script counts the iterations ultralytics runs and refuses a run that differs.
 
-Outputs in ``--out``: ``gain.csv`` (one row per share and seed), ``gain.md`` (tables), ``gain.png`` (mAP vs share),
-``gain.json`` (the same, machine-readable), ``gain_settings.json`` (what every row depends on) and
-``runs/share<p>_seed<s>/`` (training list, ultralytics run, ``result.json``). A rerun keeps every finished run
-(``result.json`` under the same settings key) and retrains an unfinished one from scratch; other settings in the
-same ``--out`` are refused, never mixed. The code: :mod:`annotation.gain`.
+How ``--iterations N`` maps to ultralytics' epochs: ``E = max(1, N // nb)`` epochs of ``N // E`` batches, i.e. as
+many whole passes over the largest arm as fit (each a little longer when N is no multiple of nb); the iterations
+run are ``E * (N // E)``, N or up to E - 1 fewer, printed. So N = 12 and N = 13 at nb = 4 are both 3 epochs of 4
+batches. What ultralytics then does with the epochs is printed before training and kept in the report
+(:mod:`annotation.gain.recipe`, the rule of its trainer): **optimizer steps** (gradients accumulate over
+``round(nbs / batch)`` batches, ``nbs`` = 64 by default, capped at the run's batches; warmup steps more often),
+**warmup** (``min(warmup_epochs, E - 1)`` epochs: none in a one-epoch run) and **mosaic** (off in the last
+``close_mosaic`` = 10 epochs: none when E <= 10). A budget that leaves warmup or mosaic out, or that makes fewer
+than ``design.min_optimizer_steps`` steps, is warned about (every arm shares the schedule, so the warning is about
+all of them).
+
+Controls and the exchange rate (:mod:`annotation.gain.controls`, :mod:`annotation.gain.curve`), beside the largest
+share, per seed: a **positive control** (``--positive_control``: as many more *real* frames as that share has
+synthetic ones, from outside the real draw; needs ``--max_real``), a **negative control** (``--negative_control
+shuffled_labels | blank_images``), and a **real-data curve** (``--real_curve 250,500,1000``: real-only arms at
+those budgets). Each synthetic arm's mAP is read off its seed's curve: "S synthetic frames are worth about M real
+frames". Each run also scores its weights at the start of the last fifth of its iterations and the report says
+whether the arm **converged** (mAP flat there); a zero baseline is reported as **no signal**, not as a gain of 0.
+
+Before anything trains, the val frames are kept out of training (:mod:`annotation.gain.leaks`): real-train or
+synthetic images that are val images (same inode, or same bytes), and synthetic images generated from a val frame
+(their ``source_frame`` in stage 4's manifest or the generation's metadata.jsonl), are refused with a count.
+
+``--devices 0,1,2,3`` trains one run per device at once, each in its own process (``--devices cpu,cpu``: two CPU
+trainings); the same seeds give the same figures as one at a time. Several hosts may share one ``--out``.
+
+Outputs in ``--out``: ``gain.csv`` (one row per arm and seed: ``arm`` is real, synthetic, positive_control,
+negative_control or real_curve, with ``share`` and ``real_budget``), ``gain.md`` (tables), ``gain.png`` (mAP vs
+share with the controls; mAP vs real frames), ``gain.json`` (the same, machine-readable, with the verdicts),
+``gain_settings.json`` (what every row depends on) and ``runs/<run>/`` (training list, composition, ultralytics
+run, ``result.json``). A rerun keeps every finished run (``result.json`` under the same settings key) and retrains
+an unfinished one from scratch; other settings in the same ``--out`` are refused, never mixed. Adding controls or
+curve budgets that keep the largest arm keeps every finished run. The code: :mod:`annotation.gain`.
 """
 
 from __future__ import annotations

@@ -502,7 +502,7 @@ def test_the_pure_parts_run_without_ultralytics():
     code = """
 import sys
 from pathlib import Path
-from annotation.gain import design, stats
+from annotation.gain import controls, curve, design, leaks, recipe, stats
 from annotation.gain.data import Item
 import annotation.evaluate_gain
 
@@ -517,6 +517,8 @@ runs = [{"share": s, "seed": seed, "real_images": 10, "synthetic_images": 0, "me
 summary = stats.summarize(runs, [0, 50])
 assert round(summary["50"]["map_gain"]["mean"], 6) == 0.025 and summary["0"]["map_gain"] is None
 assert stats.fmt_spread(stats.spread([0.30, 0.32, 0.34])) == "32.00 ± 2.00 [30.00, 34.00]"
+assert recipe.optimizer_steps(6, 1, 4, 64, 3) == (1, 6, 0)
+assert curve.real_equivalent([(100, 0.1), (400, 0.2)], 0.15).budget > 199.9
 assert "ultralytics" not in sys.modules, "ultralytics was imported"
 """
     import os
