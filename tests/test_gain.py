@@ -148,7 +148,11 @@ def test_schedule_rounds_up_to_full_batches_and_iterations_are_whole_passes():
     short = schedule(100, batch=10, iterations=4)  # fewer than one pass: a seeded subset per arm
     assert (short.epochs, short.batches_per_epoch, short.list_length) == (1, 4, 40)
     # the case: 12 and 13 iterations at nb 4 are the same recipe, not 3 epochs vs 1
-    assert schedule(16, batch=4, iterations=12) == schedule(16, batch=4, iterations=13) == design.Schedule(3, 4, 4)
+    assert (
+        schedule(16, batch=4, iterations=12)
+        == schedule(16, batch=4, iterations=13)
+        == design.Schedule(3, 4, 4)
+    )
     for n in (1, 7, 60, 360, 1001, 20000):
         s = schedule(50, batch=8, iterations=n)
         assert s.iterations <= n and n - s.iterations < s.epochs  # whole epochs: at most E - 1 short

@@ -97,7 +97,9 @@ def test_positive_control_adds_real_frames_from_outside_the_real_arm():
         # the positive control is the real ranking's first N + S frames: a point on the learning curve
         assert set(pos.images) == set(design.real_draw(real, seed, 12))
         assert pos.real_budget == 12 and pos.name == f"positive50_seed{seed}"
-    with pytest.raises(UserError, match=r"needs 16 \+ 8 = 24 real train frames.*has 20"):
+    with pytest.raises(
+        UserError, match=r"needs 16 \+ 8 = 24 real train frames.*has 20: set or lower design.max_real"
+    ):
         controls.control_arms(real, design.design_arms(real, synthetic, [0, 50], 0, 16), positive=True,
                               negative=None, curve=[])  # fmt: skip
 

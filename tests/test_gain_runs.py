@@ -1,5 +1,5 @@
 """annotation/evaluate_gain.py on the tiny sets: val leaks refused (source frame, hard link, content copy), and
-controls, curve and optimizer steps from real trainings, run concurrently on [cpu, cpu] with the same figures as
+the controls and optimizer steps from real trainings, run concurrently on [cpu, cpu] with the same figures as
 one at a time in process."""
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def test_synthetic_images_generated_from_val_frames_are_refused(sets, tmp_path, 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_concurrent_runs_equal_sequential_ones_with_controls_and_curve(sets, tmp_path, capsys):
+def test_concurrent_runs_equal_sequential_ones_with_controls(sets, tmp_path, capsys):
     real, synthetic = sets
     base = [
         "--real", real, "--synthetic", synthetic, "--val", real, "--shares", "0,50", "--seeds", "0",

@@ -34,7 +34,8 @@ def positive_control(real: Sequence[Item], largest: Arm) -> Arm:
         raise UserError(
             f"design.positive_control: the positive control needs {n} + {s} = {n + s} real train frames (the real "
             f"arm's {n} and {s} more in place of the {largest.share:g} % share's synthetic images); the real train "
-            f"split has {len(real)}: lower design.max_real or the largest share, or set positive_control: false"
+            f"split has {len(real)}: set or lower design.max_real (--max_real) so that both fit, or lower the "
+            "largest share, or set positive_control: false"
         )
     drawn = real_draw(real, largest.seed, n + s)
     base = {i.key for i in largest.real}
