@@ -18,10 +18,11 @@ Each generated image listed in ``metadata.jsonl`` beside it (``file``, ``source_
 ``source_size``, ``mask_path``: what ControlNet generation records) is paired with its source frame: the real image
 of that name under ``--bdd_data_dir``'s ``images/100k/<split>`` (else ``images/10k/<split>``) or anywhere under
 ``--real_images``. The ground truth of both is the source frame's det_20 boxes (annotation/layout.py: scaled to
-each image's saved size, det_20's ignored categories left out). The detector runs on both sets the same way
-(conf 0.001, as for any mAP) and annotation/metrics.py computes COCO's mAP50 and mAP50-95, overall, per class and
-per size (COCO's small/medium/large, judged in the real frame's pixels so that an object lands in the same bin
-in both sets). A source frame with several generations counts once per generation on the real side too, so both
+each image's saved size), its ignore regions (det_20's ignored categories, crowd boxes) as COCO crowd boxes. The
+detector runs on both sets the same way (conf 0.001, as for any mAP) and annotation/metrics.py computes mAP50 and
+mAP50-95 as pycocotools' COCOeval does (:data:`annotation.metrics.DEFINITION`), overall, per class and per size
+(COCO's small/medium/large, judged in the real frame's pixels so that an object lands in the same bin in both
+sets). A source frame with several generations counts once per generation on the real side too, so both
 sets weight the layouts alike. The **fidelity ratio** is generated / real: 1.0 means the generated images are as
 detectable as the real frames (the "YOLO score" of layout-to-image work, normalised by the real oracle).
 
@@ -82,6 +83,8 @@ class Pair:
     real_size: tuple[int, int]
     truth_generated: list[tuple[int, list[float]]]
     truth_real: list[tuple[int, list[float]]]
+    crowd_generated: list[tuple[int, list[float]]]  # the layout's ignore regions (scored as COCO crowd)
+    crowd_real: list[tuple[int, list[float]]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -196,7 +199,12 @@ def collect_pairs(
             skip("source frame not in its labels file", f"{name} ({note})")
             continue
         truth_real, _ = layout.source_boxes(ref, real_size, keep_classes, min_box_size)
-        pairs.append(Pair(name, path, real, ref, size, real_size, truth_gen, truth_real or []))
+        crowd_gen, crowd_real = (
+            layout.source_boxes(ref, s, keep_classes, crowd=True)[0] or [] for s in (size, real_size)
+        )
+        pairs.append(
+            Pair(name, path, real, ref, size, real_size, truth_gen, truth_real or [], crowd_gen, crowd_real)
+        )
     if missing_real:
         if not allow_missing_real:
             raise UserError(
@@ -228,6 +236,14 @@ def _boxes(items: list, scale: tuple[float, float], with_conf: bool) -> metrics.
     cls = np.array([it[0] for it in items], np.int64)
     conf = np.array([it[1] for it in items], np.float64) if with_conf else None
     return metrics.Boxes(xyxy, cls, conf)
+
+
+def _truth(items: list, crowd: list, scale: tuple[float, float]) -> metrics.Boxes:
+    """Ground truth: the layout's boxes, then its ignore regions as crowd boxes."""
+    import numpy as np
+
+    boxes = _boxes(items + crowd, scale, False)
+    return metrics.Boxes(boxes.xyxy, boxes.cls, None, np.arange(len(boxes)) >= len(items))
 
 
 def _mapped(pred: metrics.Boxes, mapping: dict[int, int]) -> list[tuple[int, float, list[float]]]:
@@ -264,9 +280,9 @@ def detection_fidelity(
     for p in pairs:
         # reference pixels: the real frame's, so that an object is judged at one size in both sets
         scale = (p.real_size[0] / p.generated_size[0], p.real_size[1] / p.generated_size[1])
-        truths_gen[p.key] = _boxes(p.truth_generated, scale, False)
+        truths_gen[p.key] = _truth(p.truth_generated, p.crowd_generated, scale)
         preds_gen[p.key] = _boxes(_mapped(pred_gen[p.generated.resolve()], mapping), scale, True)
-        truths_real[p.key] = _boxes(p.truth_real, (1.0, 1.0), False)
+        truths_real[p.key] = _truth(p.truth_real, p.crowd_real, (1.0, 1.0))
         preds_real[p.key] = _boxes(_mapped(pred_real[p.real.resolve()], mapping), (1.0, 1.0), True)
     classes = sorted(set(mapping.values()))
     generated = _restrict(metrics.detection_map(preds_gen, truths_gen, bdd.DET_CLASSES), classes)
@@ -483,8 +499,10 @@ def markdown(result: dict[str, Any]) -> str:
         f"Generations: `{result['generations']}` ({result['counts']['generations']} images of "
         f"{result['counts']['source_frames']} source frames); detector: `{result['detector']}` "
         f"(imgsz {result['settings']['imgsz']}, conf {result['settings']['conf']}). Ground truth: each source "
-        "frame's det_20 boxes, scaled to each image. mAP is COCO's (torchmetrics + pycocotools); ratio = generated / "
-        "real (1.0: the generated images are as detectable as the real frames).",
+        "frame's det_20 boxes, scaled to each image. mAP: "
+        + metrics.DEFINITION
+        + ". Ratio = generated / real (1.0: "
+        "the generated images are as detectable as the real frames).",
         "",
     ]
 
@@ -511,8 +529,8 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     lines += report.markdown_table(header, rows, "lrrrrrrr")
     lines.append("")
-    lines.append("Sizes are COCO's area bins (< 32², 32²–96², > 96² px) in the real frame's pixels; – : undefined "
-                 "(no box of that class or size, or a real mAP of 0).")  # fmt: skip
+    lines.append("Sizes are COCO's area bins (0–32², 32²–96², 96² px and up, both ends counted as pycocotools does) in "
+                 "the real frame's pixels; – : undefined (no box of that class or size, or a real mAP of 0).")  # fmt: skip
     seg = result.get("segmentation")
     if seg:
         lines += [

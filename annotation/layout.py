@@ -98,13 +98,20 @@ class LayoutSources:
         return self._metadata[folder].get(image.name)
 
     def source_boxes(
-        self, ref: SourceRef, image_size: tuple[int, int], keep_classes: set[int], min_box_size: float = 0.0
+        self,
+        ref: SourceRef,
+        image_size: tuple[int, int],
+        keep_classes: set[int],
+        min_box_size: float = 0.0,
+        crowd: bool = False,
     ) -> tuple[list[tuple[int, list[float]]] | None, str]:
         """The source frame's boxes as (BDD YOLO id, xyxy) in the generated image's pixels, or None and why not.
 
-        Only classes in ``keep_classes`` (what the detector can output) count; det_20's ignored categories
-        (other person, other vehicle, trailer) and boxes smaller than ``min_box_size`` pixels are left out.
-        An inline ``labels`` layout wins over ``source_frame``/``source_labels``.
+        Only classes in ``keep_classes`` (what the detector can output) count; ignore regions
+        (:func:`vocab.bdd.is_crowd_region`: det_20's other person, other vehicle, trailer and crowd boxes) and boxes
+        smaller than ``min_box_size`` pixels are left out. ``crowd=True`` returns the ignore regions instead (any
+        size), for an evaluation that scores them as COCO crowd boxes. An inline ``labels`` layout wins over
+        ``source_frame``/``source_labels``.
         """
         if ref.labels is not None:
             labels = ref.labels
@@ -122,14 +129,14 @@ class LayoutSources:
         out = []
         for label in labels:
             category = bdd.category_of(label)
-            if label.box2d is None or category.det_class is None or category.ignored:
+            if label.box2d is None or category.det_class is None or bdd.is_crowd_region(label) != crowd:
                 continue
             cls = bdd.DET_CLASS_YOLO_ID[category.det_class]
             if cls not in keep_classes:
                 continue
             x1, y1, x2, y2 = bdd.clip_box(label.box2d, src_w, src_h)
             box = [x1 * sx, y1 * sy, (x2 + 1) * sx, (y2 + 1) * sy]  # inclusive pixels -> continuous
-            if min(box[2] - box[0], box[3] - box[1]) < min_box_size:
+            if not crowd and min(box[2] - box[0], box[3] - box[1]) < min_box_size:
                 continue
             out.append((cls, box))
         return out, f"{len(out)} source boxes from {origin}"

@@ -20,6 +20,8 @@ Writes, under --out:
                                  file systems it is copied, and the summary says so)
     labels/<split>/<stem>.txt    YOLO ``cls cx cy w h`` (normalised, %.6f), stage 4's ids (vocab.bdd.DET_CLASSES:
                                  0 pedestrian ... 9 traffic sign); empty for a frame without boxes of those classes
+    ignore/<split>/<stem>.txt    the frame's ignore regions in the same form, only for a frame that has any: what
+                                 annotation/metrics.py scores as COCO crowd boxes (ultralytics never reads it)
     frames.csv                   ``split,image,weather,timeofday,scene``: one row per frame written, ``image``
                                  relative to --out (``images/val/<stem>.jpg``), for evaluations sliced by condition
     data.yaml                    absolute ``path``, ``train``/``val`` (and ``test``) for the splits present, the 10
@@ -29,17 +31,22 @@ Run it once per split into the same --out to get several splits (frames.csv and 
 ultralytics needs both ``train`` and ``val``, so with one split written both name it, and data.yaml says so).
 
 What goes in: boxes of the 10 detection classes (legacy names mapped: person -> pedestrian, bike -> bicycle, ...),
-clipped to the image (counted); det_20's ignored categories (other person, other vehicle, trailer) are dropped and
-counted by category, as are boxes wholly outside the image and (with --min_box_side) boxes whose clipped side is
-shorter. Frames whose ``labels`` are absent, null or [] are skipped (counted by reason) unless --include_unlabeled
+clipped to the image (counted). Ignore regions (vocab.bdd.is_crowd_region: det_20's other person, other vehicle,
+trailer as pedestrian, car, truck, and boxes whose attributes say ``crowd``/``Crowd``/``ignored``, as tracking and
+Scalabel exports write them) are no training boxes: they go, clipped, to ignore/<split>/ and are counted by
+category, as the BDD100K toolkit's evaluation keeps them (a detection on one is neither a hit nor a false
+positive). Boxes wholly outside the image and (with --min_box_side) boxes whose clipped side is shorter are
+dropped and counted. Frames whose ``labels`` are absent, null or [] are skipped (counted by reason) unless --include_unlabeled
 (then they get an empty label file); frames whose image is missing are skipped, counted and a few are listed.
 --classes keeps only those classes' boxes (ids stay stage 4's). --max_frames N keeps the first N frames by name
 (image stem) of those that would be written: deterministic, and a larger N extends a smaller one's set.
 
-Reruns: identical outputs are left alone; a frame whose label, image or frames.csv row differs, and frames of this
+Reruns: identical outputs are left alone, and missing ignore files are added (an export written before they existed
+gets them from a plain rerun); a frame whose label, ignore file, image or frames.csv row differs, and frames of this
 split on disk that this run would not write (a smaller --max_frames, say), stop the run before anything is written
 unless --overwrite (which replaces or removes them and drops ultralytics' stale ``labels/<split>.cache``). Every
-file is written atomically. Ends with a summary; bad input is one ``error:`` line and exit code 2.
+file is written atomically. Progress bars on a terminal (the label file read, the per-frame passes); ends with a
+summary; bad input is one ``error:`` line and exit code 2.
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ from typing import Literal
 
 import yaml
 from pydantic import Field, field_validator, model_validator
+from tqdm import tqdm
 
 from convert.bdd_inputs import find_labels
 from core.cli import UserError, run_main, setup_logging
@@ -70,6 +78,7 @@ from vocab import bdd
 
 log = logging.getLogger("bdd-sdxl.convert")
 FRAMES_CSV = "frames.csv"
+IGNORE_DIR = "ignore"  # annotation/metrics.py's IGNORE_DIR (convert/ cannot import annotation/)
 FRAMES_COLUMNS = ("split", "image", "weather", "timeofday", "scene")
 DATA_YAML = "data.yaml"
 YAML_SPLITS = ("train", "val", "test")
@@ -119,6 +128,8 @@ class FrameFile:
     label: Path
     text: str
     row: tuple[str, str, str, str, str]
+    ignore: Path  # the ignore-region side file
+    ignore_text: str  # "" for none: no file
 
 
 @dataclass
@@ -126,13 +137,13 @@ class BoxCounts:
     """What happened to the boxes of the frames written."""
 
     boxes: Counter = field(default_factory=Counter)  # class -> boxes written
-    ignored: Counter = field(default_factory=Counter)  # det_20 ignored category -> boxes dropped
+    crowd: Counter = field(default_factory=Counter)  # category (or "<class> crowd") -> ignore regions written
     dropped: Counter = field(default_factory=Counter)  # reason -> boxes dropped (outside, small, class)
     clipped: int = 0
 
     def add(self, other: BoxCounts) -> None:
         self.boxes.update(other.boxes)
-        self.ignored.update(other.ignored)
+        self.crowd.update(other.crowd)
         self.dropped.update(other.dropped)
         self.clipped += other.clipped
 
@@ -153,6 +164,8 @@ class Report:
     empty_labels: int = 0
     not_selected: int = 0
     no_boxes_skipped: int = 0
+    ignore_files_written: int = 0
+    ignore_files_removed: int = 0
     missing_images: list[str] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)  # reason -> frames
     counts: BoxCounts = field(default_factory=BoxCounts)
@@ -164,19 +177,19 @@ class Report:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def label_text(frame: bdd.Frame, width: int, height: int, cfg: ExportConfig, counts: BoxCounts) -> str:
-    """The frame's YOLO label file: one ``cls cx cy w h`` line per kept box, in the label file's order."""
+def label_text(
+    frame: bdd.Frame, width: int, height: int, cfg: ExportConfig, counts: BoxCounts
+) -> tuple[str, str]:
+    """The frame's YOLO label file and its ignore-region file: one ``cls cx cy w h`` line per kept box, or per
+    ignore region (:func:`vocab.bdd.is_crowd_region`, any size), in the label file's order."""
     keep = set(cfg.classes) if cfg.classes is not None else None
-    lines = []
+    lines, crowd = [], []
     for label in frame.label_list():
         if label.box2d is None:
             continue
         cat = bdd.category_of(label)
         if cat.det_class is None:
             continue  # polygons (lanes, drivable areas) and unknown categories (reported by the LabelReport)
-        if cat.ignored:
-            counts.ignored[label.category] += 1
-            continue
         if keep is not None and cat.det_class not in keep:
             counts.dropped["class not in --classes"] += 1
             continue
@@ -184,15 +197,21 @@ def label_text(frame: bdd.Frame, width: int, height: int, cfg: ExportConfig, cou
         if b.x1 > width - 1 or b.y1 > height - 1 or b.x2 < 0 or b.y2 < 0 or b.x2 < b.x1 or b.y2 < b.y1:
             counts.dropped["outside the image or inverted"] += 1
             continue
+        line = "{} {:.6f} {:.6f} {:.6f} {:.6f}\n".format(
+            bdd.DET_CLASS_YOLO_ID[cat.det_class], *bdd.box_to_yolo(b, width, height)
+        )
+        if bdd.is_crowd_region(label):
+            counts.crowd[label.category if cat.ignored else f"{cat.det_class} crowd"] += 1
+            crowd.append(line)
+            continue
         x1, y1, x2, y2 = bdd.clip_box(b, width, height)
         if min(x2 - x1 + 1, y2 - y1 + 1) < cfg.min_box_side:
             counts.dropped[f"side under {cfg.min_box_side:g} px"] += 1
             continue
         counts.clipped += (x1, y1, x2, y2) != (b.x1, b.y1, b.x2, b.y2)
         counts.boxes[cat.det_class] += 1
-        cx, cy, w, h = bdd.box_to_yolo(b, width, height)
-        lines.append(f"{bdd.DET_CLASS_YOLO_ID[cat.det_class]} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}\n")
-    return "".join(lines)
+        lines.append(line)
+    return "".join(lines), "".join(crowd)
 
 
 def image_size(path: Path) -> tuple[int, int]:
@@ -247,14 +266,14 @@ def select_frames(
             candidates[stem] = (frame, images[stem])
     split = report.split
     planned = []
-    for stem in sorted(candidates):
+    for stem in tqdm(sorted(candidates), desc=f"{split} frames", unit="frame", disable=None, leave=False):
         if cfg.max_frames is not None and len(planned) >= cfg.max_frames:
             report.not_selected += 1
             continue
         frame, source = candidates[stem]
         width, height = image_size(source)
         counts = BoxCounts()
-        text = label_text(frame, width, height, cfg, counts)
+        text, ignore_text = label_text(frame, width, height, cfg, counts)
         if cfg.skip_empty and not text:
             report.no_boxes_skipped += 1
             continue
@@ -267,6 +286,7 @@ def select_frames(
             FrameFile(
                 stem, source, image, out / "labels" / split / f"{stem}.txt", text,
                 (split, rel, frame.weather, frame.timeofday, frame.scene),
+                out / IGNORE_DIR / split / f"{stem}.txt", ignore_text,
             )
         )  # fmt: skip
     return planned
@@ -328,34 +348,43 @@ def place_image(src: Path, dest: Path, cfg: ExportConfig, report: Report) -> Non
 
 
 def write_split(out: Path, planned: list[FrameFile], report: Report, cfg: ExportConfig) -> list[Path]:
-    """Compare with what is on disk; refuse differences without --overwrite; write. Returns the written files."""
+    """Compare with what is on disk; refuse differences without --overwrite; write. Returns the written files.
+
+    An ignore file that is missing is written without --overwrite (an export made before ignore files existed
+    gets them from a rerun); one that differs, or is there for a frame without ignore regions, is a difference.
+    """
     split = report.split
     images_on_disk = split_files(out, "images", split)
     labels_on_disk = split_files(out, "labels", split)
+    ignores_on_disk = split_files(out, IGNORE_DIR, split)
     old_rows = read_frames_csv(out)
     old_split_rows = {r[1]: r for r in old_rows if r and r[0] == split}
     wanted = {p.stem for p in planned}
 
     conflicts: list[str] = []
-    todo: list[tuple[FrameFile, bool, bool]] = []  # (frame, write image, write label)
-    for p in planned:
-        has_image, has_label = p.image.exists(), p.label.exists()
+    todo: list[
+        tuple[FrameFile, bool, bool, bool]
+    ] = []  # (frame, write image, write label, write ignore file)
+    for p in tqdm(planned, desc=f"{split} compare", unit="frame", disable=None, leave=False):
+        has_image, has_label, has_ignore = p.image.exists(), p.label.exists(), p.stem in ignores_on_disk
         image_ok = has_image and same_image(p.source, p.image)
         label_ok = has_label and p.label.read_text(encoding="utf-8") == p.text
+        ignore_ok = p.ignore.read_text(encoding="utf-8") == p.ignore_text if has_ignore else not p.ignore_text
         row_ok = old_split_rows.get(p.row[1]) == p.row
-        if image_ok and label_ok and row_ok:
+        if image_ok and label_ok and row_ok and ignore_ok:
             report.unchanged += 1
             continue
         if (
             (has_image and not image_ok)
             or (has_label and not label_ok)
+            or (has_ignore and not ignore_ok)
             or (p.row[1] in old_split_rows and not row_ok)
         ):
             conflicts.append(p.stem)
-        if image_ok and label_ok:  # a killed run wrote the files but not frames.csv
+        if image_ok and label_ok:  # a killed run wrote the files but not frames.csv, or an older export
             report.unchanged += 1
-        todo.append((p, not image_ok, not label_ok))
-    extra = sorted((set(images_on_disk) | set(labels_on_disk)) - wanted)
+        todo.append((p, not image_ok, not label_ok, not ignore_ok))
+    extra = sorted((set(images_on_disk) | set(labels_on_disk) | set(ignores_on_disk)) - wanted)
     extra_rows = sorted(set(old_split_rows) - {p.row[1] for p in planned})
     if (conflicts or extra or extra_rows) and not cfg.overwrite:
         parts = []
@@ -373,11 +402,15 @@ def write_split(out: Path, planned: list[FrameFile], report: Report, cfg: Export
     for kind in ("images", "labels"):
         (out / kind / split).mkdir(parents=True, exist_ok=True)
     written = []
-    for p, do_image, do_label in todo:
+    for p, do_image, do_label, do_ignore in tqdm(
+        todo, desc=f"{split} write", unit="frame", disable=None, leave=False
+    ):
         if do_image:
             place_image(p.source, p.image, cfg, report)
         if do_label:
             atomic_write_text(p.label, p.text)
+        if do_ignore:
+            write_ignore_file(p, report)
         if not (do_image or do_label):
             continue
         written.append(p.label)
@@ -386,7 +419,7 @@ def write_split(out: Path, planned: list[FrameFile], report: Report, cfg: Export
         else:
             report.written += 1
     for stem in extra:
-        for path in (images_on_disk.get(stem), labels_on_disk.get(stem)):
+        for path in (images_on_disk.get(stem), labels_on_disk.get(stem), ignores_on_disk.get(stem)):
             if path is not None:
                 path.unlink()
         report.removed += 1
@@ -398,6 +431,17 @@ def write_split(out: Path, planned: list[FrameFile], report: Report, cfg: Export
     if todo or extra:
         (out / "labels" / f"{split}.cache").unlink(missing_ok=True)  # ultralytics' index of the old files
     return written
+
+
+def write_ignore_file(p: FrameFile, report: Report) -> None:
+    """Write the frame's ignore regions, or remove a stale file when it has none."""
+    if p.ignore_text:
+        p.ignore.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(p.ignore, p.ignore_text)
+        report.ignore_files_written += 1
+    else:
+        p.ignore.unlink(missing_ok=True)
+        report.ignore_files_removed += 1
 
 
 def write_data_yaml(out: Path) -> tuple[Path, str]:
@@ -464,7 +508,7 @@ def convert_split(cfg: ExportConfig) -> Report:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
     report = Report(split, labels_file, images_dir)
-    frames = bdd.load_frames(labels_file)
+    frames = load_labels(labels_file)
     report.frames = len(frames)
     planned = select_frames(frames, images_dir, out, report, cfg)
     if not planned:
@@ -487,6 +531,29 @@ def convert_split(cfg: ExportConfig) -> Report:
     with out_lock(out):  # two splits converted at once into one --out share frames.csv
         write_split(out, planned, report, cfg)
     return report
+
+
+def load_labels(path: Path) -> list[bdd.Frame]:
+    """:func:`vocab.bdd.load_frames` with a progress bar on a terminal: the bytes read, then the decoding (det_train
+    is ~1 GB and 70k frames: half a minute of silence otherwise)."""
+    if path.is_dir():
+        return bdd.load_frames(path)
+    if not path.is_file():
+        raise UserError(f"labels file not found: {path}")
+    chunks = []
+    with (
+        tqdm(
+            total=path.stat().st_size, desc=f"reading {path.name}", unit="B", unit_scale=True, disable=None
+        ) as bar,
+        open(path, "rb") as fh,
+    ):
+        while chunk := fh.read(1 << 24):
+            chunks.append(chunk)
+            bar.update(len(chunk))
+        bar.set_postfix_str("decoding", refresh=True)
+        frames = bdd.decode_frames(b"".join(chunks), path)
+        bar.set_postfix_str(f"{len(frames)} frames", refresh=True)
+    return frames
 
 
 @contextlib.contextmanager
@@ -562,7 +629,16 @@ def print_summary(report: Report, out: Path, data_yaml: Path, note: str, seconds
     c = r.counts
     boxes = ", ".join(f"{name} {c.boxes[name]}" for name in bdd.DET_CLASSES if c.boxes[name])
     print(f"  boxes: {sum(c.boxes.values())} ({boxes or 'none'}); {r.empty_labels} empty label file(s)")
-    dropped = [f"{k} {v}" for k, v in c.ignored.most_common()] + [f"{k} {v}" for k, v in c.dropped.items()]
+    if c.crowd:
+        crowd = ", ".join(f"{k} {v}" for k, v in c.crowd.most_common())
+        files = f"{r.ignore_files_written} file(s) written" + (
+            f", {r.ignore_files_removed} removed" if r.ignore_files_removed else ""
+        )
+        print(
+            f"  ignore regions (no training boxes; scored as COCO crowd): {sum(c.crowd.values())} ({crowd}) "
+            f"in {out / IGNORE_DIR / r.split} ({files})"
+        )
+    dropped = [f"{k} {v}" for k, v in c.dropped.items()]
     if dropped or c.clipped:
         print(f"  boxes clipped to the image: {c.clipped}; dropped: {', '.join(dropped) or 'none'}")
     for line in r.label_report.lines():

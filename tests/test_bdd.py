@@ -85,6 +85,24 @@ def test_decode_det20_frame_fields():
     assert bdd.detect_format([frame]) == "det_20"
 
 
+def test_crowd_regions_ignored_categories_and_crowd_attributes_in_either_spelling():
+    def label(category: str, attributes: dict | None) -> dict:
+        return {"category": category, "attributes": attributes, "box2d": {"x1": 0, "y1": 0, "x2": 9, "y2": 9}}
+
+    labels = [
+        label("car", {"crowd": True}),  # tracking exports
+        label("pedestrian", {"Crowd": True, "Occluded": True}),  # a Scalabel export's capitalised keys
+        label("truck", {"ignored": True}),  # what the toolkit sets on det_20's ignored categories
+        label("trailer", {}),
+        label("car", {"crowd": False, "Crowd": None}),
+        label("car", None),
+        label("car", {"occluded": True}),
+    ]
+    frames = bdd.decode_frames(json.dumps({"frames": [{"name": "a.jpg", "labels": labels}]}).encode())
+    crowd = [bdd.is_crowd_region(x) for x in frames[0].label_list()]
+    assert crowd == [True, True, True, True, False, False, False]
+
+
 def test_decode_legacy_frame_maps_names_and_skips_polygons():
     frames = bdd.decode_frames(json.dumps([LEGACY_FRAME]).encode())
     assert bdd.detect_format(frames) == "legacy"

@@ -115,10 +115,98 @@ def test_hand_checked_label_lines_clipping_and_drops(tmp_path, capsys):
     ]  # fmt: skip
     assert "frames skipped: 'labels': null: 1; image missing (aaaa0003-00000003.jpg): 1" in stdout
     assert "boxes: 3 (pedestrian 1, car 1, truck 1); 1 empty label file(s)" in stdout
-    assert (
-        "boxes clipped to the image: 2; dropped: other vehicle 1, trailer 1, other person 1, "
-        "outside the image or inverted 1" in stdout
+    # det_20's ignored categories: no training boxes, but ignore regions of car (2), truck (3) and pedestrian (0)
+    # other vehicle: x 50..60, y 50..60 -> cx 55.5/320, cy 55.5/180, w 11/320, h 11/180; trailer: x 70..80
+    # other person:  x 5..9, y 5..20    -> cx 7.5/320, cy 13/180, w 5/320, h 16/180
+    assert (out / "ignore" / "val" / "aaaa0001-00000001.txt").read_text() == (
+        "2 0.173437 0.308333 0.034375 0.061111\n3 0.235937 0.308333 0.034375 0.061111\n"
     )
+    assert (
+        out / "ignore" / "val" / "aaaa0002-00000002.txt"
+    ).read_text() == "0 0.023438 0.072222 0.015625 0.088889\n"
+    assert (
+        "ignore regions (no training boxes; scored as COCO crowd): 3 (other vehicle 1, trailer 1, other person 1) "
+        f"in {out / 'ignore' / 'val'} (2 file(s) written)" in stdout
+    )
+    assert "boxes clipped to the image: 2; dropped: outside the image or inverted 1" in stdout
+
+
+def crowd_export(tmp_path: Path, key: str, form: str) -> tuple[Path, Path]:
+    """A tracking-style frame list (``crowd``), a Scalabel export (``{"frames": ...}``, ``Crowd``) or a folder of
+    per-image 2018 files: one car and one crowd of cars, one frame without any crowd."""
+    images = tmp_path / "imgs"
+    images.mkdir(exist_ok=True)
+    for name in ("b1", "b2"):
+        Image.new("RGB", (320, 180)).save(images / f"{name}.jpg")
+    car = {
+        "id": "1",
+        "category": "car",
+        "attributes": {key: False},
+        "box2d": {"x1": 10, "y1": 20, "x2": 49, "y2": 59},
+    }
+    crowd = {"id": "2", "category": "car", "attributes": {key: True, "occluded": True},
+             "box2d": {"x1": 100, "y1": 40, "x2": 259, "y2": 129}}  # fmt: skip
+    frames = [{"name": "b1.jpg", "labels": [car, crowd]}, {"name": "b2.jpg", "labels": [car]}]
+    labels = tmp_path / f"{key}.json"
+    if form == "per_image":
+        labels = tmp_path / "labels_100k_val"
+        labels.mkdir()
+        for f in frames:
+            doc = {
+                "name": f["name"][:-4],
+                "attributes": {},
+                "frames": [{"timestamp": 10000, "objects": f["labels"]}],
+            }
+            (labels / f"{f['name'][:-4]}.json").write_text(json.dumps(doc))
+    else:
+        labels.write_text(json.dumps({"frames": frames, "config": None} if form == "scalabel" else frames))
+    return labels, images
+
+
+@pytest.mark.parametrize(("key", "form"), [("crowd", "list"), ("Crowd", "scalabel"), ("crowd", "per_image")])
+def test_crowd_boxes_are_ignore_regions_not_training_boxes(tmp_path, capsys, key, form):
+    labels, images = crowd_export(tmp_path, key, form)
+    out = tmp_path / "yolo"
+    code, stdout, err = convert(
+        capsys, "--labels_file", labels, "--images_dir", images, "--split", "val", "--out", out
+    )
+    assert code == 0, err
+    car = "2 0.093750 0.222222 0.125000 0.222222\n"
+    assert (out / "labels" / "val" / "b1.txt").read_text() == car  # the crowd is not a car to learn
+    assert (out / "labels" / "val" / "b2.txt").read_text() == car
+    # crowd: x 100..259, y 40..129 -> cx 180/320, cy 85/180, w 160/320, h 90/180
+    assert (out / "ignore" / "val" / "b1.txt").read_text() == "2 0.562500 0.472222 0.500000 0.500000\n"
+    assert not (out / "ignore" / "val" / "b2.txt").exists()
+    assert (
+        "boxes: 2 (car 2)" in stdout
+        and "ignore regions (no training boxes; scored as COCO crowd): 1 (car crowd 1)" in stdout
+    )
+
+    # what the evaluations read: the car, and the crowd as a crowd box
+    from annotation.metrics import read_yolo_labels
+
+    truth = read_yolo_labels(out / "labels" / "val" / "b1.txt", 320, 180)
+    assert truth.cls.tolist() == [2, 2] and truth.is_crowd.tolist() == [False, True]
+    assert truth.xyxy[1].tolist() == pytest.approx([100, 40, 260, 130], abs=1e-3)  # %.6f
+
+
+def test_an_export_without_ignore_files_gets_them_from_a_plain_rerun(tmp_path, capsys):
+    labels, images = hand_frames(tmp_path)
+    out = tmp_path / "yolo"
+    args = ("--labels_file", labels, "--images_dir", images, "--split", "val", "--out", out)
+    assert convert(capsys, *args)[0] == 0
+    written = {p.name: p.read_text() for p in (out / "ignore" / "val").iterdir()}
+    for path in (out / "ignore" / "val").iterdir():  # as an export from before ignore files
+        path.unlink()
+    code, stdout, err = convert(capsys, *args)
+    assert code == 0, err
+    assert {p.name: p.read_text() for p in (out / "ignore" / "val").iterdir()} == written
+    assert "new 0, replaced 0, unchanged 2" in stdout and "(2 file(s) written)" in stdout
+    (out / "ignore" / "val" / "aaaa0002-00000002.txt").write_text("0 0.5 0.5 0.1 0.1\n")  # differs: refused
+    code, _, err = convert(capsys, *args)
+    assert code == 2 and "1 frame(s) differ from what is there (aaaa0002-00000002)" in err
+    assert convert(capsys, *args, "--overwrite")[0] == 0
+    assert {p.name: p.read_text() for p in (out / "ignore" / "val").iterdir()} == written
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -127,6 +127,10 @@ def test_real_frames_as_generations_give_a_ratio_of_one(mini_bdd, detector, tmp_
     assert list(det["generated"]["per_class"]) == ["car"] and result["classes"] == ["car"]
     cars = sum(1 for f in frames for lb in f.label_list() if lb.category == "car")
     assert det["generated"]["gt_boxes"] == cars and result["counts"]["generations"] == 5
+    # the ignore regions of car (the one class scored): det_20's "other vehicle"
+    crowd = sum(1 for f in frames for lb in f.label_list() if lb.category == "other vehicle")
+    assert det["generated"]["crowd_boxes"] == det["real"]["crowd_boxes"] == crowd
+    assert "pycocotools' COCOeval" in (out / "fidelity.md").read_text()
 
     segm = result["segmentation"]
     assert segm["images"] == sum("mask_path" in r for r in records)

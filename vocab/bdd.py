@@ -13,7 +13,7 @@ layout checks). Formats follow the official toolkit (bdd100k/bdd100k) and Scalab
   :func:`load_frames` takes one such file or a folder of them.
 * Scalabel exports: ``{"frames": [...], "config": ..., "groups": ...}`` instead of a list, keys present with
   ``null`` (``labels``, ``poly2d``, ``attributes``, attribute values), capitalised attribute keys (``Occluded``,
-  ``Truncated``, ``Traffic Light Color``), light colours as lists (``[1, "G"]``), a UTF-8 byte-order mark,
+  ``Truncated``, ``Traffic Light Color``, ``Crowd``), light colours as lists (``[1, "G"]``), a UTF-8 byte-order mark,
   frame names that are URLs or end in ``.png`` (names match images by :func:`stem`).
 * ``labels`` may be absent, ``null`` or ``[]``; frame attributes may miss keys. Boxes are inclusive pixels and
   may lie slightly past the image edge (clipped where used).
@@ -242,6 +242,11 @@ class LabelAttributes(msgspec.Struct, frozen=True, gc=False):
     occluded_capitalised: bool | None = msgspec.field(default=None, name="Occluded")
     truncated_capitalised: bool | None = msgspec.field(default=None, name="Truncated")
     light_capitalised: LightCode = msgspec.field(default=None, name="Traffic Light Color")
+    # a crowd of objects boxed as one (tracking exports, some Scalabel exports as "Crowd"); the toolkit's
+    # evaluation also reads "ignored" (what it sets on det_20's ignored categories): both are ignore regions
+    crowd: bool | None = False
+    crowd_capitalised: bool | None = msgspec.field(default=None, name="Crowd")
+    ignored: bool | None = False
 
     @property
     def light(self) -> str | None:
@@ -258,6 +263,11 @@ class LabelAttributes(msgspec.Struct, frozen=True, gc=False):
     @property
     def is_truncated(self) -> bool:
         return bool(self.truncated or self.truncated_capitalised)
+
+    @property
+    def is_crowd(self) -> bool:
+        """``crowd`` (or ``Crowd``) or ``ignored`` set: the box is an ignore region, not one object."""
+        return bool(self.crowd or self.crowd_capitalised or self.ignored)
 
 
 class Label(msgspec.Struct, frozen=True, gc=False):
@@ -505,6 +515,13 @@ def category_of(label: Label) -> Category:
     if cat is None:
         cat = _CATEGORY_CACHE[label.category] = canonical_category(label.category)
     return cat
+
+
+def is_crowd_region(label: Label) -> bool:
+    """An ignore region of its class (:attr:`Category.det_class`) in the BDD100K toolkit's evaluation: det_20's
+    ignored categories (other person, other vehicle, trailer) and labels whose attributes say ``crowd`` (also
+    ``Crowd``) or ``ignored``. Neither a training box nor a scored one: a detection on it counts for nothing."""
+    return category_of(label).ignored or (label.attributes is not None and label.attributes.is_crowd)
 
 
 def light_color(label: Label) -> str | None:
