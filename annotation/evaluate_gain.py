@@ -324,7 +324,7 @@ def run_settings(
         "conditions": None if cfg.data.skip_conditions else gain_data.conditions_fingerprint(cfg.data.val),
         "convergence_check": cfg.design.convergence_check,
         "ultralytics": importlib.metadata.version("ultralytics"),
-        "torchmetrics": importlib.metadata.version("torchmetrics"),
+        "pycocotools": importlib.metadata.version("pycocotools"),
     }
 
 

@@ -581,7 +581,7 @@ def test_settings_keep_their_keys_and_values(sets, tmp_path, monkeypatch):
         "conditions": f"frames.csv of {real}",
         "convergence_check": True,
         "ultralytics": importlib.metadata.version("ultralytics"),
-        "torchmetrics": importlib.metadata.version("torchmetrics"),
+        "pycocotools": importlib.metadata.version("pycocotools"),
     }
     _, cfg = evaluate_gain.parse_config(
         [*flag_argv(real, synthetic, tmp_path / "out"), "--skip_conditions", "--synthetic_splits", "train"]

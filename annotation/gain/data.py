@@ -115,11 +115,17 @@ def split_items(spec: DataYaml, split: str) -> list[Item]:
 
 
 def fingerprint(items: Sequence[Item]) -> str:
-    """What a data set's rows depend on: image keys and sizes, label contents (not image bytes: too slow at 100k)."""
+    """What a data set's rows depend on: image keys and sizes, label contents and ignore-region side files (the
+    crowd regions annotation/metrics.py reads beside val labels); not image bytes: too slow at 100k."""
+    from annotation.metrics import ignore_path
+
     h = hashlib.sha256()
     for item in items:
         h.update(f"{item.key}\0{item.image.stat().st_size}\0".encode())
         h.update(item.label.read_bytes() if item.label.is_file() else b"<no label>")
+        ignore = ignore_path(item.label)
+        if ignore is not None and ignore.is_file():
+            h.update(b"\0ignore\0" + ignore.read_bytes())
         h.update(b"\0")
     return h.hexdigest()[:20]
 

@@ -19,6 +19,7 @@ from annotation.gain.data import ANY
 from annotation.gain.design import ARM_KINDS, CURVE, NEGATIVE, POSITIVE, REAL, SYNTHETIC, Schedule
 from annotation.gain.recipe import Recipe
 from annotation.gain.stats import Spread, fmt_cell, fmt_spread, pct, spread
+from annotation.metrics import DEFINITION
 from core.io import atomic_write_text
 from core.report import markdown_table, save_figure, subplots
 
@@ -304,7 +305,8 @@ def write_markdown(
         f"batches = {schedule.iterations} iterations, {schedule.images_seen} images seen**{steps} (a training "
         f"list of {schedule.list_length} entries per epoch; smaller arms repeat their images). Figures are COCO "
         f"mAP × 100 on the real val frames ({every[0]['metrics']['images'] if every else 0} images), mean ± "
-        "sample std [min, max] over seeds; gains are differences to the real-only arm at the same seed.",
+        "sample std [min, max] over seeds; gains are differences to the real-only arm at the same seed. "
+        f"The mAP: {DEFINITION}.",
         "",
     ]
     if signal:

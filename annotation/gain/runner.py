@@ -298,7 +298,7 @@ def evaluate_run(
     weights: Path, val: ValSet, work: Path, *, imgsz: int, batch: int, device: str
 ) -> dict[str, Any]:
     """COCO mAP of the trained model on the real val frames: overall, per class, per size, per condition."""
-    from annotation.metrics import detection_map, predict_boxes
+    from annotation.metrics import detection_maps, predict_boxes
 
     by_path = {i.image: i.key for i in val.items}
     preds = predict_boxes(
@@ -313,11 +313,15 @@ def evaluate_run(
     if missing:
         raise UserError(f"--val: ultralytics could not read {len(missing)} val image(s), first: {missing[0]}")
     predictions = {by_path[p]: boxes for p, boxes in preds.items()}
-    metrics = detection_map(predictions, val.truths, bdd.DET_CLASSES)
-    metrics["per_condition"] = {}
-    for group, keys in (val.groups or {}).items():
-        m = detection_map(predictions, val.truths, bdd.DET_CLASSES, keys=keys)
-        metrics["per_condition"][group] = {k: m[k] for k in ("images", "gt_boxes", "map", "map50")}
+    every = "\0all"  # no condition is named so
+    subsets = {every: [i.key for i in val.items], **(val.groups or {})}
+    scored = detection_maps(
+        predictions, val.truths, bdd.DET_CLASSES, subsets
+    )  # one COCOeval matching for all
+    metrics = scored.pop(every)
+    metrics["per_condition"] = {
+        group: {k: m[k] for k in ("images", "gt_boxes", "map", "map50")} for group, m in scored.items()
+    }
     return metrics
 
 
