@@ -459,6 +459,8 @@ def write_plot(
                 ax.axhline(got[1].mean * 100, linestyle=style, linewidth=1, label=title,
                            color=colours.get(runs[0]["arm"]))  # fmt: skip
         ax.set_xscale("log")
+        ax.set_xticks(xs, [str(x) for x in xs])  # the budgets, not powers of ten
+        ax.minorticks_off()
         ax.set_xlabel("real frames (log)")
         ax.set_ylabel("mAP50-95 × 100 (real val)")
         ax.set_title("real-data curve; synthetic arms as levels")
