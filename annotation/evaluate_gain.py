@@ -20,18 +20,45 @@ without training.
 The equal-iteration rule (why: many published gains vanish once the real-only baseline trains as long as the mix;
 Dream4Drive). Every arm trains ``E`` epochs over a training list of the same length ``M = nb * batch`` entries,
 written as an ultralytics image-list .txt file, so every arm runs exactly ``E * nb`` iterations and sees
-``E * M`` images. ``nb = ceil(largest arm / batch)``: the largest mix sees each of its images once per epoch,
+``E * M`` images. ``nb = ceil(largest arm / batch)``: the largest arm sees each of its images once per epoch,
 smaller arms repeat theirs (each image ``floor(M / n)`` or one more time; the extra copies are a seeded draw), the
 real-only arm most of all. The real images are the same in every arm of a seed (``--max_real N``: a seeded draw of
 N frames, the same for every share); a share's synthetic images are a seeded draw that contains every smaller
-share's. ``--iterations N`` picks ``E`` as the largest divisor of N whose ``nb = N / E`` still covers the largest
-arm, so the count is exact. The script counts the iterations ultralytics runs and refuses a run that differs.
+share's. The script counts the iterations ultralytics runs and refuses a run that differs.
 
-Outputs in ``--out``: ``gain.csv`` (one row per share and seed), ``gain.md`` (tables), ``gain.png`` (mAP vs share),
-``gain.json`` (the same, machine-readable), ``gain_settings.json`` (what every row depends on) and
-``runs/share<p>_seed<s>/`` (training list, ultralytics run, ``result.json``). A rerun keeps every finished run
-(``result.json`` under the same settings key) and retrains an unfinished one from scratch; other settings in the
-same ``--out`` are refused, never mixed. The code: :mod:`annotation.gain`.
+How ``--iterations N`` maps to ultralytics' epochs: ``E = max(1, N // nb)`` epochs of ``N // E`` batches, i.e. as
+many whole passes over the largest arm as fit (each a little longer when N is no multiple of nb); the iterations
+run are ``E * (N // E)``, N or up to E - 1 fewer, printed. So N = 12 and N = 13 at nb = 4 are both 3 epochs of 4
+batches. What ultralytics then does with the epochs is printed before training and kept in the report
+(:mod:`annotation.gain.recipe`, the rule of its trainer): **optimizer steps** (gradients accumulate over
+``round(nbs / batch)`` batches, ``nbs`` = 64 by default, capped at the run's batches; warmup steps more often),
+**warmup** (``min(warmup_epochs, E - 1)`` epochs: none in a one-epoch run) and **mosaic** (off in the last
+``close_mosaic`` = 10 epochs: none when E <= 10). A budget that leaves warmup or mosaic out, or that makes fewer
+than ``design.min_optimizer_steps`` steps, is warned about (every arm shares the schedule, so the warning is about
+all of them).
+
+Controls and the exchange rate (:mod:`annotation.gain.controls`, :mod:`annotation.gain.curve`), beside the largest
+share, per seed: a **positive control** (``--positive_control``: as many more *real* frames as that share has
+synthetic ones, from outside the real draw; needs ``--max_real``), a **negative control** (``--negative_control
+shuffled_labels | blank_images``), and a **real-data curve** (``--real_curve 250,500,1000``: real-only arms at
+those budgets). Each synthetic arm's mAP is read off its seed's curve: "S synthetic frames are worth about M real
+frames". Each run also scores its weights at the start of the last fifth of its iterations and the report says
+whether the arm **converged** (mAP flat there); a zero baseline is reported as **no signal**, not as a gain of 0.
+
+Before anything trains, the val frames are kept out of training (:mod:`annotation.gain.leaks`): real-train or
+synthetic images that are val images (same inode, or same bytes), and synthetic images generated from a val frame
+(their ``source_frame`` in stage 4's manifest or the generation's metadata.jsonl), are refused with a count.
+
+``--devices 0,1,2,3`` trains one run per device at once, each in its own process (``--devices cpu,cpu``: two CPU
+trainings); the same seeds give the same figures as one at a time. Several hosts may share one ``--out``.
+
+Outputs in ``--out``: ``gain.csv`` (one row per arm and seed: ``arm`` is real, synthetic, positive_control,
+negative_control or real_curve, with ``share`` and ``real_budget``), ``gain.md`` (tables), ``gain.png`` (mAP vs
+share with the controls; mAP vs real frames), ``gain.json`` (the same, machine-readable, with the verdicts),
+``gain_settings.json`` (what every row depends on) and ``runs/<run>/`` (training list, composition, ultralytics
+run, ``result.json``). A rerun keeps every finished run (``result.json`` under the same settings key) and retrains
+an unfinished one from scratch; other settings in the same ``--out`` are refused, never mixed. Adding controls or
+curve budgets that keep the largest arm keeps every finished run. The code: :mod:`annotation.gain`.
 """
 
 from __future__ import annotations
@@ -45,15 +72,15 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, field_validator, model_validator
 
+from annotation.gain import controls, design, leaks, parallel, recipe, report, runner
 from annotation.gain import data as gain_data
-from annotation.gain import design, report, runner
 from annotation.gain.stats import pct
-from core.cli import run_main, setup_logging
+from core.cli import UserError, run_main, setup_logging
 from core.config import Section, add_config_arguments, flag_values, load_config
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -153,6 +180,22 @@ class DesignSection(Section):
     epochs: int | None = Field(None, ge=1)
     iterations: int | None = Field(None, ge=1)
     max_real: int | None = Field(None, ge=1)
+    positive_control: bool = False
+    negative_control: Literal["shuffled_labels", "blank_images"] | None = None
+    real_curve: list[int] = []
+    min_optimizer_steps: int = Field(100, ge=0)
+    convergence_check: bool = True
+    convergence_tolerance: float = Field(0.05, ge=0)
+
+    @field_validator("real_curve", mode="before")
+    @classmethod
+    def _real_curve(cls, value: Any) -> list[int]:
+        if value is None or value == [] or value == "":
+            return []
+        budgets = number_list(value, "--real_curve", int)
+        if any(b < 1 for b in budgets):
+            raise ValueError("--real_curve: budgets are numbers of real frames >= 1")
+        return sorted(budgets)
 
     @field_validator("shares", mode="before")
     @classmethod
@@ -192,6 +235,7 @@ class TrainSection(Section):
     imgsz: int = Field(640, ge=1)
     batch: int = Field(16, ge=1)
     device: str = ""
+    devices: list[str] = []
     workers: int = Field(8, ge=0)
     args: dict[str, Any] = {}
 
@@ -218,10 +262,30 @@ class TrainSection(Section):
         if isinstance(value, str) and "," in value:
             raise ValueError(
                 "--device takes one device: ultralytics' multi-GPU mode runs the training in "
-                "child processes where this script cannot count iterations; run one process per GPU with "
-                "different --seeds into the same --out instead"
+                "child processes where this script cannot count iterations; --devices 0,1 runs one training "
+                "per GPU at once instead"
             )
         return value
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _devices(cls, value: Any) -> list[str]:
+        if value is None or value == "":
+            return []
+        parts = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
+        devices = [str(p).strip() for p in parts if str(p).strip()]
+        if not all(d == "cpu" or d.isdigit() for d in devices):
+            raise ValueError(f"--devices: expected GPU ids or cpu such as 0,1,2,3 or cpu,cpu, got {value!r}")
+        return devices
+
+    @model_validator(mode="after")
+    def _one_device_setting(self) -> TrainSection:
+        if self.devices and self.device:
+            raise ValueError(
+                "set train.device (--device, one training at a time) or train.devices (--devices, one training "
+                "per device at once), not both; leave the other empty"
+            )
+        return self
 
     @field_validator("args", mode="before")
     @classmethod
@@ -258,8 +322,9 @@ def run_settings(
         "synthetic": gain_data.fingerprint(inputs.synthetic),
         "val": gain_data.fingerprint(inputs.val),
         "conditions": None if cfg.data.skip_conditions else gain_data.conditions_fingerprint(cfg.data.val),
+        "convergence_check": cfg.design.convergence_check,
         "ultralytics": importlib.metadata.version("ultralytics"),
-        "torchmetrics": importlib.metadata.version("torchmetrics"),
+        "pycocotools": importlib.metadata.version("pycocotools"),
     }
 
 
@@ -290,10 +355,17 @@ FLAGS: dict[str, tuple[str, str]] = {
     "--epochs": ("design.epochs", "epochs of every arm (50 when neither --epochs nor --iterations)"),
     "--iterations": ("design.iterations", "exact iterations of every arm instead"),
     "--max_real": ("design.max_real", "use a seeded draw of N real frames (low-data regime)"),
+    "--positive_control": ("design.positive_control", "add the positive control: S more real frames instead"),
+    "--negative_control": (
+        "design.negative_control",
+        "add a negative control: shuffled_labels or blank_images",
+    ),
+    "--real_curve": ("design.real_curve", "real-only arms at these real budgets (250,500,1000): the curve"),
     "--model": ("train.model", "architecture yaml (random init, no download) or a local .pt (yolov8n.yaml)"),
     "--imgsz": ("train.imgsz", "training and evaluation size (multiple of 32; 640)"),
     "--batch": ("train.batch", "images per iteration, the same for every arm (16)"),
     "--device": ("train.device", "'' (auto, the default), cpu, or one GPU id such as 0"),
+    "--devices": ("train.devices", "one training per device at once: 0,1,2,3 (cpu,cpu: two on CPU)"),
     "--workers": ("train.workers", "dataloader workers (ultralytics uses 0 on CPU; 8)"),
     "--synthetic_splits": ("data.synthetic_splits", "splits of --synthetic to draw from (train,val)"),
     "--train_args": ("train.args", "more ultralytics training arguments: 'lr0=0.01,mosaic=0'"),
@@ -317,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget = p.add_mutually_exclusive_group()
     for flag, (key, text) in FLAGS.items():
         group = budget if flag in ("--epochs", "--iterations") else p
-        switch = {"action": "store_true"} if flag == "--skip_conditions" else {}
+        switch = {"action": "store_true"} if flag in ("--skip_conditions", "--positive_control") else {}
         metavar = {} if switch else {"metavar": flag[2:].upper()}
         group.add_argument(flag, dest=key, default=None, help=f"{text} [{key}]", **switch, **metavar)
     p.add_argument("--log_level", default=None, help="DEBUG, INFO, WARNING")
@@ -361,18 +433,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         skip_conditions=cfg.data.skip_conditions,
     )  # fmt: skip
 
-    # --- the design: arms per seed, one schedule for all ------------------------------------------------------
-    arms = [
-        arm
-        for seed in seeds
-        for arm in design.design_arms(inputs.real, inputs.synthetic, shares, seed, cfg.design.max_real)
-    ]
+    # --- leaks: no val frame (by file, content or source frame) in any training arm ---------------------------
+    leak_check = leaks.check_no_val_leaks(inputs.real, inputs.synthetic, inputs.val, inputs.synthetic_yaml)
+
+    # --- the design: arms per seed (shares, controls, curve), one schedule for all ---------------------------
+    d = cfg.design
+    arms = []
+    for seed in seeds:
+        seed_arms = design.design_arms(inputs.real, inputs.synthetic, shares, seed, d.max_real)
+        arms += seed_arms + controls.control_arms(
+            inputs.real,
+            seed_arms,
+            positive=d.positive_control,
+            negative=d.negative_control,
+            curve=d.real_curve,
+        )
     schedule = design.equal_iteration_schedule(
-        max(len(a.images) for a in arms), cfg.train.batch, cfg.design.budget_epochs, cfg.design.iterations
+        max(len(a.images) for a in arms), cfg.train.batch, d.budget_epochs, d.iterations
     )
+    ultralytics_args = runner.ultralytics_defaults() | dict(cfg.train.args)
+    train_recipe = recipe.recipe(schedule, ultralytics_args)
+    warnings = recipe.recipe_warnings(train_recipe, ultralytics_args, d.min_optimizer_steps)
     settings = run_settings(cfg, model_fingerprint, schedule, inputs)
     key = runner.check_settings(out, settings, record=not args.check)
-    max_real = cfg.design.max_real
+    max_real = d.max_real
     cells = len(set(inputs.conditions.values())) if inputs.conditions else 0
     print(
         f"gain: {len(inputs.real)} real train images{f' (using {max_real} per seed)' if max_real else ''}, "
@@ -380,11 +464,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         + (f" in {cells} weather x time-of-day cells" if cells else "")
     )
     print(
-        f"gain: shares {', '.join(f'{s:g} %' for s in shares)} x seeds {', '.join(map(str, seeds))}; every arm "
-        f"{schedule.epochs} epochs x {schedule.batches_per_epoch} batches of {schedule.batch} = "
-        f"{schedule.iterations} iterations ({schedule.images_seen} images seen); settings key {key}",
+        f"gain: no val leaks ({leak_check.images} images checked by file and content, {leak_check.hashed} hashed "
+        f"for equal sizes, {leak_check.seconds:.1f} s; source frames known for {leak_check.with_source} of "
+        f"{len(inputs.synthetic)} synthetic images"
+        + (f", unknown for e.g. {leak_check.without_source[0]}" if leak_check.without_source else "")
+        + ")"
+    )
+    kinds = sorted({a.arm for a in arms}, key=design.ARM_KINDS.index)
+    short = (
+        ""
+        if schedule.iterations == d.iterations or d.iterations is None
+        else (f" (--iterations {d.iterations} rounded down to whole epochs)")
+    )
+    print(
+        f"gain: {len(arms)} runs ({', '.join(kinds)}) over shares {', '.join(f'{s:g} %' for s in shares)} x seeds "
+        f"{', '.join(map(str, seeds))}; every arm {schedule.epochs} epochs x {schedule.batches_per_epoch} batches "
+        f"of {schedule.batch} = {schedule.iterations} iterations{short} ({schedule.images_seen} images seen), "
+        f"{train_recipe.optimizer_steps} optimizer steps (accumulate {train_recipe.accumulate}, warmup "
+        f"{train_recipe.warmup_iterations} iterations, mosaic in {train_recipe.mosaic_epochs} of {schedule.epochs} "
+        f"epochs); settings key {key}",
         flush=True,
     )
+    for line in warnings:
+        print(f"gain: WARNING: {line}", flush=True)
     if args.check:
         finished = sum(runner.finished_result(runner.run_folder(out, a), key) is not None for a in arms)
         print(
@@ -397,13 +499,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     val = runner.ValSet(inputs.val, {}, groups)
     results: list[dict[str, Any]] = []
     missing: list[str] = []
-    for n, arm in enumerate(arms, 1):
-        label = f"[{n}/{len(arms)}] {arm.share:g} % synthetic, seed {arm.seed}"
+    failed: list[str] = []
+    labels = {a.name: f"[{n}/{len(arms)}] {arm_label(a)}" for n, a in enumerate(arms, 1)}
+    to_train = []
+    for arm in arms:
         done = runner.finished_result(runner.run_folder(out, arm), key)
         if done is not None:
-            print(f"{label}: kept (finished {done['finished_at']}): mAP50-95 {pct(done['metrics']['map'])}")
+            print(
+                f"{labels[arm.name]}: kept (finished {done['finished_at']}): mAP50-95 {pct(done['metrics']['map'])}"
+            )
             results.append(done)
-            continue
+        else:
+            to_train.append(arm)
+    train = parallel.TrainSettings(
+        key, cfg.train.model, cfg.train.imgsz, cfg.train.batch, cfg.train.workers, dict(cfg.train.args),
+        d.convergence_check,
+    )  # fmt: skip
+    if len(cfg.train.devices) > 1 and to_train:
+        trained, held, failed = parallel.train_concurrently(
+            out, to_train, schedule, val, train, cfg.train.devices, lambda a: labels[a.name]
+        )
+        results += trained
+        missing += held + [f.split(" ", 1)[0] for f in failed]
+    device = cfg.train.devices[0] if cfg.train.devices else cfg.train.device
+    for arm in to_train if len(cfg.train.devices) <= 1 else ():
+        label = labels[arm.name]
         lock = runner.RunLock.of(out, arm)
         if not lock.acquire():
             print(f"{label}: skipped, another process is training it (rerun later to collect it)")
@@ -411,14 +531,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         try:
             print(
-                f"{label}: training on {len(arm.real)} real + {len(arm.synthetic)} synthetic images "
+                f"{label}: training on {arm.real_budget} real + {len(arm.synthetic)} synthetic images "
                 f"({schedule.list_length} list entries per epoch)",
                 flush=True,
             )
             result = runner.train_and_evaluate(
                 out, arm, schedule, val, key=key, model=cfg.train.model, imgsz=cfg.train.imgsz,
-                batch=cfg.train.batch, device=cfg.train.device, workers=cfg.train.workers,
-                train_args=dict(cfg.train.args),
+                batch=cfg.train.batch, device=device, workers=cfg.train.workers,
+                train_args=dict(cfg.train.args), convergence_check=d.convergence_check,
             )  # fmt: skip
         finally:
             lock.release()
@@ -431,9 +551,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         results.append(result)
 
     # --- reports ----------------------------------------------------------------------------------------------
-    summary = report.write_reports(out, key, settings, results, shares, seeds, schedule, missing)
+    summary = report.write_reports(
+        out, key, settings, results, shares, seeds, schedule, missing,
+        recipe=train_recipe, warnings=warnings, tolerance=d.convergence_tolerance,
+    )  # fmt: skip
     report.print_summary(out, summary, shares, missing)
+    if failed:
+        raise UserError(
+            f"{len(failed)} run(s) failed (the others are in the report):\n  " + "\n  ".join(failed)
+        )
     return 0
+
+
+def arm_label(arm: design.Arm) -> str:
+    """How the progress lines name a run."""
+    if arm.arm == design.POSITIVE:
+        return f"positive control ({len(arm.extra_real)} more real frames, {arm.share:g} %), seed {arm.seed}"
+    if arm.arm == design.NEGATIVE:
+        return f"negative control ({arm.spoil}, {arm.share:g} %), seed {arm.seed}"
+    if arm.arm == design.CURVE:
+        return f"real curve, {arm.real_budget} real frames, seed {arm.seed}"
+    return f"{arm.share:g} % synthetic, seed {arm.seed}"
 
 
 if __name__ == "__main__":

@@ -138,17 +138,26 @@ def test_real_only_arm_repeats_its_images_to_the_largest_arms_length():
     assert sorted(odd.count(i) for i in arms[0].real) == [2, 2, 3, 3, 3, 3]
 
 
-def test_schedule_rounds_up_to_full_batches_and_iterations_are_exact():
+def test_schedule_rounds_up_to_full_batches_and_iterations_are_whole_passes():
     schedule = design.equal_iteration_schedule
     assert schedule(10, batch=4, epochs=5) == design.Schedule(5, 3, 4)  # list 12, 15 iterations
-    s = schedule(37 * 16 - 5, batch=16, iterations=1000)  # nb 37 -> E 25, nb 40
-    assert (s.epochs, s.batches_per_epoch, s.iterations) == (25, 40, 1000)
-    prime = schedule(100, batch=10, iterations=997)  # prime: one long epoch, still exact
-    assert (prime.epochs, prime.iterations) == (1, 997)
+    s = schedule(37 * 16 - 5, batch=16, iterations=1000)  # nb 37 -> 27 passes of 37 batches
+    assert (s.epochs, s.batches_per_epoch, s.iterations) == (27, 37, 999)
+    prime = schedule(100, batch=10, iterations=997)  # 99 passes of 10 batches, not one epoch of 997
+    assert (prime.epochs, prime.batches_per_epoch, prime.iterations) == (99, 10, 990)
     short = schedule(100, batch=10, iterations=4)  # fewer than one pass: a seeded subset per arm
     assert (short.epochs, short.batches_per_epoch, short.list_length) == (1, 4, 40)
-    for n in (1, 7, 60, 360, 1001):
-        assert schedule(50, batch=8, iterations=n).iterations == n
+    # the issue's case: 12 and 13 iterations at nb 4 are the same recipe, not 3 epochs vs 1
+    assert (
+        schedule(16, batch=4, iterations=12)
+        == schedule(16, batch=4, iterations=13)
+        == design.Schedule(3, 4, 4)
+    )
+    for n in (1, 7, 60, 360, 1001, 20000):
+        s = schedule(50, batch=8, iterations=n)
+        assert s.iterations <= n and n - s.iterations < s.epochs  # whole epochs: at most E - 1 short
+        assert s.batches_per_epoch >= min(7, n)  # each epoch covers the largest arm (nb 7) when N allows
+        assert s.batches_per_epoch < 2 * 7 or s.epochs == 1  # and not much more: epochs track passes
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -497,7 +506,7 @@ def test_the_pure_parts_run_without_ultralytics():
     code = """
 import sys
 from pathlib import Path
-from annotation.gain import design, stats
+from annotation.gain import controls, curve, design, leaks, recipe, stats
 from annotation.gain.data import Item
 import annotation.evaluate_gain
 
@@ -512,6 +521,8 @@ runs = [{"share": s, "seed": seed, "real_images": 10, "synthetic_images": 0, "me
 summary = stats.summarize(runs, [0, 50])
 assert round(summary["50"]["map_gain"]["mean"], 6) == 0.025 and summary["0"]["map_gain"] is None
 assert stats.fmt_spread(stats.spread([0.30, 0.32, 0.34])) == "32.00 ± 2.00 [30.00, 34.00]"
+assert recipe.optimizer_steps(6, 1, 4, 64, 3) == (1, 6, 0)
+assert curve.real_equivalent([(100, 0.1), (400, 0.2)], 0.15).budget > 199.9
 assert "ultralytics" not in sys.modules, "ultralytics was imported"
 """
     import os
@@ -542,8 +553,9 @@ def test_a_yaml_config_is_the_same_run_as_its_flags(sets, tmp_path, capsys):
 
 
 def test_settings_keep_their_keys_and_values(sets, tmp_path, monkeypatch):
-    """gain_settings.json's settings are what they were before the config (a change would make every existing
-    --out refuse to resume): the same keys, the values from the config, the list flags as they were spelled."""
+    """gain_settings.json's settings are what the config says (a change makes every existing --out refuse to
+    resume): the keys below, the values from the config, the list flags as they were spelled. Version 2: the
+    --iterations rule (whole passes), optimizer steps and the convergence checkpoint changed what a run holds."""
     import importlib.metadata
 
     real, synthetic = sets
@@ -553,7 +565,7 @@ def test_settings_keep_their_keys_and_values(sets, tmp_path, monkeypatch):
     inputs = gain_data.Inputs(items(8, "r"), items(12, "s"), items(4, "v"), None)
     settings = evaluate_gain.run_settings(cfg, "model-fp", design.Schedule(2, 3, 4), inputs)
     assert settings == {
-        "version": 1,
+        "version": 2,
         "model": "yolov8n.yaml",
         "model_fingerprint": "model-fp",
         "imgsz": 64,
@@ -567,8 +579,9 @@ def test_settings_keep_their_keys_and_values(sets, tmp_path, monkeypatch):
         "synthetic": "12 items",
         "val": "4 items",
         "conditions": f"frames.csv of {real}",
+        "convergence_check": True,
         "ultralytics": importlib.metadata.version("ultralytics"),
-        "torchmetrics": importlib.metadata.version("torchmetrics"),
+        "pycocotools": importlib.metadata.version("pycocotools"),
     }
     _, cfg = evaluate_gain.parse_config(
         [*flag_argv(real, synthetic, tmp_path / "out"), "--skip_conditions", "--synthetic_splits", "train"]

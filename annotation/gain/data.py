@@ -115,11 +115,17 @@ def split_items(spec: DataYaml, split: str) -> list[Item]:
 
 
 def fingerprint(items: Sequence[Item]) -> str:
-    """What a data set's rows depend on: image keys and sizes, label contents (not image bytes: too slow at 100k)."""
+    """What a data set's rows depend on: image keys and sizes, label contents and ignore-region side files (the
+    crowd regions annotation/metrics.py reads beside val labels); not image bytes: too slow at 100k."""
+    from annotation.metrics import ignore_path
+
     h = hashlib.sha256()
     for item in items:
         h.update(f"{item.key}\0{item.image.stat().st_size}\0".encode())
         h.update(item.label.read_bytes() if item.label.is_file() else b"<no label>")
+        ignore = ignore_path(item.label)
+        if ignore is not None and ignore.is_file():
+            h.update(b"\0ignore\0" + ignore.read_bytes())
         h.update(b"\0")
     return h.hexdigest()[:20]
 
@@ -200,13 +206,14 @@ class Inputs:
     synthetic: list[Item]
     val: list[Item]
     conditions: dict[str, tuple[str, str]] | None
+    synthetic_yaml: DataYaml | None = None  # where stage 4's records of the synthetic images are (leaks.py)
 
 
 def load_inputs(
     real: Path, synthetic: Path, val: Path, synthetic_splits: Sequence[str], *, skip_conditions: bool
 ) -> Inputs:
-    """Read the real train split, the synthetic ``synthetic_splits`` and the val split; refuse empty sets and
-    real train frames that are also val frames; read the val frames' conditions (unless ``skip_conditions``)."""
+    """Read the real train split, the synthetic ``synthetic_splits`` and the val split; refuse empty sets; read
+    the val frames' conditions (unless ``skip_conditions``). Val leaks are :mod:`annotation.gain.leaks`' check."""
     real_yaml = load_data_yaml(real, "--real")
     syn_yaml = load_data_yaml(synthetic, "--synthetic")
     val_yaml = load_data_yaml(val, "--val")
@@ -226,11 +233,5 @@ def load_inputs(
     val_items = split_items(val_yaml, "val")
     if not val_items:
         raise UserError(f"--val: {val}'s val split lists no images")
-    leaked = sorted({i.image for i in real_items} & {i.image for i in val_items})
-    if leaked:
-        raise UserError(
-            f"--real and --val share {len(leaked)} image(s) (first: {leaked[0]}): the real train split must not "
-            "contain val frames"
-        )
     conditions = None if skip_conditions else read_conditions(val_yaml, val_items)
-    return Inputs(real_items, syn_items, val_items, conditions)
+    return Inputs(real_items, syn_items, val_items, conditions, syn_yaml)

@@ -33,7 +33,11 @@ from vocab import bdd
 
 SETTINGS_FILE = "gain_settings.json"
 RESULT_FILE = "result.json"
-SETTINGS_VERSION = 1
+#: 2: the --iterations rule (whole passes over the largest arm), optimizer steps, the convergence checkpoint
+SETTINGS_VERSION = 2
+#: a negative control's blank images: mid-grey
+BLANK_GREY = (128, 128, 128)
+CHECKPOINT_FILE = "checkpoint.pt"
 #: ultralytics validates at the end of every training by design; it gets this many val images (not our figures)
 PROBE_VAL_IMAGES = 16
 #: ultralytics training arguments --train_args may set (everything else is fixed by this script or by the rule)
@@ -46,6 +50,16 @@ TRAIN_ARGS_ALLOWED = frozenset((
 ))  # fmt: skip
 
 
+def ultralytics_defaults() -> dict[str, Any]:
+    """ultralytics' default training arguments (its default.yaml), which ``train.args`` overrides."""
+    from annotation.yolo_runtime import import_ultralytics
+
+    import_ultralytics()
+    from ultralytics.cfg import DEFAULT_CFG_DICT
+
+    return dict(DEFAULT_CFG_DICT)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The run's data: links, labels, the training list, a val probe
 # ---------------------------------------------------------------------------------------------------------------
@@ -53,6 +67,16 @@ TRAIN_ARGS_ALLOWED = frozenset((
 
 def run_folder(out: Path, arm: Arm) -> Path:
     return out / "runs" / arm.name
+
+
+def blank_image(src: Path, dest: Path) -> None:
+    """A mid-grey PNG of ``src``'s size (a negative control's image: the labels stay, the pixels go)."""
+    from PIL import Image
+
+    with Image.open(src) as im:
+        size = im.size
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, BLANK_GREY).save(dest)
 
 
 def link(src: Path, dest: Path) -> None:
@@ -76,6 +100,7 @@ def write_run_data(run_dir: Path, arm: Arm, length: int, probe: Sequence[Item]) 
     names: dict[str, Path] = {}
     for split, items, tag in (
         ("train", arm.real, "r"),
+        ("train", arm.extra_real, "r"),
         ("train", arm.synthetic, "s"),
         ("val", tuple(probe), "v"),
     ):
@@ -83,8 +108,12 @@ def write_run_data(run_dir: Path, arm: Arm, length: int, probe: Sequence[Item]) 
         (data / "labels" / split).mkdir(parents=True, exist_ok=True)
         for item in items:
             stem = f"{tag}__{Path(item.key).with_suffix('').as_posix().replace('/', '__')}"
-            image = data / "images" / split / f"{stem}{item.image.suffix.lower()}"
-            link(item.image, image)
+            if tag == "s" and arm.spoil == "blank_images":
+                image = data / "images" / split / f"{stem}.png"
+                blank_image(item.image, image)
+            else:
+                image = data / "images" / split / f"{stem}{item.image.suffix.lower()}"
+                link(item.image, image)
             text = item.label.read_text(encoding="utf-8") if item.label.is_file() else ""
             atomic_write_text(data / "labels" / split / f"{stem}.txt", text)
             if split == "train":
@@ -99,10 +128,13 @@ def write_run_data(run_dir: Path, arm: Arm, length: int, probe: Sequence[Item]) 
     )
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["source", "kind", "copies_per_epoch"])
-    for kind, kind_items in (("real", arm.real), ("synthetic", arm.synthetic)):
+    writer.writerow(["source", "kind", "copies_per_epoch", "label"])
+    synthetic_kind = f"synthetic ({arm.spoil})" if arm.spoil else "synthetic"
+    for kind, kind_items in (
+        ("real", arm.real), ("extra real", arm.extra_real), (synthetic_kind, arm.synthetic)
+    ):  # fmt: skip
         for item in kind_items:
-            writer.writerow([str(item.image), kind, counts.get(item.key, 0)])
+            writer.writerow([str(item.image), kind, counts.get(item.key, 0), str(item.label)])
     atomic_write_text(run_dir / "composition.csv", buf.getvalue())
     names_yaml = {"path": str(data.resolve()), "train": "train.txt", "val": "val_probe.txt"}
     names_yaml["names"] = dict(enumerate(bdd.DET_CLASSES))
@@ -123,6 +155,8 @@ class TrainResult:
     list_entries: int
     batch: int
     seconds: float
+    optimizer_steps: int = 0
+    checkpoint: Path | None = None  # the weights at ``checkpoint_at`` iterations (convergence check)
 
 
 def train_run(
@@ -137,11 +171,13 @@ def train_run(
     workers: int,
     train_args: dict[str, Any],
     progress: bool = True,
+    checkpoint_at: int | None = None,
 ) -> TrainResult:
     """Train ``model_spec`` on the run's list with ultralytics' trainer: seeded, deterministic, no early stop.
 
-    Counts the iterations ultralytics runs and checks that it kept every list entry (it drops unreadable images
-    and broken labels, which would break the equal-iteration rule).
+    Counts the iterations and optimizer steps ultralytics runs and checks that it kept every list entry (it drops
+    unreadable images and broken labels, which would break the equal-iteration rule). ``checkpoint_at``: also save
+    the (EMA) weights after that many iterations, as ``checkpoint.pt`` in the run folder.
     """
     from tqdm import tqdm
 
@@ -152,7 +188,8 @@ def train_run(
 
     spec = Path(model_spec).expanduser()
     model = YOLO(str(spec.resolve()) if spec.is_file() else model_spec)
-    seen = {"batches": 0, "entries": None, "batch": None}
+    seen = {"batches": 0, "entries": None, "batch": None, "steps": 0}
+    checkpoint = run_dir / CHECKPOINT_FILE
 
     def check_dataset(trainer) -> None:
         dataset = trainer.train_loader.dataset
@@ -166,12 +203,22 @@ def train_run(
                 f"unreadable images and broken labels), so this arm would train fewer iterations; fix or remove "
                 f"{len(dropped)} image(s), first: {dropped[:3]} (links to the source images in {data_yaml.parent})"
             )
+        step = trainer.optimizer_step
+
+        def counted_step() -> None:  # the trainer's own step, counted
+            seen["steps"] += 1
+            step()
+
+        trainer.optimizer_step = counted_step
 
     bar = tqdm(total=schedule.epochs, desc="  training", unit="epoch", disable=not progress, leave=False)
 
     def count_batch(trainer) -> None:
         seen["batches"] += 1
         seen["batch"] = trainer.batch_size
+        if seen["batches"] == checkpoint_at:
+            trainer.save_model()  # ultralytics' own checkpoint (EMA weights), overwritten by the final one
+            shutil.copyfile(trainer.last, checkpoint)
 
     model.add_callback("on_pretrain_routine_end", check_dataset)
     model.add_callback("on_train_batch_end", count_batch)
@@ -210,7 +257,10 @@ def train_run(
             f"{schedule.iterations} at batch {schedule.batch} (a CUDA out-of-memory retry halves the batch; NaN "
             "recovery repeats an epoch): rerun with a --batch that fits; this run is not kept"
         )
-    return TrainResult(weights, seen["batches"], int(seen["entries"] or 0), int(seen["batch"]), seconds)
+    return TrainResult(
+        weights, seen["batches"], int(seen["entries"] or 0), int(seen["batch"]), seconds, seen["steps"],
+        checkpoint if checkpoint_at and checkpoint.is_file() else None,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -248,7 +298,7 @@ def evaluate_run(
     weights: Path, val: ValSet, work: Path, *, imgsz: int, batch: int, device: str
 ) -> dict[str, Any]:
     """COCO mAP of the trained model on the real val frames: overall, per class, per size, per condition."""
-    from annotation.metrics import detection_map, predict_boxes
+    from annotation.metrics import detection_maps, predict_boxes
 
     by_path = {i.image: i.key for i in val.items}
     preds = predict_boxes(
@@ -263,17 +313,27 @@ def evaluate_run(
     if missing:
         raise UserError(f"--val: ultralytics could not read {len(missing)} val image(s), first: {missing[0]}")
     predictions = {by_path[p]: boxes for p, boxes in preds.items()}
-    metrics = detection_map(predictions, val.truths, bdd.DET_CLASSES)
-    metrics["per_condition"] = {}
-    for group, keys in (val.groups or {}).items():
-        m = detection_map(predictions, val.truths, bdd.DET_CLASSES, keys=keys)
-        metrics["per_condition"][group] = {k: m[k] for k in ("images", "gt_boxes", "map", "map50")}
+    every = "\0all"  # no condition is named so
+    subsets = {every: [i.key for i in val.items], **(val.groups or {})}
+    scored = detection_maps(
+        predictions, val.truths, bdd.DET_CLASSES, subsets
+    )  # one COCOeval matching for all
+    metrics = scored.pop(every)
+    metrics["per_condition"] = {
+        group: {k: m[k] for k in ("images", "gt_boxes", "map", "map50")} for group, m in scored.items()
+    }
     return metrics
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # One run from scratch: data, training, evaluation, result.json
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def convergence_checkpoint(iterations: int) -> int | None:
+    """The iteration the last fifth starts at (None for runs too short to have one)."""
+    fifth = round(iterations / 5)
+    return iterations - fifth if fifth >= 1 and iterations - fifth >= 1 else None
 
 
 def train_and_evaluate(
@@ -289,30 +349,46 @@ def train_and_evaluate(
     device: str,
     workers: int,
     train_args: dict[str, Any],
+    convergence_check: bool = True,
+    progress: bool = True,
 ) -> dict[str, Any]:
-    """Train and score ``arm`` in a clean run folder; its result (also written, last, as result.json)."""
+    """Train and score ``arm`` in a clean run folder; its result (also written, last, as result.json).
+
+    ``convergence_check``: also score the weights at the start of the last fifth of the iterations on the same
+    val frames (one more evaluation), so the report can say whether the arm's mAP was still rising.
+    """
     run_dir = run_folder(out, arm)
     if run_dir.exists():
         shutil.rmtree(run_dir)  # an unfinished run restarts clean (see README: why not resume)
     run_dir.mkdir(parents=True)
     data_yaml, _ = write_run_data(run_dir, arm, schedule.list_length, val.items[:PROBE_VAL_IMAGES])
+    checkpoint_at = convergence_checkpoint(schedule.iterations) if convergence_check else None
     trained = train_run(
         run_dir, data_yaml, model, schedule, arm.seed, imgsz=imgsz, device=device, workers=workers,
-        train_args=train_args,
+        train_args=train_args, progress=progress, checkpoint_at=checkpoint_at,
     )  # fmt: skip
     if not val.truths:
         val.truths = load_val_truths(val.items)
     t0 = time.perf_counter()
     metrics = evaluate_run(trained.weights, val, run_dir, imgsz=imgsz, batch=batch, device=device)
+    convergence = None
+    if trained.checkpoint is not None:
+        at = evaluate_run(trained.checkpoint, val, run_dir, imgsz=imgsz, batch=batch, device=device)
+        convergence = {"iteration": checkpoint_at, "map": at["map"], "map50": at["map50"]}
+        trained.checkpoint.unlink()  # 6 MB to 100 MB per run; its figures are kept
     result = {
         "key": key,
+        "arm": arm.arm,
         "share": arm.share,
         "seed": arm.seed,
-        "real_images": len(arm.real),
+        "real_budget": arm.real_budget,
+        "negative_control": arm.spoil,
+        "real_images": arm.real_budget,
         "synthetic_images": len(arm.synthetic),
         "list_length": trained.list_entries,
         "epochs": schedule.epochs,
         "iterations": trained.iterations,
+        "optimizer_steps": trained.optimizer_steps,
         "images_seen": trained.iterations * trained.batch,
         "batch": trained.batch,
         "imgsz": imgsz,
@@ -322,6 +398,7 @@ def train_and_evaluate(
         "eval_seconds": round(time.perf_counter() - t0, 1),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "weights": str(trained.weights.relative_to(out)),
+        "convergence": convergence,
         "metrics": metrics,
     }
     atomic_write_text(run_dir / RESULT_FILE, json.dumps(result, indent=2) + "\n")

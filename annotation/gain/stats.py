@@ -43,6 +43,11 @@ def paired_gain(rows: Sequence[dict[str, Any]], share: float, field: str = "map"
 def summarize(results: Sequence[dict[str, Any]], shares: Sequence[float]) -> dict[str, Any]:
     """Per share: spreads of map/map50 over seeds and the seed-paired gains vs 0 % (gain.json's summary)."""
     out = {}
+    results = [
+        r
+        for r in results
+        if r.get("arm", "real" if r["share"] == 0 else "synthetic") in ("real", "synthetic")
+    ]
     flat = [{"share": r["share"], "seed": r["seed"], **r["metrics"]} for r in results]
     for share in shares:
         rows = [r for r in results if r["share"] == share]
@@ -90,3 +95,49 @@ def fmt_cell(values: list[float | None], base: Spread | None) -> str:
     if base is not None:
         text += f" ({pct(s.mean - base.mean, signed=True)})"
     return text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Arms other than the shares, convergence, "no signal"
+# ---------------------------------------------------------------------------------------------------------------
+
+#: below this final mAP (a tenth of a point) the convergence rule's tolerance is absolute, not relative
+CONVERGENCE_FLOOR = 0.001
+
+
+def paired_vs_real(
+    results: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]], field: str = "map"
+) -> Spread | None:
+    """Spread over seeds of (a run's figure - the real arm's figure at the same seed)."""
+    base = {r["seed"]: r["metrics"][field] for r in results if r.get("arm") == "real"}
+    return spread(
+        r["metrics"][field] - base[r["seed"]]
+        for r in runs
+        if base.get(r["seed"]) is not None and r["metrics"][field] is not None
+    )
+
+
+def converged(result: dict[str, Any], tolerance: float) -> bool | None:
+    """Whether the run's mAP50-95 was flat over its last fifth of iterations: it rose by at most ``tolerance`` of
+    its final value (or a tenth of a point, whichever is larger) since the checkpoint; None without a checkpoint."""
+    at = (result.get("convergence") or {}).get("map")
+    end = result["metrics"]["map"]
+    if at is None or end is None:
+        return None
+    return end - at <= max(tolerance * end, CONVERGENCE_FLOOR)
+
+
+def no_signal(results: Sequence[dict[str, Any]]) -> str | None:
+    """Why the sweep shows nothing either way (a zero baseline, or every run the same figure), else None."""
+    base = [
+        r["metrics"]["map"] for r in results if r.get("arm") == "real" and r["metrics"]["map"] is not None
+    ]
+    values = [r["metrics"]["map"] for r in results if r["metrics"]["map"] is not None]
+    if base and max(base) == 0:
+        return "no signal: the baseline learned nothing (real-only mAP50-95 is 0 on every seed); raise the budget"
+    if len(values) > 1 and len(set(values)) == 1:
+        return (
+            f"no signal: every run scored the same mAP50-95 ({values[0] * 100:.2f}), so no arm can differ from "
+            "another; raise the budget"
+        )
+    return None
