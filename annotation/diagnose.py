@@ -37,7 +37,9 @@ planned scene.
 the file changed (or written by someone else) leaves it as it is and says so; delete it to get a fresh one.
 
 Writes into ``--out``: ``diagnose.json`` (every figure), ``diagnose.md`` (tables), ``diagnose.png`` (heat map of
-mAP over weather x time of day, with box counts) and ``targets.yaml``; all atomically. Bad input (a val set without
+mAP over weather x time of day, with box counts), ``targets.yaml`` and ``predictions_scalabel.json`` (the
+detector's predictions in the BDD100K toolkit's format: ``python -m bdd100k.eval.run -t det -g det_val.json -r
+predictions_scalabel.json`` scores them the toolkit's way); all atomically. Bad input (a val set without
 frames.csv, a detector whose classes map to no BDD100K class, val frames without any box of the scored classes,
 no cell with enough boxes to rank) is one ``error:`` line and exit code 2.
 """
@@ -655,6 +657,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     result["seconds"] = round(time.perf_counter() - started, 1)
     atomic_write_text(out / "diagnose.json", json.dumps(result, indent=2) + "\n")
     atomic_write_text(out / "diagnose.md", markdown(result))
+    metrics.write_scalabel_predictions(
+        {i.image.name: preds[i.key] for i in items}, bdd.DET_CLASSES, out / "predictions_scalabel.json"
+    )  # the same predictions for the BDD100K toolkit
     plot(result, out / "diagnose.png")
     save_resolved_config(cfg, out / "config.resolved.yaml")
     print(f"diagnose: {len(items)} val frames, {len(cells)} cells, mAP50-95 {_f(result['overall']['map'])} overall "

@@ -93,6 +93,11 @@ def test_cell_figures_equal_detection_map_on_the_cells_frames(diagnosed, val_yam
         k: metrics.Boxes(v.xyxy[v.cls == car], v.cls[v.cls == car], v.conf[v.cls == car])
         for k, v in preds.items()
     }
+    # the same predictions for the BDD100K toolkit: one frame per val image, named as BDD100K names it
+    scalabel = json.loads((diagnosed / "predictions_scalabel.json").read_text())
+    assert sorted(f["name"] for f in scalabel) == sorted(i.name for i in images)
+    counts = {f["name"]: len(f["labels"]) for f in scalabel}
+    assert {k.name: len(v) for k, v in preds.items()} == counts and sum(counts.values()) > 0
     cells: dict[str, list[Path]] = {}
     for r, image in zip(rows, images, strict=True):
         cells.setdefault(f"{r['weather'] or 'undefined'}|{r['timeofday'] or 'undefined'}", []).append(image)
