@@ -47,7 +47,6 @@ no cell with enough boxes to rank) is one ``error:`` line and exit code 2.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import math
@@ -144,37 +143,11 @@ def read_frame_conditions(
     val: gain_data.DataYaml, items: Sequence[gain_data.Item]
 ) -> dict[str, dict[str, str]]:
     """key -> {weather, timeofday, scene} of every val image, from frames.csv beside the val yaml."""
-    path = gain_data.conditions_path(val.path)
     hint = (
         "diagnose needs each val frame's BDD100K attributes: write the val set with `python -m convert.bdd_to_yolo "
         "--split val`, which writes frames.csv beside data.yaml"
     )
-    if not path.is_file():
-        raise UserError(f"paths.val (--val): val set without attributes: {path} not found; {hint}")
-    with path.open(encoding="utf-8-sig", newline="") as fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in gain_data.CONDITION_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise UserError(f"paths.val (--val): {path}: missing column(s) {', '.join(missing)}; {hint}")
-        by_image = {
-            (path.parent / row["image"]).resolve(): {
-                k: (row[k] or "undefined").strip() for k in CONDITION_KEYS
-            }
-            for row in reader
-        }
-    out, lacking = {}, []
-    for item in items:
-        cond = by_image.get(item.image)
-        if cond is None:
-            lacking.append(item.key)
-        else:
-            out[item.key] = cond
-    if lacking:
-        raise UserError(
-            f"paths.val (--val): {len(lacking)} of {len(items)} val images have no row in {path} "
-            f"(first: {lacking[0]}); {hint}"
-        )
-    return out
+    return gain_data.read_frame_attributes(val, items, flag="paths.val (--val)", hint=hint)
 
 
 def image_size(path: Path) -> tuple[int, int]:

@@ -7,7 +7,7 @@ time of day (the val frames' BDD attributes).
 
 Usage::
 
-    python annotation/evaluate_gain.py --real data/real/data.yaml --synthetic annotated/controlnet/data.yaml \\
+    python annotation/evaluate_gain.py --real data/real/data.yaml --synthetic annotated/plan/data.yaml \\
         --val data/real/data.yaml --out eval/gain [--shares 0,25,50,100] [--seeds 0,1,2] \\
         [--epochs 50 | --iterations 20000] [--max_real 2000] [--model yolov8n.yaml] [--imgsz 640] [--batch 16]
     python annotation/evaluate_gain.py --config config/gain.yaml [--device 0] [design.seeds=[0,1]] [--check]
@@ -336,7 +336,7 @@ EXAMPLE = """example (GPU host, real BDD100K, 3 seeds, 4 arms; about 12 training
   python convert/bdd_to_yolo.py --bdd_data_dir $BDD_DATA_DIR --split train --out data/real
   python convert/bdd_to_yolo.py --bdd_data_dir $BDD_DATA_DIR --split val --out data/real
   python annotation/evaluate_gain.py --real data/real/data.yaml --val data/real/data.yaml \\
-      --synthetic annotated/controlnet/data.yaml --out eval/gain --shares 0,25,50,100 --seeds 0,1,2 \\
+      --synthetic annotated/plan/data.yaml --out eval/gain --shares 0,25,50,100 --seeds 0,1,2 \\
       --epochs 50 --max_real 5000 --model yolov8n.yaml --imgsz 640 --batch 32 --device 0
   -> eval/gain/gain.md (tables), gain.png (plot), gain.csv (one row per share and seed)
 the same from the config (every key documented there), with overrides:

@@ -26,6 +26,8 @@ from vocab import bdd
 ANY = "*"
 CONDITIONS_FILE = "frames.csv"
 CONDITION_COLUMNS = ("split", "image", "weather", "timeofday", "scene")
+#: the BDD100K frame attributes among them
+ATTRIBUTE_COLUMNS = ("weather", "timeofday", "scene")
 
 
 @dataclass(frozen=True)
@@ -144,29 +146,32 @@ def conditions_fingerprint(val_yaml: Path) -> str:
     return hashlib.sha256(conditions_path(val_yaml).read_bytes()).hexdigest()[:20]
 
 
-def read_conditions(val: DataYaml, items: Sequence[Item]) -> dict[str, tuple[str, str]]:
-    """key -> (weather, timeofday) of every val image, from ``frames.csv`` beside the val yaml.
+def read_frame_attributes(
+    val: DataYaml, items: Sequence[Item], *, flag: str = "--val", hint: str | None = None
+) -> dict[str, dict[str, str]]:
+    """key -> {weather, timeofday, scene} of every val image, from ``frames.csv`` beside the val yaml (a missing
+    or empty value reads "undefined").
 
     Written by convert/bdd_to_yolo.py (``split,image,weather,timeofday,scene``; ``image`` relative to its folder).
-    A val set without it, or with images it does not list, is an error that says how to get one.
+    A val set without it, or with images it does not list, is an error naming ``flag`` that ends with ``hint``
+    (what to do).
     """
     path = conditions_path(val.path)
-    hint = (
+    hint = hint or (
         "the per weather x time-of-day table needs each val frame's BDD attributes: write the val set with "
         "convert/bdd_to_yolo.py (it writes frames.csv), or pass --skip_conditions to leave that table out"
     )
     if not path.is_file():
-        raise UserError(f"--val: val set without attributes: {path} not found; {hint}")
+        raise UserError(f"{flag}: val set without attributes: {path} not found; {hint}")
     with path.open(encoding="utf-8-sig", newline="") as fh:
         reader = csv.DictReader(fh)
         missing = [c for c in CONDITION_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise UserError(f"--val: {path}: missing column(s) {', '.join(missing)}; {hint}")
+            raise UserError(f"{flag}: {path}: missing column(s) {', '.join(missing)}; {hint}")
         by_image = {
-            (path.parent / row["image"]).resolve(): (
-                (row["weather"] or "undefined").strip(),
-                (row["timeofday"] or "undefined").strip(),
-            )
+            (path.parent / row["image"]).resolve(): {
+                k: (row[k] or "undefined").strip() for k in ATTRIBUTE_COLUMNS
+            }
             for row in reader
         }
     out, lacking = {}, []
@@ -178,9 +183,14 @@ def read_conditions(val: DataYaml, items: Sequence[Item]) -> dict[str, tuple[str
             out[item.key] = cond
     if lacking:
         raise UserError(
-            f"--val: {len(lacking)} of {len(items)} val images have no row in {path} (first: {lacking[0]}); {hint}"
+            f"{flag}: {len(lacking)} of {len(items)} val images have no row in {path} (first: {lacking[0]}); {hint}"
         )
     return out
+
+
+def read_conditions(val: DataYaml, items: Sequence[Item]) -> dict[str, tuple[str, str]]:
+    """key -> (weather, timeofday) of every val image (:func:`read_frame_attributes`)."""
+    return {k: (a["weather"], a["timeofday"]) for k, a in read_frame_attributes(val, items).items()}
 
 
 def condition_groups(conditions: dict[str, tuple[str, str]]) -> dict[str, list[str]]:
