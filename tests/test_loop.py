@@ -224,6 +224,29 @@ def test_the_report_says_what_did_and_did_not_improve():
     )
 
 
+def test_the_report_carries_the_gain_runs_controls_exchange_rates_and_warnings():
+    from annotation.loop.report import overall_lines
+
+    overall = {
+        "signal": None,
+        "controls": {
+            "positive control 50 %": {"arm": "positive_control", "map_gain": {"mean": 0.0283, "std": 0.0024}}
+        },
+        "real_equivalents": {"synthetic 50 %": {"text": "4 synthetic frames are worth ≈ 2.1 real frames"}},
+        "warnings": ["the real arm did not converge"],
+    }
+    text = "\n".join(overall_lines(overall))
+    assert "positive control 50 %: gain over real-only +2.83 ± 0.24" in text
+    assert "worth ≈ 2.1 real frames" in text and "WARNING: the real arm did not converge" in text
+    silent = "\n".join(
+        overall_lines(
+            {**overall, "signal": "no signal: nothing learned", "warnings": ["no signal: nothing learned"]}
+        )
+    )
+    assert silent.count("no signal: nothing learned") == 1 and "**No signal:**" in silent
+    assert overall_lines({}) == []
+
+
 def test_shipped_loop_configs_load():
     from annotation.loop.config import LoopConfig
     from core.config import load_config

@@ -162,6 +162,7 @@ def markdown(result: dict[str, Any]) -> str:
         + ("; ".join(not_improved) if not_improved else "nothing: every arm improved every cell."),
         "",
     ]
+    lines += overall_lines(result.get("overall") or {})
     ann = result.get("annotation")
     if ann:
         agreement = ann.get("agreement", {}).get("all", {})
@@ -190,6 +191,25 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append("")
     lines += [f"Inputs: `{result['diagnose']}`, `{result['gain']}`, `{result['annotated']}`.", ""]
     return "\n".join(lines)
+
+
+def overall_lines(overall: dict[str, Any]) -> list[str]:
+    """The gain run's verdict over all val frames: its controls, the real-equivalents and its warnings."""
+    lines = ["## Over all val frames (the gain run)", ""]
+    if overall.get("signal"):
+        lines += [f"**No signal:** {overall['signal']}", ""]
+    for title, v in (overall.get("controls") or {}).items():
+        g = v.get("map_gain")
+        gain = (
+            "–"
+            if not g or g.get("mean") is None
+            else _p(g["mean"], True) + ("" if g.get("std") is None else f" ± {g['std'] * 100:.2f}")
+        )
+        lines.append(f"- {title}: gain over real-only {gain} mAP50-95 points (paired by seed)")
+    for title, v in (overall.get("real_equivalents") or {}).items():
+        lines.append(f"- {title}: {v.get('text', '–')}")
+    lines += [f"- WARNING: {w}" for w in overall.get("warnings") or [] if w != overall.get("signal")]
+    return [*lines, ""] if len(lines) > 2 else []
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -232,6 +252,7 @@ def write_report(out: Path, diagnose_json: Path, gain_json: Path, annotated: Pat
         "annotated": str(annotated),
         "targets": diagnose["targets"]["rows"],
         "comparison": compare(diagnose, gain),
+        "overall": {k: gain.get(k) for k in ("signal", "controls", "real_equivalents", "warnings")},
         "annotation": json.loads(summary.read_text(encoding="utf-8")) if summary.is_file() else None,
     }
     out.mkdir(parents=True, exist_ok=True)
