@@ -59,6 +59,7 @@ DEVICE_WHEELS=(
     pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5
     typing-extensions==4.16.0 msgspec==0.22.0 orjson==3.13.0 open-clip-torch==3.3.0 python-dotenv==1.2.4
     datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 ultralytics==8.4.190 ultralytics-thop==2.2.3
+    pycocotools==2.0.11
 )
 
 step_wheels() {  # run where PyPI is reachable, not on the GPU machine
@@ -72,7 +73,7 @@ step_wheels() {  # run where PyPI is reachable, not on the GPU machine
 install_wheels() {  # on the GPU machine, if the image lacks what the benches import: carried wheels go first
     local site=/tmp/bench-site
     "$PYTHON" -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in sys.argv[1:]))" \
-        diffusers pydantic msgspec open_clip ultralytics datasets dotenv && return 0
+        diffusers pydantic msgspec open_clip ultralytics datasets dotenv pycocotools && return 0
     if ! compgen -G "$WHEELS/*.whl" >/dev/null; then
         echo "missing packages and no wheels in $WHEELS: run 'bash bench/run_gpu_benches.sh wheels' where PyPI" \
             "is reachable and carry $WHEELS along" >&2
