@@ -6,6 +6,9 @@
 #   OUT_DIR=$OUT LOG_DIR=/tmp/bench-logs bash bench/run_gpu_benches.sh          # on the lent GPU machine
 #   PRESET=tiny DEVICE=cpu bash bench/run_gpu_benches.sh     # smoke test of this script on a CPU (tiny model)
 #   bash bench/run_gpu_benches.sh controlnet_train controlnet_infer annotation  # more figures, when time is left
+#   bash bench/run_gpu_benches.sh gain            # the gain evaluation's GPU path: --devices, controls, curve
+#   bash bench/run_gpu_benches.sh wheels_gain     # its packages (with polars) -> bench/_data/wheels_gain; on the
+#                                                 # GPU: WHEELS=bench/_data/wheels_gain bash bench/run_gpu_benches.sh gain
 #   bash bench/run_gpu_benches.sh wheels          # on the dev machine (PyPI reachable): fetch the packages the GPU
 #                                                 # image lacks into bench/_data/wheels (carry that folder along)
 #
@@ -62,11 +65,19 @@ DEVICE_WHEELS=(
     pycocotools==2.0.11
 )
 
+# The gain step trains ultralytics models, which save checkpoints through polars (55 MB of wheels): with the wheels
+# above that is more than one device call carries (64 MiB), so the gain step has its own, smaller set.
+GAIN_WHEELS=(
+    ultralytics==8.4.190 ultralytics-thop==2.2.3 polars==2.1.0 polars-runtime-32==2.1.0 pycocotools==2.0.11
+    pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5
+    typing-extensions==4.16.0 msgspec==0.22.0 python-dotenv==1.2.4
+)
+
 step_wheels() {  # run where PyPI is reachable, not on the GPU machine
     mkdir -p "$WHEELS"
     "$PYTHON" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d "$WHEELS" "${DEVICE_WHEELS[@]}"
+        -d "$WHEELS" "$@"
     du -sh "$WHEELS"
 }
 
@@ -179,18 +190,49 @@ step_annotation() {
         --work "$WORK/annotation"
 }
 
+# The gain evaluation on a GPU host: concurrent trainings through --devices (four on one GPU), both controls and a
+# real-data curve, on a mini-BDD100K whose second seed stands in for a perfect generator (real frames as
+# "synthetic"): the synthetic arm should read like the positive control, the shuffled-label control below both.
+GAIN_FRAMES=${GAIN_FRAMES:-72} GAIN_REAL=${GAIN_REAL:-8} GAIN_SHARE=${GAIN_SHARE:-700} GAIN_SEEDS=${GAIN_SEEDS:-0,1,2,3}
+GAIN_ITERATIONS=${GAIN_ITERATIONS:-600} GAIN_IMGSZ=${GAIN_IMGSZ:-160} GAIN_DEVICES=${GAIN_DEVICES:-0,0,0,0}
+GAIN_ARGS=${GAIN_ARGS:-optimizer=AdamW,lr0=0.002,warmup_epochs=0,nbs=8}
+step_gain() {
+    local w=$WORK/gain split
+    "$PYTHON" -m convert.make_mini_bdd --out "$w/bdd" --frames "$GAIN_FRAMES" --seed 0 >&2
+    "$PYTHON" -m convert.make_mini_bdd --out "$w/bdd_other" --frames "$GAIN_FRAMES" --seed 1 >&2
+    for split in train val; do
+        "$PYTHON" -m convert.bdd_to_yolo --bdd_data_dir "$w/bdd" --split "$split" --out "$w/real" >&2
+    done
+    "$PYTHON" -m convert.bdd_to_yolo --bdd_data_dir "$w/bdd_other" --split train --out "$w/other" >&2
+    local curve=$((GAIN_REAL / 2)),$GAIN_REAL,$((GAIN_REAL * 2)),$((GAIN_REAL * 4))
+    local t0=$SECONDS
+    "$PYTHON" -m annotation.evaluate_gain --real "$w/real/data.yaml" \
+        --val "$w/real/data.yaml" --synthetic "$w/other/data.yaml" --synthetic_splits train --out "$w/out" \
+        --shares "0,$GAIN_SHARE" --seeds "$GAIN_SEEDS" --max_real "$GAIN_REAL" --positive_control \
+        --negative_control shuffled_labels --real_curve "$curve" --iterations "$GAIN_ITERATIONS" \
+        --imgsz "$GAIN_IMGSZ" --batch 8 --devices "$GAIN_DEVICES" --workers 2 --model yolov8n.yaml \
+        --train_args "$GAIN_ARGS" >&2
+    echo "gain: $((SECONDS - t0)) s for the sweep on devices $GAIN_DEVICES"
+    cat "$w/out/gain.md"
+}
+
 DEFAULT=(model precision lora_train inference)
-ALL=("${DEFAULT[@]}" inference_batched controlnet_train controlnet_infer annotation)
+ALL=("${DEFAULT[@]}" inference_batched controlnet_train controlnet_infer annotation gain)
 STEPS=("$@")
 [[ ${#STEPS[@]} -gt 0 ]] || STEPS=("${DEFAULT[@]}")
 for step in "${STEPS[@]}"; do
+    if [[ $step == wheels_gain ]]; then continue; fi
     if ! declare -F "step_$step" >/dev/null; then
         echo "unknown step '$step'; choose from: ${ALL[*]} wheels" >&2
         exit 2
     fi
 done
 if [[ ${STEPS[*]} == wheels ]]; then
-    step_wheels
+    step_wheels "${DEVICE_WHEELS[@]}"
+    exit
+fi
+if [[ ${STEPS[*]} == wheels_gain ]]; then  # carry bench/_data/wheels_gain as WHEELS for the gain step
+    WHEELS=${WHEELS_GAIN:-bench/_data/wheels_gain} step_wheels "${GAIN_WHEELS[@]}"
     exit
 fi
 
