@@ -75,6 +75,17 @@ def test_exchange_rate_is_paired_per_seed_then_averaged():
     assert over.budget["mean"] == pytest.approx((400 + 100) / 2)  # clamped to the ends
     assert "1 of 2 seed(s) > largest budget 400" in over.text(50)
     assert "1 of 2 seed(s) < smallest budget 100" in over.text(50)
+    under = curve.exchange_rate(
+        curves, {0: 0.01, 1: 0.02}, base=200
+    )  # every seed under the curve's first point
+    assert under.text(50) == (
+        "50 synthetic are worth less than the curve can measure: below -100 real frames on every seed (under its "
+        "smallest budget 100)"
+    )
+    above = curve.exchange_rate(curves, {0: 0.9, 1: 0.9}, base=100)
+    assert above.text(50).startswith(
+        "50 synthetic are worth more than the curve can measure: above +300 real"
+    )
     assert curve.exchange_rate({0: [(100, 0.1)]}, {0: 0.1}, base=100) is None
 
 

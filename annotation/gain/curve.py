@@ -94,6 +94,17 @@ class ExchangeRate:
         if self.budget is None or self.worth is None:
             return "–"
         w, b = self.worth, self.budget
+        if self.below == self.seeds:  # every seed clamped: the curve cannot say how much less
+            return (
+                f"{synthetic} synthetic are worth less than the curve can measure: below "
+                f"{self.smallest - self.base:+g} real frames on every seed (under its smallest budget {self.smallest:g})"
+            )
+        if self.above == self.seeds:
+            return (
+                f"{synthetic} synthetic are worth more than the curve can measure: above "
+                f"{self.largest - self.base:+g} real frames on every seed (over its largest budget {self.largest:g}); "
+                "add larger --real_curve budgets"
+            )
         std = f" ± {w['std']:.0f}" if w["std"] is not None else ""
         text = f"{synthetic} synthetic ≈ {w['mean']:.0f}{std} real frames (real-equivalent budget {b['mean']:.0f}"
         notes = []
