@@ -124,3 +124,19 @@ def test_an_arm_still_rising_is_warned_about(tmp_path):
     (warning,) = [w for w in doc["warnings"] if w.startswith("not converged")]
     assert "positive control" in warning and "favour the smaller one" in warning
     assert "not converged: positive control" in (tmp_path / "gain.md").read_text()
+
+
+def test_the_bracket_gives_a_share_of_the_positive_control_only_for_a_gain():
+    def controls(synthetic: float) -> dict:
+        return {
+            "700 % synthetic": {"arm": "synthetic", "map_gain": {"mean": synthetic}},
+            "positive control": {"arm": "positive_control", "map_gain": {"mean": 0.02}},
+            "negative control": {"arm": "negative_control", "map_gain": {"mean": -0.03}},
+        }
+
+    assert report.bracket(controls(0.01)) == (
+        "700 % synthetic: gain +1.00, above the negative control's -3.00, below the positive control's +2.00 "
+        "(50% of what as many real frames gave)"
+    )
+    worse = report.bracket(controls(-0.0189))
+    assert "below the positive control's +2.00" in worse and "%" not in worse.split("positive control's")[1]

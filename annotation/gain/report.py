@@ -175,7 +175,7 @@ def bracket(controls: dict[str, Any]) -> str | None:
         )
     if POSITIVE in by_arm:
         p = by_arm[POSITIVE][1]["mean"]
-        share = g["mean"] / p if p > 0 else None
+        share = g["mean"] / p if p > 0 and g["mean"] >= 0 else None  # a share of a loss means nothing
         parts.append(
             f"{'below' if g['mean'] < p else 'at or above'} the positive control's {pct(p, signed=True)}"
             + (f" ({share:.0%} of what as many real frames gave)" if share is not None else "")
