@@ -515,40 +515,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         key, cfg.train.model, cfg.train.imgsz, cfg.train.batch, cfg.train.workers, dict(cfg.train.args),
         d.convergence_check,
     )  # fmt: skip
-    if len(cfg.train.devices) > 1 and to_train:
+    if len(cfg.train.devices) > 1:  # one process per run, as many at once as devices listed
         trained, held, failed = parallel.train_concurrently(
             out, to_train, schedule, val, train, cfg.train.devices, lambda a: labels[a.name]
         )
-        results += trained
-        missing += held + [f.split(" ", 1)[0] for f in failed]
-    device = cfg.train.devices[0] if cfg.train.devices else cfg.train.device
-    for arm in to_train if len(cfg.train.devices) <= 1 else ():
-        label = labels[arm.name]
-        lock = runner.RunLock.of(out, arm)
-        if not lock.acquire():
-            print(f"{label}: skipped, another process is training it (rerun later to collect it)")
-            missing.append(arm.name)
-            continue
-        try:
-            print(
-                f"{label}: training on {arm.real_budget} real + {len(arm.synthetic)} synthetic images "
-                f"({schedule.list_length} list entries per epoch)",
-                flush=True,
-            )
-            result = runner.train_and_evaluate(
-                out, arm, schedule, val, key=key, model=cfg.train.model, imgsz=cfg.train.imgsz,
-                batch=cfg.train.batch, device=device, workers=cfg.train.workers,
-                train_args=dict(cfg.train.args), convergence_check=d.convergence_check,
-            )  # fmt: skip
-        finally:
-            lock.release()
-        metrics = result["metrics"]
-        print(
-            f"{label}: done in {result['train_seconds']:.0f} s: mAP50-95 {pct(metrics['map'])}, "
-            f"mAP50 {pct(metrics['map50'])}",
-            flush=True,
+    else:  # one after another, in this process
+        device = cfg.train.devices[0] if cfg.train.devices else cfg.train.device
+        trained, held = parallel.train_in_turn(
+            out, to_train, schedule, val, train, device, lambda a: labels[a.name]
         )
-        results.append(result)
+    results += trained
+    missing += held + [f.split(" ", 1)[0] for f in failed]
 
     # --- reports ----------------------------------------------------------------------------------------------
     summary = report.write_reports(

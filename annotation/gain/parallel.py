@@ -1,4 +1,5 @@
-"""Several trainings at once: one per device of ``train.devices``, each in its own process.
+"""The sweep's runs: several at once, one per device of ``train.devices``, each in its own process
+(:func:`train_concurrently`), or one after another in this process (:func:`train_in_turn`).
 
 ultralytics keeps global state (its seeds, the device, the dataloader workers), so concurrent trainings must not
 share a process: each run is a subprocess, ``python -m annotation.gain.parallel <job.json>``, that trains and
@@ -26,6 +27,7 @@ from typing import Any
 from annotation.gain import runner
 from annotation.gain.data import Item
 from annotation.gain.design import Arm, Schedule
+from annotation.gain.stats import pct
 from core.cli import UserError, run_main
 from core.io import atomic_write_text
 
@@ -159,7 +161,7 @@ def train_concurrently(
                         results.append(result)
                         print(
                             f"{label(arm)}: done in {result['train_seconds']:.0f} s on device {device or 'auto'}: "
-                            f"mAP50-95 {result['metrics']['map'] * 100:.2f}",
+                            f"mAP50-95 {pct(result['metrics']['map'])}",
                             flush=True,
                         )
                     else:
@@ -187,6 +189,47 @@ def train_concurrently(
                     proc.terminate()
         raise
     return results, held, failed
+
+
+def train_in_turn(
+    out: Path,
+    arms: Sequence[Arm],
+    schedule: Schedule,
+    val: runner.ValSet,
+    settings: TrainSettings,
+    device: str,
+    label: Callable[[Arm], str],
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Train ``arms`` one after another in this process on ``device``, each under its lock (a run another process
+    holds is skipped and named); returns the results and the names of the skipped runs."""
+    results: list[dict[str, Any]] = []
+    held: list[str] = []
+    for arm in arms:
+        lock = runner.RunLock.of(out, arm)
+        if not lock.acquire():
+            print(f"{label(arm)}: skipped, another process is training it (rerun later to collect it)")
+            held.append(arm.name)
+            continue
+        try:
+            print(
+                f"{label(arm)}: training on {arm.real_budget} real + {len(arm.synthetic)} synthetic images "
+                f"({schedule.list_length} list entries per epoch)",
+                flush=True,
+            )
+            result = runner.train_and_evaluate(
+                out, arm, schedule, val, key=settings.key, model=settings.model, imgsz=settings.imgsz,
+                batch=settings.batch, device=device, workers=settings.workers, train_args=dict(settings.train_args),
+                convergence_check=settings.convergence_check,
+            )  # fmt: skip
+        finally:
+            lock.release()
+        print(
+            f"{label(arm)}: done in {result['train_seconds']:.0f} s: mAP50-95 {pct(result['metrics']['map'])}, "
+            f"mAP50 {pct(result['metrics']['map50'])}",
+            flush=True,
+        )
+        results.append(result)
+    return results, held
 
 
 def main(argv: Sequence[str] | None = None) -> int:
