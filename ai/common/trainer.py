@@ -366,7 +366,18 @@ def batch_prompt_embeds(
     return embeds, pooled
 
 
-def denoising_loss(
+@dataclass
+class Denoised:
+    """One micro-batch's forward pass: what a loss term needs (the diffusion MSE, a reward on the clean estimate)."""
+
+    latents: torch.Tensor  # clean, scaled latents x0
+    noisy: torch.Tensor  # x_t
+    timesteps: torch.Tensor
+    pred: torch.Tensor  # the model's output (epsilon or v)
+    target: torch.Tensor
+
+
+def denoise(
     cfg: TrainingConfig,
     batch: dict,
     gen: torch.Generator,
@@ -377,10 +388,9 @@ def denoising_loss(
     weight_dtype: torch.dtype,
     encode_text: Callable,
     train_text: bool = False,
-) -> torch.Tensor:
-    """One micro-batch's training loss: latents, caption dropout (redrawn every step), noise, timesteps, the
-    ``model`` (a UNet, or a UNet steered by a ControlNet) and the min-SNR-weighted MSE. Every draw comes from ``gen``.
-    """
+) -> Denoised:
+    """Latents, caption dropout (redrawn every step), noise, timesteps and the ``model`` (a UNet, or a UNet steered
+    by a ControlNet) on one micro-batch. Every draw comes from ``gen``."""
     device = gen.device
     latents = batch_latents(batch, vae, vae_dtype, gen, device)
     bsz = latents.shape[0]
@@ -394,9 +404,31 @@ def denoising_loss(
         model, noisy.to(weight_dtype), timesteps, embeds.to(weight_dtype), pooled.to(weight_dtype),
         batch["time_ids"].to(device, weight_dtype),
     )  # fmt: skip
+    return Denoised(latents, noisy, timesteps, pred, target)
+
+
+def diffusion_term(cfg: TrainingConfig, batch: dict, out: Denoised, scheduler) -> torch.Tensor:
+    """The min-SNR-weighted MSE of a forward pass."""
     return diffusion.diffusion_loss(
-        pred, target, timesteps, scheduler, cfg.loss.prediction_type, cfg.loss.snr_gamma
+        out.pred, out.target, out.timesteps, scheduler, cfg.loss.prediction_type, cfg.loss.snr_gamma
     )
+
+
+def denoising_loss(
+    cfg: TrainingConfig,
+    batch: dict,
+    gen: torch.Generator,
+    model,
+    scheduler,
+    vae,
+    vae_dtype: torch.dtype,
+    weight_dtype: torch.dtype,
+    encode_text: Callable,
+    train_text: bool = False,
+) -> torch.Tensor:
+    """One micro-batch's training loss: :func:`denoise` then :func:`diffusion_term`."""
+    out = denoise(cfg, batch, gen, model, scheduler, vae, vae_dtype, weight_dtype, encode_text, train_text)
+    return diffusion_term(cfg, batch, out, scheduler)
 
 
 # ---------------------------------------------------------------------------------------------------------------
