@@ -114,6 +114,12 @@ class LogConfig(Section):
     every_n_steps: int = Field(10, gt=0)
 
 
+class EmaConfig(Section):
+    enabled: bool = False
+    decay: float = Field(0.9999, gt=0.0, lt=1.0)  # per update; warmed up as min(decay, (1 + n) / (10 + n))
+    every_n_steps: int = Field(1, gt=0)  # optimizer steps between updates
+
+
 class OutputConfig(Section):
     runs_dir: str = "runs"
     name: str = "train"
@@ -130,6 +136,7 @@ class TrainingConfig(Section):
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
+    ema: EmaConfig = EmaConfig()
     output: OutputConfig = OutputConfig()
 
     @model_validator(mode="after")

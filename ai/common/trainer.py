@@ -479,6 +479,34 @@ class LoopState:
         return self.data_seconds / max(self.data_seconds + self.compute_seconds, 1e-9)
 
 
+def build_ema(cfg: TrainingConfig, run: Run, trained: Sequence[torch.nn.Module]):
+    """The EMA of the ``trained`` (unwrapped) models' trainable weights when ``ema.enabled``, registered for
+    checkpointing (call it before :func:`resume_state`); None when off."""
+    if not cfg.ema.enabled:
+        return None
+    from ai.common.ema import Ema
+
+    if run.accelerator.state.deepspeed_plugin is not None:
+        raise UserError(
+            "ema.enabled=true with a DeepSpeed accelerate config: DeepSpeed keeps the fp32 weights sharded in its "
+            "optimizer, the average would follow the low-precision copy. Set ema.enabled=false or use a plain "
+            "(DDP) accelerate config"
+        )
+    ema = Ema(trained, cfg.ema.decay, cfg.ema.every_n_steps)
+    run.accelerator.register_for_checkpointing(ema)
+    return ema
+
+
+@contextmanager
+def averaged(ema) -> Iterator[None]:
+    """The EMA weights in place of the live ones inside the block (nothing changes when ``ema`` is None)."""
+    if ema is None:
+        yield
+    else:
+        with ema.applied():
+            yield
+
+
 def resume_state(run: Run) -> LoopState:
     """Load accelerate's state from the resume checkpoint (if any) and return the loop position."""
     if run.resume is None:
@@ -495,13 +523,20 @@ def save_checkpoint(
     export: Callable[[Path], None] | None,
     metrics,
     trained: Sequence[torch.nn.Module] = (),
+    ema=None,
 ) -> Path:
-    """``checkpoint-<step>`` on every process; ``export(folder)`` writes the ``trained`` models' fp32 weights."""
+    """``checkpoint-<step>`` on every process; ``export(folder)`` writes the ``trained`` models' fp32 weights (their
+    EMA when ``ema`` is given; the checkpoint's training state keeps the live weights)."""
     from core.config import config_to_yaml
+
+    @contextmanager
+    def export_weights() -> Iterator[None]:
+        with master_weights(run, trained), averaged(ema):
+            yield
 
     path = checkpoints.save_checkpoint(
         run.accelerator, run.run_dir, state.step, {"epoch": state.epoch, "batch": state.batch}, config_to_yaml(cfg),
-        export, cfg.checkpoint.total_limit, extra_context=lambda: master_weights(run, trained),
+        export, cfg.checkpoint.total_limit, extra_context=export_weights,
     )  # fmt: skip
     state.last_checkpoint = path
     metrics.plot()
@@ -520,6 +555,7 @@ def run_loop(
     metrics: training_log.MetricsLog,
     save: Callable[[LoopState], Any],
     validate: Callable[[int, Any], None],
+    ema=None,
 ) -> LoopState:
     """Train until ``train.max_train_steps``; ``compute_loss(batch, gen)`` is the recipe's forward pass.
 
@@ -562,6 +598,8 @@ def run_loop(
                 lr_scheduler.step()
                 state.step += 1
                 step = state.step
+                if ema is not None:
+                    ema.update(step)
                 bar.update(1)
                 avg, loss_sum, loss_n = loss_sum / loss_n, 0.0, 0
                 lr = lr_scheduler.get_last_lr()[0]
@@ -590,12 +628,14 @@ def run_loop(
     return state
 
 
-def validation_pass(run: Run, models: Sequence[torch.nn.Module], body: Callable[[], None]) -> None:
-    """Run ``body`` on the main process with ``models`` in eval mode, then wait for every process."""
+def validation_pass(run: Run, models: Sequence[torch.nn.Module], body: Callable[[], None], ema=None) -> None:
+    """Run ``body`` on the main process with ``models`` in eval mode (holding their EMA weights when ``ema`` is
+    given), then wait for every process."""
     if run.is_main:
         for m in models:
             m.eval()
-        body()
+        with averaged(ema):
+            body()
         for m in models:
             m.train()
     run.accelerator.wait_for_everyone()
@@ -629,14 +669,15 @@ def master_weights(run: Run, models: Sequence[torch.nn.Module]) -> Iterator[None
 
 
 def save_final(
-    run: Run, write: Callable[[Path], Sequence[Path]], trained: Sequence[torch.nn.Module] = ()
+    run: Run, write: Callable[[Path], Sequence[Path]], trained: Sequence[torch.nn.Module] = (), ema=None
 ) -> None:
-    """Write the ``trained`` models' final fp32 weights through ``write(tmp_dir) -> paths`` (main process) and move
-    them into the run folder atomically. Every process must call it."""
+    """Write the ``trained`` models' final fp32 weights (their EMA when ``ema`` is given) through
+    ``write(tmp_dir) -> paths`` (main process) and move them into the run folder atomically. Every process must
+    call it."""
     import shutil
     import tempfile
 
-    with master_weights(run, trained):
+    with master_weights(run, trained), averaged(ema):
         if run.is_main:
             with tempfile.TemporaryDirectory(dir=run.run_dir, prefix=".tmp-final-") as tmp:
                 for f in write(Path(tmp)):

@@ -201,6 +201,7 @@ def train(cfg: Config) -> int:
     controlnet, optimizer = accelerator.prepare(controlnet, optimizer)
     accelerator.register_for_checkpointing(lr_scheduler)
     raw = accelerator.unwrap_model(controlnet)
+    ema = trainer.build_ema(cfg, run, [raw])  # None unless ema.enabled
 
     def save_hook(models, weights, output_dir):  # the ControlNet as a diffusers folder, the base stays out
         with trainer.master_weights(run, [raw]):  # every process saves state, so every process enters this
@@ -292,12 +293,15 @@ def train(cfg: Config) -> int:
                         sheets.append(sheet)
             training_log.log_images(accelerator, sheets, [r.text for r in rows for _ in v.seeds], step)
 
-        trainer.validation_pass(run, [controlnet], body)
+        trainer.validation_pass(run, [controlnet], body, ema)
 
     def export_controlnet(folder: Path) -> list[Path]:
         # tensor by tensor, each cast on the CPU (no second model in host memory: SDXL's is 5 GB in fp32), with
         # sorted keys: same weights, same bytes (inference reruns compare fingerprints)
         return [save_model(raw, folder / "controlnet", getattr(torch, cfg.controlnet.save_dtype))]
+
+    def export_ema_in_checkpoint(folder: Path) -> None:  # the checkpoint's controlnet/ holds the live weights
+        save_model(raw, folder / "controlnet_ema", getattr(torch, cfg.controlnet.save_dtype))
 
     # --- banner ---
     n_trainable = sum(p.numel() for p in raw.parameters() if p.requires_grad)
@@ -329,7 +333,9 @@ def train(cfg: Config) -> int:
         )
 
     def save(state) -> Path:
-        return trainer.save_checkpoint(cfg, run, state, None, metrics)
+        if ema is None:
+            return trainer.save_checkpoint(cfg, run, state, None, metrics)
+        return trainer.save_checkpoint(cfg, run, state, export_ema_in_checkpoint, metrics, ema=ema)
 
     state = trainer.run_loop(
         cfg,
@@ -343,10 +349,11 @@ def train(cfg: Config) -> int:
         metrics,
         save,
         validate,
+        ema,
     )
 
     # --- final export ---
-    trainer.save_final(run, export_controlnet, trained=[raw])
+    trainer.save_final(run, export_controlnet, trained=[raw], ema=ema)
     if run.is_main:
         metrics.plot()
         logger.info(

@@ -186,6 +186,7 @@ def train(cfg: Config) -> int:
     trainable_models = [unet, *text_encoders]
     accelerator.register_for_checkpointing(lr_scheduler)
     raw = [accelerator.unwrap_model(m) for m in trainable_models]  # PEFT models without DDP wrappers
+    ema = trainer.build_ema(cfg, run, raw)  # None unless ema.enabled
 
     def encode_text_train(prompts):
         """The training forward through the prepared (DDP) text encoders: their LoRA gradients are averaged over
@@ -266,7 +267,7 @@ def train(cfg: Config) -> int:
                     )  # fmt: skip
                 training_log.log_images(accelerator, images, captions, step)
 
-        trainer.validation_pass(run, trainable_models, body)
+        trainer.validation_pass(run, trainable_models, body, ema)
 
     def export_lora(folder: Path) -> list[Path]:
         te_raw = raw[1:] if text_encoders else [None, None]
@@ -299,7 +300,7 @@ def train(cfg: Config) -> int:
         )
 
     def save(state) -> Path:
-        return trainer.save_checkpoint(cfg, run, state, export_lora, metrics, trained=raw)
+        return trainer.save_checkpoint(cfg, run, state, export_lora, metrics, trained=raw, ema=ema)
 
     state = trainer.run_loop(
         cfg,
@@ -313,10 +314,11 @@ def train(cfg: Config) -> int:
         metrics,
         save,
         validate,
+        ema,
     )
 
     # --- final export ---
-    trainer.save_final(run, export_lora, trained=raw)
+    trainer.save_final(run, export_lora, trained=raw, ema=ema)
     if run.is_main:
         metrics.plot()
         logger.info(
