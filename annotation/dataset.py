@@ -24,7 +24,7 @@ import yaml
 from annotation import consensus
 from annotation.layout import LayoutSources, MatchResult
 from annotation.settings import AnnotationConfig
-from core.io import atomic_write_text, link_or_copy
+from core.io import atomic_write_text, link_or_copy, read_jsonl
 from vocab import bdd
 
 SPLITS = ("train", "val")
@@ -262,17 +262,11 @@ def load_manifest(out: Path) -> dict[str, dict[str, Any]]:
     if not path.is_file():
         return {}
     records = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            records[rec["key"]] = rec
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise UserError(
-                f"{path}:{lineno}: not a manifest record; the output folder holds a damaged manifest "
-                "(move it away to start that folder over)"
-            ) from None
+    hint = "a manifest record; the output folder holds a damaged manifest (move it away to start that folder over)"
+    for lineno, rec in read_jsonl(path, what=hint):
+        if not isinstance(rec, dict) or not isinstance(rec.get("key"), str):
+            raise UserError(f"{path}:{lineno}: not {hint}")
+        records[rec["key"]] = rec
     return records
 
 

@@ -28,6 +28,7 @@ import msgspec
 
 from annotation.consensus import pair_boxes
 from core.cli import UserError
+from core.io import read_jsonl
 from vocab import bdd
 
 METADATA_FILE = "metadata.jsonl"
@@ -170,18 +171,10 @@ def read_metadata(path: Path) -> dict[str, SourceRef]:
         return {}
     out: dict[str, SourceRef] = {}
     base = path.parent
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(
-                f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must be one JSON record"
-            ) from None
+    for lineno, rec in read_jsonl(path):
         if not isinstance(rec, dict) or not isinstance(rec.get("file"), str):
             raise UserError(
-                f'{path}:{lineno}: a record needs "file" (the image file name), got {line[:80]!r}'
+                f'{path}:{lineno}: a record needs "file" (the image file name), got {json.dumps(rec)[:80]!r}'
             )
         size = rec.get("source_size")
         if size is not None and not (

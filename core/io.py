@@ -23,6 +23,32 @@ from pathlib import Path
 from typing import Any
 
 
+def read_jsonl(
+    path: str | os.PathLike, *, tolerant: bool = False, what: str = "one JSON record"
+) -> Iterator[tuple[int, Any]]:
+    """(line number, record) of each non-blank line of a JSONL file.
+
+    ``tolerant`` skips lines that are not JSON (a torn last line of a writer killed mid-line, a damaged record the
+    stage that owns the file reports); otherwise the first one is a UserError naming the file, the line and ``what``
+    each line must hold.
+    """
+    from core.cli import UserError
+
+    path = Path(path)
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if tolerant:
+                continue
+            raise UserError(
+                f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must be {what}"
+            ) from None
+        yield lineno, record
+
+
 @contextmanager
 def atomic_open(
     path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8", *, fsync: bool = True

@@ -201,3 +201,13 @@ def test_resume_accepts_a_key_added_after_the_checkpoint_only_at_its_default(tmp
         )
     with pytest.raises(UserError, match="controlnet.layout"):  # without the schema: every difference counts
         checkpoints.check_resume_compatible(ckpt, cfg.model_dump(mode="json"), RESUME_FREE_KEYS, 1)
+
+
+def test_read_jsonl_numbers_lines_skips_blanks_and_is_strict_or_tolerant(tmp_path):
+    from core.io import read_jsonl
+
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"a": 1}\n\n[2]\n{"torn": \n')
+    assert list(read_jsonl(path, tolerant=True)) == [(1, {"a": 1}), (3, [2])]
+    with pytest.raises(UserError, match=r"m\.jsonl:4: not valid JSON .*each line must be a scene"):
+        list(read_jsonl(path, what="a scene"))

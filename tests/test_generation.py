@@ -23,7 +23,7 @@ from ai.common.generation import (
     build_work_items,
     merge_metadata,
     pending_work,
-    read_jsonl,
+    read_metadata_records,
     read_prompts,
     run_generation,
 )
@@ -209,7 +209,7 @@ def test_run_loop_records_skips_and_resumes(tmp_path):
     assert len(plan.todo) == 4
     summary = run_generation(plan, solid_images, info={"config": "x.yaml"}, batch_size=3)
     assert (summary.generated, summary.skipped, summary.failed) == (4, 0, [])
-    records = read_jsonl(tmp_path / METADATA_FILE)
+    records = read_metadata_records(tmp_path / METADATA_FILE)
     assert [(r["file"], r["seed"], r["prompt"]) for r in records] == [
         ("00000_00.png", 3, "a"),
         ("00000_01.png", 4, "a"),
@@ -244,7 +244,7 @@ def test_changed_settings_refuse_then_overwrite(tmp_path):
     plan = pending_work(items, tmp_path, {"steps": 3}, overwrite=True)
     assert len(plan.todo) == 2
     run_generation(plan, solid_images)
-    assert [r["steps"] for r in read_jsonl(tmp_path / METADATA_FILE)] == [3, 3]
+    assert [r["steps"] for r in read_metadata_records(tmp_path / METADATA_FILE)] == [3, 3]
 
 
 def test_a_folder_begun_before_generate_at_bucket_resumes(tmp_path):
@@ -276,7 +276,7 @@ def test_unreadable_input_stops_or_is_skipped(tmp_path):
     )
     assert summary.generated == 2
     assert summary.failed == ["00001_00.png: control image b.png is not an image"]
-    assert [r["file"] for r in read_jsonl(tmp_path / "skip" / METADATA_FILE)] == [
+    assert [r["file"] for r in read_metadata_records(tmp_path / "skip" / METADATA_FILE)] == [
         "00000_00.png",
         "00002_00.png",
     ]

@@ -53,7 +53,7 @@ from ai.common.models import ModelSource
 from ai.common.pipelines import model_fingerprint
 from core.cli import UserError
 from core.config import add_config_arguments
-from core.io import atomic_write_bytes, atomic_write_text, sha256_file
+from core.io import atomic_write_bytes, atomic_write_text, read_jsonl, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -252,29 +252,21 @@ def build_work_items(prompts: Sequence[PromptEntry], images_per_prompt: int, see
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_metadata_records(path: Path) -> list[dict[str, Any]]:
     """Records of a JSONL file; a torn last line (a process killed mid-write) is ignored."""
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and "file" in record:
-            out.append(record)
-    return out
+    return [r for _, r in read_jsonl(path, tolerant=True) if isinstance(r, dict) and "file" in r]
 
 
 def merge_metadata(out_dir: Path) -> dict[str, dict[str, Any]]:
     """Fold the part files into ``metadata.jsonl`` (one line per file, the newest record wins); main process only."""
     records = (
-        {r["file"]: r for r in read_jsonl(out_dir / METADATA_FILE)}
+        {r["file"]: r for r in read_metadata_records(out_dir / METADATA_FILE)}
         if (out_dir / METADATA_FILE).is_file()
         else {}
     )
     parts = sorted(out_dir.glob(PART_GLOB))
     for part in parts:
-        for record in read_jsonl(part):
+        for record in read_metadata_records(part):
             records[record["file"]] = record
     if parts or not (out_dir / METADATA_FILE).is_file():
         lines = [json.dumps(records[name], ensure_ascii=False) + "\n" for name in sorted(records)]
@@ -425,7 +417,7 @@ def pending_work(
         merge_metadata(out_dir)  # parts left by an interrupted run
     state.wait_for_everyone()
 
-    records = {r["file"]: r for r in read_jsonl(out_dir / METADATA_FILE)}
+    records = {r["file"]: r for r in read_metadata_records(out_dir / METADATA_FILE)}
     todo, stale = [], []
     for item in items:
         record = records.get(item.file)

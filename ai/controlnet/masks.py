@@ -20,7 +20,13 @@ from pathlib import Path
 
 from PIL import Image
 
-from ai.common.generation import METADATA_FILE, PromptEntry, png_bytes, read_captions_csv, read_jsonl
+from ai.common.generation import (
+    METADATA_FILE,
+    PromptEntry,
+    png_bytes,
+    read_captions_csv,
+    read_metadata_records,
+)
 from ai.controlnet.conditioning import ids_to_preview, read_ids, resize_ids, side_by_side
 from ai.controlnet.infer_config import ControlNetInferConfig
 from ai.controlnet.plans import plan_layout
@@ -192,7 +198,7 @@ def fill_missing_sheets(out_dir: Path, sheets_dir: Path) -> int:
     """Sheets for finished images that lack one (e.g. made before side_by_side was switched on)."""
     made = 0
     path = out_dir / METADATA_FILE
-    for record in read_jsonl(path) if path.is_file() else []:
+    for record in read_metadata_records(path) if path.is_file() else []:
         image_path = out_dir / record["file"]
         planned = record.get("plan_id") is not None and record.get("labels") is not None  # a plan's scene
         if (sheets_dir / record["file"]).is_file() or not image_path.is_file():

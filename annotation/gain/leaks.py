@@ -20,7 +20,6 @@ Pure file reading; no ultralytics.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -29,7 +28,7 @@ from pathlib import Path
 
 from annotation.gain.data import DataYaml, Item
 from core.cli import UserError
-from core.io import sha256_file
+from core.io import read_jsonl, sha256_file
 from vocab import bdd
 
 MANIFEST_JSONL, MANIFEST_CSV, METADATA_FILE = "manifest.jsonl", "manifest.csv", "metadata.jsonl"
@@ -104,11 +103,8 @@ def metadata_sources(folder: Path, cache: dict[Path, dict[str, set[str]]]) -> di
         found: dict[str, set[str]] = {}
         path = folder / METADATA_FILE
         if path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    rec = json.loads(line) if line.strip() else None
-                except json.JSONDecodeError:
-                    continue  # stage 4 reports broken records; here a line without a frame adds nothing
+            # stage 4 reports broken records; here a line without a frame adds nothing
+            for _, rec in read_jsonl(path, tolerant=True):
                 if isinstance(rec, dict) and isinstance(rec.get("file"), str):
                     frames = {rec.get(k) for k in ("source_frame", "plan_source_frame")}
                     found[os.path.basename(rec["file"])] = {f for f in frames if isinstance(f, str) and f}
@@ -122,11 +118,7 @@ def manifest_sources(root: Path) -> dict[str, tuple[set[str], Path | None]]:
     out: dict[str, tuple[set[str], Path | None]] = {}
     path = root / MANIFEST_JSONL
     if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line) if line.strip() else None
-            except json.JSONDecodeError:
-                continue
+        for _, rec in read_jsonl(path, tolerant=True):
             if not isinstance(rec, dict) or not rec.get("out_stem"):
                 continue
             frames = {rec.get("source_frame"), (rec.get("layout") or {}).get("source_frame")}
