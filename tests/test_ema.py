@@ -113,7 +113,7 @@ def test_controlnet_ema_exports_the_average_beside_the_live_checkpoint(tiny_sdxl
     assert main(["--config", str(cfg)]) == 0
     weights = "diffusion_pytorch_model.safetensors"
     final = load_file(runs / "ema" / "controlnet" / weights)
-    averaged = load_file(runs / "ema" / "checkpoint-4" / "controlnet_ema" / weights)
+    averaged = load_file(runs / "ema" / "checkpoint-4" / "ema" / "controlnet" / weights)
     live = load_file(runs / "ema" / "checkpoint-4" / "controlnet" / weights)
     for k in final:
         np.testing.assert_array_equal(final[k].numpy(), averaged[k].numpy(), err_msg=k)

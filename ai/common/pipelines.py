@@ -142,19 +142,25 @@ def apply_speed_switches(pipe, speed: Speed, device) -> None:
             pipe.controlnet = torch.compile(controlnet, mode=speed.compile_mode)
 
 
-def build_sdxl_pipeline(model: ModelSource, dtype: str, pipeline_cls=None, **extra_components):
-    """A text-to-image pipeline from :func:`ai.common.models.load_components` (local folder, hub id or tiny model).
+def load_sdxl_parts(model: ModelSource, dtype: str):
+    """:func:`ai.common.models.load_components` of ``model`` in the inference ``dtype``."""
+    from ai.common.models import load_components
+
+    return load_components(
+        model.pretrained_model, vae=model.vae, dtype=torch_dtype(dtype), variant=model.variant
+    )
+
+
+def build_sdxl_pipeline(model: ModelSource, dtype: str, pipeline_cls=None, parts=None, **extra_components):
+    """A text-to-image pipeline from :func:`load_sdxl_parts` (local folder, hub id or tiny model), or from
+    ``parts`` loaded already.
 
     Left on the CPU: load adapters first, then move it with ``pipe.to(device)``. ``pipeline_cls`` and
     ``extra_components`` let the ControlNet script build its pipeline from the same parts.
     """
     from diffusers import StableDiffusionXLPipeline
 
-    from ai.common.models import load_components
-
-    parts = load_components(
-        model.pretrained_model, vae=model.vae, dtype=torch_dtype(dtype), variant=model.variant
-    )
+    parts = parts if parts is not None else load_sdxl_parts(model, dtype)
     pipeline_cls = pipeline_cls or StableDiffusionXLPipeline
     pipe = pipeline_cls(
         vae=parts.vae,

@@ -52,10 +52,12 @@ from ai.common.models import ModelSource
 from ai.common.pipelines import (
     build_sdxl_pipeline,
     call_pipeline,
+    load_sdxl_parts,
     model_fingerprint,
     prepare_pipeline,
     setup_device,
 )
+from ai.controlnet.adapter import controlnet_from_adapter, is_adapter_folder
 from ai.controlnet.architecture import (
     check_controlnet_fits,
     layout_of,
@@ -341,9 +343,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from diffusers import StableDiffusionXLControlNetPipeline
 
-    controlnet = load_controlnet(inputs.controlnet, cfg.dtype)
+    parts = None
+    if is_adapter_folder(inputs.controlnet):  # a ControlNet-LoRA: rebuilt from this base model's UNet
+        parts = load_sdxl_parts(cfg.model, cfg.dtype)
+        controlnet = controlnet_from_adapter(inputs.controlnet, parts.unet, cfg.model.pretrained_model)
+    else:
+        controlnet = load_controlnet(inputs.controlnet, cfg.dtype)
     pipe = build_sdxl_pipeline(
-        cfg.model, cfg.dtype, pipeline_cls=StableDiffusionXLControlNetPipeline, controlnet=controlnet
+        cfg.model,
+        cfg.dtype,
+        pipeline_cls=StableDiffusionXLControlNetPipeline,
+        parts=parts,
+        controlnet=controlnet,
     )
     prepare_pipeline(
         pipe,

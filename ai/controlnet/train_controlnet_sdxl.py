@@ -74,6 +74,38 @@ class ControlNetConfig(Section):
     fuse_lora: str | None = None  # a LoRA (file or folder) fused into the frozen UNet first: style + layout
     fuse_lora_scale: float = 1.0
     save_dtype: Literal["float32", "float16", "bfloat16"] = "float16"  # of the final controlnet/ folder
+    adapter: Literal["full", "lora"] = (
+        "full"  # lora: LoRA layers on the frozen encoder copy (ai/controlnet/adapter.py)
+    )
+    lora_rank: int = Field(64, gt=0)
+    lora_alpha: float | None = Field(None, gt=0)  # None: the rank (scale 1)
+    lora_target_modules: list[str] = [
+        "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+        "conv1", "conv2", "conv_shortcut", "time_emb_proj",
+    ]  # fmt: skip
+
+    @model_validator(mode="after")
+    def _adapter_fits(self):
+        if self.adapter == "lora" and self.init_from is not None:
+            raise ValueError(
+                "controlnet.adapter=lora trains LoRA layers on a fresh copy of the base UNet's encoder; "
+                "controlnet.init_from continues a full ControlNet: set controlnet.adapter=full or init_from=null"
+            )
+        if self.adapter == "lora" and self.fuse_lora:
+            raise ValueError(
+                "controlnet.adapter=lora with controlnet.fuse_lora: the adapter would only fit the base with that "
+                "LoRA fused in, which inference cannot rebuild; train with controlnet.adapter=full"
+            )
+        return self
+
+    def lora_settings(self):
+        from ai.controlnet.adapter import LoraSettings
+
+        if self.adapter != "lora":
+            return None
+        return LoraSettings(
+            self.lora_rank, self.lora_alpha or float(self.lora_rank), tuple(self.lora_target_modules)
+        )
 
 
 class ControlNetValidationConfig(ValidationConfig):
@@ -145,8 +177,7 @@ def train(cfg: Config) -> int:
 
     from ai.common import data, diffusion, trainer, training_log, validation
     from ai.common.models import load_components, safetensors_files
-    from ai.controlnet import conditioning, control
-    from core.io import load_safetensors_into, save_model
+    from ai.controlnet import adapter, conditioning, control
 
     run = trainer.start_run(cfg)
     accelerator, device, weight_dtype = run.accelerator, run.device, run.weight_dtype
@@ -173,7 +204,11 @@ def train(cfg: Config) -> int:
     )  # fmt: skip
     vae_dtype = trainer.place_frozen_models(comps, run, cfg.model.vae_fp16_safe)
     unet, vae, te1, te2 = comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2
-    controlnet.to(device, dtype=torch.float32).train()  # trained in fp32; autocast gives the mixed precision
+    # full: all of it in fp32; lora: LoRA layers on the encoder copy, frozen in the UNet's precision
+    kind_of_adapter, lora = adapter.ADAPTERS[cfg.controlnet.adapter], cfg.controlnet.lora_settings()
+    probes = adapter.base_probes(controlnet) if lora else []  # recognise the base model at inference
+    kind_of_adapter.prepare(controlnet, lora, weight_dtype)
+    controlnet.to(device).train()  # trained tensors in fp32; autocast gives the mixed precision
     if cfg.train.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()
         unet.enable_gradient_checkpointing()  # the residuals' gradients flow back through the frozen UNet
@@ -196,21 +231,22 @@ def train(cfg: Config) -> int:
 
     # --- optimizer, schedule, accelerate ---
     optimizer, lr_scheduler = trainer.build_optimizer(
-        cfg, [{"params": list(controlnet.parameters()), "lr": cfg.optim.learning_rate}]
+        cfg,
+        [{"params": [p for p in controlnet.parameters() if p.requires_grad], "lr": cfg.optim.learning_rate}],
     )
     controlnet, optimizer = accelerator.prepare(controlnet, optimizer)
     accelerator.register_for_checkpointing(lr_scheduler)
     raw = accelerator.unwrap_model(controlnet)
     ema = trainer.build_ema(cfg, run, [raw])  # None unless ema.enabled
 
-    def save_hook(models, weights, output_dir):  # the ControlNet as a diffusers folder, the base stays out
+    def save_hook(models, weights, output_dir):  # the ControlNet's trained tensors, the base stays out
         with trainer.master_weights(run, [raw]):  # every process saves state, so every process enters this
             if accelerator.is_main_process:
-                save_model(raw, Path(output_dir) / "controlnet")  # fp32, streamed: no host copy of the model
+                kind_of_adapter.save_state(raw, Path(output_dir), lora, probes)
         weights.clear()
 
     def load_hook(models, input_dir):
-        load_safetensors_into(raw, Path(input_dir) / "controlnet" / "diffusion_pytorch_model.safetensors")
+        kind_of_adapter.load_state(raw, Path(input_dir))
         models.clear()
 
     accelerator.register_save_state_pre_hook(save_hook)
@@ -298,10 +334,10 @@ def train(cfg: Config) -> int:
     def export_controlnet(folder: Path) -> list[Path]:
         # tensor by tensor, each cast on the CPU (no second model in host memory: SDXL's is 5 GB in fp32), with
         # sorted keys: same weights, same bytes (inference reruns compare fingerprints)
-        return [save_model(raw, folder / "controlnet", getattr(torch, cfg.controlnet.save_dtype))]
+        return kind_of_adapter.export(raw, folder, getattr(torch, cfg.controlnet.save_dtype), lora, probes)
 
-    def export_ema_in_checkpoint(folder: Path) -> None:  # the checkpoint's controlnet/ holds the live weights
-        save_model(raw, folder / "controlnet_ema", getattr(torch, cfg.controlnet.save_dtype))
+    def export_ema_in_checkpoint(folder: Path) -> None:  # the checkpoint's own state holds the live weights
+        export_controlnet(folder / "ema")
 
     # --- banner ---
     n_trainable = sum(p.numel() for p in raw.parameters() if p.requires_grad)
