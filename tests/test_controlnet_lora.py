@@ -53,7 +53,9 @@ def test_only_lora_and_new_modules_train_checkpoints_are_small_and_resume_is_exa
     # the checkpoint holds the trained tensors only: no full ControlNet folder
     ckpt = run / "checkpoint-2"
     assert (ckpt / ADAPTER_FOLDER / ADAPTER_FILE).is_file() and not (ckpt / "controlnet").exists()
-    assert tensors(ckpt / ADAPTER_FOLDER / ADAPTER_FILE).keys() == adapter.keys()  # (sizes at SDXL scale: README)
+    assert (
+        tensors(ckpt / ADAPTER_FOLDER / ADAPTER_FILE).keys() == adapter.keys()
+    )  # (sizes at SDXL scale: README)
     resumed = tensors(lora_runs / "part" / ADAPTER_FOLDER / ADAPTER_FILE)
     assert adapter.keys() == resumed.keys()
     for k in adapter:
