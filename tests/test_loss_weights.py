@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import test_controlnet_train
 import torch
 from PIL import Image
 from sdxl_fixtures import make_image_csv
-from test_controlnet_train import box_csv  # noqa: F401 (the stage-1 box-layout CSV fixture)
 
 from ai.common import data, diffusion, loss_weights, trainer
 from ai.common.train_config import LossConfig
@@ -64,7 +64,9 @@ def test_box_map_equals_a_hand_computation_after_resize_crop_and_flip(tmp_path):
     expected_pixels[0:8, 8:16] = 4.5
     expected_pixels[8:12, 4:8] = 7.5
     np.testing.assert_array_equal(pixels, expected_pixels)
-    latent = np.array([[1.0, 4.5], [(16 * 7.5 + 48) / 64, 1.0]])  # the light covers a quarter of its latent pixel
+    latent = np.array(
+        [[1.0, 4.5], [(16 * 7.5 + 48) / 64, 1.0]]
+    )  # the light covers a quarter of its latent pixel
     got = loss_weights.WeightMap(loss, objects, 8)(row, plan)
     assert got.shape == (1, 2, 2) and got.dtype == torch.float32
     np.testing.assert_allclose(got[0].numpy(), latent / latent.mean(), rtol=1e-6)
@@ -117,12 +119,16 @@ def test_segmentation_objects_are_the_thing_classes_each_region_sized_alone():
 
 
 def test_a_row_mask_scales_the_map(tmp_path):
-    Image.fromarray(np.array([[255, 0], [255, 255]], np.uint8).repeat(8, 0).repeat(8, 1)).save(tmp_path / "m.png")
+    Image.fromarray(np.array([[255, 0], [255, 255]], np.uint8).repeat(8, 0).repeat(8, 1)).save(
+        tmp_path / "m.png"
+    )
     row = row_of((16, 16), mask=str(tmp_path / "m.png"))
     plan = data.CropPlan((16, 16), (16, 16), (16, 16), 0, 0, True)  # mirrored: the zero block moves left
     got = loss_weights.WeightMap(LossConfig(mask="mask"), None, 8)(row, plan)[0].numpy()
     np.testing.assert_allclose(got, [[0.0, 4 / 3], [4 / 3, 4 / 3]], rtol=1e-6)
-    with pytest.raises(UserError, match=r"loss.mask=mask: 1 mask\(s\) unusable: .* is 16x16, its image a.jpg 32x16"):
+    with pytest.raises(
+        UserError, match=r"loss.mask=mask: 1 mask\(s\) unusable: .* is 16x16, its image a.jpg 32x16"
+    ):
         loss_weights.check_masks([row_of((32, 16), mask=str(tmp_path / "m.png"))], "mask")
 
 
@@ -176,11 +182,16 @@ def test_cached_latents_give_the_map_and_the_weighted_loss_of_the_uncached_path(
         "img01.jpg": [("pedestrian", 10, 10, 40, 90)],
         "img02.jpg": [("bus", 0, 0, 60, 255)],
     })  # fmt: skip
-    geo = data.Geometry(tuple(data.sdxl_buckets(128, 16)), "center", True, seed=0)  # flips: both latents cached
+    geo = data.Geometry(
+        tuple(data.sdxl_buckets(128, 16)), "center", True, seed=0
+    )  # flips: both latents cached
     cfg = TrainingConfig(
-        data={"train_csv": str(csv_path)}, loss={"object_weight": 3.0, "small_object_boost": 0.2, "snr_gamma": 5.0}
+        data={"train_csv": str(csv_path)},
+        loss={"object_weight": 3.0, "small_object_boost": 0.2, "snr_gamma": 5.0},
     )
-    fn, _ = trainer.loss_weight_map(cfg, rows, lambda r: loss_weights.BoxObjects.from_labels_file(labels, r), 8)
+    fn, _ = trainer.loss_weight_map(
+        cfg, rows, lambda r: loss_weights.BoxObjects.from_labels_file(labels, r), 8
+    )
     cache = caches.FeatureCache(tmp_path / "cache", "latents")
     vae_id = caches.module_fingerprint(comps.vae)
     hashes, _ = caches.build_latent_cache(
@@ -223,6 +234,28 @@ def test_cached_latents_give_the_map_and_the_weighted_loss_of_the_uncached_path(
 # --- training runs and --check -------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def box_layouts_csv(mini_bdd, tmp_path_factory) -> Path:
+    """Stage 1's box-layout CSV over the mini-BDD100K's 100K train images (as test_controlnet_train's box_csv)."""
+    from convert import controlnet_bdd_to_huggingface_csv
+    from core.cli import run_main
+
+    root = tmp_path_factory.mktemp("box_csv")
+    images = mini_bdd / "images" / "100k" / "train"
+    (root / "captions").mkdir()
+    for image in bdd.list_images(images):
+        (root / "captions" / f"{image.stem}.txt").write_text(
+            "a dashcam photo of a street\n", encoding="utf-8"
+        )
+    argv = [
+        "--layout", "boxes", "--images_path", str(images), "--captions_path", str(root / "captions"),
+        "--labels_file", str(mini_bdd / "labels/det_20/det_train.json"), "--output_folder", str(root / "csv"),
+        "--split", "train",
+    ]  # fmt: skip
+    assert run_main(controlnet_bdd_to_huggingface_csv.main, argv) == 0
+    return root / "csv" / "bdd_hf_dataset_controlnet_boxes_train.csv"
+
+
 def lora_csv(bdd_root: Path, out: Path) -> Path:
     """image,text over the mini-BDD100K's 100K train images (their det_20 labels are det_train.json)."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -247,17 +280,24 @@ def test_a_short_lora_run_with_object_weights_trains_and_checkpoints(tiny_sdxl, 
     assert run_inprocess(cfg) == 0
     run = tmp_path / "runs" / "objw"
     assert (run / "checkpoint-2").is_dir() and (run / "pytorch_lora_weights.safetensors").is_file()
-    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = step_losses(run)
     assert len(losses) == 2 and all(np.isfinite(losses))
+    # the same run unweighted (same data, noise and timesteps) has another first-step loss: the map reached it
+    assert run_inprocess(cfg, "loss.object_weight=1", "loss.small_object_boost=0", "output.name=plain") == 0
+    assert step_losses(tmp_path / "runs" / "plain")[0] != pytest.approx(losses[0], rel=1e-3)
+
+
+def step_losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_a_short_box_layout_controlnet_run_with_object_weights_trains_and_checkpoints(
-    tiny_sdxl, box_csv, tmp_path
+    tiny_sdxl, box_layouts_csv, tmp_path
 ):
     from test_controlnet_train import run_inprocess, write_config
 
     cfg = write_config(
-        tmp_path / "c.yaml", tiny_sdxl, box_csv, tmp_path / "runs", "objw",
+        tmp_path / "c.yaml", tiny_sdxl, box_layouts_csv, tmp_path / "runs", "objw",
         controlnet={"layout": "boxes", "conditioning": "one_hot", "save_dtype": "float32"},
         loss={"object_weight": 3.0, "small_object_boost": 0.1}, train={"max_train_steps": 2},
         checkpoint={"every_n_steps": 2},
@@ -265,12 +305,15 @@ def test_a_short_box_layout_controlnet_run_with_object_weights_trains_and_checkp
     assert run_inprocess(cfg) == 0
     run = tmp_path / "runs" / "objw"
     assert (run / "checkpoint-2" / "controlnet").is_dir() and (run / "controlnet").is_dir()
-    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = step_losses(run)
     assert len(losses) == 2 and all(np.isfinite(losses))
+    assert run_inprocess(cfg, "loss.object_weight=1", "loss.small_object_boost=0", "output.name=plain") == 0
+    assert step_losses(tmp_path / "runs" / "plain")[0] != pytest.approx(losses[0], rel=1e-3)
 
 
-def test_check_refuses_object_weights_without_labels_and_a_missing_mask_column(tiny_sdxl, box_csv, tmp_path):
-    import test_controlnet_train
+def test_check_refuses_object_weights_without_labels_and_a_missing_mask_column(
+    tiny_sdxl, box_layouts_csv, tmp_path
+):
     from test_lora_train import run_inprocess, write_config
 
     csv_path = make_image_csv(tmp_path / "imgs", n=2)
@@ -279,11 +322,18 @@ def test_check_refuses_object_weights_without_labels_and_a_missing_mask_column(t
         run_inprocess(cfg, "--check", "loss.object_weight=3")
     with pytest.raises(UserError, match="data.labels_file: not found: /nonexistent.json"):
         run_inprocess(cfg, "--check", "loss.object_weight=3", "data.labels_file=/nonexistent.json")
-    with pytest.raises(UserError, match=r"loss.mask=weights: .* has no such column \(its header: image, text\)"):
+    with pytest.raises(
+        UserError, match=r"loss.mask=weights: .* has no such column \(its header: image, text\)"
+    ):
         run_inprocess(cfg, "--check", "loss.mask=weights")
     assert run_inprocess(cfg, "--check", f"data.labels_file={det20(tmp_path / 'd.json', {})}") == 0
     cn = test_controlnet_train.write_config(
-        tmp_path / "cn.yaml", tiny_sdxl, box_csv, tmp_path / "runs", "cn", controlnet={"layout": "boxes"}
+        tmp_path / "cn.yaml",
+        tiny_sdxl,
+        box_layouts_csv,
+        tmp_path / "runs",
+        "cn",
+        controlnet={"layout": "boxes"},
     )
     assert "loss.mask=m: " in test_controlnet_train.check_config(cn, "loss.mask=m")
     assert test_controlnet_train.check_config(cn, "loss.object_weight=3") == ""  # its objects are its layouts

@@ -79,7 +79,9 @@ class ObjectSource(Protocol):
 # Boxes of a labels file (LoRA)
 # ---------------------------------------------------------------------------------------------------------------
 
-Box = tuple[int, int, int, int]  # inclusive pixel box (x1, y1, x2, y2) in the original image, det_20's convention
+Box = tuple[
+    int, int, int, int
+]  # inclusive pixel box (x1, y1, x2, y2) in the original image, det_20's convention
 
 
 def box_in_crop(box: Box, plan: CropPlan) -> tuple[int, int, int, int] | None:
@@ -125,7 +127,9 @@ class BoxObjects:
         self.boxes, self.matched, self.total, self.source = boxes, matched, total, source
 
     @classmethod
-    def from_labels_file(cls, path: str | Path, rows: Sequence[Row], key: str = "data.labels_file") -> BoxObjects:
+    def from_labels_file(
+        cls, path: str | Path, rows: Sequence[Row], key: str = "data.labels_file"
+    ) -> BoxObjects:
         """Read a det_20 / legacy labels file (or a folder of per-image files) and match its frames to ``rows`` by
         image name (stem); the 10 detection classes' boxes, clipped to the image (vocab/box_layout.py's rules)."""
         if not Path(path).exists():
