@@ -267,24 +267,35 @@ def lora_csv(bdd_root: Path, out: Path) -> Path:
     return out
 
 
-def test_a_short_lora_run_with_object_weights_trains_and_checkpoints(tiny_sdxl, mini_bdd, tmp_path):
+def test_a_short_lora_run_with_object_weights_trains_checkpoints_and_resumes_exactly(
+    tiny_sdxl, mini_bdd, tmp_path
+):
+    from safetensors.torch import load_file
     from test_lora_train import run_inprocess, write_config
 
     labels = mini_bdd / "labels" / "det_20" / "det_train.json"
+    runs = tmp_path / "runs"
     cfg = write_config(
-        tmp_path / "c.yaml", tiny_sdxl, lora_csv(mini_bdd, tmp_path / "lora.csv"), tmp_path / "runs", "objw",
+        tmp_path / "c.yaml", tiny_sdxl, lora_csv(mini_bdd, tmp_path / "lora.csv"), runs, "objw",
         data={"labels_file": str(labels), "random_flip": True},
         loss={"object_weight": 3.0, "small_object_boost": 0.1},
-        train={"max_train_steps": 2}, checkpoint={"every_n_steps": 2},
+        train={"max_train_steps": 4}, checkpoint={"every_n_steps": 2},
     )  # fmt: skip
     assert run_inprocess(cfg) == 0
-    run = tmp_path / "runs" / "objw"
+    run = runs / "objw"
     assert (run / "checkpoint-2").is_dir() and (run / "pytorch_lora_weights.safetensors").is_file()
     losses = step_losses(run)
-    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    # resumed mid-epoch from step 2 (the maps follow the same crops and flips): the same LoRA
+    assert run_inprocess(cfg, "output.name=resumed", f"checkpoint.resume_from={run / 'checkpoint-2'}") == 0
+    full = load_file(run / "pytorch_lora_weights.safetensors")
+    resumed = load_file(runs / "resumed" / "pytorch_lora_weights.safetensors")
+    assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
+    with pytest.raises(UserError, match=r"loss\.object_weight \(3\.0 -> 2\.0\)"):
+        run_inprocess(cfg, "checkpoint.resume_from=latest", "loss.object_weight=2", "--check")
     # the same run unweighted (same data, noise and timesteps) has another first-step loss: the map reached it
     assert run_inprocess(cfg, "loss.object_weight=1", "loss.small_object_boost=0", "output.name=plain") == 0
-    assert step_losses(tmp_path / "runs" / "plain")[0] != pytest.approx(losses[0], rel=1e-3)
+    assert step_losses(runs / "plain")[0] != pytest.approx(losses[0], rel=1e-3)
 
 
 def step_losses(run: Path) -> list[float]:
