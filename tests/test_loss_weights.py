@@ -311,6 +311,7 @@ def test_a_short_box_layout_controlnet_run_with_object_weights_trains_and_checkp
         tmp_path / "c.yaml", tiny_sdxl, box_layouts_csv, tmp_path / "runs", "objw",
         controlnet={"layout": "boxes", "conditioning": "one_hot", "save_dtype": "float32"},
         loss={"object_weight": 3.0, "small_object_boost": 0.1}, train={"max_train_steps": 2},
+        data={"num_workers": 2},  # the map is built in the data workers
         checkpoint={"every_n_steps": 2},
     )  # fmt: skip
     assert run_inprocess(cfg) == 0

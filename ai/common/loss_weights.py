@@ -231,9 +231,8 @@ def to_latent(weights: np.ndarray, factor: int):
     tensor (1, h / factor, w / factor)."""
     import torch
 
-    pooled = torch.nn.functional.avg_pool2d(
-        torch.from_numpy(weights)[None], factor
-    )  # ~10x numpy's block mean
+    # torch's pooling: ~10x faster than numpy's block mean at 1344x768
+    pooled = torch.nn.functional.avg_pool2d(torch.from_numpy(weights)[None], factor)
     mean = pooled.double().mean().item()
     return pooled / mean if mean > 0 else pooled
 
