@@ -62,6 +62,7 @@ class Row:
     size: Size
     conditioning: str | bytes | None = None
     name: str = ""
+    mask: str | bytes | None = None  # the loss mask (``loss.mask``), when the table names one
 
     def image_bytes(self) -> bytes:
         return _read_bytes(self.image)
@@ -129,6 +130,7 @@ def load_rows(
     conditioning_column: str | None = None,
     on_bad_image: Literal["skip", "fail"] = "fail",
     max_rows: int | None = None,
+    mask_column: str | None = None,
 ) -> LoadReport:
     """Read the table and every image's size.
 
@@ -139,13 +141,14 @@ def load_rows(
         image_column / caption_column / conditioning_column: column names.
         on_bad_image: ``skip`` drops rows whose image is missing or unreadable and lists them; ``fail`` raises.
         max_rows: keep only the first N rows (debugging).
+        mask_column: a column of per-image loss masks (``loss.mask``), read into ``Row.mask``.
 
     Returns:
         The rows (``index`` = position in the table) and the skipped images with reasons.
     """
     if (csv_path is None) == (dataset is None):
         raise UserError("give exactly one of data.train_csv or data.dataset")
-    wanted = [image_column, caption_column] + ([conditioning_column] if conditioning_column else [])
+    wanted = [image_column, caption_column] + [c for c in (conditioning_column, mask_column) if c]
     if csv_path is not None:
         table, base, source = _read_csv_table(Path(csv_path), wanted), Path(csv_path).parent, str(csv_path)
     else:
@@ -172,7 +175,8 @@ def load_rows(
             skipped.append((label, reason))
             continue
         text = rec[caption_column]
-        rows.append(Row(i, image, "" if text is None else str(text), size, cond, Path(label).name))
+        mask = _resolve(rec[mask_column], base) if mask_column else None
+        rows.append(Row(i, image, "" if text is None else str(text), size, cond, Path(label).name, mask))
     if skipped:
         shown = "; ".join(f"{img} ({why})" for img, why in skipped[:5])
         logger.warning(
@@ -457,7 +461,8 @@ class SDXLDataset:
 
     Without caches an item holds ``pixel_values``; with a latent cache it holds the cached latent ``mean``/``std``
     instead, and with a text cache the prompt embeddings of the caption. ``conditioning`` (ControlNet) is cropped
-    with the same plan as the image, resampled with ``conditioning_resample``.
+    with the same plan as the image, resampled with ``conditioning_resample``. ``loss_weight`` (object-weighted
+    loss) is the map of ``loss_weight_fn`` for the same plan.
     """
 
     def __init__(
@@ -469,11 +474,15 @@ class SDXLDataset:
         conditioning_mode: str = "RGB",
         conditioning_resample: Image.Resampling = Image.Resampling.NEAREST,
         conditioning_fn: Callable[[Row, CropPlan], Any] | None = None,
+        loss_weight_fn: Callable[[Row, CropPlan], Any] | None = None,
     ):
         self.rows, self.geometry = list(rows), geometry
         self.latent_lookup, self.text_lookup = latent_lookup, text_lookup
         self.conditioning_mode, self.conditioning_resample = conditioning_mode, conditioning_resample
         self.conditioning_fn = conditioning_fn  # (row, plan) -> tensor; must be picklable for data workers
+        # (row, plan) -> the loss weight map (ai/common/loss_weights.py); from the plan alone, so cached latents
+        # get the map of the crop they were encoded from
+        self.loss_weight_fn = loss_weight_fn
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -510,6 +519,8 @@ class SDXLDataset:
                 self.conditioning_resample,
             )
             item["conditioning"] = cond
+        if self.loss_weight_fn is not None:
+            item["loss_weight"] = self.loss_weight_fn(row, plan)
         return item
 
 

@@ -116,9 +116,17 @@ def diffusion_loss(
     scheduler,
     prediction_type: PredictionType = "epsilon",
     snr_gamma: float | None = None,
+    pixel_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean squared error in fp32, per-sample weighted by Min-SNR-gamma when ``snr_gamma`` is set."""
-    per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    """Mean squared error in fp32, per-sample weighted by Min-SNR-gamma when ``snr_gamma`` is set.
+
+    ``pixel_weight`` (batch, 1, h, w), each sample's mean 1 (ai/common/loss_weights.py), scales every latent pixel's
+    squared error before the mean; None computes exactly the plain mean.
+    """
+    squared = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+    if pixel_weight is not None:
+        squared = squared * pixel_weight.to(squared.device, torch.float32)
+    per_sample = squared.mean(dim=(1, 2, 3))
     if snr_gamma:
         per_sample = per_sample * min_snr_weights(scheduler, timesteps, snr_gamma, prediction_type)
     return per_sample.mean()

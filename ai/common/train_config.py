@@ -55,6 +55,11 @@ class LossConfig(Section):
     noise_offset: float = Field(0.0, ge=0.0)
     timestep_min: int = Field(0, ge=0)
     timestep_max: int = Field(1000, gt=0, le=1000)
+    # object-weighted loss (ai/common/loss_weights.py): all at their defaults = the plain mean, no map is built
+    object_weight: float = Field(1.0, gt=0)  # weight of labelled objects' pixels relative to background
+    small_object_boost: float = Field(0.0, ge=0)  # extra weight growing as an object's area shrinks
+    small_object_cap: float = Field(4.0, ge=0)  # the most extra weight the boost adds
+    mask: str | None = None  # a CSV/dataset column of per-image grayscale loss masks (255 = 1.0)
 
     @model_validator(mode="after")
     def _range(self):
@@ -182,9 +187,29 @@ def check_common_inputs(cfg: TrainingConfig, run_dir) -> None:
     ):
         if value and not Path(value).is_file():
             raise UserError(f"{key}: file not found: {value}")
+    check_mask_column(cfg)
     ckpt = resolve_resume(run_dir, cfg.checkpoint.resume_from)
     if ckpt is not None:
         check_resume_compatible(ckpt, cfg.model_dump(mode="json"), RESUME_FREE_KEYS, schema=type(cfg))
+
+
+def check_mask_column(cfg: TrainingConfig) -> None:
+    """``loss.mask`` must name a column of the training CSV (a dataset's columns are checked when it loads)."""
+    import csv
+    from pathlib import Path
+
+    from core.cli import UserError
+
+    if cfg.loss.mask is None or not cfg.data.train_csv or not Path(cfg.data.train_csv).is_file():
+        return
+    with Path(cfg.data.train_csv).open(newline="", encoding="utf-8") as fh:
+        header = next(csv.reader(fh), [])
+    if cfg.loss.mask not in header:
+        raise UserError(
+            f"loss.mask={cfg.loss.mask}: {cfg.data.train_csv} has no such column (its header: "
+            f"{', '.join(header) or 'nothing'}); add a column of per-image grayscale mask paths, set loss.mask to "
+            "its name, or remove loss.mask"
+        )
 
 
 def trainer_main(argv, *, prog: str, description: str, config_cls, check_inputs, train, example: str) -> int:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ai.common import caches, checkpoints, data, diffusion, training_log
+from ai.common import caches, checkpoints, data, diffusion, loss_weights, training_log
 from ai.common.train_config import RESUME_FREE_KEYS, TrainingConfig
 from core.cli import UserError
 from core.config import save_resolved_config
@@ -198,6 +198,7 @@ class TrainData:
     sampler: data.BucketBatchSampler
     loader: Any
     cache_note: str
+    loss_note: str = "plain mean"
 
     def bucket_summary(self) -> str:
         counts: dict = {}
@@ -212,9 +213,14 @@ def build_train_data(
     run: Run,
     encode_text: Callable,
     conditioning_column: str | None = None,
+    objects: Callable[[list], loss_weights.ObjectSource] | None = None,
     **dataset_kwargs: Any,
 ) -> TrainData:
-    """Rows -> held-out split -> buckets -> caches (split over each node's processes) -> dataset and loader."""
+    """Rows -> held-out split -> buckets -> caches (split over each node's processes) -> dataset and loader.
+
+    ``objects(train_rows)``: the recipe's source of labelled objects for the object-weighted loss (called only when
+    ``loss.object_weight`` or ``loss.small_object_boost`` is set).
+    """
     from accelerate.utils import gather_object
     from torch.utils.data import DataLoader
 
@@ -222,6 +228,7 @@ def build_train_data(
     report = data.load_rows(
         d.train_csv, d.dataset, d.dataset_split, d.image_column, d.caption_column,
         conditioning_column=conditioning_column, on_bad_image=d.on_bad_image, max_rows=d.max_rows,
+        mask_column=cfg.loss.mask,
     )  # fmt: skip
     val = cfg.validation  # every trainer's Config has a validation section
     train_rows, held_rows = data.holdout_split(report.rows, val.loss_rows, cfg.train.seed)
@@ -275,7 +282,10 @@ def build_train_data(
             text_lookup = caches.TextLookup(text_cache, te_id)
         accelerator.wait_for_everyone()
     notes = cache_notes(accelerator, built)
-    dataset = data.SDXLDataset(train_rows, geometry, latent_lookup, text_lookup, **dataset_kwargs)
+    weight_fn, loss_note = loss_weight_map(cfg, train_rows, objects, comps.vae_scale_factor)
+    dataset = data.SDXLDataset(
+        train_rows, geometry, latent_lookup, text_lookup, loss_weight_fn=weight_fn, **dataset_kwargs
+    )
     sampler = data.BucketBatchSampler(
         dataset.buckets(),
         cfg.train.batch_size,
@@ -291,7 +301,35 @@ def build_train_data(
         persistent_workers=d.num_workers > 0,
     )  # fmt: skip
     cache_note = f"{cfg.cache.dir}: " + ", ".join(notes) if notes else "off"
-    return TrainData(train_rows, held_rows, report.skipped, geometry, dataset, sampler, loader, cache_note)
+    return TrainData(
+        train_rows, held_rows, report.skipped, geometry, dataset, sampler, loader, cache_note, loss_note
+    )
+
+
+def loss_weight_map(
+    cfg: TrainingConfig, rows: list, objects: Callable | None, factor: int
+) -> tuple[loss_weights.WeightMap | None, str]:
+    """The dataset's ``loss_weight_fn`` and a banner line; None when every ``loss`` weight key is at its default
+    (the loss is then the plain mean, bit for bit)."""
+    loss = cfg.loss
+    if not loss_weights.weighting_on(loss):
+        return None, "plain mean"
+    source, parts = None, []
+    if loss_weights.objects_weighted(loss):
+        if objects is None:
+            raise UserError(
+                "loss.object_weight / loss.small_object_boost need labelled objects, and this trainer has none; "
+                "set them to 1.0 / 0.0"
+            )
+        source = objects(rows)
+        parts.append(
+            f"objects x{loss.object_weight:g}, small-object boost {loss.small_object_boost:g} (cap "
+            f"{loss.small_object_cap:g}): {source.note()}"
+        )
+    if loss.mask is not None:
+        loss_weights.check_masks(rows, loss.mask)
+        parts.append(f"masks of column {loss.mask}")
+    return loss_weights.WeightMap(loss, source, factor), "; ".join(parts) + " (maps of mean 1)"
 
 
 def node_shard(accelerator) -> caches.Shard:
@@ -408,10 +446,12 @@ def denoise(
 
 
 def diffusion_term(cfg: TrainingConfig, batch: dict, out: Denoised, scheduler) -> torch.Tensor:
-    """The min-SNR-weighted MSE of a forward pass."""
+    """The min-SNR-weighted MSE of a forward pass, each latent pixel scaled by the batch's ``loss_weight`` when the
+    dataset made one (object-weighted loss)."""
     return diffusion.diffusion_loss(
-        out.pred, out.target, out.timesteps, scheduler, cfg.loss.prediction_type, cfg.loss.snr_gamma
-    )
+        out.pred, out.target, out.timesteps, scheduler, cfg.loss.prediction_type, cfg.loss.snr_gamma,
+        batch.get("loss_weight"),
+    )  # fmt: skip
 
 
 def denoising_loss(
@@ -703,6 +743,7 @@ def common_banner(cfg: TrainingConfig, run: Run, train_data: TrainData, state: L
         f" (x{t.gradient_accumulation_steps} accumulation x{n_proc} processes)",
         "optimizer steps": f"{t.max_train_steps} (~{t.max_train_steps / max(steps_per_epoch, 1):.1f} epochs)",
         "caches": train_data.cache_note,
+        "loss weights": train_data.loss_note,
         "resume": f"{run.resume} (step {state.step}, epoch {state.epoch}, batch {state.batch})"
         if run.resume
         else "fresh start",

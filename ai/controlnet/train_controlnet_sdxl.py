@@ -175,7 +175,7 @@ def check_inputs(cfg: Config) -> None:
 def train(cfg: Config) -> int:
     import torch
 
-    from ai.common import data, diffusion, trainer, training_log, validation
+    from ai.common import data, diffusion, loss_weights, trainer, training_log, validation
     from ai.common.models import load_components, safetensors_files
     from ai.controlnet import adapter, conditioning, control
 
@@ -226,6 +226,7 @@ def train(cfg: Config) -> int:
         encode_text,
         conditioning_column=cfg.data.conditioning_column,
         conditioning_fn=row_condition,
+        objects=lambda rows: loss_weights.LayoutObjects(row_condition.ids, layout),  # object-weighted loss
     )
     control.check_mask_sizes([*train_data.rows, *train_data.held_rows], layout=layout)
 

@@ -25,6 +25,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from ai.common.train_config import (
+    DataConfig,
     LogConfig,
     OutputConfig,
     TrainingConfig,
@@ -40,6 +41,12 @@ logger = logging.getLogger("train_lora_sdxl")
 # ---------------------------------------------------------------------------------------------------------------
 # Config schema (config/lora_train.yaml documents every key; the shared sections live in ai/common/train_config.py)
 # ---------------------------------------------------------------------------------------------------------------
+
+
+class LoraDataConfig(DataConfig):
+    # det_20 or legacy BDD labels (file or per-image folder) of the training images, matched by file name: the
+    # objects of the object-weighted loss (loss.object_weight, loss.small_object_boost)
+    labels_file: str | None = None
 
 
 class LoraConfig(Section):
@@ -69,6 +76,7 @@ class LoraOutputConfig(OutputConfig):
 
 
 class Config(TrainingConfig):
+    data: LoraDataConfig
     lora: LoraConfig = LoraConfig()
     validation: LoraValidationConfig = LoraValidationConfig()
     log: LoraLogConfig = LoraLogConfig()
@@ -114,6 +122,17 @@ def check_inputs(cfg: Config) -> None:
         raise UserError(
             "validation.every_n_steps is set but there are no validation.prompts and no loss rows"
         )
+    from ai.common.loss_weights import objects_weighted
+
+    if objects_weighted(cfg.loss) and not cfg.data.labels_file:
+        raise UserError(
+            f"loss.object_weight={cfg.loss.object_weight:g} / loss.small_object_boost={cfg.loss.small_object_boost:g}"
+            " weight the pixels of labelled objects, but there are no labels: set data.labels_file to the det_20 "
+            "(or legacy) labels JSON of the training images, or set loss.object_weight=1.0 and "
+            "loss.small_object_boost=0.0"
+        )
+    if cfg.data.labels_file and not Path(cfg.data.labels_file).exists():
+        raise UserError(f"data.labels_file: not found: {cfg.data.labels_file}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -172,7 +191,12 @@ def train(cfg: Config) -> int:
     def encode_text(prompts):  # the plain encoders: caches, validation (one process)
         return diffusion.encode_prompts([te1, te2], tokenizers, prompts)
 
-    train_data = trainer.build_train_data(cfg, comps, run, encode_text)
+    def objects(rows):  # the object-weighted loss's boxes, matched to the training rows by file name
+        from ai.common.loss_weights import BoxObjects
+
+        return BoxObjects.from_labels_file(cfg.data.labels_file, rows)
+
+    train_data = trainer.build_train_data(cfg, comps, run, encode_text, objects=objects)
 
     # --- optimizer, schedule, accelerate ---
     groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": cfg.optim.learning_rate}]
