@@ -244,28 +244,29 @@ def save_model(model, folder: str | os.PathLike, dtype: Any = None) -> Path:
     return folder
 
 
-def load_safetensors_into(model, path: str | os.PathLike) -> None:
-    """Copy a safetensors file's tensors into ``model``'s parameters and buffers in place, one tensor at a time
-    (``load_state_dict(load_file(path))`` would hold the whole file in host memory first). The names and shapes
-    must match exactly."""
+def load_safetensors_into(model, path: str | os.PathLike, what: str = "the model") -> None:
+    """Copy a safetensors file's tensors into ``model``'s parameters and buffers (or into a mapping of name ->
+    tensor, e.g. the trained parameters alone) in place, one tensor at a time (``load_state_dict(load_file(path))``
+    would hold the whole file in host memory first). The names and shapes must match exactly; ``what`` names the
+    target in the error."""
     import torch
     from safetensors import safe_open
 
     from core.cli import UserError
 
-    targets = model.state_dict()
+    targets = model if isinstance(model, Mapping) else model.state_dict()
     with safe_open(os.fspath(path), framework="pt") as f, torch.no_grad():
         names = set(f.keys())
         if names != set(targets):
             missing, unexpected = sorted(set(targets) - names), sorted(names - set(targets))
             raise UserError(
-                f"{path} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]} "
+                f"{path} does not fit {what}: missing {missing[:3]}, unexpected {unexpected[:3]} "
                 f"({len(missing)} and {len(unexpected)} in all)"
             )
         for name in sorted(names):
             saved = f.get_tensor(name)
             if saved.shape != targets[name].shape:
                 raise UserError(
-                    f"{path}: {name} has shape {tuple(saved.shape)}, the model's is {tuple(targets[name].shape)}"
+                    f"{path}: {name} has shape {tuple(saved.shape)}, that of {what} is {tuple(targets[name].shape)}"
                 )
             targets[name].copy_(saved)

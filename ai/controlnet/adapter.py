@@ -124,25 +124,11 @@ def trainable_state(controlnet) -> dict[str, Any]:
 
 def load_trainable_state(controlnet, path: Path) -> None:
     """Copy an adapter file's tensors into the trainable parameters (names and shapes must match exactly)."""
-    import torch
-    from safetensors import safe_open
+    from core.io import load_safetensors_into
 
-    targets = trainable_state(controlnet)
-    with safe_open(os.fspath(path), framework="pt") as f, torch.no_grad():
-        names = set(f.keys())
-        if names != set(targets):
-            missing, unexpected = sorted(set(targets) - names), sorted(names - set(targets))
-            raise UserError(
-                f"{path} does not fit this ControlNet-LoRA (other rank, targets or layout?): missing "
-                f"{missing[:3]}, unexpected {unexpected[:3]} ({len(missing)} and {len(unexpected)} in all)"
-            )
-        for name in sorted(names):
-            t = f.get_tensor(name)
-            if t.shape != targets[name].shape:
-                raise UserError(
-                    f"{path}: {name} has shape {tuple(t.shape)}, this ControlNet's {tuple(targets[name].shape)}"
-                )
-            targets[name].copy_(t)
+    load_safetensors_into(
+        trainable_state(controlnet), path, "this ControlNet-LoRA (another rank, targets or layout?)"
+    )
 
 
 class MergedState(Mapping):
