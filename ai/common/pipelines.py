@@ -153,7 +153,11 @@ def build_sdxl_pipeline(model: ModelSource, dtype: str, pipeline_cls=None, **ext
     from ai.common.models import load_components
 
     parts = load_components(
-        model.pretrained_model, vae=model.vae, dtype=torch_dtype(dtype), variant=model.variant
+        model.pretrained_model,
+        vae=model.vae,
+        dtype=torch_dtype(dtype),
+        variant=model.variant,
+        config_from=model.config_from,
     )
     pipeline_cls = pipeline_cls or StableDiffusionXLPipeline
     pipe = pipeline_cls(
@@ -319,6 +323,8 @@ def model_fingerprint(
 
     if not is_local(path_or_id):
         return f"hub:{path_or_id}"
+    if Path(path_or_id).is_file():  # a single-file checkpoint or VAE: its bytes are the weights
+        return sha256_bytes("\n".join(cached_sha256_files([path_or_id], hash_cache)).encode())
     folder = Path(path_or_id)
     weights_dir = folder / "unet" if (folder / "unet").is_dir() else folder
     config = folder / config_name if (folder / config_name).is_file() else folder / "config.json"
