@@ -230,9 +230,10 @@ def write_config_folder(preset: str, out: str | os.PathLike) -> Path:
         return out
     cfg = _preset_configs(preset)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_dir(out) as tmp, torch.device("meta"):  # meta: the configs without allocating 3.5B weights
-        UNet2DConditionModel(**cfg["unet"]).save_config(tmp / "unet")
-        AutoencoderKL(**cfg["vae"]).save_config(tmp / "vae")
+    with atomic_dir(out) as tmp:
+        with torch.device("meta"):  # the configs without allocating 3.5B weights
+            UNet2DConditionModel(**cfg["unet"]).save_config(tmp / "unet")
+            AutoencoderKL(**cfg["vae"]).save_config(tmp / "vae")
         CLIPTextConfig(**cfg["text_encoder"], architectures=["CLIPTextModel"]).save_pretrained(
             tmp / "text_encoder"
         )

@@ -151,7 +151,8 @@ def resolve_config_from(config_from: str | None) -> Path:
 
 
 def _fit_error(what: str, path: Path, config: Path, exc: Exception) -> UserError:
-    detail = " ".join(str(exc).split())[:400]
+    # diffusers' shape error goes on about overwriting weights randomly: not an option here
+    detail = " ".join(str(exc).split()).split(" If you want to instead")[0][:400]
     return UserError(
         f"{path}: its {what} does not fit the architecture in {config} ({detail}). Set model.config_from to the "
         "diffusers folder of the model this checkpoint was made from (its configs and tokenizers)"
