@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ai.common.models import check_model_folder
+from ai.common.model_folder import check_model_folder
 from core.cli import UserError, run_main
 
 logger = logging.getLogger(__name__)

@@ -14,13 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ai.common.model_folder import SDXL_SUBFOLDERS, check_model_folder  # noqa: F401 (their old home)
 from core.cli import UserError
 from core.config import Section
 
 logger = logging.getLogger(__name__)
-
-#: Subfolders a diffusers SDXL folder has (model_index.json beside them).
-SDXL_SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
 
 class ModelSource(Section):
@@ -77,30 +75,6 @@ def fp16_unsafe_vae_error(where: str) -> UserError:
         "model.vae to an fp16-safe VAE folder (e.g. madebyollin/sdxl-vae-fp16-fix, force_upcast: false; a "
         "single-file VAE takes force_upcast from model.config_from's vae/config.json)"
     )
-
-
-def check_model_folder(path: str | os.PathLike) -> Path:
-    """Check that ``path`` is a complete diffusers SDXL folder; the error lists what is missing and what was found."""
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"model folder not found: {path}")
-    missing = [name for name in ("model_index.json", *SDXL_SUBFOLDERS) if not (path / name).exists()]
-    if missing:
-        found = sorted(p.name for p in path.iterdir())
-        raise UserError(
-            f"{path} is not a complete SDXL folder (diffusers layout): missing {', '.join(missing)}; found "
-            f"{', '.join(found) or 'nothing'}. Build one with `python -m ai.common.build_model --preset tiny --out {path}` "
-            "or download stabilityai/stable-diffusion-xl-base-1.0 on an online host"
-        )
-    for sub in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        weights = [
-            p
-            for p in (path / sub).glob("*")
-            if p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json")
-        ]
-        if not weights:
-            raise UserError(f"{path / sub} has no weights (*.safetensors or *.bin); the folder is incomplete")
-    return path
 
 
 def is_local(path_or_id: str | os.PathLike) -> bool:

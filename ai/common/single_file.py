@@ -119,7 +119,7 @@ def default_config_folder() -> Path:
 
 def check_config_folder(path: str | os.PathLike, key: str = "model.config_from") -> Path:
     """A diffusers SDXL folder's configs and tokenizers (weights are not needed: they come from the file)."""
-    from ai.common.models import SDXL_SUBFOLDERS
+    from ai.common.model_folder import SDXL_SUBFOLDERS
 
     path = Path(path)
     if not path.is_dir():
