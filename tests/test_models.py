@@ -146,6 +146,7 @@ def test_weight_files_and_vae_config_are_found_without_torch(tiny_folder, tmp_pa
         "diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
         "diffusion_pytorch_model.fp16-00002-of-00002.safetensors",
     ]
+
     def source(base, vae=None):
         return ModelSource(pretrained_model=str(base), vae=None if vae is None else str(vae))
 
