@@ -333,3 +333,52 @@ def test_controlnet_inference_gives_the_folders_images(checkpoint, tiny_sdxl, mi
     assert outputs["folder"] and [p.name for p in outputs["folder"]] == [p.name for p in outputs["file"]]
     for a, b in zip(outputs["folder"], outputs["file"], strict=True):
         assert (pixels(a) == pixels(b)).all(), a.name
+
+
+@pytest.mark.slow
+def test_at_sdxls_topology_the_file_is_what_diffusers_calls_sdxl_base_and_loads_exactly(tmp_path):
+    """SDXL base's topology (3 levels of 2 layers, transformer depths 1/2/10, a 32-layer OpenCLIP wider than the
+    CLIP) at small widths: diffusers' own model-type detection, which keys on the real layout's names (e.g.
+    OpenCLIP's resblocks.9), calls the written file xl_base, and every part loads bit for bit."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from ai.common import build_model
+    from vocab.clip_tokenizer import build_clip_tokenizer
+
+    cfg = build_model._preset_configs("sdxl-base")
+    cfg["unet"].update(
+        block_out_channels=(32, 64, 128), attention_head_dim=(2, 4, 8), norm_num_groups=8, sample_size=16,
+        cross_attention_dim=32 + 48, addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 48,
+    )  # fmt: skip
+    cfg["vae"].update(block_out_channels=(8, 16, 32, 32), norm_num_groups=8, sample_size=128)
+    cfg["text_encoder"].update(hidden_size=32, intermediate_size=64, num_attention_heads=4, projection_dim=32)
+    cfg["text_encoder_2"].update(
+        hidden_size=48, intermediate_size=96, num_attention_heads=4, projection_dim=48
+    )
+    assert (
+        cfg["unet"]["transformer_layers_per_block"] == (1, 2, 10)
+        and cfg["text_encoder_2"]["num_hidden_layers"] == 32
+    )
+    torch.manual_seed(0)
+    StableDiffusionXLPipeline(
+        vae=AutoencoderKL(**cfg["vae"]),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"])),
+        tokenizer=build_clip_tokenizer(),
+        tokenizer_2=build_clip_tokenizer(pad_token="!"),
+        unet=UNet2DConditionModel(**cfg["unet"]),
+        scheduler=EulerDiscreteScheduler(**build_model._SCHEDULER_CONFIG),
+    ).save_pretrained(tmp_path / "folder")
+    single = write_single_file(tmp_path / "folder", tmp_path / "sdxl-topology.safetensors")
+    assert infer_diffusers_model_type(load_file(single)) == "xl_base"
+    folder = load_components(tmp_path / "folder")
+    loaded = load_components(str(single), config_from=str(tmp_path / "folder"))
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        assert_same_weights(getattr(folder, part), getattr(loaded, part))
