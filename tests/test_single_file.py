@@ -169,6 +169,23 @@ def test_a_single_file_vae_in_either_layout_replaces_the_models_own(checkpoint, 
         load_components(tiny_sdxl, vae=str(not_a_vae), config_from=str(tiny_sdxl))
 
 
+def test_a_checkpoint_without_its_vae_needs_model_vae(checkpoint, tiny_sdxl, tmp_path):
+    from ai.common.generation import check_base_model
+
+    tensors = load_file(checkpoint)
+    no_vae = tmp_path / "no-vae.safetensors"
+    save_file({k: v for k, v in tensors.items() if not k.startswith(VAE)}, str(no_vae))
+    vae = tmp_path / "vae.safetensors"
+    save_file({k: v for k, v in tensors.items() if k.startswith(VAE)}, str(vae))
+    with pytest.raises(
+        UserError, match=r"found no SDXL vae keys.*; a checkpoint without its VAE needs model.vae"
+    ):
+        check_base_model(ModelSource(pretrained_model=str(no_vae), config_from=str(tiny_sdxl)))
+    check_base_model(ModelSource(pretrained_model=str(no_vae), vae=str(vae), config_from=str(tiny_sdxl)))
+    parts = load_components(str(no_vae), vae=str(vae), config_from=str(tiny_sdxl))
+    assert_same_weights(parts.vae, load_components(tiny_sdxl).vae)
+
+
 def test_vae_fp16_safe_is_checked_after_loading_a_single_file(checkpoint, tiny_sdxl, tmp_path):
     """The tiny VAE's config says force_upcast (as SDXL's): refused at --check (the config folder's vae config)
     and, for what --check cannot see (a hub id), after loading, with the same message."""

@@ -40,7 +40,7 @@ def check_model_source(model: ModelSource) -> None:
     from ai.common import single_file
 
     if single_file.is_single_file(model.pretrained_model):
-        single_file.check_checkpoint_file(model.pretrained_model)
+        single_file.check_checkpoint_file(model.pretrained_model, need_vae=not model.vae)
     elif is_local(model.pretrained_model):
         check_model_folder(model.pretrained_model)
     if model.vae and is_local(model.vae):
@@ -159,6 +159,7 @@ def load_components(
                 lambda: single_file.load_vae(state, base_file, config, vae_dtype)
             ),
             scheduler_loader=lambda folder: _scheduler(folder, True),
+            need_vae=vae is None,
         )
         comps = SDXLComponents(**parts, source=str(base))
     else:

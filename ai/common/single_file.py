@@ -62,8 +62,9 @@ def _keys(path: Path, key: str) -> list[str]:
         raise UserError(f"{key}: {path} cannot be read as safetensors: {exc}") from None
 
 
-def describe_checkpoint(keys: list[str]) -> str:
-    """What a checkpoint's key names say it is, for error messages."""
+def describe_checkpoint(keys: list[str], need_vae: bool = True) -> str:
+    """What a checkpoint's key names say it is, for error messages (``need_vae=False``: a checkpoint without its
+    VAE counts as SDXL, for a run that sets ``model.vae``)."""
     has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
     if not keys:
         return "an empty file (no tensors)"
@@ -79,22 +80,28 @@ def describe_checkpoint(keys: list[str]) -> str:
         return "weights in diffusers layout (a single UNet or VAE file), not a whole checkpoint"
     if any("lora" in k for k in keys[:50]):
         return "a LoRA file, not a base model"
-    missing = [part for part, prefix in SDXL_PARTS.items() if not has(prefix)]
+    missing = [part for part, prefix in SDXL_PARTS.items() if not has(prefix) and (need_vae or part != "vae")]
     if missing:
         return f"no SDXL {', '.join(missing)} keys; its first keys are {', '.join(sorted(keys)[:3])}"
     return "an SDXL base checkpoint"
 
 
-def check_checkpoint_file(path: str | os.PathLike, key: str = "model.pretrained_model") -> Path:
-    """Check that ``path`` is an SDXL base checkpoint in the original layout (UNet, VAE, both text encoders)."""
+def check_checkpoint_file(
+    path: str | os.PathLike, key: str = "model.pretrained_model", need_vae: bool = True
+) -> Path:
+    """Check that ``path`` is an SDXL base checkpoint in the original layout (UNet, VAE, both text encoders; the VAE
+    may be missing when ``model.vae`` gives one: ``need_vae=False``)."""
     path = Path(path)
     keys = _keys(path, key)
-    what = describe_checkpoint(keys)
+    what = describe_checkpoint(keys, need_vae)
     if what != "an SDXL base checkpoint":
+        no_vae = (
+            "; a checkpoint without its VAE needs model.vae" if what.startswith("no SDXL vae keys") else ""
+        )
         raise UserError(
-            f"{key}: {path} is not an SDXL base checkpoint: found {what}. Give an SDXL checkpoint in the original "
-            "(Stability) layout, with model.diffusion_model.*, first_stage_model.*, conditioner.embedders.0.* and "
-            "conditioner.embedders.1.*, or a diffusers SDXL folder"
+            f"{key}: {path} is not an SDXL base checkpoint: found {what}{no_vae}. Give an SDXL checkpoint in the "
+            "original (Stability) layout, with model.diffusion_model.*, first_stage_model.*, conditioner.embedders.0.* "
+            "and conditioner.embedders.1.*, or a diffusers SDXL folder"
         )
     return path
 
@@ -234,7 +241,7 @@ def load_text_encoders(state: dict, path: Path, config: Path, dtype) -> tuple[An
 
 
 def load_single_file_components(
-    path: str | os.PathLike, config: Path, dtype, vae_loader, scheduler_loader
+    path: str | os.PathLike, config: Path, dtype, vae_loader, scheduler_loader, need_vae: bool = True
 ) -> dict[str, Any]:
     """The SDXL parts of a single-file checkpoint, with the architecture of ``config`` (a checked config folder).
 
@@ -244,7 +251,7 @@ def load_single_file_components(
     from safetensors.torch import load_file
     from transformers import CLIPTokenizer
 
-    path = check_checkpoint_file(path)
+    path = check_checkpoint_file(path, need_vae=need_vae)
     logger.info("loading single-file checkpoint %s (architecture from %s)", path, config)
     state = load_file(str(path))  # memory-mapped: tensors are read as each part converts them
     unet = load_unet(state, path, config, dtype)
