@@ -211,9 +211,7 @@ def test_vae_fp16_safe_is_checked_after_loading_a_hub_vae(tiny_sdxl, monkeypatch
     from ai.common import models
 
     real = models._load_vae
-    monkeypatch.setattr(
-        models, "_load_vae", lambda vae, dtype, offline: real(tiny_sdxl / "vae", dtype, offline)
-    )
+    monkeypatch.setattr(models, "_load_vae", lambda vae, dtype: real(tiny_sdxl / "vae", dtype))
     monkeypatch.setattr(models, "is_local", lambda p: not str(p).startswith("madebyollin"))
     with pytest.raises(UserError, match=r"VAE loaded from madebyollin/not-really says force_upcast: true"):
         load_components(tiny_sdxl, vae="madebyollin/not-really", vae_fp16_safe=True)

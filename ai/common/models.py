@@ -146,7 +146,7 @@ def load_components(
             single_file.check_vae_file(vae_file)
             return single_file.load_vae(vae_file, vae_file, config, vae_dtype)
         if vae is not None:
-            return _load_vae(vae, vae_dtype, local_files_only(base))
+            return _load_vae(vae, vae_dtype)
         return default()
 
     if single_file.is_single_file(base):
@@ -175,15 +175,14 @@ def _scheduler(source, local_only: bool):
     return EulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler", local_files_only=local_only)
 
 
-def _load_vae(vae: str | os.PathLike, vae_dtype, offline: bool):
-    """A separate VAE folder or hub id."""
+def _load_vae(vae: str | os.PathLike, vae_dtype):
+    """A separate VAE folder or hub id (a hub VAE downloads beside a local base unless HF_HUB_OFFLINE=1)."""
     from diffusers import AutoencoderKL
 
-    vae_local = is_local(vae)
-    if vae_local and not Path(vae).is_dir():
+    if is_local(vae) and not Path(vae).is_dir():
         raise UserError(f"VAE folder not found: {vae}")
     return AutoencoderKL.from_pretrained(
-        vae, local_files_only=vae_local or offline, **({"dtype": vae_dtype} if vae_dtype is not None else {})
+        vae, local_files_only=local_files_only(vae), **({"dtype": vae_dtype} if vae_dtype is not None else {})
     )
 
 
