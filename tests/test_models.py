@@ -130,7 +130,7 @@ def test_frozen_parts_load_in_the_weight_dtype_with_the_values_of_an_fp32_load(t
 def test_weight_files_and_vae_config_are_found_without_torch(tiny_folder, tmp_path):
     import json
 
-    from ai.common.models import safetensors_files, vae_config_path
+    from ai.common.models import ModelSource, safetensors_files, vae_config_path
 
     assert safetensors_files(tiny_folder, "unet") == [
         tiny_folder / "unet" / "diffusion_pytorch_model.safetensors"
@@ -146,7 +146,11 @@ def test_weight_files_and_vae_config_are_found_without_torch(tiny_folder, tmp_pa
         "diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
         "diffusion_pytorch_model.fp16-00002-of-00002.safetensors",
     ]
-    assert vae_config_path(tiny_folder, None) == tiny_folder / "vae" / "config.json"
-    assert vae_config_path(tiny_folder, tmp_path / "my_vae") == tmp_path / "my_vae" / "config.json"
-    assert vae_config_path("stabilityai/stable-diffusion-xl-base-1.0", None) is None
-    assert vae_config_path(tiny_folder, "madebyollin/sdxl-vae-fp16-fix") is None
+
+    def source(base, vae=None):
+        return ModelSource(pretrained_model=str(base), vae=None if vae is None else str(vae))
+
+    assert vae_config_path(source(tiny_folder)) == tiny_folder / "vae" / "config.json"
+    assert vae_config_path(source(tiny_folder, tmp_path / "my_vae")) == tmp_path / "my_vae" / "config.json"
+    assert vae_config_path(source("stabilityai/stable-diffusion-xl-base-1.0")) is None
+    assert vae_config_path(source(tiny_folder, "madebyollin/sdxl-vae-fp16-fix")) is None

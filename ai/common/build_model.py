@@ -17,13 +17,14 @@ The folder it writes is loaded like any diffusers SDXL folder (ai/common/models.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from ai.common.models import check_model_folder
+from ai.common.model_folder import check_model_folder
 from core.cli import UserError, run_main
 
 logger = logging.getLogger(__name__)
@@ -211,6 +212,49 @@ def build_model_folder(
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+    return out
+
+
+def write_config_folder(preset: str, out: str | os.PathLike) -> Path:
+    """A weights-free diffusers SDXL folder of ``preset``: model_index.json, every part's config, the tokenizers
+    and the scheduler (the architecture a single-file checkpoint loads into). Written atomically, kept if there."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig
+
+    from core.io import atomic_dir, atomic_write_text
+    from vocab.clip_tokenizer import build_clip_tokenizer
+
+    out = Path(out)
+    if (out / "model_index.json").is_file():
+        return out
+    cfg = _preset_configs(preset)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(out) as tmp:
+        with torch.device("meta"):  # the configs without allocating 3.5B weights
+            UNet2DConditionModel(**cfg["unet"]).save_config(tmp / "unet")
+            AutoencoderKL(**cfg["vae"]).save_config(tmp / "vae")
+        CLIPTextConfig(**cfg["text_encoder"], architectures=["CLIPTextModel"]).save_pretrained(
+            tmp / "text_encoder"
+        )
+        CLIPTextConfig(
+            **cfg["text_encoder_2"], architectures=["CLIPTextModelWithProjection"]
+        ).save_pretrained(tmp / "text_encoder_2")
+        build_clip_tokenizer().save_pretrained(tmp / "tokenizer")
+        build_clip_tokenizer(pad_token="!").save_pretrained(tmp / "tokenizer_2")
+        EulerDiscreteScheduler(**_SCHEDULER_CONFIG).save_config(tmp / "scheduler")
+        index = {  # what StableDiffusionXLPipeline.save_pretrained writes
+            "_class_name": "StableDiffusionXLPipeline",
+            "force_zeros_for_empty_prompt": True,
+            "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        }
+        atomic_write_text(tmp / "model_index.json", json.dumps(index, indent=2) + "\n")
     return out
 
 

@@ -91,13 +91,11 @@ def parse_generation_args(
 
 
 def check_base_model(model: ModelSource) -> None:
-    """A local base model must be a complete SDXL folder and a local ``vae`` a folder (hub ids load later)."""
-    from ai.common.models import check_model_folder, is_local
+    """A local base model must be a complete SDXL folder or an SDXL single-file checkpoint, a local ``vae`` a
+    folder or VAE file (hub ids load later)."""
+    from ai.common.models import check_model_source
 
-    if is_local(model.pretrained_model):
-        check_model_folder(model.pretrained_model)
-    if model.vae and is_local(model.vae) and not Path(model.vae).is_dir():
-        raise UserError(f"model.vae not found: {model.vae} (a diffusers AutoencoderKL folder)")
+    check_model_source(model)
 
 
 def resolve_lora_file(path: str | None, key: str = "paths.lora_weights_path") -> Path | None:

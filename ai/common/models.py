@@ -1,8 +1,9 @@
 """SDXL-architecture models: load a diffusers SDXL folder (a local copy of stabilityai/stable-diffusion-xl-base-1.0,
-the tiny model ai/common/build_model.py writes) or, on an online host, a hub id, with the same code.
+the tiny model ai/common/build_model.py writes), a single-file SDXL checkpoint (:mod:`ai.common.single_file`) or,
+on an online host, a hub id, with the same code.
 
-Loading (:func:`load_components`) takes the folder or hub id, plus an optional separate VAE (e.g. an fp16-safe one);
-:func:`check_model_folder` says what an incomplete folder lacks.
+Loading (:func:`load_components`) takes the folder, file or hub id, plus an optional separate VAE (e.g. an
+fp16-safe one); :func:`check_model_source` says what an incomplete folder lacks or what a wrong file holds.
 """
 
 from __future__ import annotations
@@ -13,45 +14,67 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ai.common.model_folder import SDXL_SUBFOLDERS, check_model_folder  # noqa: F401 (their old home)
 from core.cli import UserError
 from core.config import Section
 
 logger = logging.getLogger(__name__)
 
-#: Subfolders a diffusers SDXL folder has (model_index.json beside them).
-SDXL_SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
-
 
 class ModelSource(Section):
     """The base model a run loads: ``model:`` in training and generation configs alike."""
 
-    pretrained_model: str = "stabilityai/stable-diffusion-xl-base-1.0"  # diffusers SDXL folder or hub id
-    vae: str | None = None  # separate VAE folder or hub id, e.g. an fp16-safe SDXL VAE
+    pretrained_model: str = (
+        "stabilityai/stable-diffusion-xl-base-1.0"  # SDXL folder, .safetensors file or hub id
+    )
+    vae: str | None = None  # separate VAE folder, .safetensors file or hub id, e.g. an fp16-safe SDXL VAE
     variant: str | None = None  # weight variant such as "fp16"
+    # a single file's architecture, tokenizers and scheduler: a diffusers SDXL folder (None: MODEL_DIR when that is
+    # a folder, else the project's own SDXL base configs)
+    config_from: str | None = None
 
 
-def check_model_folder(path: str | os.PathLike) -> Path:
-    """Check that ``path`` is a complete diffusers SDXL folder; the error lists what is missing and what was found."""
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"model folder not found: {path}")
-    missing = [name for name in ("model_index.json", *SDXL_SUBFOLDERS) if not (path / name).exists()]
-    if missing:
-        found = sorted(p.name for p in path.iterdir())
-        raise UserError(
-            f"{path} is not a complete SDXL folder (diffusers layout): missing {', '.join(missing)}; found "
-            f"{', '.join(found) or 'nothing'}. Build one with `python -m ai.common.build_model --preset tiny --out {path}` "
-            "or download stabilityai/stable-diffusion-xl-base-1.0 on an online host"
-        )
-    for sub in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        weights = [
-            p
-            for p in (path / sub).glob("*")
-            if p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json")
-        ]
-        if not weights:
-            raise UserError(f"{path / sub} has no weights (*.safetensors or *.bin); the folder is incomplete")
-    return path
+def check_model_source(model: ModelSource) -> None:
+    """Fast checks of ``model:`` (no torch): a local folder is complete, a single file is an SDXL checkpoint (its
+    header is read) with a config folder, a local VAE exists and holds a VAE. Hub ids are checked at load."""
+    from ai.common import single_file
+
+    if single_file.is_single_file(model.pretrained_model):
+        single_file.check_checkpoint_file(model.pretrained_model, need_vae=not model.vae)
+    elif is_local(model.pretrained_model):
+        check_model_folder(model.pretrained_model)
+    if model.vae and is_local(model.vae):
+        if single_file.is_single_file(model.vae):
+            single_file.check_vae_file(model.vae)
+        elif not Path(model.vae).is_dir():
+            raise UserError(
+                f"model.vae not found: {model.vae} (a diffusers AutoencoderKL folder or a .safetensors file)"
+            )
+    if single_file.is_single_file(model.pretrained_model) or (
+        model.vae and single_file.is_single_file(model.vae)
+    ):
+        single_file.resolve_config_from(model.config_from)
+    elif model.config_from:
+        single_file.check_config_folder(model.config_from)
+
+
+def config_source(model: ModelSource) -> str:
+    """Where the base model's part configs (``unet/config.json`` ...) are read: its folder or hub id, or for a
+    single file the config folder it loads with."""
+    from ai.common import single_file
+
+    if single_file.is_single_file(model.pretrained_model):
+        return str(single_file.resolve_config_from(model.config_from))
+    return model.pretrained_model
+
+
+def fp16_unsafe_vae_error(where: str) -> UserError:
+    return UserError(
+        f"model.vae_fp16_safe=true but {where} says force_upcast: true: this VAE overflows in fp16 "
+        "(black images, NaN losses). Set model.vae_fp16_safe=false (the VAE then runs in fp32), or set "
+        "model.vae to an fp16-safe VAE folder (e.g. madebyollin/sdxl-vae-fp16-fix, force_upcast: false; a "
+        "single-file VAE takes force_upcast from model.config_from's vae/config.json)"
+    )
 
 
 def is_local(path_or_id: str | os.PathLike) -> bool:
@@ -90,20 +113,82 @@ def load_components(
     dtype=None,
     variant: str | None = None,
     vae_dtype=_SAME,
+    *,
+    config_from: str | None = None,
+    vae_fp16_safe: bool = False,
 ) -> SDXLComponents:
-    """Load SDXL parts from a local folder or (on an online host) a hub id.
+    """Load SDXL parts from a local folder, a single-file checkpoint or (on an online host) a hub id.
 
     Args:
-        base: diffusers-layout folder or hub id such as ``stabilityai/stable-diffusion-xl-base-1.0``.
-        vae: optional separate VAE folder or hub id (e.g. an fp16-safe SDXL VAE).
+        base: diffusers-layout folder, single ``.safetensors`` checkpoint (original Stability layout) or hub id
+            such as ``stabilityai/stable-diffusion-xl-base-1.0``.
+        vae: optional separate VAE folder, ``.safetensors`` file or hub id (e.g. an fp16-safe SDXL VAE).
         dtype: torch dtype for the weights (None keeps what is stored). Each tensor is cast as it is read, so
             loading in bf16 holds half the host memory of loading in fp32 and casting, with the same values.
         variant: weight variant such as ``fp16`` (hub folders that ship one).
         vae_dtype: the VAE's dtype, if not ``dtype`` (the stock SDXL VAE stays fp32: it overflows in fp16).
+        config_from: a single file's config folder (:func:`ai.common.single_file.resolve_config_from`).
+        vae_fp16_safe: the run means to run the VAE in fp16/bf16: refused when the loaded VAE's config says
+            ``force_upcast`` (a hub id or single file is only known here; a local folder already at ``--check``).
     """
+    from ai.common import single_file
+
     if vae_dtype is _SAME:
         vae_dtype = dtype
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    vae_file = Path(vae) if vae is not None and single_file.is_single_file(vae) else None
+    config = (
+        single_file.resolve_config_from(config_from) if vae_file or single_file.is_single_file(base) else None
+    )
+
+    def separate_vae(default):
+        """The VAE of ``model.vae`` if set, else ``default()``."""
+        if vae_file is not None:
+            single_file.check_vae_file(vae_file)
+            return single_file.load_vae(vae_file, vae_file, config, vae_dtype)
+        if vae is not None:
+            return _load_vae(vae, vae_dtype)
+        return default()
+
+    if single_file.is_single_file(base):
+        base_file = Path(base)
+        parts = single_file.load_single_file_components(
+            base_file,
+            config,
+            dtype,
+            vae_loader=lambda state: separate_vae(
+                lambda: single_file.load_vae(state, base_file, config, vae_dtype)
+            ),
+            scheduler_loader=lambda folder: _scheduler(folder, True),
+            need_vae=vae is None,
+        )
+        comps = SDXLComponents(**parts, source=str(base))
+    else:
+        comps = _load_folder(base, dtype, variant, vae_dtype, separate_vae)
+    if vae_fp16_safe and comps.vae.config.get("force_upcast", False):
+        raise fp16_unsafe_vae_error(f"the config of the VAE loaded from {vae or base}")
+    return comps
+
+
+def _scheduler(source, local_only: bool):
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler", local_files_only=local_only)
+
+
+def _load_vae(vae: str | os.PathLike, vae_dtype):
+    """A separate VAE folder or hub id (a hub VAE downloads beside a local base unless HF_HUB_OFFLINE=1)."""
+    from diffusers import AutoencoderKL
+
+    if is_local(vae) and not Path(vae).is_dir():
+        raise UserError(f"VAE folder not found: {vae}")
+    return AutoencoderKL.from_pretrained(
+        vae, local_files_only=local_files_only(vae), **({"dtype": vae_dtype} if vae_dtype is not None else {})
+    )
+
+
+def _load_folder(base, dtype, variant, vae_dtype, separate_vae) -> SDXLComponents:
+    """The parts of a diffusers folder or hub id (``separate_vae(default)``: ``model.vae`` or the folder's own)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     local = is_local(base)
@@ -123,21 +208,9 @@ def load_components(
         text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **wkw)
         text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2", **wkw)
         unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **wkw)
-        scheduler = EulerDiscreteScheduler.from_pretrained(
-            base, subfolder="scheduler", local_files_only=kw["local_files_only"]
-        )
-        if vae is not None:
-            vae_local = is_local(vae)
-            if vae_local and not Path(vae).is_dir():
-                raise UserError(f"VAE folder not found: {vae}")
-            vae_model = AutoencoderKL.from_pretrained(
-                vae,
-                local_files_only=vae_local or kw["local_files_only"],
-                **({"dtype": vae_dtype} if vae_dtype is not None else {}),
-            )
-        else:
-            vae_kw = dict(kw, **({"dtype": vae_dtype} if vae_dtype is not None else {}))
-            vae_model = AutoencoderKL.from_pretrained(base, subfolder="vae", **vae_kw)
+        scheduler = _scheduler(base, kw["local_files_only"])
+        vae_kw = dict(kw, **({"dtype": vae_dtype} if vae_dtype is not None else {}))
+        vae_model = separate_vae(lambda: AutoencoderKL.from_pretrained(base, subfolder="vae", **vae_kw))
     except (OSError, ValueError) as exc:
         hint = (
             "the hub is unreachable here (HF_HUB_OFFLINE=1): pass a local folder"
@@ -179,9 +252,14 @@ def safetensors_files(
     return None
 
 
-def vae_config_path(base: str | os.PathLike, vae: str | os.PathLike | None) -> Path | None:
-    """The config.json of the VAE a run loads (``vae`` folder, else ``base``/vae), or None for a hub id."""
-    source, sub = (vae, "") if vae is not None else (base, "vae")
+def vae_config_path(model: ModelSource) -> Path | None:
+    """The config.json of the VAE a run loads (``vae`` folder, else ``base``/vae; a single file's comes from the
+    config folder), or None for a hub id."""
+    from ai.common import single_file
+
+    if model.vae is not None and single_file.is_single_file(model.vae):
+        return single_file.resolve_config_from(model.config_from) / "vae" / "config.json"
+    source, sub = (model.vae, "") if model.vae is not None else (config_source(model), "vae")
     if not is_local(source):
         return None
     return Path(source) / sub / "config.json"

@@ -147,7 +147,11 @@ def load_sdxl_parts(model: ModelSource, dtype: str):
     from ai.common.models import load_components
 
     return load_components(
-        model.pretrained_model, vae=model.vae, dtype=torch_dtype(dtype), variant=model.variant
+        model.pretrained_model,
+        vae=model.vae,
+        dtype=torch_dtype(dtype),
+        variant=model.variant,
+        config_from=model.config_from,
     )
 
 
@@ -325,6 +329,8 @@ def model_fingerprint(
 
     if not is_local(path_or_id):
         return f"hub:{path_or_id}"
+    if Path(path_or_id).is_file():  # a single-file checkpoint or VAE: its bytes are the weights
+        return sha256_bytes("\n".join(cached_sha256_files([path_or_id], hash_cache)).encode())
     folder = Path(path_or_id)
     weights_dir = folder / "unet" if (folder / "unet").is_dir() else folder
     config = folder / config_name if (folder / config_name).is_file() else folder / "config.json"

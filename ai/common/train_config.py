@@ -15,7 +15,9 @@ from core.config import Section
 
 
 class ModelConfig(ModelSource):
-    pretrained_model: str = "models/sdxl-base"  # diffusers SDXL folder (or hub id on an online host)
+    pretrained_model: str = (
+        "models/sdxl-base"  # SDXL folder or .safetensors file (or hub id on an online host)
+    )
     vae_fp16_safe: bool = False  # run the VAE in the mixed-precision dtype (only for an fp16-safe VAE)
 
 
@@ -166,21 +168,16 @@ def check_common_inputs(cfg: TrainingConfig, run_dir) -> None:
     from pathlib import Path
 
     from ai.common.checkpoints import check_resume_compatible, resolve_resume
-    from ai.common.models import check_model_folder, is_local, vae_config_path
+    from ai.common.models import check_model_source, fp16_unsafe_vae_error, vae_config_path
     from core.cli import UserError
 
-    if is_local(cfg.model.pretrained_model):
-        check_model_folder(cfg.model.pretrained_model)
-    vae_config = vae_config_path(cfg.model.pretrained_model, cfg.model.vae)
+    check_model_source(cfg.model)
+    vae_config = vae_config_path(cfg.model)  # a hub VAE's config is checked after loading (load_components)
     if cfg.model.vae_fp16_safe and vae_config is not None and vae_config.is_file():
         import json
 
         if json.loads(vae_config.read_text(encoding="utf-8")).get("force_upcast", False):
-            raise UserError(
-                f"model.vae_fp16_safe=true but {vae_config} says force_upcast: true: this VAE overflows in fp16 "
-                "(black images, NaN losses). Set model.vae_fp16_safe=false (the VAE then runs in fp32), or set "
-                "model.vae to an fp16-safe VAE (e.g. madebyollin/sdxl-vae-fp16-fix, force_upcast: false)"
-            )
+            raise fp16_unsafe_vae_error(str(vae_config))
     for key, value in (
         ("data.train_csv", cfg.data.train_csv),
         ("validation.loss_csv", getattr(cfg, "validation", None) and cfg.validation.loss_csv),

@@ -149,8 +149,18 @@ class Geometry:
 
     @classmethod
     def for_model(cls, model: ModelSource, resolution: ControlNetResolution) -> Geometry:
-        unet = read_model_config(model.pretrained_model, "unet")
-        vae = read_model_config(model.vae) if model.vae else read_model_config(model.pretrained_model, "vae")
+        from ai.common.models import config_source, vae_config_path
+
+        unet = read_model_config(config_source(model), "unet")
+        vae_config = vae_config_path(model)  # the local config.json (a single file's: its config folder's)
+        if vae_config is not None:
+            vae = read_model_config(vae_config.parent)
+        else:  # a hub id
+            vae = (
+                read_model_config(model.vae)
+                if model.vae
+                else read_model_config(model.pretrained_model, "vae")
+            )
         return cls(BucketGrid.from_configs(unet, vae), resolution.fixed, resolution.generate_at_bucket)
 
     @property
@@ -201,13 +211,13 @@ class Inputs:
 
 def check_inputs(cfg: ControlNetInferConfig) -> Inputs:
     """Everything that can be checked without torch: folders, architecture, conditioning kind, masks, captions."""
-    from ai.common.models import is_local
+    from ai.common.models import config_source, is_local
 
     check_base_model(cfg.model)
     controlnet = resolve_controlnet(cfg.paths.controlnet_path)
     controlnet_config = read_model_config(controlnet) if isinstance(controlnet, Path) else {}
     if controlnet_config and is_local(cfg.model.pretrained_model):
-        unet = read_model_config(cfg.model.pretrained_model, "unet")
+        unet = read_model_config(config_source(cfg.model), "unet")
         check_controlnet_fits(controlnet_config, unet, str(controlnet), cfg.model.pretrained_model)
     if (  # a file, or a per-image folder; a plan's records carry their labels
         cfg.paths.source_labels and not cfg.paths.plan and not Path(cfg.paths.source_labels).exists()

@@ -155,13 +155,13 @@ def check_inputs(cfg: Config) -> None:
     # a LoRA folder without weights, or a wrong ControlNet folder or architecture, fails here, before accelerate
     resolve_lora_file(cfg.controlnet.fuse_lora, key="controlnet.fuse_lora")
     if cfg.controlnet.init_from is not None:
-        from ai.common.models import is_local
+        from ai.common.models import config_source, is_local
         from ai.controlnet import architecture
 
         cn_config = architecture.read_model_config(architecture.resolve_controlnet(cfg.controlnet.init_from))
         architecture.check_init_layout(cn_config, cfg.controlnet.init_from, cfg.controlnet.layout)
         if is_local(cfg.model.pretrained_model):
-            unet_config = architecture.read_model_config(cfg.model.pretrained_model, "unet")
+            unet_config = architecture.read_model_config(config_source(cfg.model), "unet")
             architecture.check_controlnet_fits(
                 cn_config, unet_config, cfg.controlnet.init_from, cfg.model.pretrained_model
             )
@@ -194,6 +194,7 @@ def train(cfg: Config) -> int:
         cfg.model.pretrained_model, vae=cfg.model.vae, variant=cfg.model.variant,
         dtype=weight_dtype if exact else torch.float32,
         vae_dtype=trainer.vae_dtype_of(run, cfg.model.vae_fp16_safe),
+        config_from=cfg.model.config_from, vae_fp16_safe=cfg.model.vae_fp16_safe,
     )  # fmt: skip
     scheduler = trainer.noise_scheduler(comps)  # DDPM noising for training (the pipeline samples with Euler)
     if cfg.controlnet.fuse_lora:

@@ -157,6 +157,7 @@ def train(cfg: Config) -> int:
     comps = load_components(
         cfg.model.pretrained_model, vae=cfg.model.vae, variant=cfg.model.variant, dtype=weight_dtype,
         vae_dtype=trainer.vae_dtype_of(run, cfg.model.vae_fp16_safe),
+        config_from=cfg.model.config_from, vae_fp16_safe=cfg.model.vae_fp16_safe,
     )  # fmt: skip
     scheduler = trainer.noise_scheduler(comps)  # DDPM noising for training (the pipeline samples with Euler)
     vae_dtype = trainer.place_frozen_models(comps, run, cfg.model.vae_fp16_safe)
