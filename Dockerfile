@@ -10,7 +10,9 @@
 # its kernels for torch's CUDA line, so all three agree. The base image carries no CUDA of its own: an nvidia/cuda
 # runtime image would be a second copy (GBs) that torch never loads. The host driver comes in through the NVIDIA
 # container toolkit (`--gpus all`); NVIDIA_REQUIRE_CUDA makes it refuse a driver too old for the line at start.
-# Python and Debian are those of the machines the tests run on (3.11.7, bookworm).
+# Python and Debian are those of the machines the tests run on (3.11.7, bookworm). DeepSpeed (pinned in
+# requirements.txt) runs config/accelerate_config_deepspeed.yaml (ZeRO-2, torch optimizer) without compiled ops, so
+# no CUDA compiler is needed either.
 FROM python:3.11.7-slim-bookworm
 
 # The CUDA line of torch's wheels: 12.8, or 12.6 for hosts whose driver is older than 570. A CUDA 13 line would also

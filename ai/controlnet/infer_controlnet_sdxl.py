@@ -330,6 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = pending_work(items, out_dir, settings, overwrite=cfg.overwrite, state=state)
     if not work.todo:
         if state.is_main_process:
+            infer_path.mkdir(parents=True, exist_ok=True)
             save_resolved_config(cfg, infer_path / "config.resolved.yaml")
             if cfg.side_by_side:
                 sheets_dir.mkdir(parents=True, exist_ok=True)
@@ -357,6 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cfg.side_by_side:
         sheets_dir.mkdir(parents=True, exist_ok=True)  # every process writes the sheets of its own images
     if state.is_main_process:
+        infer_path.mkdir(parents=True, exist_ok=True)
         save_resolved_config(cfg, infer_path / "config.resolved.yaml")
 
     def load_inputs(item):

@@ -109,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = pending_work(items, infer_path / GENERATIONS_DIR, settings, overwrite=cfg.overwrite, state=state)
     if not work.todo:
         if state.is_main_process:
+            infer_path.mkdir(parents=True, exist_ok=True)
             save_resolved_config(cfg, infer_path / "config.resolved.yaml")
             print(work.nothing_to_do_message())
         return 0
@@ -120,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pipe, cfg, device, lora_file, lora_scale=cfg.lora_scale, fuse_lora=cfg.fuse_lora, size=sizes.generated
     )
     if state.is_main_process:  # only now: a LoRA refused while loading leaves no output folder behind
+        infer_path.mkdir(parents=True, exist_ok=True)
         save_resolved_config(cfg, infer_path / "config.resolved.yaml")
         if sizes.generated != sizes.saved:
             logger.info("generating at %dx%d, saved at %dx%d", *sizes.generated, *sizes.saved)
