@@ -123,6 +123,7 @@ def test_check_says_no_gpu_and_reports_versions():
     assert "train step" not in out.stdout  # nothing trains without a GPU unless asked
 
 
+@pytest.mark.slow
 def test_check_trains_one_step_on_cpu_when_asked(tmp_path):
     out = run_check("--train-on-cpu", "--keep", str(tmp_path))
     assert out.returncode == NO_GPU_STATUS, out.stdout + out.stderr
@@ -132,6 +133,7 @@ def test_check_trains_one_step_on_cpu_when_asked(tmp_path):
     assert exported.is_file() and exported.stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_check_fails_with_status_1_when_the_step_fails(tmp_path):
     (tmp_path / "runs").write_text("a file where the run folder goes")  # the trainer cannot write its run
     out = run_check("--train-on-cpu", "--keep", str(tmp_path))
