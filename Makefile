@@ -30,8 +30,8 @@ test-sdxl-base: $(STAMP)
 	SDXL_BASE_CHECK=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_sdxl_base.py
 
 lint: $(STAMP)
-	$(PY) -m ruff check core vocab mini_bdd convert ai annotation tests bench
-	$(PY) -m ruff format --check core vocab mini_bdd convert ai annotation tests bench
+	$(PY) -m ruff check core vocab mini_bdd convert ai annotation tests bench docker
+	$(PY) -m ruff format --check core vocab mini_bdd convert ai annotation tests bench docker
 
 # The demo configs name outputs/demo; these key=value overrides put every path under $(DEMO_DIR) instead.
 D := $(DEMO_DIR)

@@ -281,7 +281,8 @@ def test_a_lora_that_only_partly_fits_the_base_is_refused(tiny_sdxl, lora_run, t
     n = sum(".attn1.to_q.lora_A." in k for k in state)
     assert code == 2 and f"{renamed} does not fit this base model: {n} of its" in err, err
     assert "unet.mid_block.attentions.0.transformer_blocks.0.attn1.query" in err
-    assert not list((tmp_path / "o").rglob("*.png"))
+    # nothing written: no empty generations/ and no config.resolved.yaml of a run that never generated
+    assert not (tmp_path / "o").exists(), sorted(p.name for p in (tmp_path / "o").rglob("*"))
 
 
 def test_a_config_of_the_last_release_runs_unchanged(lora_output, tiny_sdxl, lora_run, tmp_path, capsys):

@@ -52,8 +52,7 @@ def resolve_resume(run_dir: str | Path, resume_from: str | None) -> Path | None:
         return None
     if resume_from == "latest":
         ckpts = list_checkpoints(run_dir)
-        if not ckpts:
-            logger.info("resume_from=latest: no complete checkpoint in %s, starting fresh", run_dir)
+        if not ckpts:  # fresh start; the run says so once (trainer.start_run), not every caller and process
             return None
         return ckpts[-1][1]
     path = Path(resume_from)

@@ -261,7 +261,8 @@ def holdout_split(rows: Sequence[Row], n_holdout: int, seed: int) -> tuple[list[
         return list(rows), []
     if n_holdout >= len(rows):
         raise UserError(
-            f"validation.loss_rows={n_holdout} leaves no training rows (the table has {len(rows)})"
+            f"validation.loss_rows={n_holdout} leaves no training rows (the table has {len(rows)} usable rows); "
+            f"set validation.loss_rows={max(1, len(rows) // 5) if len(rows) >= 2 else 0} or fewer"
         )
     picked = set(random.Random(seed).sample(range(len(rows)), n_holdout))
     return [r for i, r in enumerate(rows) if i not in picked], [r for i, r in enumerate(rows) if i in picked]

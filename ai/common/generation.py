@@ -402,6 +402,9 @@ def pending_work(
 ) -> PendingWork:
     """Compare the work list with what ``out_dir`` holds; call before loading the model (a finished rerun skips it).
 
+    Writes nothing when ``out_dir`` does not exist yet: :func:`run_generation` creates it, so a run refused while
+    loading (a LoRA that does not fit the model) leaves no empty folder behind.
+
     An image is done when its PNG and its record exist and the record's prompt, seed and ``settings`` (what
     decides the pixels besides those: steps, scheduler, model and adapter hashes, ...) match. Images made with
     other settings are an error unless ``overwrite`` (then they are made again).
@@ -410,12 +413,12 @@ def pending_work(
 
     state = state or PartialState()
     out_dir = Path(out_dir)
-    if state.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    if state.is_main_process and out_dir.is_dir():
         merge_metadata(out_dir)  # parts left by an interrupted run
     state.wait_for_everyone()
 
-    records = {r["file"]: r for r in read_metadata_records(out_dir / METADATA_FILE)}
+    metadata = out_dir / METADATA_FILE
+    records = {r["file"]: r for r in read_metadata_records(metadata)} if metadata.is_file() else {}
     todo, stale = [], []
     for item in items:
         record = records.get(item.file)
@@ -466,6 +469,9 @@ def run_generation(
     start = time.perf_counter()
     failed: list[str] = []
     generated = 0
+    out_dir.mkdir(
+        parents=True, exist_ok=True
+    )  # every process (exist_ok): pending_work leaves a new one unmade
     part_path = out_dir / f"metadata.part-{state.process_index:05d}.jsonl"
     with state.split_between_processes(work.todo) as mine, open(part_path, "a", encoding="utf-8") as part:
         bar = tqdm(total=len(mine), desc="generating", unit="img", disable=not state.is_main_process)

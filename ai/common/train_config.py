@@ -185,6 +185,8 @@ def check_common_inputs(cfg: TrainingConfig, run_dir) -> None:
         if value and not Path(value).is_file():
             raise UserError(f"{key}: file not found: {value}")
     check_mask_column(cfg)
+    if cfg.data.train_csv:
+        check_table_size(cfg, count_csv_rows(Path(cfg.data.train_csv)))
     ckpt = resolve_resume(run_dir, cfg.checkpoint.resume_from)
     if ckpt is not None:
         check_resume_compatible(ckpt, cfg.model_dump(mode="json"), RESUME_FREE_KEYS, schema=type(cfg))
@@ -206,6 +208,35 @@ def check_mask_column(cfg: TrainingConfig) -> None:
             f"loss.mask={cfg.loss.mask}: {cfg.data.train_csv} has no such column (its header: "
             f"{', '.join(header) or 'nothing'}); add a column of per-image grayscale mask paths, set loss.mask to "
             "its name, or remove loss.mask"
+        )
+
+
+def count_csv_rows(path) -> int:
+    """Data rows of a CSV table (header excluded; quoted captions may span lines), without pandas or torch."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as f:
+        return max(sum(1 for _ in csv.reader(f)) - 1, 0)
+
+
+def check_table_size(cfg: TrainingConfig, table_rows: int) -> None:
+    """The training table must keep rows for training after validation.loss_rows are held out (checked by
+    ``--check``, so a shipped config on a small table fails before ``accelerate launch``, naming the fix)."""
+    from core.cli import UserError
+
+    rows = table_rows if cfg.data.max_rows is None else min(table_rows, cfg.data.max_rows)
+    source = f"data.train_csv {cfg.data.train_csv} has {table_rows} rows" + (
+        f" (data.max_rows={cfg.data.max_rows} keeps {rows})" if rows != table_rows else ""
+    )
+    if rows == 0:
+        raise UserError(f"{source}: nothing to train on; point data.train_csv at the table stage 1 wrote")
+    held = getattr(getattr(cfg, "validation", None), "loss_rows", 0)
+    if held >= rows:
+        fit = max(1, rows // 5) if rows >= 2 else 0
+        raise UserError(
+            f"validation.loss_rows={held} leaves no training rows: {source}. Hold out fewer, e.g. "
+            f"validation.loss_rows={fit}, or set validation.loss_rows=0 validation.loss_csv=<a separate CSV> "
+            "for the validation loss"
         )
 
 

@@ -111,6 +111,11 @@ def start_run(cfg: TrainingConfig, resume_free_keys: Sequence[str] = RESUME_FREE
             resume, cfg.model_dump(mode="json"), resume_free_keys, accelerator.num_processes, schema=type(cfg)
         )
     if accelerator.is_main_process:
+        # once per run: not in --check (the launcher's check runs first) nor on every process
+        if resume is not None:
+            logger.info("resuming from %s", resume)
+        elif cfg.checkpoint.resume_from == "latest":
+            logger.info("resume_from=latest: no complete checkpoint in %s, starting fresh", run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_resolved_config(cfg, run_dir / checkpoints.CONFIG_FILE)
     return Run(accelerator, run_dir, DTYPES[cfg.train.mixed_precision], resume)

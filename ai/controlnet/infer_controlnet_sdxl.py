@@ -340,13 +340,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir = infer_path / GENERATIONS_DIR
     sheets_dir = infer_path / SIDE_BY_SIDE_DIR
     work = pending_work(items, out_dir, settings, overwrite=cfg.overwrite, state=state)
-    if cfg.side_by_side:
-        sheets_dir.mkdir(parents=True, exist_ok=True)  # every process writes the sheets of its own images
-    if state.is_main_process:
-        save_resolved_config(cfg, infer_path / "config.resolved.yaml")
     if not work.todo:
         if state.is_main_process:
+            infer_path.mkdir(parents=True, exist_ok=True)
+            save_resolved_config(cfg, infer_path / "config.resolved.yaml")
             if cfg.side_by_side:
+                sheets_dir.mkdir(parents=True, exist_ok=True)
                 fill_missing_sheets(out_dir, sheets_dir)
             print(work.nothing_to_do_message())
         return 0
@@ -376,6 +375,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # one size to check against the model's native size; buckets are all near it
         size=geometry.sizes_for(geometry.fixed).generated if geometry.fixed else None,
     )
+    # only now: a ControlNet or LoRA refused while loading leaves no output folder behind
+    if cfg.side_by_side:
+        sheets_dir.mkdir(parents=True, exist_ok=True)  # every process writes the sheets of its own images
+    if state.is_main_process:
+        infer_path.mkdir(parents=True, exist_ok=True)
+        save_resolved_config(cfg, infer_path / "config.resolved.yaml")
 
     def load_inputs(item):
         if cfg.paths.plan:  # the planned labels, drawn as the ControlNet's layout at the plan's size

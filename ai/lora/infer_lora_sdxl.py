@@ -107,10 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = common_info(cfg, lora_file, cfg.fuse_lora, args.config)
     items = build_work_items(prompts, cfg.images_per_prompt, cfg.seed)
     work = pending_work(items, infer_path / GENERATIONS_DIR, settings, overwrite=cfg.overwrite, state=state)
-    if state.is_main_process:
-        save_resolved_config(cfg, infer_path / "config.resolved.yaml")
     if not work.todo:
         if state.is_main_process:
+            infer_path.mkdir(parents=True, exist_ok=True)
+            save_resolved_config(cfg, infer_path / "config.resolved.yaml")
             print(work.nothing_to_do_message())
         return 0
 
@@ -120,8 +120,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     prepare_pipeline(
         pipe, cfg, device, lora_file, lora_scale=cfg.lora_scale, fuse_lora=cfg.fuse_lora, size=sizes.generated
     )
-    if state.is_main_process and sizes.generated != sizes.saved:
-        logger.info("generating at %dx%d, saved at %dx%d", *sizes.generated, *sizes.saved)
+    if state.is_main_process:  # only now: a LoRA refused while loading leaves no output folder behind
+        infer_path.mkdir(parents=True, exist_ok=True)
+        save_resolved_config(cfg, infer_path / "config.resolved.yaml")
+        if sizes.generated != sizes.saved:
+            logger.info("generating at %dx%d, saved at %dx%d", *sizes.generated, *sizes.saved)
 
     def generate(batch, _inputs):
         return [
