@@ -145,11 +145,14 @@ def place_frozen_models(comps, run: Run, vae_fp16_safe: bool) -> torch.dtype:
     return vae_dtype
 
 
-def offload_text_encoders(comps, run: Run) -> None:
-    """Move the frozen text encoders to the host once the text cache holds every caption and the validation
-    prompts are encoded: nothing runs them any more (1.6 GB of GPU memory for SDXL in bf16)."""
-    for m in (comps.text_encoder, comps.text_encoder_2):
-        m.to("cpu")
+def release_text_encoders(comps, run: Run) -> None:
+    """Drop the frozen text encoders once the text cache holds every caption and the validation prompts and
+    held-out captions are encoded: nothing runs them any more. Frees 1.6 GB (SDXL, bf16) of device memory and, unlike
+    moving them to the host, of host memory too, on every process. The recipe sets its own references to None."""
+    import gc
+
+    comps.text_encoder = comps.text_encoder_2 = None
+    gc.collect()
     if run.device.type == "cuda":
         torch.cuda.empty_cache()
 

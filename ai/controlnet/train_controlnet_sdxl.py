@@ -280,7 +280,8 @@ def train(cfg: Config) -> int:
     if run.is_main and cfg.validation.every_n_steps:
         held_out()  # now, while the text encoders are still on the device (their captions are the prompts too)
     if cfg.cache.text_embeddings:  # every caption is in the cache
-        trainer.offload_text_encoders(comps, run)
+        trainer.release_text_encoders(comps, run)
+        te1 = te2 = None  # the last references (encode_text's): their memory goes back now
 
     def fidelity() -> tuple[float, float]:
         loss_set, conds, _ = held_out()

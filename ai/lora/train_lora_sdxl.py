@@ -266,7 +266,8 @@ def train(cfg: Config) -> int:
     if run.is_main and cfg.validation.every_n_steps:
         encode_validation_inputs()  # now, while the text encoders are still on the device
     if cfg.cache.text_embeddings:  # every caption is in the cache (and the encoders are frozen then)
-        trainer.offload_text_encoders(comps, run)
+        trainer.release_text_encoders(comps, run)
+        te1 = te2 = None  # the last references (encode_text's): their memory goes back now
 
     def validate(step: int, bar) -> None:
         def body() -> None:
