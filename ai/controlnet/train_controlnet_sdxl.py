@@ -96,9 +96,8 @@ class Config(TrainingConfig):
     validation: ControlNetValidationConfig = ControlNetValidationConfig()
     log: ControlNetLogConfig = ControlNetLogConfig()
     output: ControlNetOutputConfig = ControlNetOutputConfig()
-    reward: RewardConfig = (
-        RewardConfig()
-    )  # perception-consistency reward (ai/controlnet/reward.py); off by default
+    # the perception-consistency reward (ai/controlnet/reward.py); off by default
+    reward: RewardConfig = RewardConfig()
 
     @model_validator(mode="after")
     def _held_out_rows(self):
