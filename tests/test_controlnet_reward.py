@@ -289,7 +289,9 @@ def test_check_refuses_bad_perception_models(tiny_sdxl, box_csv, mini_bdd, perce
     assert check_config(seg, f"reward.model={perception['segformer']}") == ""
     assert "YOLO weights not found" in check_config(boxes, f"reward.model={tmp_path / 'none.pt'}")
     msg = check_config(boxes, f"reward.model={perception['coco_like']}")
-    lacking = "lack 8 of the box layout's classes (rider, truck, bus, train, motorcycle, bicycle, traffic light, "
+    lacking = (
+        "lack 8 of the box layout's classes (rider, truck, bus, train, motorcycle, bicycle, traffic light, "
+    )
     assert lacking in msg
     assert "not a transformers model folder" in check_config(seg, f"reward.model={tmp_path}")
     assert "predicts 10 labels" in check_config(seg, f"reward.model={perception['segformer_10']}")
