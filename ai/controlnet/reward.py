@@ -151,8 +151,22 @@ def check_reward(cfg: RewardConfig, layout: str) -> None:
 
 
 def load_detector(path: Path):
-    """The ultralytics DetectionModel in ``path`` (its own loader: weights of any ultralytics version it reads)."""
+    """The ultralytics DetectionModel in ``path`` (its own loader: weights of any ultralytics version it reads).
+
+    Offline like stage 4 (annotation/yolo_runtime.py): ultralytics reads its switches at first import. Its
+    process-wide ``PIL.Image.open`` patch is undone: offline it turns the training data's corrupt-image errors into
+    a failed pi-heif install."""
+    import os
+
+    for key, value in (("YOLO_OFFLINE", "true"), ("YOLO_AUTOINSTALL", "false"),
+                       ("ULTRALYTICS_SKIP_REQUIREMENTS_CHECKS", "1"), ("YOLO_VERBOSE", "false")):  # fmt: skip
+        os.environ.setdefault(key, value)
+    from PIL import Image
     from ultralytics import YOLO
+    from ultralytics.utils import patches
+
+    if getattr(patches, "_image_open", None) is not None:
+        Image.open = patches._image_open
 
     try:
         yolo = YOLO(str(Path(path).resolve()), task="detect")
@@ -259,7 +273,7 @@ class ConsistencyReward:
             model = load_detector(path)
             self.class_ids = torch.tensor(class_map(model.names, str(path)), device=device)
             # the loss reads its gains (box, cls, dfl) as attributes; the checkpoint stores them as a dict
-            args = model.args if isinstance(model.args, dict) else vars(model.args or {})
+            args = model.args if isinstance(model.args, dict) else vars(model.args) if model.args else {}
             model.args = get_cfg(overrides={k: v for k, v in args.items() if k in ("box", "cls", "dfl")})
         else:
             from transformers import AutoModelForSemanticSegmentation

@@ -22,6 +22,10 @@ Control fidelity: at every validation the held-out rows' loss is measured with f
 with the real condition and with a blank one. ``control_gap = loss(blank) - loss(real)`` starts at 0 (a fresh
 ControlNet's zero convolutions change nothing) and grows as the ControlNet learns to use the layout.
 
+Consistency reward (``reward:``, off by default; ai/controlnet/reward.py): a frozen detector or segmenter reads the
+image decoded from the one-step clean estimate of low-noise samples and its loss against the layout is added to the
+diffusion loss (ControlNet++); ``metrics.jsonl`` logs both terms.
+
 Outputs in ``runs/<output.name>/``: ``checkpoint-<step>/`` (resumable, each with a ``controlnet/`` folder), the final
 ``controlnet/`` (``ControlNetModel.from_pretrained``, ``StableDiffusionXLControlNetPipeline``),
 ``config.resolved.yaml``, ``metrics.jsonl``, ``loss_curve.png`` (loss and control gap side by side),
