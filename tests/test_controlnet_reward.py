@@ -286,6 +286,9 @@ def test_check_refuses_bad_perception_models(tiny_sdxl, box_csv, mini_bdd, perce
                          controlnet={"layout": "boxes"})  # fmt: skip
     seg = write_config(tmp_path / "s.yaml", tiny_sdxl, seg_csv, tmp_path / "runs", "s")
     assert check_config(boxes, f"reward.model={perception['yolo']}") == ""
+    from PIL import Image
+
+    assert Image.open.__module__ == "PIL.Image"  # ultralytics' process-wide patch is undone after loading it
     assert check_config(seg, f"reward.model={perception['segformer']}") == ""
     assert "YOLO weights not found" in check_config(boxes, f"reward.model={tmp_path / 'none.pt'}")
     msg = check_config(boxes, f"reward.model={perception['coco_like']}")
