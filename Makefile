@@ -41,7 +41,8 @@ CONTROLNET_TRAIN_PATHS = $(TRAIN_PATHS) data.train_csv=$(D)/csv/bdd_hf_dataset_c
 LORA_INFER_PATHS = model.pretrained_model=$(D)/models/tiny-sdxl paths.lora_weights_path=$(D)/lora_train \
     paths.infer_path=$(D)/lora_infer
 BOXES_TRAIN_PATHS = $(TRAIN_PATHS) data.train_csv=$(D)/csv/bdd_hf_dataset_controlnet_boxes_train.csv \
-    controlnet.layout=boxes output.name=controlnet_boxes_train
+    controlnet.layout=boxes output.name=controlnet_boxes_train \
+    reward.model=$(D)/detector/detector.pt reward.start_step=27 reward.max_timestep=999
 BOXES_INFER_PATHS = model.pretrained_model=$(D)/models/tiny-sdxl \
     paths.controlnet_path=$(D)/controlnet_boxes_train/controlnet paths.masks_path=$(D)/csv/box_layouts/val \
     paths.captions_path=$(D)/captions/val paths.source_labels=$(D)/bdd100k/labels/det_20/det_val.json \
@@ -92,7 +93,9 @@ demo: $(STAMP)
 	    $(CONTROLNET_TRAIN_PATHS)
 	ACCELERATE_CONFIG=config/accelerate_config_cpu.yaml bash ai/controlnet/run_controlnet_infer.sh config/demo/controlnet_infer.yaml \
 	    $(CONTROLNET_INFER_PATHS)
-	@echo "== stage 2C/3C: ControlNet on box layouts (every labeled frame), a generation plan for the rarest conditions =="
+	@echo "== stage 2C/3C: ControlNet on box layouts (every labeled frame; its last 3 steps with the consistency reward"
+	@echo "   of the demo detector that stage 4 uses), a generation plan for the rarest conditions =="
+	$(PY) -m annotation.train_demo_detector --bdd_data_dir $(DEMO_DIR)/bdd100k --out $(DEMO_DIR)/detector/detector.pt
 	ACCELERATE_CONFIG=config/accelerate_config_cpu.yaml bash ai/controlnet/run_controlnet_train.sh config/demo/controlnet_train.yaml \
 	    $(BOXES_TRAIN_PATHS)
 	ACCELERATE_CONFIG=config/accelerate_config_cpu.yaml bash ai/controlnet/run_controlnet_infer.sh config/demo/controlnet_infer.yaml \
@@ -101,8 +104,7 @@ demo: $(STAMP)
 	    --targets config/demo/plan_targets.yaml --out $(DEMO_DIR)/plan
 	ACCELERATE_CONFIG=config/accelerate_config_cpu.yaml bash ai/controlnet/run_controlnet_infer.sh config/demo/controlnet_infer.yaml \
 	    $(PLAN_INFER_PATHS)
-	@echo "== stage 4: YOLO auto-annotation with a demo detector trained on the mini-BDD100K (CPU) =="
-	$(PY) -m annotation.train_demo_detector --bdd_data_dir $(DEMO_DIR)/bdd100k --out $(DEMO_DIR)/detector/detector.pt
+	@echo "== stage 4: YOLO auto-annotation with the demo detector trained on the mini-BDD100K (CPU, stage 2C) =="
 	$(PY) -m annotation.yolo_annotate_folders --config config/demo/annotation.yaml --model $(DEMO_DIR)/detector/detector.pt \
 	    --input_folder $(DEMO_DIR)/lora_infer/generations --output_folder $(DEMO_DIR)/annotated/lora
 	$(PY) -m annotation.yolo_annotate_folders --config config/demo/annotation.yaml --model $(DEMO_DIR)/detector/detector.pt \

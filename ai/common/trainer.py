@@ -598,7 +598,9 @@ def run_loop(
     trainable: Sequence[torch.nn.Module],
     optimizer,
     lr_scheduler,
-    compute_loss: Callable[[dict, torch.Generator], torch.Tensor],
+    compute_loss: Callable[
+        [dict, torch.Generator], torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]
+    ],
     state: LoopState,
     metrics: training_log.MetricsLog,
     save: Callable[[LoopState], Any],
@@ -610,6 +612,9 @@ def run_loop(
     Every random draw of a micro-step comes from ``gen``, seeded by seed, epoch and the micro-batch's place in the
     epoch's global order, so a resumed run continues exactly as an uninterrupted one, and N processes draw what
     one process with N-fold gradient accumulation draws for the same data.
+
+    ``compute_loss`` may return ``(loss, terms)``: the named parts of the loss (e.g. ``diffusion`` and ``reward``),
+    each averaged over the optimizer step's micro-batches and processes and logged beside ``loss``.
     """
     from tqdm.auto import tqdm
 
@@ -621,6 +626,7 @@ def run_loop(
         m.train()
     bar = tqdm(total=cfg.train.max_train_steps, initial=state.step, desc="train", disable=not run.is_main)
     loss_sum, loss_n, start_step = 0.0, 0, state.step
+    term_sums: dict[str, list[float]] = {}
     max_steps = cfg.train.max_train_steps
     while state.step < max_steps:
         train_data.sampler.set_position(state.epoch, state.batch)
@@ -633,6 +639,11 @@ def run_loop(
             state.batch += 1
             with accelerator.accumulate(*trainable):
                 loss = compute_loss(batch, gen)
+                loss, terms = loss if isinstance(loss, tuple) else (loss, {})
+                for name, value in terms.items():
+                    term_sums.setdefault(name, []).append(
+                        accelerator.gather(value.detach()[None]).mean().item()
+                    )
                 step_loss = accelerator.gather(loss.detach()[None]).mean().item()
                 training_log.check_finite(step_loss, state.step + 1, state.last_checkpoint)
                 loss_sum, loss_n = loss_sum + step_loss, loss_n + 1
@@ -650,17 +661,25 @@ def run_loop(
                     ema.update(step)
                 bar.update(1)
                 avg, loss_sum, loss_n = loss_sum / loss_n, 0.0, 0
+                parts = {name: sum(v) / len(v) for name, v in term_sums.items()}
+                term_sums = {}
                 lr = lr_scheduler.get_last_lr()[0]
                 bar.set_postfix(loss=f"{avg:.4f}", lr=f"{lr:.2e}")
                 if step % cfg.log.every_n_steps == 0 or step == max_steps:
                     sec = (state.data_seconds + state.compute_seconds) / (step - start_step)
                     share = state.data_wait_share()
                     metrics.log(
-                        step, loss=avg, lr=lr, data_wait_share=share, sec_per_step=sec, epoch=state.epoch
+                        step,
+                        loss=avg,
+                        **parts,
+                        lr=lr,
+                        data_wait_share=share,
+                        sec_per_step=sec,
+                        epoch=state.epoch,
                     )
-                    accelerator.log({"loss": avg, "lr": lr, "data_wait_share": share}, step=step)
+                    accelerator.log({"loss": avg, **parts, "lr": lr, "data_wait_share": share}, step=step)
                 else:
-                    metrics.log(step, loss=avg)
+                    metrics.log(step, loss=avg, **parts)
                 if step % cfg.checkpoint.every_n_steps == 0 or step == max_steps:
                     save(state)
                 if cfg.validation.every_n_steps and (

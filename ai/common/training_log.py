@@ -3,7 +3,8 @@
 * Trackers: TensorBoard by default (``runs/<name>/logs``), Weights & Biases when ``report_to: wandb``. The W&B
   key is read by wandb itself from the environment (``WANDB_API_KEY``, e.g. from ``.env``); it is never read,
   logged or stored here.
-* ``metrics.jsonl`` in the run folder: one JSON object per logged step (loss, lr, val_loss, ...), plus
+* ``metrics.jsonl`` in the run folder: one JSON object per logged step (loss, its named terms such as ``diffusion``
+  and ``reward``, lr, val_loss, ...), plus
   ``loss_curve.png`` redrawn at each checkpoint and at the end.
 * :func:`check_finite` stops the run on a NaN/inf loss with a message that names the last good checkpoint.
 """
@@ -21,6 +22,10 @@ from core import report
 from core.cli import UserError
 
 logger = logging.getLogger(__name__)
+
+
+#: Named parts of a training loss that :meth:`MetricsLog.plot` draws in a panel of their own.
+LOSS_TERMS: tuple[str, ...] = ("diffusion", "reward")
 
 
 class TrainingDiverged(UserError):
@@ -92,7 +97,9 @@ class MetricsLog:
             return
         rows = self.read()
         has_gap = any("control_gap" in r for r in rows)  # ControlNet: plot the fidelity gap beside the loss
-        fig, axes = report.subplots(1, 2 if has_gap else 1, figsize=(12 if has_gap else 7, 4), squeeze=False)
+        has_terms = any(k in r for r in rows for k in LOSS_TERMS)  # a loss of several terms: each on its own
+        panels = 1 + has_gap + has_terms
+        fig, axes = report.subplots(1, panels, figsize=(5 + 5 * panels, 4), squeeze=False)
         ax = axes[0][0]
         for key, style in (("loss", "-"), ("loss_avg", "-"), ("val_loss", "o-")):
             pts = [(r["step"], r[key]) for r in rows if key in r]
@@ -112,6 +119,16 @@ class MetricsLog:
             gap_ax.set_title("control fidelity: > 0 means the condition is followed")
             gap_ax.grid(alpha=0.3)
             gap_ax.legend()
+        if has_terms:  # the terms differ in scale (a detector's loss vs an MSE): one axis each
+            term_ax = axes[0][panels - 1]
+            for i, key in enumerate(k for k in LOSS_TERMS if any(k in r for r in rows)):
+                ax_k = term_ax if i == 0 else term_ax.twinx()
+                pts = [(r["step"], r[key]) for r in rows if key in r]
+                ax_k.plot(*zip(*pts, strict=True), ".-", color=f"C{i + 1}", label=key, alpha=0.7)
+                ax_k.set_ylabel(key, color=f"C{i + 1}")
+            term_ax.set_xlabel("step")
+            term_ax.set_title("loss terms (each on its own axis)")
+            term_ax.grid(alpha=0.3)
         report.save_figure(fig, self.png, dpi=100, bbox_inches="tight")
 
 

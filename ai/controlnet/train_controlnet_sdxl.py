@@ -22,6 +22,10 @@ Control fidelity: at every validation the held-out rows' loss is measured with f
 with the real condition and with a blank one. ``control_gap = loss(blank) - loss(real)`` starts at 0 (a fresh
 ControlNet's zero convolutions change nothing) and grows as the ControlNet learns to use the layout.
 
+Consistency reward (``reward:``, off by default; ai/controlnet/reward.py): a frozen detector or segmenter reads the
+image decoded from the one-step clean estimate of low-noise samples and its loss against the layout is added to the
+diffusion loss (ControlNet++); ``metrics.jsonl`` logs both terms.
+
 Outputs in ``runs/<output.name>/``: ``checkpoint-<step>/`` (resumable, each with a ``controlnet/`` folder), the final
 ``controlnet/`` (``ControlNetModel.from_pretrained``, ``StableDiffusionXLControlNetPipeline``),
 ``config.resolved.yaml``, ``metrics.jsonl``, ``loss_curve.png`` (loss and control gap side by side),
@@ -47,6 +51,7 @@ from ai.common.train_config import (
     check_common_inputs,
     trainer_main,
 )
+from ai.controlnet.reward import RewardConfig, check_reward
 from core.cli import UserError, run_main
 from core.config import Section
 from vocab import layouts
@@ -127,6 +132,8 @@ class Config(TrainingConfig):
     validation: ControlNetValidationConfig = ControlNetValidationConfig()
     log: ControlNetLogConfig = ControlNetLogConfig()
     output: ControlNetOutputConfig = ControlNetOutputConfig()
+    # the perception-consistency reward (ai/controlnet/reward.py); off by default
+    reward: RewardConfig = RewardConfig()
 
     @model_validator(mode="after")
     def _held_out_rows(self):
@@ -154,6 +161,7 @@ def check_inputs(cfg: Config) -> None:
         raise UserError(f"controlnet.init_from: not found: {cfg.controlnet.init_from}")
     # a LoRA folder without weights, or a wrong ControlNet folder or architecture, fails here, before accelerate
     resolve_lora_file(cfg.controlnet.fuse_lora, key="controlnet.fuse_lora")
+    check_reward(cfg.reward, cfg.controlnet.layout)
     if cfg.controlnet.init_from is not None:
         from ai.common.models import config_source, is_local
         from ai.controlnet import architecture
@@ -214,6 +222,11 @@ def train(cfg: Config) -> int:
         controlnet.enable_gradient_checkpointing()
         unet.enable_gradient_checkpointing()  # the residuals' gradients flow back through the frozen UNet
     use_xformers = trainer.enable_attention([unet, controlnet], cfg.train.attention, device)
+    reward = None  # the frozen decoder + perception model of the consistency reward (never in the optimizer)
+    if cfg.reward.enabled:
+        from ai.controlnet.reward import ConsistencyReward
+
+        reward = ConsistencyReward(cfg.reward, layout, kind, vae, scheduler, device, cfg.loss.prediction_type)
 
     # --- data: rows with masks, caches shared with the LoRA trainer; conditions are cheap and stay uncached ---
     def encode_text(prompts):
@@ -352,24 +365,27 @@ def train(cfg: Config) -> int:
         "channels, ids resized nearest-neighbour)",
         "ControlNet": f"{n_trainable:,} trainable parameters, from {cfg.controlnet.init_from or 'the UNet encoder'}"
         f"{f' (UNet with LoRA {cfg.controlnet.fuse_lora} fused)' if cfg.controlnet.fuse_lora else ''}",
+        "consistency reward": f"{reward.perception} {cfg.reward.model}, weight {cfg.reward.weight}, t <= "
+        f"{cfg.reward.max_timestep}, every {cfg.reward.every_n_steps} step(s) from step {cfg.reward.start_step}, "
+        f"decoder {cfg.reward.decoder}" if reward else "off",
     })  # fmt: skip
 
     # --- loop ---
 
-    def compute_loss(batch: dict, gen) -> torch.Tensor:
+    def compute_loss(batch: dict, gen):
         controlled.set_condition(batch["conditioning"].to(device, weight_dtype))
-        return trainer.denoising_loss(
-            cfg,
-            batch,
-            gen,
-            controlled,
-            scheduler,
-            vae,
-            vae_dtype,
-            weight_dtype,
-            encode_text,
-            False,
+        out = trainer.denoise(
+            cfg, batch, gen, controlled, scheduler, vae, vae_dtype, weight_dtype, encode_text
         )
+        loss = trainer.diffusion_term(cfg, batch, out, scheduler)
+        if reward is None:
+            return loss
+        terms = {"diffusion": loss.detach()}
+        if cfg.reward.active(state.step):  # the optimizer step being computed (run_loop advances ``state``)
+            value = reward(batch, out)
+            terms["reward"] = value.detach()
+            loss = loss + cfg.reward.weight * value
+        return loss, terms
 
     def save(state) -> Path:
         if ema is None:
