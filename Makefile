@@ -42,7 +42,8 @@ LORA_INFER_PATHS = model.pretrained_model=$(D)/models/tiny-sdxl paths.lora_weigh
     paths.infer_path=$(D)/lora_infer
 BOXES_TRAIN_PATHS = $(TRAIN_PATHS) data.train_csv=$(D)/csv/bdd_hf_dataset_controlnet_boxes_train.csv \
     controlnet.layout=boxes output.name=controlnet_boxes_train \
-    reward.model=$(D)/detector/detector.pt reward.start_step=27 reward.max_timestep=999
+    reward.model=$(D)/detector/detector.pt reward.start_step=27 reward.max_timestep=999 \
+    loss.object_weight=2 loss.small_object_boost=0.05
 BOXES_INFER_PATHS = model.pretrained_model=$(D)/models/tiny-sdxl \
     paths.controlnet_path=$(D)/controlnet_boxes_train/controlnet paths.masks_path=$(D)/csv/box_layouts/val \
     paths.captions_path=$(D)/captions/val paths.source_labels=$(D)/bdd100k/labels/det_20/det_val.json \
@@ -93,8 +94,8 @@ demo: $(STAMP)
 	    $(CONTROLNET_TRAIN_PATHS)
 	ACCELERATE_CONFIG=config/accelerate_config_cpu.yaml bash ai/controlnet/run_controlnet_infer.sh config/demo/controlnet_infer.yaml \
 	    $(CONTROLNET_INFER_PATHS)
-	@echo "== stage 2C/3C: ControlNet on box layouts (every labeled frame; its last 3 steps with the consistency reward"
-	@echo "   of the demo detector that stage 4 uses), a generation plan for the rarest conditions =="
+	@echo "== stage 2C/3C: ControlNet on box layouts (every labeled frame; object-weighted loss, its last 3 steps with the"
+	@echo "   consistency reward of the demo detector that stage 4 uses), a generation plan for the rarest conditions =="
 	$(PY) -m annotation.train_demo_detector --bdd_data_dir $(DEMO_DIR)/bdd100k --out $(DEMO_DIR)/detector/detector.pt
 	ACCELERATE_CONFIG=config/accelerate_config_cpu.yaml bash ai/controlnet/run_controlnet_train.sh config/demo/controlnet_train.yaml \
 	    $(BOXES_TRAIN_PATHS)
