@@ -254,6 +254,8 @@ def test_a_run_with_the_reward_logs_both_terms_and_resumes_exactly(tiny_sdxl, bo
             tmp_path / f"{name}.yaml", tiny_sdxl, box_csv, tmp_path / "runs", name,
             controlnet={"layout": "boxes", "save_dtype": "float32"}, reward=reward,
             train={"max_train_steps": steps}, checkpoint={"every_n_steps": 2},
+            validation={"every_n_steps": 4, "loss_csv": str(box_csv), "num_images": 1, "seeds": [0],
+                        "num_inference_steps": 2},
         )  # fmt: skip
 
     assert run_inprocess(config("full", 4)) == 0
@@ -273,8 +275,48 @@ def test_a_run_with_the_reward_logs_both_terms_and_resumes_exactly(tiny_sdxl, bo
     assert logged[1]["reward"] > 0
     resumed = [json.loads(ln) for ln in (tmp_path / "runs/part/metrics.jsonl").read_text().splitlines()]
     assert [r.get("reward") for r in resumed if "loss" in r] == [r.get("reward") for r in rows if "loss" in r]
+    # validation sheets: layout | generated | the detector's reading of the generated image
+    from PIL import Image
+
+    (sheet,) = sorted((tmp_path / "runs/full/validation/step-000004").glob("*.png"))
+    with Image.open(sheet) as im:
+        assert im.width / im.height > 4.5  # three landscape panels (two would be ~3.3 wide per unit of height)
     checkpoint = load_file(tmp_path / "runs/full/checkpoint-2" / weights)
     assert checkpoint.keys() == a.keys()  # the ControlNet alone: no perception model or decoder in it
+
+
+@pytest.mark.parametrize(("layout", "model"), [("boxes", "yolo"), ("seg", "segformer")])
+def test_the_validation_reading_is_what_the_perception_model_sees(tiny_sdxl, perception, layout, model):
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from ai.controlnet.conditioning import ids_to_preview
+
+    setup = Setup(tiny_sdxl, layout, perception[model])
+    rgb = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    image = Image.fromarray(rgb)
+    reading = setup.reward.reading(image)
+    assert (reading.size, reading.mode) == (image.size, "RGB")
+    x = torch.from_numpy(rgb.astype(np.float32) / 255).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        if layout == "seg":  # the segmentation, blended half over the image
+            r = setup.reward
+            ids = F.interpolate(
+                r.model(pixel_values=(x - r.mean) / r.std).logits, size=(64, 96), mode="bilinear"
+            )
+            expected = Image.blend(
+                image, ids_to_preview(ids.argmax(1)[0].numpy().astype(np.uint8), "seg"), 0.5
+            )
+            assert np.array_equal(np.asarray(reading), np.asarray(expected))
+        else:  # detections drawn where the detector finds something, the image untouched elsewhere
+            from ultralytics.utils.nms import non_max_suppression
+
+            found = non_max_suppression(setup.reward.model(x)[0], 0.25, 0.7)[0]
+            changed = (np.asarray(reading) != rgb).any(-1)
+            assert changed.any() == (len(found) > 0)
+            for x1, y1, x2, y2, *_ in found.tolist():  # every changed pixel lies on or near a box
+                changed[max(0, int(y1) - 12) : int(y2) + 3, max(0, int(x1) - 3) : int(x2) + 3] = False
+            assert not changed.any()
 
 
 # --- --check ---------------------------------------------------------------------------------------------------

@@ -323,6 +323,42 @@ class ConsistencyReward:
                 loss = self.segmentation_loss(image, ids)
         return loss * (selected.numel() / bsz)
 
+    def reading(self, image):
+        """What the perception model reads in a generated PIL image, for the validation sheets: its detections
+        drawn over the image (boxes), or its segmentation blended over it (masks)."""
+        import numpy as np
+        import torch
+        import torch.nn.functional as F
+        from PIL import Image, ImageDraw
+
+        rgb = image.convert("RGB")
+        x = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255).permute(2, 0, 1)[None].to(self.device)
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+            if self.perception == "detector":
+                from ultralytics.utils.nms import non_max_suppression
+
+                h, w = x.shape[-2:]
+                size = (-(-h // YOLO_STRIDE) * YOLO_STRIDE, -(-w // YOLO_STRIDE) * YOLO_STRIDE)
+                pred = self.model(F.interpolate(x, size=size, mode="bilinear", align_corners=False))
+                found = non_max_suppression(pred[0] if isinstance(pred, tuple | list) else pred, 0.25, 0.7)[0]
+                out, (sx, sy) = rgb.copy(), (w / size[1], h / size[0])
+                draw = ImageDraw.Draw(out)
+                for x1, y1, x2, y2, conf, c in found.cpu().tolist():
+                    draw.rectangle([x1 * sx, y1 * sy, x2 * sx, y2 * sy], outline=(255, 48, 48), width=2)
+                    draw.text(
+                        (x1 * sx + 2, y1 * sy + 1),
+                        f"{self.model.names[int(c)]} {conf:.2f}",
+                        fill=(255, 48, 48),
+                    )
+                return out
+            logits = self.model(pixel_values=(x - self.mean) / self.std).logits
+            ids = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False).argmax(1)[0]
+        from ai.controlnet.conditioning import ids_to_preview
+
+        return Image.blend(
+            rgb, ids_to_preview(ids.cpu().numpy().astype(np.uint8), self.layout).convert("RGB"), 0.5
+        )
+
     def detection_loss(self, image, ids):
         """ultralytics' detection loss (box + class + DFL, gains from the checkpoint) against the layout's boxes."""
         import torch

@@ -341,6 +341,8 @@ def train(cfg: Config) -> int:
                                 guidance_scale=v.guidance_scale, controlnet_conditioning_scale=v.conditioning_scale,
                             )  # fmt: skip
                         sheet = conditioning.side_by_side(conditioning.ids_to_preview(ids[i], layout), image)
+                        if reward is not None:  # | what the reward's perception model reads in the image
+                            sheet = conditioning.side_by_side(sheet, reward.reading(image))
                         sheet.save(out / f"{Path(row.name or str(row.index)).stem}_seed{seed}.png")
                         sheets.append(sheet)
             training_log.log_images(accelerator, sheets, [r.text for r in rows for _ in v.seeds], step)
