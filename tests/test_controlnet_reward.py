@@ -280,7 +280,9 @@ def test_a_run_with_the_reward_logs_both_terms_and_resumes_exactly(tiny_sdxl, bo
 
     (sheet,) = sorted((tmp_path / "runs/full/validation/step-000004").glob("*.png"))
     with Image.open(sheet) as im:
-        assert im.width / im.height > 4.5  # three landscape panels (two would be ~3.3 wide per unit of height)
+        assert (
+            im.width / im.height > 4.5
+        )  # three landscape panels (two would be ~3.3 wide per unit of height)
     checkpoint = load_file(tmp_path / "runs/full/checkpoint-2" / weights)
     assert checkpoint.keys() == a.keys()  # the ControlNet alone: no perception model or decoder in it
 
