@@ -126,3 +126,28 @@ def save_random_lora(model: Path, folder: Path, seed: int = 0) -> Path:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
     StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet))
     return folder
+
+
+def watch_text_encoder_release(monkeypatch) -> list[bool]:
+    """Patch the trainers' ``release_text_encoders`` and ``run_loop``: the returned list gets, at the loop's start,
+    whether each released text encoder is still referenced (after a garbage collection)."""
+    import gc
+    import weakref
+
+    from ai.common import trainer
+
+    released, alive_at_loop = [], []
+    release, loop = trainer.release_text_encoders, trainer.run_loop
+
+    def release_and_watch(comps, run):
+        released.extend(weakref.ref(m) for m in (comps.text_encoder, comps.text_encoder_2))
+        release(comps, run)
+
+    def loop_after_release(*args, **kwargs):
+        gc.collect()
+        alive_at_loop.extend(r() is not None for r in released)
+        return loop(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "release_text_encoders", release_and_watch)
+    monkeypatch.setattr(trainer, "run_loop", loop_after_release)
+    return alive_at_loop

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from sdxl_fixtures import run_launcher
+from sdxl_fixtures import run_launcher, watch_text_encoder_release
 
 from vocab import bdd
 
@@ -703,25 +703,8 @@ def test_every_row_is_checked_for_its_layout(box_csv, mini_bdd):
 def test_text_encoders_are_released_before_the_loop(tiny_sdxl, controlnet_csvs, tmp_path, monkeypatch):
     """With the text cache full nothing references the frozen text encoders once validation's captions are encoded:
     their memory goes back before the first step (1.6 GB per process at SDXL size)."""
-    import gc
-    import weakref
 
-    from ai.common import trainer
-
-    released, alive_at_loop = [], []
-    release, loop = trainer.release_text_encoders, trainer.run_loop
-
-    def release_and_watch(comps, run):
-        released.extend(weakref.ref(m) for m in (comps.text_encoder, comps.text_encoder_2))
-        release(comps, run)
-
-    def loop_after_release(*args, **kwargs):
-        gc.collect()
-        alive_at_loop.extend(r() is not None for r in released)
-        return loop(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "release_text_encoders", release_and_watch)
-    monkeypatch.setattr(trainer, "run_loop", loop_after_release)
+    alive_at_loop = watch_text_encoder_release(monkeypatch)
     train_csv, val_csv = controlnet_csvs
     cfg = write_config(tmp_path / "c.yaml", tiny_sdxl, train_csv, tmp_path / "runs", "te", train={"max_train_steps": 2},
                        validation={"every_n_steps": 2, "loss_csv": str(val_csv), "num_images": 1, "seeds": [0],

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from sdxl_fixtures import make_image_csv, run_launcher
+from sdxl_fixtures import make_image_csv, run_launcher, watch_text_encoder_release
 
 from core.cli import UserError
 
@@ -507,30 +507,13 @@ def test_text_encoders_are_released_after_caching_and_validation_is_unchanged(
     their host and device memory goes back; nothing could run them afterwards: validation gets the prompts and
     held-out captions encoded before), and the validation image at step 0 is still exactly the pipeline's own image
     for that prompt and seed (the LoRA starts as a no-op)."""
-    import gc
-    import weakref
 
     import numpy as np
     import torch
     from diffusers import StableDiffusionXLPipeline
     from PIL import Image
 
-    from ai.common import trainer
-
-    released, alive_at_loop = [], []
-    release, loop = trainer.release_text_encoders, trainer.run_loop
-
-    def release_and_watch(comps, run):
-        released.extend(weakref.ref(m) for m in (comps.text_encoder, comps.text_encoder_2))
-        release(comps, run)
-
-    def loop_after_release(*args, **kwargs):
-        gc.collect()
-        alive_at_loop.extend(r() is not None for r in released)
-        return loop(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "release_text_encoders", release_and_watch)
-    monkeypatch.setattr(trainer, "run_loop", loop_after_release)
+    alive_at_loop = watch_text_encoder_release(monkeypatch)
     csv = make_image_csv(tmp_path / "data", n=4)
     cfg = write_config(
         tmp_path / "te.yaml", tiny_sdxl, csv, tmp_path / "runs", "te",
