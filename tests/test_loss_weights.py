@@ -13,11 +13,14 @@ import test_controlnet_train
 import torch
 from PIL import Image
 from sdxl_fixtures import make_image_csv
+from test_controlnet_train import box_csv
 
 from ai.common import data, diffusion, loss_weights, trainer
 from ai.common.train_config import LossConfig
 from core.cli import UserError
 from vocab import bdd, box_layout, layouts
+
+__all__ = ["box_csv"]  # the module fixture of the ControlNet training tests
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -234,28 +237,6 @@ def test_cached_latents_give_the_map_and_the_weighted_loss_of_the_uncached_path(
 # --- training runs and --check -------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def box_layouts_csv(mini_bdd, tmp_path_factory) -> Path:
-    """Stage 1's box-layout CSV over the mini-BDD100K's 100K train images (as test_controlnet_train's box_csv)."""
-    from convert import controlnet_bdd_to_huggingface_csv
-    from core.cli import run_main
-
-    root = tmp_path_factory.mktemp("box_csv")
-    images = mini_bdd / "images" / "100k" / "train"
-    (root / "captions").mkdir()
-    for image in bdd.list_images(images):
-        (root / "captions" / f"{image.stem}.txt").write_text(
-            "a dashcam photo of a street\n", encoding="utf-8"
-        )
-    argv = [
-        "--layout", "boxes", "--images_path", str(images), "--captions_path", str(root / "captions"),
-        "--labels_file", str(mini_bdd / "labels/det_20/det_train.json"), "--output_folder", str(root / "csv"),
-        "--split", "train",
-    ]  # fmt: skip
-    assert run_main(controlnet_bdd_to_huggingface_csv.main, argv) == 0
-    return root / "csv" / "bdd_hf_dataset_controlnet_boxes_train.csv"
-
-
 def lora_csv(bdd_root: Path, out: Path) -> Path:
     """image,text over the mini-BDD100K's 100K train images (their det_20 labels are det_train.json)."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -303,12 +284,12 @@ def step_losses(run: Path) -> list[float]:
 
 
 def test_a_short_box_layout_controlnet_run_with_object_weights_trains_and_checkpoints(
-    tiny_sdxl, box_layouts_csv, tmp_path
+    tiny_sdxl, box_csv, tmp_path
 ):
     from test_controlnet_train import run_inprocess, write_config
 
     cfg = write_config(
-        tmp_path / "c.yaml", tiny_sdxl, box_layouts_csv, tmp_path / "runs", "objw",
+        tmp_path / "c.yaml", tiny_sdxl, box_csv, tmp_path / "runs", "objw",
         controlnet={"layout": "boxes", "conditioning": "one_hot", "save_dtype": "float32"},
         loss={"object_weight": 3.0, "small_object_boost": 0.1}, train={"max_train_steps": 2},
         data={"num_workers": 2},  # the map is built in the data workers
@@ -323,9 +304,7 @@ def test_a_short_box_layout_controlnet_run_with_object_weights_trains_and_checkp
     assert step_losses(tmp_path / "runs" / "plain")[0] != pytest.approx(losses[0], rel=1e-3)
 
 
-def test_check_refuses_object_weights_without_labels_and_a_missing_mask_column(
-    tiny_sdxl, box_layouts_csv, tmp_path
-):
+def test_check_refuses_object_weights_without_labels_and_a_missing_mask_column(tiny_sdxl, box_csv, tmp_path):
     from test_lora_train import run_inprocess, write_config
 
     csv_path = make_image_csv(tmp_path / "imgs", n=2)
@@ -342,7 +321,7 @@ def test_check_refuses_object_weights_without_labels_and_a_missing_mask_column(
     cn = test_controlnet_train.write_config(
         tmp_path / "cn.yaml",
         tiny_sdxl,
-        box_layouts_csv,
+        box_csv,
         tmp_path / "runs",
         "cn",
         controlnet={"layout": "boxes"},
