@@ -15,7 +15,7 @@ import yaml
 from test_gain import real_set, run, synthetic_set
 
 from annotation.dataset import write_data_yaml
-from annotation.gain import recipe
+from annotation.gain import recipe, runner
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +192,24 @@ def test_concurrent_runs_equal_sequential_ones_with_controls(sets, tmp_path, cap
     assert any("optimizer step(s)" in w for w in report["warnings"])
     assert any("no mosaic in any arm" in w for w in report["warnings"])
     assert (tmp_path / "concurrent" / "gain.png").read_bytes()[:4] == b"\x89PNG"
+
+    # another host sharing the output folder holds an unfinished run: this one skips it, reports it as not finished,
+    # and a later rerun trains only that run, to the same figures
+    concurrent = tmp_path / "concurrent"
+    first = json.loads((runs / "share50_seed0" / "result.json").read_text())
+    (runs / "share50_seed0" / "result.json").unlink()
+    other_host = runner.RunLock(runs / ".share50_seed0.lock")
+    assert other_host.acquire()
+    again = [*base, "--out", concurrent, "--devices", "cpu,cpu", "--positive_control", "--negative_control",
+             "blank_images"]  # fmt: skip
+    code, stdout, err = run(capsys, *again)
+    assert code == 0, err
+    assert "training on device" not in stdout and stdout.count(": kept (finished") == 3
+    assert "50 % synthetic, seed 0: skipped, another process is training it" in stdout
+    assert "Not finished (rerun to complete): share50_seed0." in (concurrent / "gain.md").read_text()
+    other_host.release()
+    code, stdout, err = run(capsys, *again)
+    assert code == 0, err
+    assert stdout.count("training on device cpu") == 1 and "50 % synthetic, seed 0: training" in stdout
+    assert json.loads((runs / "share50_seed0" / "result.json").read_text())["metrics"] == first["metrics"]
+    assert "Not finished" not in (concurrent / "gain.md").read_text()
