@@ -4,6 +4,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# the BDD100K toolkit (pydantic 1) in an environment of its own: the tests compare the project's mAP with it
+TOOLKIT_VENV := .venv-bdd100k
+TOOLKIT_STAMP := $(TOOLKIT_VENV)/.installed
 DEMO_DIR ?= outputs/demo
 export HF_HUB_OFFLINE := 1
 export YOLO_OFFLINE := true
@@ -21,8 +24,14 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet -r requirements.txt
 	@touch $(STAMP)
 
-test: $(STAMP)
-	$(PY) -m pytest -q tests
+$(TOOLKIT_STAMP): requirements-bdd100k.txt
+	@test -x $(TOOLKIT_VENV)/bin/python || $(PYTHON) -m venv $(TOOLKIT_VENV)
+	$(TOOLKIT_VENV)/bin/python -m pip install --upgrade --quiet pip
+	$(TOOLKIT_VENV)/bin/python -m pip install --quiet -r requirements-bdd100k.txt
+	@touch $(TOOLKIT_STAMP)
+
+test: $(STAMP) $(TOOLKIT_STAMP)
+	BDD100K_TOOLKIT_PYTHON=$(CURDIR)/$(TOOLKIT_VENV)/bin/python $(PY) -m pytest -q tests
 
 # The full SDXL architecture (random weights) through the launchers on CPU, bf16: slow (10-30 min, ~20 GB RAM),
 # not part of `make test`. SDXL_BASE_DIR keeps the built model folder between runs.
