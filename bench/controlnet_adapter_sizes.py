@@ -25,7 +25,7 @@ def count(rank: int | None) -> tuple[int, int, int]:
     import torch
     from diffusers import ControlNetModel, UNet2DConditionModel
 
-    from ai.common.build_model import _preset_configs as preset_configs
+    from ai.common.build_model import preset_configs
     from ai.controlnet.adapter import LoraSettings, add_lora
     from ai.controlnet.train_controlnet_sdxl import ControlNetConfig
 

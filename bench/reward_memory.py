@@ -78,7 +78,7 @@ def measure(part: str, width: int, height: int) -> dict:
 
     import torch
 
-    from ai.controlnet.reward import ConsistencyReward, layout_boxes  # noqa: F401 (the project's decode / loss)
+    from ai.controlnet.reward import ConsistencyReward  # the project's decode and losses
 
     torch.manual_seed(0)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -86,7 +86,7 @@ def measure(part: str, width: int, height: int) -> dict:
     if part in ("vae", "vae_ckpt", "tiny"):
         from diffusers import AutoencoderKL, AutoencoderTiny
 
-        from ai.common.build_model import _preset_configs as preset_configs
+        from ai.common.build_model import preset_configs
 
         vae = AutoencoderKL.from_config(preset_configs("sdxl-base")["vae"]).float().requires_grad_(False)
         decoder = vae if part != "tiny" else AutoencoderTiny().float().requires_grad_(False)

@@ -40,10 +40,10 @@ def three_level(tmp_path_factory) -> dict[str, Path]:
     """The tiny SDXL with a three-level UNet (two downsamplings, like SDXL's) and a fresh ControlNet for it."""
     from diffusers import ControlNetModel, StableDiffusionXLPipeline, UNet2DConditionModel
 
-    from ai.common.build_model import _preset_configs, build_pipeline
+    from ai.common.build_model import build_pipeline, preset_configs
     from ai.common.models import check_model_folder
 
-    unet_config = dict(_preset_configs("tiny")["unet"])
+    unet_config = dict(preset_configs("tiny")["unet"])
     unet_config.update(
         block_out_channels=(32, 32, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),

@@ -79,10 +79,10 @@ def test_sdxl_base_preset_has_sdxl_parameter_count():
     import torch
     from diffusers import UNet2DConditionModel
 
-    from ai.common.build_model import _preset_configs
+    from ai.common.build_model import preset_configs
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**_preset_configs("sdxl-base")["unet"])
+        unet = UNet2DConditionModel(**preset_configs("sdxl-base")["unet"])
     assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684
 
 

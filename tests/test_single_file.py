@@ -367,7 +367,7 @@ def test_at_sdxls_topology_the_file_is_what_diffusers_calls_sdxl_base_and_loads_
     from ai.common import build_model
     from vocab.clip_tokenizer import build_clip_tokenizer
 
-    cfg = build_model._preset_configs("sdxl-base")
+    cfg = build_model.preset_configs("sdxl-base")
     cfg["unet"].update(
         block_out_channels=(32, 64, 128), attention_head_dim=(2, 4, 8), norm_num_groups=8, sample_size=16,
         cross_attention_dim=32 + 48, addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 48,

@@ -45,7 +45,7 @@ _SCHEDULER_CONFIG: dict[str, Any] = dict(  # SDXL base's scheduler_config.json
 )
 
 
-def _preset_configs(preset: str) -> dict[str, dict[str, Any]]:
+def preset_configs(preset: str) -> dict[str, dict[str, Any]]:
     if preset == "tiny":
         te1 = dict(
             hidden_size=32,
@@ -145,7 +145,7 @@ def build_pipeline(preset: str = "tiny", seed: int = 0, tokenizer_dir: str | os.
 
     from vocab.clip_tokenizer import build_clip_tokenizer
 
-    cfg = _preset_configs(preset)
+    cfg = preset_configs(preset)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**cfg["unet"])
     vae = AutoencoderKL(**cfg["vae"])
@@ -228,7 +228,7 @@ def write_config_folder(preset: str, out: str | os.PathLike) -> Path:
     out = Path(out)
     if (out / "model_index.json").is_file():
         return out
-    cfg = _preset_configs(preset)
+    cfg = preset_configs(preset)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out) as tmp:
         with torch.device("meta"):  # the configs without allocating 3.5B weights
